@@ -1,0 +1,64 @@
+//! Wiring: builds the CA client and secret manager from a [`Config`], binds
+//! the socket and serves until shutdown.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::ca::local::LocalCa;
+use crate::ca::CaClient;
+use crate::config::{CaProvider, Config};
+use crate::secrets::SecretManager;
+
+/// Builds the configured CA client.
+pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CaClient>> {
+    match &config.ca {
+        CaProvider::Local { dir } => {
+            if config.ca_defaulted {
+                tracing::warn!(
+                    "no CA configured (CA_PROVIDER unset): using the in-process local CA, which issues any identity \
+                     a connection asks for; it is for development only — set CA_PROVIDER=VaultCA for production"
+                );
+            }
+            let ca = LocalCa::new(dir.as_deref(), &config.trust_domain)?;
+            match dir {
+                Some(d) => tracing::info!(dir = %d.display(), "local CA ready (root persisted)"),
+                None => tracing::info!("local CA ready (new in-memory root; set LOCAL_CA_DIR to keep it across restarts)"),
+            }
+            Ok(Arc::new(ca))
+        }
+        CaProvider::Vault(_) => anyhow::bail!("CA_PROVIDER=VaultCA is not available in this build"),
+    }
+}
+
+/// Runs the agent until `shutdown` turns true.
+pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let ca = build_ca(&config)?;
+    let manager = Arc::new(SecretManager::new(
+        ca,
+        config.trust_domain.clone(),
+        config.key_type,
+        config.secret_ttl,
+    ));
+    let listener = crate::sds::uds::bind(&config.workload_uds_path)?;
+    tracing::info!(
+        "SDS gRPC server start, listen {:?}",
+        config.workload_uds_path.display().to_string()
+    );
+    let result = crate::sds::serve(
+        listener,
+        manager,
+        config.workload_token_path.clone(),
+        shutdown,
+    )
+    .await;
+    // Remove the socket whatever happened, so sidecars do not dial a dead agent.
+    if let Err(e) = std::fs::remove_file(&config.workload_uds_path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %config.workload_uds_path.display(), "cannot remove the SDS socket: {e}");
+        }
+    }
+    result?;
+    tracing::info!("SDS server stopped");
+    Ok(())
+}

@@ -1,0 +1,426 @@
+//! Settings, read once at start from the environment (Istio 1.1's names) and
+//! the command line, and checked there: every invalid setting stops the agent
+//! with a message naming the variable and the value.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::crypto::KeyType;
+use crate::duration::parse_go_duration;
+
+/// Default SDS socket, as Istio 1.1's Node Agent used.
+pub const DEFAULT_UDS_PATH: &str = "/var/run/sds/uds_path";
+/// Default SPIFFE trust domain.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// Default requested certificate lifetime.
+pub const DEFAULT_SECRET_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// A setting that could not be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid setting {var}={value:?}: {reason}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(var: &'static str, value: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            var,
+            value: value.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Which CA signs workload certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaProvider {
+    /// In-process CA, for development and tests.
+    Local { dir: Option<PathBuf> },
+    /// HashiCorp Vault / OpenBao PKI, logged in to with the workload's JWT.
+    Vault(VaultConfig),
+}
+
+/// The accepted values of `CA_PROVIDER`, for error messages and docs.
+pub const CA_PROVIDERS: &[&str] = &["VaultCA", "LocalCA"];
+
+/// Where the Vault TLS root comes from (`VAULT_TLS_ROOT_CERT`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaultConfig {
+    /// Base URL, e.g. `https://vault:8200` (no trailing slash).
+    pub addr: String,
+    /// Login path under `/v1/`, e.g. `auth/kubernetes/login`.
+    pub auth_path: String,
+    /// Role sent with the login.
+    pub role: String,
+    /// Sign path under `/v1/`, e.g. `istio_ca/sign/istio-pki-role`.
+    pub sign_csr_path: String,
+    /// Extra trusted root(s) for Vault's TLS certificate, PEM.
+    pub tls_root_pem: Option<String>,
+    /// Sent as `X-Vault-Namespace` when set.
+    pub namespace: Option<String>,
+    /// Time-out for establishing a connection to Vault.
+    pub connect_timeout: Duration,
+    /// Time-out for one whole Vault request.
+    pub request_timeout: Duration,
+}
+
+/// Everything the agent needs to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub workload_uds_path: PathBuf,
+    pub trust_domain: String,
+    pub key_type: KeyType,
+    pub secret_ttl: Duration,
+    pub ca: CaProvider,
+    /// One-workload-per-agent mode: read the workload's JWT from this file when
+    /// a connection carries no credential.
+    pub workload_token_path: Option<PathBuf>,
+    /// True when no CA was configured at all and the local CA was chosen by default.
+    pub ca_defaulted: bool,
+}
+
+impl Config {
+    /// Builds the configuration from the process environment plus an explicit
+    /// socket path from the command line (which wins over `WORKLOAD_UDS_PATH`).
+    pub fn from_env(uds_path_flag: Option<PathBuf>) -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok(), uds_path_flag)
+    }
+
+    /// Builds the configuration from any variable lookup (tests pass a map).
+    pub fn from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+        uds_path_flag: Option<PathBuf>,
+    ) -> Result<Self, ConfigError> {
+        // Unset and empty mean the same, as they did for Istio.
+        let get = |k: &str| lookup(k).filter(|v| !v.trim().is_empty());
+
+        let workload_uds_path = match uds_path_flag {
+            Some(p) => p,
+            None => get("WORKLOAD_UDS_PATH")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_UDS_PATH)),
+        };
+        if workload_uds_path.as_os_str().is_empty() {
+            return Err(ConfigError::new(
+                "WORKLOAD_UDS_PATH",
+                "",
+                "must not be empty",
+            ));
+        }
+
+        let (td_var, trust_domain) = match get("TRUST_DOMAIN") {
+            Some(v) => ("TRUST_DOMAIN", v),
+            None => match get("Trust_Domain") {
+                Some(v) => ("Trust_Domain", v),
+                None => ("TRUST_DOMAIN", DEFAULT_TRUST_DOMAIN.to_string()),
+            },
+        };
+        validate_trust_domain(&trust_domain)
+            .map_err(|r| ConfigError::new(td_var, &trust_domain, r))?;
+
+        let key_type = match get("KEY_TYPE") {
+            Some(v) => v
+                .parse::<KeyType>()
+                .map_err(|e| ConfigError::new("KEY_TYPE", &v, e))?,
+            None => KeyType::EcP256,
+        };
+
+        let secret_ttl = match get("SECRET_TTL") {
+            Some(v) => {
+                let d = parse_go_duration(&v)
+                    .map_err(|e| ConfigError::new("SECRET_TTL", &v, e.to_string()))?;
+                if d < Duration::from_secs(1) {
+                    return Err(ConfigError::new("SECRET_TTL", &v, "must be at least 1s"));
+                }
+                d
+            }
+            None => DEFAULT_SECRET_TTL,
+        };
+
+        let workload_token_path = get("WORKLOAD_TOKEN_PATH").map(PathBuf::from);
+
+        let (ca, ca_defaulted) = Self::ca_from_lookup(&get)?;
+
+        Ok(Self {
+            workload_uds_path,
+            trust_domain,
+            key_type,
+            secret_ttl,
+            ca,
+            workload_token_path,
+            ca_defaulted,
+        })
+    }
+
+    fn ca_from_lookup(
+        get: &impl Fn(&str) -> Option<String>,
+    ) -> Result<(CaProvider, bool), ConfigError> {
+        let local = || CaProvider::Local {
+            dir: get("LOCAL_CA_DIR").map(PathBuf::from),
+        };
+        let Some(provider) = get("CA_PROVIDER") else {
+            for var in ["CA_ADDR", "VAULT_ADDR"] {
+                if let Some(v) = get(var) {
+                    return Err(ConfigError::new(
+                        var,
+                        v,
+                        format!(
+                            "a CA address is set but CA_PROVIDER is not; set CA_PROVIDER to one of {}",
+                            CA_PROVIDERS.join(", ")
+                        ),
+                    ));
+                }
+            }
+            return Ok((local(), true));
+        };
+        match provider.trim() {
+            p if p.eq_ignore_ascii_case("LocalCA") => Ok((local(), false)),
+            p if p.eq_ignore_ascii_case("VaultCA") => {
+                Ok((CaProvider::Vault(vault_from_lookup(get)?), false))
+            }
+            _ => Err(ConfigError::new(
+                "CA_PROVIDER",
+                provider.clone(),
+                format!(
+                    "unsupported CA provider; accepted values are {}",
+                    CA_PROVIDERS.join(", ")
+                ),
+            )),
+        }
+    }
+}
+
+fn vault_from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<VaultConfig, ConfigError> {
+    let required = |var: &'static str, example: &str| {
+        get(var).ok_or_else(|| {
+            ConfigError::new(
+                var,
+                "",
+                format!("required with CA_PROVIDER=VaultCA, e.g. {example}"),
+            )
+        })
+    };
+    let (addr_var, addr) = match get("VAULT_ADDR") {
+        Some(v) => ("VAULT_ADDR", v),
+        None => match get("CA_ADDR") {
+            Some(v) => ("CA_ADDR", v),
+            None => {
+                return Err(ConfigError::new(
+                    "VAULT_ADDR",
+                    "",
+                    "required with CA_PROVIDER=VaultCA (or CA_ADDR), e.g. https://vault:8200",
+                ))
+            }
+        },
+    };
+    let addr = validate_vault_addr(&addr).map_err(|r| ConfigError::new(addr_var, &addr, r))?;
+    let path = |var: &'static str, example: &str| -> Result<String, ConfigError> {
+        let v = required(var, example)?;
+        let p = v.trim().trim_matches('/').to_string();
+        let p = p.strip_prefix("v1/").unwrap_or(&p).to_string();
+        if p.is_empty() || p.contains(char::is_whitespace) || p.contains('?') || p.contains('#') {
+            return Err(ConfigError::new(
+                var,
+                v,
+                format!("must be a Vault API path such as {example}"),
+            ));
+        }
+        Ok(p)
+    };
+    let auth_path = path("VAULT_AUTH_PATH", "auth/kubernetes/login")?;
+    let sign_csr_path = path("VAULT_SIGN_CSR_PATH", "istio_ca/sign/istio-pki-role")?;
+    let role = required("VAULT_ROLE", "istio-cert")?;
+    let tls_root_pem = match get("VAULT_TLS_ROOT_CERT") {
+        None => None,
+        Some(v) => Some(
+            load_pem_setting(&v)
+                .map_err(|r| ConfigError::new("VAULT_TLS_ROOT_CERT", abbreviate(&v), r))?,
+        ),
+    };
+    let timeout = |var: &'static str, default: Duration| -> Result<Duration, ConfigError> {
+        match get(var) {
+            None => Ok(default),
+            Some(v) => match parse_go_duration(&v) {
+                Ok(d) if d >= Duration::from_millis(10) => Ok(d),
+                Ok(_) => Err(ConfigError::new(var, v, "must be at least 10ms")),
+                Err(e) => Err(ConfigError::new(var, v, e.to_string())),
+            },
+        }
+    };
+    Ok(VaultConfig {
+        addr,
+        auth_path,
+        role: role.trim().to_string(),
+        sign_csr_path,
+        tls_root_pem,
+        namespace: get("VAULT_NAMESPACE").map(|v| v.trim().to_string()),
+        connect_timeout: timeout("VAULT_CONNECT_TIMEOUT", Duration::from_secs(5))?,
+        request_timeout: timeout("VAULT_REQUEST_TIMEOUT", Duration::from_secs(15))?,
+    })
+}
+
+/// Shortens a long value (a PEM body) for an error message.
+fn abbreviate(v: &str) -> String {
+    if v.len() > 60 {
+        format!(
+            "{}...",
+            &v[..v.char_indices().nth(57).map(|(i, _)| i).unwrap_or(v.len())]
+        )
+    } else {
+        v.to_string()
+    }
+}
+
+/// `VAULT_TLS_ROOT_CERT` is PEM text (as Istio took it) or a path to a PEM file.
+fn load_pem_setting(v: &str) -> Result<String, String> {
+    let text = if v.contains("-----BEGIN") {
+        v.to_string()
+    } else {
+        std::fs::read_to_string(v.trim())
+            .map_err(|e| format!("neither PEM text nor a readable PEM file: {e}"))?
+    };
+    let mut count = 0;
+    for pem in x509_parser::pem::Pem::iter_from_buffer(text.as_bytes()) {
+        let pem = pem.map_err(|e| format!("malformed PEM: {e}"))?;
+        if pem.label != "CERTIFICATE" {
+            return Err(format!(
+                "expected CERTIFICATE blocks, found {:?}",
+                pem.label
+            ));
+        }
+        pem.parse_x509()
+            .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err("contains no PEM certificate".into());
+    }
+    Ok(text)
+}
+
+fn validate_vault_addr(v: &str) -> Result<String, String> {
+    let v = v.trim().trim_end_matches('/');
+    let rest = v
+        .strip_prefix("https://")
+        .or_else(|| v.strip_prefix("http://"))
+        .ok_or("must start with https:// or http://")?;
+    if rest.is_empty() || rest.contains(char::is_whitespace) {
+        return Err("has no host".into());
+    }
+    reqwest::Url::parse(v).map_err(|e| format!("not a valid URL: {e}"))?;
+    Ok(v.to_string())
+}
+
+fn validate_trust_domain(td: &str) -> Result<(), String> {
+    let ok = !td.is_empty()
+        && td.len() <= 255
+        && td
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err("a SPIFFE trust domain has only lowercase letters, digits, '.', '-' and '_'".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn cfg(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned(), None)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = cfg(&[]).unwrap();
+        assert_eq!(c.workload_uds_path, PathBuf::from(DEFAULT_UDS_PATH));
+        assert_eq!(c.trust_domain, "cluster.local");
+        assert_eq!(c.key_type, KeyType::EcP256);
+        assert_eq!(c.secret_ttl, DEFAULT_SECRET_TTL);
+        assert!(c.ca_defaulted);
+        assert_eq!(c.ca, CaProvider::Local { dir: None });
+    }
+
+    #[test]
+    fn istio_trust_domain_spelling() {
+        assert_eq!(
+            cfg(&[("Trust_Domain", "example.org")])
+                .unwrap()
+                .trust_domain,
+            "example.org"
+        );
+        let e = cfg(&[("TRUST_DOMAIN", "Bad Domain")]).unwrap_err();
+        assert_eq!(e.var, "TRUST_DOMAIN");
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let e = cfg(&[("CA_PROVIDER", "GoogleCA")]).unwrap_err();
+        assert_eq!(e.var, "CA_PROVIDER");
+        assert!(e.to_string().contains("VaultCA, LocalCA"), "{e}");
+        assert_eq!(
+            cfg(&[("SECRET_TTL", "1 day")]).unwrap_err().var,
+            "SECRET_TTL"
+        );
+        assert_eq!(cfg(&[("KEY_TYPE", "dsa")]).unwrap_err().var, "KEY_TYPE");
+        assert_eq!(
+            cfg(&[("CA_ADDR", "https://v:8200")]).unwrap_err().var,
+            "CA_ADDR"
+        );
+    }
+
+    #[test]
+    fn vault_settings() {
+        let base = [
+            ("CA_PROVIDER", "VaultCA"),
+            ("CA_ADDR", "https://vault:8200/"),
+            ("VAULT_AUTH_PATH", "auth/kubernetes/login"),
+            ("VAULT_ROLE", "istio-cert"),
+            ("VAULT_SIGN_CSR_PATH", "/v1/istio_ca/sign/istio-pki-role"),
+        ];
+        let c = cfg(&base).unwrap();
+        let CaProvider::Vault(v) = c.ca else {
+            panic!("not vault")
+        };
+        assert_eq!(v.addr, "https://vault:8200");
+        assert_eq!(v.sign_csr_path, "istio_ca/sign/istio-pki-role");
+        for missing in [
+            "VAULT_AUTH_PATH",
+            "VAULT_ROLE",
+            "VAULT_SIGN_CSR_PATH",
+            "CA_ADDR",
+        ] {
+            let vars: Vec<_> = base
+                .iter()
+                .copied()
+                .filter(|(k, _)| *k != missing)
+                .collect();
+            let e = cfg(&vars).unwrap_err();
+            let expect = if missing == "CA_ADDR" {
+                "VAULT_ADDR"
+            } else {
+                missing
+            };
+            assert_eq!(e.var, expect);
+        }
+        let mut bad = base.to_vec();
+        bad.push(("VAULT_ADDR", "vault:8200"));
+        assert_eq!(cfg(&bad).unwrap_err().var, "VAULT_ADDR");
+        let mut bad = base.to_vec();
+        bad.push(("VAULT_TLS_ROOT_CERT", "/nonexistent/ca.pem"));
+        assert_eq!(cfg(&bad).unwrap_err().var, "VAULT_TLS_ROOT_CERT");
+        let mut bad = base.to_vec();
+        bad.push(("VAULT_REQUEST_TIMEOUT", "soon"));
+        assert_eq!(cfg(&bad).unwrap_err().var, "VAULT_REQUEST_TIMEOUT");
+    }
+}

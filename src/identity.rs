@@ -1,0 +1,268 @@
+//! From a workload's credential (its Kubernetes service-account JWT) to the
+//! SPIFFE ID its certificate carries.
+//!
+//! The agent does not verify the JWT's signature: it cannot (it has no
+//! Kubernetes key) and need not, because the CA verifies it at login (Vault's
+//! kubernetes or jwt auth method). The agent only reads which identity the
+//! token claims, to key its cache and to build the CSR.
+
+use std::fmt;
+
+use base64::Engine;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+/// Why a credential does not name an identity.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("the credential is not a JWT (expected three base64url parts separated by '.')")]
+    NotAJwt,
+    #[error("the JWT payload is not base64url-encoded JSON")]
+    BadPayload,
+    #[error("the JWT names no Kubernetes service account (no 'sub' of the form system:serviceaccount:<namespace>:<name> and no 'kubernetes.io' claim)")]
+    NoServiceAccount,
+    #[error("the JWT's service account {0:?} has characters not allowed in a SPIFFE ID")]
+    BadName(String),
+}
+
+/// A workload's JWT. Its text never appears in `Debug` output or logs.
+#[derive(Clone)]
+pub struct Credential {
+    jwt: Zeroizing<String>,
+}
+
+impl Credential {
+    pub fn new(jwt: impl Into<String>) -> Self {
+        Self {
+            jwt: Zeroizing::new(jwt.into().trim().to_string()),
+        }
+    }
+
+    /// The raw token, for sending to the CA only.
+    pub fn expose(&self) -> &str {
+        &self.jwt
+    }
+
+    /// A stable, non-reversible handle for this exact token (cache keys, logs).
+    pub fn fingerprint(&self) -> String {
+        let digest = Sha256::digest(self.jwt.as_bytes());
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The claims the agent reads from the token.
+    pub fn claims(&self) -> Result<Claims, IdentityError> {
+        let mut parts = self.jwt.split('.');
+        let (Some(_header), Some(payload), Some(_sig), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(IdentityError::NotAJwt);
+        };
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload.trim_end_matches('='))
+            .map_err(|_| IdentityError::BadPayload)?;
+        let raw: RawClaims =
+            serde_json::from_slice(&bytes).map_err(|_| IdentityError::BadPayload)?;
+        Ok(Claims {
+            service_account: raw.service_account()?,
+            expires_at: raw.exp,
+        })
+    }
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Credential(sha256:{}…)", self.fingerprint())
+    }
+}
+
+impl PartialEq for Credential {
+    fn eq(&self, other: &Self) -> bool {
+        *self.jwt == *other.jwt
+    }
+}
+impl Eq for Credential {}
+
+/// What the agent learns from a JWT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claims {
+    pub service_account: ServiceAccount,
+    /// `exp`, seconds since the Unix epoch, when the token has one.
+    pub expires_at: Option<i64>,
+}
+
+/// A Kubernetes service account.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServiceAccount {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceAccount {
+    /// `spiffe://<trust_domain>/ns/<ns>/sa/<sa>`.
+    pub fn spiffe_id(&self, trust_domain: &str) -> SpiffeId {
+        SpiffeId(format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.namespace, self.name
+        ))
+    }
+}
+
+/// A SPIFFE ID, e.g. `spiffe://cluster.local/ns/default/sa/httpbin`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpiffeId(pub String);
+
+impl SpiffeId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Deserialize)]
+struct RawClaims {
+    sub: Option<String>,
+    exp: Option<i64>,
+    #[serde(rename = "kubernetes.io")]
+    kubernetes: Option<KubernetesClaim>,
+}
+
+#[derive(Deserialize)]
+struct KubernetesClaim {
+    namespace: Option<String>,
+    serviceaccount: Option<NamedRef>,
+}
+
+#[derive(Deserialize)]
+struct NamedRef {
+    name: Option<String>,
+}
+
+impl RawClaims {
+    fn service_account(&self) -> Result<ServiceAccount, IdentityError> {
+        let from_sub = self.sub.as_deref().and_then(|sub| {
+            let rest = sub.strip_prefix("system:serviceaccount:")?;
+            let (ns, name) = rest.split_once(':')?;
+            Some((ns.to_string(), name.to_string()))
+        });
+        let from_projected = || {
+            let k = self.kubernetes.as_ref()?;
+            Some((
+                k.namespace.clone()?,
+                k.serviceaccount.as_ref()?.name.clone()?,
+            ))
+        };
+        let (namespace, name) = from_sub
+            .or_else(from_projected)
+            .ok_or(IdentityError::NoServiceAccount)?;
+        for part in [&namespace, &name] {
+            if !is_k8s_name(part) {
+                return Err(IdentityError::BadName(format!("{namespace}/{name}")));
+            }
+        }
+        Ok(ServiceAccount { namespace, name })
+    }
+}
+
+/// Kubernetes names are DNS subdomains: lowercase alphanumerics, '-' and '.'.
+fn is_k8s_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    fn jwt(payload: &str) -> Credential {
+        let h = URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256","typ":"JWT"}"#);
+        let p = URL_SAFE_NO_PAD.encode(payload);
+        Credential::new(format!("{h}.{p}.c2lnbmF0dXJl"))
+    }
+
+    fn spiffe(c: &Credential) -> Result<String, IdentityError> {
+        Ok(c.claims()?.service_account.spiffe_id("cluster.local").0)
+    }
+
+    #[test]
+    fn legacy_token_sub() {
+        let c = jwt(
+            r#"{"iss":"kubernetes/serviceaccount","sub":"system:serviceaccount:default:httpbin"}"#,
+        );
+        assert_eq!(
+            spiffe(&c).unwrap(),
+            "spiffe://cluster.local/ns/default/sa/httpbin"
+        );
+        assert_eq!(c.claims().unwrap().expires_at, None);
+    }
+
+    #[test]
+    fn projected_token() {
+        let c = jwt(
+            r#"{"aud":["api"],"exp":1900000000,"sub":"system:serviceaccount:foo:bar",
+                "kubernetes.io":{"namespace":"foo","serviceaccount":{"name":"bar","uid":"1"}}}"#,
+        );
+        assert_eq!(spiffe(&c).unwrap(), "spiffe://cluster.local/ns/foo/sa/bar");
+        assert_eq!(c.claims().unwrap().expires_at, Some(1900000000));
+        // The kubernetes.io claim alone is enough.
+        let c = jwt(r#"{"kubernetes.io":{"namespace":"ns1","serviceaccount":{"name":"sa1"}}}"#);
+        assert_eq!(spiffe(&c).unwrap(), "spiffe://cluster.local/ns/ns1/sa/sa1");
+    }
+
+    #[test]
+    fn trust_domain_is_used() {
+        let c = jwt(r#"{"sub":"system:serviceaccount:a:b"}"#);
+        let sa = c.claims().unwrap().service_account;
+        assert_eq!(
+            sa.spiffe_id("example.org").0,
+            "spiffe://example.org/ns/a/sa/b"
+        );
+    }
+
+    #[test]
+    fn garbage_is_refused_without_panicking() {
+        assert_eq!(Credential::new("").claims(), Err(IdentityError::NotAJwt));
+        assert_eq!(Credential::new("abc").claims(), Err(IdentityError::NotAJwt));
+        assert_eq!(
+            Credential::new("a.b.c.d").claims(),
+            Err(IdentityError::NotAJwt)
+        );
+        assert_eq!(
+            Credential::new("a.!!!.c").claims(),
+            Err(IdentityError::BadPayload)
+        );
+        assert_eq!(jwt("not json").claims(), Err(IdentityError::BadPayload));
+        assert_eq!(
+            jwt(r#"{"sub":"alice"}"#).claims(),
+            Err(IdentityError::NoServiceAccount)
+        );
+        assert_eq!(
+            jwt(r#"{"sub":"system:serviceaccount:onlyns"}"#).claims(),
+            Err(IdentityError::NoServiceAccount)
+        );
+        assert!(matches!(
+            jwt(r#"{"sub":"system:serviceaccount:ns:evil/../x"}"#).claims(),
+            Err(IdentityError::BadName(_))
+        ));
+        // Arbitrary bytes never panic.
+        for s in ["..", "\u{0}.\u{1}.\u{2}", "é.é.é", "a..b"] {
+            let _ = Credential::new(s).claims();
+        }
+    }
+
+    #[test]
+    fn debug_does_not_leak_the_token() {
+        let c = jwt(r#"{"sub":"system:serviceaccount:a:b"}"#);
+        let shown = format!("{c:?}");
+        assert!(!shown.contains(c.expose()), "{shown}");
+        assert!(!shown.contains("eyJ"), "{shown}");
+    }
+}

@@ -1,0 +1,205 @@
+//! One `StreamSecrets` stream: the xDS state-of-the-world state machine.
+//!
+//! - Each response carries a version and a fresh nonce.
+//! - A request echoing the last nonce without `error_detail` is an ACK: no reply.
+//! - A NACK (`error_detail` set) is logged and not answered with the same
+//!   secret again; only a changed secret is sent afterwards.
+//! - A request whose nonce is not the last one sent is stale and ignored.
+//! - When the identity's secret changes, the new one is pushed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use tokio::sync::{mpsc, watch};
+use tonic::{Status, Streaming};
+
+use super::resources::{self, check_names, resource_version};
+use super::{status_for, CredentialSource};
+use crate::identity::SpiffeId;
+use crate::secrets::{SecretManager, SecretWatch, WorkloadSecret};
+
+pub(super) type Outbound = mpsc::Sender<Result<DiscoveryResponse, Status>>;
+
+/// State of one stream.
+pub(super) struct SdsStream {
+    pub id: u64,
+    pub manager: Arc<SecretManager>,
+    pub credential: CredentialSource,
+    pub out: Outbound,
+    names: Vec<String>,
+    last_nonce: Option<String>,
+    sent_versions: HashMap<String, String>,
+    nonce_counter: u64,
+    identity: Option<SpiffeId>,
+    watch: Option<SecretWatch>,
+}
+
+enum Step {
+    Continue,
+    End,
+}
+
+impl SdsStream {
+    pub fn new(
+        id: u64,
+        manager: Arc<SecretManager>,
+        credential: CredentialSource,
+        out: Outbound,
+    ) -> Self {
+        Self {
+            id,
+            manager,
+            credential,
+            out,
+            names: Vec::new(),
+            last_nonce: None,
+            sent_versions: HashMap::new(),
+            nonce_counter: 0,
+            identity: None,
+            watch: None,
+        }
+    }
+
+    /// Serves the stream until Envoy closes it, it fails, or shutdown.
+    pub async fn run(
+        mut self,
+        mut inbound: Streaming<DiscoveryRequest>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            let step = tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => self.on_request(req).await,
+                    Ok(None) => {
+                        tracing::debug!(stream = self.id, "SDS stream closed by the client");
+                        Step::End
+                    }
+                    Err(status) => {
+                        tracing::debug!(stream = self.id, error = %status, "SDS stream ended with an error");
+                        Step::End
+                    }
+                },
+                changed = wait_changed(&mut self.watch) => {
+                    if changed { self.push().await } else { Step::End }
+                }
+                _ = shutdown.changed() => Step::End,
+            };
+            if let Step::End = step {
+                break;
+            }
+        }
+        tracing::debug!(stream = self.id, identity = ?self.identity.as_ref().map(|i| i.as_str()), "SDS stream done");
+    }
+
+    async fn on_request(&mut self, req: DiscoveryRequest) -> Step {
+        if !req.type_url.is_empty() && req.type_url != resources::SECRET_TYPE_URL {
+            return self
+                .fail(Status::invalid_argument(format!(
+                    "unsupported type_url {:?}; this service serves {}",
+                    req.type_url,
+                    resources::SECRET_TYPE_URL
+                )))
+                .await;
+        }
+        if !req.response_nonce.is_empty() {
+            if self.last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
+                tracing::debug!(stream = self.id, nonce = %req.response_nonce, "ignoring SDS request with a stale nonce");
+                return Step::Continue;
+            }
+            if let Some(err) = &req.error_detail {
+                tracing::warn!(
+                    stream = self.id,
+                    identity = ?self.identity.as_ref().map(|i| i.as_str()),
+                    resources = ?req.resource_names,
+                    version = %req.version_info,
+                    code = err.code,
+                    "Envoy rejected the SDS response (NACK): {}; the same secret will not be sent again, the next change will be",
+                    err.message
+                );
+                return Step::Continue;
+            }
+            if req.resource_names == self.names {
+                tracing::debug!(stream = self.id, version = %req.version_info, "SDS ACK");
+                return Step::Continue;
+            }
+        }
+        // A first request, or one that changes the subscription.
+        if let Err(msg) = check_names(&req.resource_names) {
+            tracing::warn!(stream = self.id, resources = ?req.resource_names, "refusing SDS request: {msg}");
+            return self.fail(Status::invalid_argument(msg)).await;
+        }
+        let credential = match self.credential.get() {
+            Ok(c) => c,
+            Err(status) => {
+                tracing::warn!(stream = self.id, resources = ?req.resource_names, "refusing SDS request: {}", status.message());
+                return self.fail(status).await;
+            }
+        };
+        match self.manager.subscribe(&credential).await {
+            Ok((identity, watch)) => {
+                self.names = req.resource_names;
+                self.identity = Some(identity);
+                self.watch = Some(watch);
+                self.send_current(true).await
+            }
+            Err(e) => {
+                tracing::error!(stream = self.id, resources = ?req.resource_names, "{e}");
+                self.fail(status_for(&e)).await
+            }
+        }
+    }
+
+    /// Sends the subscribed resources if any changed since last sent (or always).
+    async fn send_current(&mut self, always: bool) -> Step {
+        let Some(secret) = self.watch.as_ref().and_then(|w| w.borrow().clone()) else {
+            return Step::Continue;
+        };
+        let versions: HashMap<String, String> = self
+            .names
+            .iter()
+            .map(|n| (n.clone(), resource_version(n, &secret)))
+            .collect();
+        if !always && versions == self.sent_versions {
+            return Step::Continue;
+        }
+        self.send(&secret, versions).await
+    }
+
+    async fn push(&mut self) -> Step {
+        self.send_current(false).await
+    }
+
+    async fn send(&mut self, secret: &WorkloadSecret, versions: HashMap<String, String>) -> Step {
+        self.nonce_counter += 1;
+        let nonce = format!("{:x}-{}", self.id, self.nonce_counter);
+        let resp = resources::response(&self.names, secret, nonce.clone());
+        tracing::info!(
+            stream = self.id,
+            identity = %secret.identity,
+            resources = ?self.names,
+            version = %resp.version_info,
+            "SDS: push"
+        );
+        self.last_nonce = Some(nonce);
+        self.sent_versions = versions;
+        if self.out.send(Ok(resp)).await.is_err() {
+            return Step::End;
+        }
+        Step::Continue
+    }
+
+    async fn fail(&mut self, status: Status) -> Step {
+        let _ = self.out.send(Err(status)).await;
+        Step::End
+    }
+}
+
+/// Waits for the watched secret to change; pending forever without a watch.
+/// Returns false when the manager dropped the identity.
+async fn wait_changed(watch: &mut Option<SecretWatch>) -> bool {
+    match watch {
+        Some(w) => w.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
