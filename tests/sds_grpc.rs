@@ -1,0 +1,325 @@
+//! The SDS server seen from a Rust gRPC client: FetchSecrets, the stream state
+//! machine (ACK, NACK, stale nonce), credentials and socket lifecycle.
+
+mod support;
+
+use std::time::Duration;
+
+use support::agent::{fake_jwt, Agent};
+use support::sds_client::*;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+fn local_agent() -> Agent {
+    Agent::start(&[
+        ("CA_PROVIDER", "LocalCA".into()),
+        ("SECRET_TTL", "1h".into()),
+    ])
+}
+
+#[tokio::test]
+async fn fetch_secrets_returns_the_workload_certificate_and_root() {
+    let agent = local_agent();
+    let mut client = connect(&agent.socket).await;
+    let jwt = fake_jwt("default", "httpbin");
+    let resp = client
+        .fetch_secrets(with_jwt(request(&["default", "ROOTCA"], None), &jwt))
+        .await
+        .expect("FetchSecrets succeeds")
+        .into_inner();
+    assert_eq!(resp.type_url, SECRET_TYPE);
+    assert!(!resp.version_info.is_empty() && !resp.nonce.is_empty());
+    let got = secrets(&resp);
+    assert_eq!(
+        got.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["default", "ROOTCA"]
+    );
+    let (chain, key) = tls_certificate(&got[0]);
+    let (uris, _) = leaf_facts(&chain);
+    assert_eq!(uris, ["spiffe://cluster.local/ns/default/sa/httpbin"]);
+    assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"), "PKCS#8 key");
+    let root = trusted_ca(&got[1]);
+    assert!(root.contains("BEGIN CERTIFICATE"));
+
+    // A second fetch is served from the cache: same certificate, same key.
+    let again = client
+        .fetch_secrets(with_jwt(request(&["default"], None), &jwt))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        tls_certificate(&secrets(&again)[0]),
+        (chain.clone(), key.clone())
+    );
+
+    // The key never reaches the log.
+    let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(
+        !agent.log().contains(&body[..40]),
+        "private key material in the log"
+    );
+    assert!(!agent.log().contains(&jwt), "JWT in the log");
+}
+
+#[tokio::test]
+async fn stream_state_machine_acks_nacks_and_stale_nonces() {
+    let agent = local_agent();
+    let mut client = connect(&agent.socket).await;
+    let jwt = fake_jwt("ns1", "sa1");
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let outbound = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut inbound = client
+        .stream_secrets(with_jwt(outbound, &jwt))
+        .await
+        .unwrap()
+        .into_inner();
+
+    tx.send(request(&["default"], None)).await.unwrap();
+    let first = inbound.next().await.unwrap().unwrap();
+    let (chain, key) = tls_certificate(&secrets(&first)[0]);
+    assert_eq!(
+        leaf_facts(&chain).0,
+        ["spiffe://cluster.local/ns/ns1/sa/sa1"]
+    );
+
+    // ACK: no reply.
+    tx.send(request(&["default"], Some(&first))).await.unwrap();
+    assert!(quiet(&mut inbound).await, "an ACK must not be answered");
+
+    // NACK: logged with Envoy's error_detail, not answered with the same secret.
+    let mut nack = request(&["default"], Some(&first));
+    nack.error_detail = Some(envoy_types::pb::google::rpc::Status {
+        code: 3,
+        message: "Failed to load certificate chain from <inline>".into(),
+        ..Default::default()
+    });
+    tx.send(nack).await.unwrap();
+    assert!(
+        quiet(&mut inbound).await,
+        "a NACK must not be answered with the same secret"
+    );
+    agent.wait_log(
+        "Failed to load certificate chain from <inline>",
+        Duration::from_secs(5),
+    );
+
+    // A stale nonce is ignored, even when it asks for something else.
+    let mut stale = request(&["default", "ROOTCA"], Some(&first));
+    stale.response_nonce = "not-a-nonce-we-sent".into();
+    tx.send(stale).await.unwrap();
+    assert!(quiet(&mut inbound).await, "a stale nonce must be ignored");
+
+    // A changed subscription with the current nonce is answered.
+    tx.send(request(&["default", "ROOTCA"], Some(&first)))
+        .await
+        .unwrap();
+    let second = inbound.next().await.unwrap().unwrap();
+    assert_ne!(second.nonce, first.nonce);
+    let s = secrets(&second);
+    assert_eq!(s.len(), 2);
+    assert_eq!(
+        tls_certificate(&s[0]),
+        (chain.clone(), key.clone()),
+        "no new key for a repeated request"
+    );
+
+    // Another stream for the same identity shares the certificate and key.
+    let mut other = connect(&agent.socket).await;
+    let resp = other
+        .fetch_secrets(with_jwt(request(&["default"], None), &jwt))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(tls_certificate(&secrets(&resp)[0]), (chain, key));
+}
+
+#[tokio::test]
+async fn credentials_and_resource_names_are_checked() {
+    let agent = local_agent();
+    let mut client = connect(&agent.socket).await;
+
+    // Unknown name: InvalidArgument listing what is served.
+    let err = client
+        .fetch_secrets(with_jwt(
+            request(&["default", "bogus"], None),
+            &fake_jwt("a", "b"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("bogus") && err.message().contains("default, ROOTCA"),
+        "{}",
+        err.message()
+    );
+
+    // No credential: Unauthenticated naming the header.
+    let err = client
+        .fetch_secrets(tonic::Request::new(request(&["default"], None)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(
+        err.message().contains("istio_sds_credentials_header-bin"),
+        "{}",
+        err.message()
+    );
+
+    // A JWT that does not parse.
+    let err = client
+        .fetch_secrets(with_jwt(request(&["default"], None), "garbage"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("not a JWT"), "{}", err.message());
+
+    // The same on a stream.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut inbound = client
+        .stream_secrets(with_jwt(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            "x.y.z",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(request(&["default"], None)).await.unwrap();
+    let err = inbound.next().await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    // Istio 1.1's header spelling and authorization: Bearer both work.
+    let mut req = tonic::Request::new(request(&["default"], None));
+    req.metadata_mut().insert_bin(
+        "istio_sds_credentail_header-bin",
+        tonic::metadata::MetadataValue::from_bytes(fake_jwt("old", "spelling").as_bytes()),
+    );
+    let resp = client.fetch_secrets(req).await.unwrap().into_inner();
+    assert_eq!(
+        leaf_facts(&tls_certificate(&secrets(&resp)[0]).0).0,
+        ["spiffe://cluster.local/ns/old/sa/spelling"]
+    );
+    let mut req = tonic::Request::new(request(&["ROOTCA"], None));
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", fake_jwt("bear", "er"))
+            .parse()
+            .unwrap(),
+    );
+    client.fetch_secrets(req).await.unwrap();
+
+    // Every refusal was logged.
+    let log = agent.log();
+    assert!(
+        log.contains("refusing FetchSecrets: unknown resource name"),
+        "{log}"
+    );
+    assert!(
+        log.contains("refusing FetchSecrets: no credential"),
+        "{log}"
+    );
+    assert!(
+        log.contains("refusing SDS request: invalid credential"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn token_file_mode_reads_the_file_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, fake_jwt("podns", "podsa")).unwrap();
+    let agent = Agent::start(&[("WORKLOAD_TOKEN_PATH", token.display().to_string())]);
+    let mut client = connect(&agent.socket).await;
+    let resp = client
+        .fetch_secrets(tonic::Request::new(request(&["default"], None)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        leaf_facts(&tls_certificate(&secrets(&resp)[0]).0).0,
+        ["spiffe://cluster.local/ns/podns/sa/podsa"]
+    );
+    std::fs::write(&token, fake_jwt("podns", "rotated")).unwrap();
+    let resp = client
+        .fetch_secrets(tonic::Request::new(request(&["default"], None)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        leaf_facts(&tls_certificate(&secrets(&resp)[0]).0).0,
+        ["spiffe://cluster.local/ns/podns/sa/rotated"]
+    );
+    // The development-CA warning was given, as no CA was configured.
+    assert!(
+        agent.log().contains("for development only"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn socket_lifecycle_live_stale_and_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("run/sds/uds_path");
+    let mut first = Agent::start_at(&socket, dir.path(), &[]);
+    assert!(first.log().contains(&format!(
+        "SDS gRPC server start, listen {:?}",
+        socket.display().to_string()
+    )));
+
+    // A second agent on the same live socket refuses to start.
+    let mut second = Agent::spawn(&socket, dir.path(), &[]);
+    let st = second.wait_exit(Duration::from_secs(20));
+    assert!(!st.success());
+    assert!(
+        second.log().contains("another agent is already serving"),
+        "{}",
+        second.log()
+    );
+
+    // SIGTERM: clean exit, socket removed.
+    let st = first.terminate();
+    assert!(st.success(), "exit status {st:?}; log:\n{}", first.log());
+    assert!(!socket.exists(), "socket removed on shutdown");
+
+    // A stale socket file (a killed agent's) is replaced.
+    let third = Agent::start_at(&socket, dir.path(), &[]);
+    drop(third); // SIGKILL leaves the file behind
+    assert!(socket.exists());
+    let _fourth = Agent::start_at(&socket, dir.path(), &[]);
+}
+
+#[test]
+fn invalid_settings_stop_the_agent_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    for (var, value, expect) in [
+        (
+            "CA_PROVIDER",
+            "GoogleCA",
+            "accepted values are VaultCA, LocalCA",
+        ),
+        ("SECRET_TTL", "tomorrow", "SECRET_TTL=\"tomorrow\""),
+        ("KEY_TYPE", "dsa-1024", "KEY_TYPE=\"dsa-1024\""),
+        (
+            "TRUST_DOMAIN",
+            "Not A Domain",
+            "TRUST_DOMAIN=\"Not A Domain\"",
+        ),
+    ] {
+        let mut a = Agent::spawn(
+            &dir.path().join("s"),
+            dir.path(),
+            &[(var, value.to_string())],
+        );
+        let st = a.wait_exit(Duration::from_secs(20));
+        assert_eq!(st.code(), Some(2), "{var}: {}", a.log());
+        assert!(a.log().contains(expect), "{var}: {}", a.log());
+    }
+}
+
+/// True when nothing arrives on the stream for a while.
+async fn quiet<T>(inbound: &mut tonic::Streaming<T>) -> bool {
+    tokio::time::timeout(Duration::from_millis(700), inbound.next())
+        .await
+        .is_err()
+}

@@ -1,0 +1,155 @@
+//! Starts the real `node-agent` binary for integration tests, on a socket in
+//! a temp dir, and captures its log.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+
+/// A running agent; killed (SIGKILL) on drop unless stopped first.
+pub struct Agent {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub log_path: PathBuf,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Agent {
+    /// Starts the agent with `env` (plus a fresh socket path) and waits for its socket.
+    pub fn start(env: &[(&str, String)]) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("sds").join("uds_path");
+        let mut agent = Self::start_at(&socket, dir.path(), env);
+        agent._dir = Some(dir);
+        agent
+    }
+
+    /// Starts the agent on `socket`, logging into `log_dir`.
+    pub fn start_at(socket: &Path, log_dir: &Path, env: &[(&str, String)]) -> Agent {
+        let agent = Self::spawn(socket, log_dir, env);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !agent.log().contains("SDS gRPC server start") {
+            assert!(
+                Instant::now() < deadline,
+                "agent did not start; log:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        agent
+    }
+
+    /// Spawns without waiting (for tests of start-up failures).
+    pub fn spawn(socket: &Path, log_dir: &Path, env: &[(&str, String)]) -> Agent {
+        let log_path = log_dir.join(format!("agent-{}.log", rand_suffix()));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_node-agent"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("LOG_LEVEL", "info")
+            .env("WORKLOAD_UDS_PATH", socket)
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Agent {
+            child: Some(cmd.spawn().expect("start node-agent")),
+            socket: socket.to_path_buf(),
+            log_path,
+            _dir: None,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle` (or panics with the log).
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "agent log never showed {needle:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        unsafe_kill(child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                self.child = None;
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not stop on SIGTERM; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                self.child = None;
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// An unsigned-looking service-account JWT (the local CA does not verify
+/// signatures; Vault tests use really signed ones).
+pub fn fake_jwt(ns: &str, sa: &str) -> String {
+    let h = URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256","typ":"JWT"}"#);
+    let p = URL_SAFE_NO_PAD.encode(format!(
+        r#"{{"iss":"kubernetes/serviceaccount","sub":"system:serviceaccount:{ns}:{sa}","kubernetes.io/serviceaccount/namespace":"{ns}"}}"#
+    ));
+    format!("{h}.{p}.c2lnbmF0dXJl")
+}

@@ -1,0 +1,5 @@
+//! Shared test support: the agent process, an SDS client, real Envoy and OpenBao.
+#![allow(dead_code)]
+
+pub mod agent;
+pub mod sds_client;

@@ -1,0 +1,111 @@
+//! A Rust gRPC SDS client over the agent's Unix socket.
+
+use std::path::Path;
+
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{secret, Secret};
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use hyper_util::rt::TokioIo;
+use prost::Message;
+use tonic::transport::{Channel, Endpoint};
+
+pub const SECRET_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+pub async fn connect(socket: &Path) -> SecretDiscoveryServiceClient<Channel> {
+    let path = socket.to_path_buf();
+    let channel = Endpoint::try_from("http://[::1]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .expect("connect to the agent's socket");
+    SecretDiscoveryServiceClient::new(channel)
+}
+
+/// A request for `names`, optionally echoing a previous response.
+pub fn request(names: &[&str], ack_of: Option<&DiscoveryResponse>) -> DiscoveryRequest {
+    DiscoveryRequest {
+        resource_names: names.iter().map(|s| s.to_string()).collect(),
+        type_url: SECRET_TYPE.into(),
+        version_info: ack_of.map(|r| r.version_info.clone()).unwrap_or_default(),
+        response_nonce: ack_of.map(|r| r.nonce.clone()).unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+/// Adds the workload JWT as Envoy sends it.
+pub fn with_jwt<T>(msg: T, jwt: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert_bin(
+        "istio_sds_credentials_header-bin",
+        tonic::metadata::MetadataValue::from_bytes(jwt.as_bytes()),
+    );
+    req
+}
+
+/// The decoded secrets of a response.
+pub fn secrets(resp: &DiscoveryResponse) -> Vec<Secret> {
+    resp.resources
+        .iter()
+        .map(|a| {
+            assert_eq!(a.type_url, SECRET_TYPE);
+            Secret::decode(a.value.as_slice()).unwrap()
+        })
+        .collect()
+}
+
+fn inline(ds: &Option<envoy_types::pb::envoy::config::core::v3::DataSource>) -> String {
+    use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
+    match ds.as_ref().and_then(|d| d.specifier.as_ref()) {
+        Some(Specifier::InlineBytes(b)) => String::from_utf8(b.clone()).unwrap(),
+        Some(Specifier::InlineString(s)) => s.clone(),
+        other => panic!("expected inline data, got {other:?}"),
+    }
+}
+
+/// (certificate chain PEM, private key PEM) of a `default` secret.
+pub fn tls_certificate(s: &Secret) -> (String, String) {
+    match &s.r#type {
+        Some(secret::Type::TlsCertificate(t)) => {
+            (inline(&t.certificate_chain), inline(&t.private_key))
+        }
+        other => panic!("expected a tls_certificate, got {other:?}"),
+    }
+}
+
+/// The trusted CA PEM of a `ROOTCA` secret.
+pub fn trusted_ca(s: &Secret) -> String {
+    match &s.r#type {
+        Some(secret::Type::ValidationContext(v)) => inline(&v.trusted_ca),
+        other => panic!("expected a validation_context, got {other:?}"),
+    }
+}
+
+/// URI SANs and serial of the first certificate in `pem`.
+pub fn leaf_facts(pem: &str) -> (Vec<String>, String) {
+    let block = x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes())
+        .next()
+        .unwrap()
+        .unwrap();
+    let cert = block.parse_x509().unwrap();
+    let uris = cert
+        .subject_alternative_name()
+        .unwrap()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (uris, cert.raw_serial_as_string())
+}
