@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::ca::local::LocalCa;
+use crate::ca::vault::VaultCa;
 use crate::ca::CaClient;
 use crate::config::{CaProvider, Config};
 use crate::secrets::SecretManager;
@@ -27,7 +28,17 @@ pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CaClient>> {
             }
             Ok(Arc::new(ca))
         }
-        CaProvider::Vault(_) => anyhow::bail!("CA_PROVIDER=VaultCA is not available in this build"),
+        CaProvider::Vault(v) => {
+            let ca = VaultCa::new(v.clone())?;
+            tracing::info!(
+                vault = %v.addr,
+                auth_path = %v.auth_path,
+                role = %v.role,
+                sign_path = %v.sign_csr_path,
+                "Vault CA configured"
+            );
+            Ok(Arc::new(ca))
+        }
     }
 }
 

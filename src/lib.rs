@@ -6,6 +6,7 @@
 //! [`identity`] turns a workload's JWT into its SPIFFE ID.
 
 pub mod agent;
+pub mod backoff;
 pub mod ca;
 pub mod config;
 pub mod crypto;

@@ -26,8 +26,8 @@ pub enum SecretError {
     /// The CA refused the workload's credential.
     #[error("{0}")]
     Login(CaError),
-    /// The CA could not sign, or its answer was unusable.
-    #[error("Failed to sign cert for {identity:?}: {error}")]
+    /// The CA could not sign for `identity`, or its answer was unusable.
+    #[error("{error}")]
     Sign { identity: String, error: CaError },
     /// The agent itself failed (key generation).
     #[error("{0}")]

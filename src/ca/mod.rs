@@ -10,7 +10,7 @@ use crate::crypto::IssuedChain;
 use crate::identity::Credential;
 
 pub mod local;
-// pub mod vault;
+pub mod vault;
 
 /// Why a CA call failed. The kind decides how the caller retries.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]

@@ -183,8 +183,12 @@ impl SecretDiscoveryService for SdsService {
             tracing::warn!(resources = ?req.resource_names, "refusing FetchSecrets: {}", s.message());
         })?;
         let (_, watch) = self.manager.subscribe(&credential).await.map_err(|e| {
-            tracing::error!(resources = ?req.resource_names, "{e}");
-            status_for(&e)
+            let what = format!(
+                "Failed to sign cert for {:?}: {e}",
+                req.resource_names.join(",")
+            );
+            tracing::error!("{what}");
+            Status::new(status_for(&e).code(), what)
         })?;
         let secret = watch
             .borrow()

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tokio::sync::{mpsc, watch};
@@ -16,6 +17,7 @@ use tonic::{Status, Streaming};
 
 use super::resources::{self, check_names, resource_version};
 use super::{status_for, CredentialSource};
+use crate::backoff::Backoff;
 use crate::identity::SpiffeId;
 use crate::secrets::{SecretManager, SecretWatch, WorkloadSecret};
 
@@ -33,7 +35,22 @@ pub(super) struct SdsStream {
     nonce_counter: u64,
     identity: Option<SpiffeId>,
     watch: Option<SecretWatch>,
+    /// A subscription waiting for the CA to come back.
+    pending: Option<Pending>,
 }
+
+/// First fetch of a subscription that failed for a transient reason: retried
+/// with back-off while the stream stays open, so the workload is served as
+/// soon as the CA answers.
+struct Pending {
+    names: Vec<String>,
+    backoff: Backoff,
+    retry_at: tokio::time::Instant,
+}
+
+/// Back-off of a waiting first fetch: from 500 ms, capped at 10 s.
+const FIRST_FETCH_RETRY: (Duration, Duration) =
+    (Duration::from_millis(500), Duration::from_secs(10));
 
 enum Step {
     Continue,
@@ -58,6 +75,7 @@ impl SdsStream {
             nonce_counter: 0,
             identity: None,
             watch: None,
+            pending: None,
         }
     }
 
@@ -83,6 +101,7 @@ impl SdsStream {
                 changed = wait_changed(&mut self.watch) => {
                     if changed { self.push().await } else { Step::End }
                 }
+                _ = wait_retry(&self.pending) => self.attempt().await,
                 _ = shutdown.changed() => Step::End,
             };
             if let Step::End = step {
@@ -129,23 +148,52 @@ impl SdsStream {
             tracing::warn!(stream = self.id, resources = ?req.resource_names, "refusing SDS request: {msg}");
             return self.fail(Status::invalid_argument(msg)).await;
         }
+        self.pending = Some(Pending {
+            names: req.resource_names,
+            backoff: Backoff::new(FIRST_FETCH_RETRY.0, FIRST_FETCH_RETRY.1),
+            retry_at: tokio::time::Instant::now(),
+        });
+        self.attempt().await
+    }
+
+    /// Tries to serve the pending subscription.
+    async fn attempt(&mut self) -> Step {
+        let Some(pending) = self.pending.as_mut() else {
+            return Step::Continue;
+        };
+        let names = pending.names.clone();
         let credential = match self.credential.get() {
             Ok(c) => c,
             Err(status) => {
-                tracing::warn!(stream = self.id, resources = ?req.resource_names, "refusing SDS request: {}", status.message());
+                tracing::warn!(stream = self.id, resources = ?names, "refusing SDS request: {}", status.message());
                 return self.fail(status).await;
             }
         };
         match self.manager.subscribe(&credential).await {
             Ok((identity, watch)) => {
-                self.names = req.resource_names;
+                self.pending = None;
+                self.names = names;
                 self.identity = Some(identity);
                 self.watch = Some(watch);
                 self.send_current(true).await
             }
             Err(e) => {
-                tracing::error!(stream = self.id, resources = ?req.resource_names, "{e}");
-                self.fail(status_for(&e)).await
+                let what = format!("Failed to sign cert for {:?}: {e}", names.join(","));
+                if e.is_transient() {
+                    let pending = self.pending.as_mut().expect("pending is set");
+                    let delay = pending.backoff.next_delay();
+                    pending.retry_at = tokio::time::Instant::now() + delay;
+                    tracing::error!(
+                        stream = self.id,
+                        "{what}; retrying in {:.1}s",
+                        delay.as_secs_f64()
+                    );
+                    Step::Continue
+                } else {
+                    tracing::error!(stream = self.id, "{what}");
+                    let status = status_for(&e);
+                    self.fail(Status::new(status.code(), what)).await
+                }
             }
         }
     }
@@ -200,6 +248,14 @@ impl SdsStream {
 async fn wait_changed(watch: &mut Option<SecretWatch>) -> bool {
     match watch {
         Some(w) => w.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when a pending first fetch is due; pending forever otherwise.
+async fn wait_retry(pending: &Option<Pending>) {
+    match pending {
+        Some(p) => tokio::time::sleep_until(p.retry_at).await,
         None => std::future::pending().await,
     }
 }
