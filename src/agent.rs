@@ -9,7 +9,8 @@ use crate::ca::local::LocalCa;
 use crate::ca::vault::VaultCa;
 use crate::ca::CaClient;
 use crate::config::{CaProvider, Config};
-use crate::secrets::SecretManager;
+use crate::secrets::schedule::RenewPolicy;
+use crate::secrets::{ManagerOptions, SecretManager};
 
 /// Builds the configured CA client.
 pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CaClient>> {
@@ -45,12 +46,18 @@ pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CaClient>> {
 /// Runs the agent until `shutdown` turns true.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let ca = build_ca(&config)?;
-    let manager = Arc::new(SecretManager::new(
-        ca,
+    let mut opts = ManagerOptions::new(
         config.trust_domain.clone(),
         config.key_type,
         config.secret_ttl,
-    ));
+    );
+    opts.renew = RenewPolicy {
+        grace_ratio: config.grace_ratio,
+        jitter: config.grace_jitter,
+    };
+    opts.max_concurrency = config.ca_max_concurrency;
+    opts.eviction = config.eviction_period;
+    let manager = SecretManager::new(ca, opts);
     let listener = crate::sds::uds::bind(&config.workload_uds_path)?;
     tracing::info!(
         "SDS gRPC server start, listen {:?}",

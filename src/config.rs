@@ -80,6 +80,14 @@ pub struct Config {
     pub workload_token_path: Option<PathBuf>,
     /// True when no CA was configured at all and the local CA was chosen by default.
     pub ca_defaulted: bool,
+    /// `SECRET_GRACE_PERIOD_RATIO`: renew when this fraction of the lifetime is left.
+    pub grace_ratio: f64,
+    /// `SECRET_GRACE_PERIOD_RATIO_JITTER`: ± random spread of the ratio.
+    pub grace_jitter: f64,
+    /// `CA_MAX_CONCURRENCY`: most CA requests in flight.
+    pub ca_max_concurrency: usize,
+    /// `SECRET_EVICTION_PERIOD`: how long an unwatched identity stays cached.
+    pub eviction_period: Duration,
 }
 
 impl Config {
@@ -142,6 +150,50 @@ impl Config {
 
         let workload_token_path = get("WORKLOAD_TOKEN_PATH").map(PathBuf::from);
 
+        let ratio =
+            |var: &'static str, default: f64, lo: f64, hi: f64| -> Result<f64, ConfigError> {
+                match get(var) {
+                    None => Ok(default),
+                    Some(v) => match v.trim().parse::<f64>() {
+                        Ok(r) if r > lo && r < hi || (lo == 0.0 && r == 0.0 && hi < 1.0) => Ok(r),
+                        _ => Err(ConfigError::new(
+                            var,
+                            v,
+                            format!("must be a number greater than {lo} and less than {hi}"),
+                        )),
+                    },
+                }
+            };
+        let grace_ratio = ratio("SECRET_GRACE_PERIOD_RATIO", 0.5, 0.0, 1.0)?;
+        let grace_jitter = ratio("SECRET_GRACE_PERIOD_RATIO_JITTER", 0.01, 0.0, 0.5)?;
+        let ca_max_concurrency = match get("CA_MAX_CONCURRENCY") {
+            None => 16,
+            Some(v) => match v.trim().parse::<usize>() {
+                Ok(n) if (1..=1024).contains(&n) => n,
+                _ => {
+                    return Err(ConfigError::new(
+                        "CA_MAX_CONCURRENCY",
+                        v,
+                        "must be a whole number from 1 to 1024",
+                    ))
+                }
+            },
+        };
+        let eviction_period = match get("SECRET_EVICTION_PERIOD") {
+            None => Duration::from_secs(3600),
+            Some(v) => match parse_go_duration(&v) {
+                Ok(d) if d >= Duration::from_secs(1) => d,
+                Ok(_) => {
+                    return Err(ConfigError::new(
+                        "SECRET_EVICTION_PERIOD",
+                        v,
+                        "must be at least 1s",
+                    ))
+                }
+                Err(e) => return Err(ConfigError::new("SECRET_EVICTION_PERIOD", v, e.to_string())),
+            },
+        };
+
         let (ca, ca_defaulted) = Self::ca_from_lookup(&get)?;
 
         Ok(Self {
@@ -152,6 +204,10 @@ impl Config {
             ca,
             workload_token_path,
             ca_defaulted,
+            grace_ratio,
+            grace_jitter,
+            ca_max_concurrency,
+            eviction_period,
         })
     }
 
@@ -377,6 +433,22 @@ mod tests {
             cfg(&[("CA_ADDR", "https://v:8200")]).unwrap_err().var,
             "CA_ADDR"
         );
+        for (var, bad) in [
+            ("SECRET_GRACE_PERIOD_RATIO", "1.0"),
+            ("SECRET_GRACE_PERIOD_RATIO", "0"),
+            ("SECRET_GRACE_PERIOD_RATIO", "half"),
+            ("SECRET_GRACE_PERIOD_RATIO_JITTER", "0.7"),
+            ("CA_MAX_CONCURRENCY", "0"),
+            ("SECRET_EVICTION_PERIOD", "forever"),
+        ] {
+            assert_eq!(cfg(&[(var, bad)]).unwrap_err().var, var, "{var}={bad}");
+        }
+        let c = cfg(&[
+            ("SECRET_GRACE_PERIOD_RATIO", "0.25"),
+            ("SECRET_GRACE_PERIOD_RATIO_JITTER", "0"),
+        ])
+        .unwrap();
+        assert_eq!((c.grace_ratio, c.grace_jitter), (0.25, 0.0));
     }
 
     #[test]

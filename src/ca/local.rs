@@ -220,6 +220,10 @@ impl CaClient for LocalCa {
         Ok(Authorization::default())
     }
 
+    fn cached_login(&self, _credential: &Credential) -> Option<Authorization> {
+        Some(Authorization::default())
+    }
+
     async fn sign(
         &self,
         _auth: &Authorization,

@@ -64,6 +64,10 @@ pub trait CaClient: Send + Sync + 'static {
     /// result per distinct credential for as long as the CA allows.
     async fn login(&self, credential: &Credential) -> Result<Authorization, CaError>;
 
+    /// The authorization cached for `credential`, if still valid, without
+    /// contacting the CA (renewals use it before trying a new login).
+    fn cached_login(&self, credential: &Credential) -> Option<Authorization>;
+
     /// Signs a CSR (PEM) for `ttl` on behalf of a logged-in workload.
     async fn sign(
         &self,

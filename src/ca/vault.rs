@@ -138,11 +138,13 @@ impl VaultCa {
         let status = resp.status();
         let text = match resp.text().await {
             Ok(t) => t,
-            Err(e) => return Err(CaError::Unavailable(format!(
+            Err(e) => {
+                return Err(CaError::Unavailable(format!(
                 "Error making API request. URL: POST {url} Code: {}. reading the answer failed: {}",
                 status.as_u16(),
                 error_chain(&e)
-            ))),
+            )))
+            }
         };
         if status.is_success() {
             return serde_json::from_str(&text).map_err(|e| {
@@ -349,6 +351,17 @@ impl CaClient for VaultCa {
                 }
                 Err(e)
             }
+        }
+    }
+
+    fn cached_login(&self, credential: &Credential) -> Option<Authorization> {
+        let slot = self.slot(credential);
+        let slot = slot.try_lock().ok()?;
+        match &slot.token {
+            Some((token, until)) if *until > Instant::now() => Some(Authorization {
+                token: Some(token.clone()),
+            }),
+            _ => None,
         }
     }
 

@@ -182,7 +182,7 @@ impl SecretDiscoveryService for SdsService {
         let credential = credential.get().inspect_err(|s| {
             tracing::warn!(resources = ?req.resource_names, "refusing FetchSecrets: {}", s.message());
         })?;
-        let (_, watch) = self.manager.subscribe(&credential).await.map_err(|e| {
+        let sub = self.manager.subscribe(&credential).await.map_err(|e| {
             let what = format!(
                 "Failed to sign cert for {:?}: {e}",
                 req.resource_names.join(",")
@@ -190,19 +190,25 @@ impl SecretDiscoveryService for SdsService {
             tracing::error!("{what}");
             Status::new(status_for(&e).code(), what)
         })?;
-        let secret = watch
+        let secret = sub
+            .secret
             .borrow()
+            .secret
             .clone()
             .ok_or_else(|| Status::internal("no secret after a successful fetch"))?;
+        let roots = sub.roots.borrow().clone();
         let nonce = format!("fetch-{}", self.next_stream.fetch_add(1, Ordering::Relaxed));
+        let snap = resources::Snapshot {
+            secret: &secret,
+            roots: &roots,
+        };
         Ok(Response::new(resources::response(
             &req.resource_names,
-            &secret,
+            &snap,
             nonce,
         )))
     }
 }
-
 /// Serves SDS on `listener` until `shutdown` turns true; then stops accepting,
 /// ends every stream and returns once connections are closed (or after a
 /// grace period).

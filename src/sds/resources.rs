@@ -8,6 +8,7 @@ use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 
+use crate::secrets::roots::RootBundle;
 use crate::secrets::WorkloadSecret;
 
 /// Type URL of an SDS `Secret`.
@@ -43,13 +44,18 @@ pub fn check_names(names: &[String]) -> Result<(), String> {
     }
 }
 
-/// The version of one resource of a secret, so that a stream can tell which
-/// resources changed.
-pub fn resource_version(name: &str, secret: &WorkloadSecret) -> String {
+/// What one response is built from: the identity's secret and the trust bundle.
+pub struct Snapshot<'a> {
+    pub secret: &'a WorkloadSecret,
+    pub roots: &'a RootBundle,
+}
+
+/// The version of one resource, so that a stream can tell which resources changed.
+pub fn resource_version(name: &str, snap: &Snapshot<'_>) -> String {
     if name == ROOTCA {
-        secret.roots_version()
+        snap.roots.version()
     } else {
-        secret.cert_version()
+        snap.secret.cert_version()
     }
 }
 
@@ -61,16 +67,16 @@ fn inline(data: &str) -> Option<DataSource> {
 }
 
 /// Encodes the named resource (already checked by [`check_names`]).
-pub fn encode(name: &str, secret: &WorkloadSecret) -> Any {
+pub fn encode(name: &str, snap: &Snapshot<'_>) -> Any {
     let kind = if name == ROOTCA {
         secret::Type::ValidationContext(CertificateValidationContext {
-            trusted_ca: inline(&secret.roots_pem),
+            trusted_ca: inline(&snap.roots.pem()),
             ..Default::default()
         })
     } else {
         secret::Type::TlsCertificate(TlsCertificate {
-            certificate_chain: inline(&secret.chain_pem),
-            private_key: inline(secret.key.pkcs8_pem()),
+            certificate_chain: inline(&snap.secret.chain_pem),
+            private_key: inline(snap.secret.key.pkcs8_pem()),
             ..Default::default()
         })
     };
@@ -85,15 +91,15 @@ pub fn encode(name: &str, secret: &WorkloadSecret) -> Any {
 }
 
 /// A full response for `names`; its version joins the resources' versions.
-pub fn response(names: &[String], secret: &WorkloadSecret, nonce: String) -> DiscoveryResponse {
+pub fn response(names: &[String], snap: &Snapshot<'_>, nonce: String) -> DiscoveryResponse {
     let version_info = names
         .iter()
-        .map(|n| resource_version(n, secret))
+        .map(|n| resource_version(n, snap))
         .collect::<Vec<_>>()
         .join("-");
     DiscoveryResponse {
         version_info,
-        resources: names.iter().map(|n| encode(n, secret)).collect(),
+        resources: names.iter().map(|n| encode(n, snap)).collect(),
         type_url: SECRET_TYPE_URL.to_string(),
         nonce,
         ..Default::default()

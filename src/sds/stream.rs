@@ -19,7 +19,7 @@ use super::resources::{self, check_names, resource_version};
 use super::{status_for, CredentialSource};
 use crate::backoff::Backoff;
 use crate::identity::SpiffeId;
-use crate::secrets::{SecretManager, SecretWatch, WorkloadSecret};
+use crate::secrets::{SecretManager, Subscription};
 
 pub(super) type Outbound = mpsc::Sender<Result<DiscoveryResponse, Status>>;
 
@@ -34,7 +34,7 @@ pub(super) struct SdsStream {
     sent_versions: HashMap<String, String>,
     nonce_counter: u64,
     identity: Option<SpiffeId>,
-    watch: Option<SecretWatch>,
+    watch: Option<Subscription>,
     /// A subscription waiting for the CA to come back.
     pending: Option<Pending>,
 }
@@ -170,11 +170,11 @@ impl SdsStream {
             }
         };
         match self.manager.subscribe(&credential).await {
-            Ok((identity, watch)) => {
+            Ok(sub) => {
                 self.pending = None;
                 self.names = names;
-                self.identity = Some(identity);
-                self.watch = Some(watch);
+                self.identity = Some(sub.identity.clone());
+                self.watch = Some(sub);
                 self.send_current(true).await
             }
             Err(e) => {
@@ -200,28 +200,32 @@ impl SdsStream {
 
     /// Sends the subscribed resources if any changed since last sent (or always).
     async fn send_current(&mut self, always: bool) -> Step {
-        let Some(secret) = self.watch.as_ref().and_then(|w| w.borrow().clone()) else {
+        let Some(sub) = self.watch.as_ref() else {
             return Step::Continue;
+        };
+        let state = sub.secret.borrow().clone();
+        if let Some(reason) = state.closed {
+            return self.fail(Status::unavailable(reason)).await;
+        }
+        let Some(secret) = state.secret else {
+            return Step::Continue;
+        };
+        let roots = sub.roots.borrow().clone();
+        let snap = resources::Snapshot {
+            secret: &secret,
+            roots: &roots,
         };
         let versions: HashMap<String, String> = self
             .names
             .iter()
-            .map(|n| (n.clone(), resource_version(n, &secret)))
+            .map(|n| (n.clone(), resource_version(n, &snap)))
             .collect();
         if !always && versions == self.sent_versions {
             return Step::Continue;
         }
-        self.send(&secret, versions).await
-    }
-
-    async fn push(&mut self) -> Step {
-        self.send_current(false).await
-    }
-
-    async fn send(&mut self, secret: &WorkloadSecret, versions: HashMap<String, String>) -> Step {
         self.nonce_counter += 1;
         let nonce = format!("{:x}-{}", self.id, self.nonce_counter);
-        let resp = resources::response(&self.names, secret, nonce.clone());
+        let resp = resources::response(&self.names, &snap, nonce.clone());
         tracing::info!(
             stream = self.id,
             identity = %secret.identity,
@@ -237,17 +241,24 @@ impl SdsStream {
         Step::Continue
     }
 
+    async fn push(&mut self) -> Step {
+        self.send_current(false).await
+    }
+
     async fn fail(&mut self, status: Status) -> Step {
         let _ = self.out.send(Err(status)).await;
         Step::End
     }
 }
 
-/// Waits for the watched secret to change; pending forever without a watch.
-/// Returns false when the manager dropped the identity.
-async fn wait_changed(watch: &mut Option<SecretWatch>) -> bool {
+/// Waits for the identity's secret or the trust bundle to change; pending
+/// forever without a subscription. Returns false when the manager dropped it.
+async fn wait_changed(watch: &mut Option<Subscription>) -> bool {
     match watch {
-        Some(w) => w.changed().await.is_ok(),
+        Some(sub) => tokio::select! {
+            r = sub.secret.changed() => r.is_ok(),
+            r = sub.roots.changed() => r.is_ok(),
+        },
         None => std::future::pending().await,
     }
 }
