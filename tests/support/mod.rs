@@ -2,5 +2,8 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod bao;
 pub mod envoy;
+pub mod k8s;
 pub mod sds_client;
+pub mod vault_env;

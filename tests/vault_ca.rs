@@ -1,0 +1,290 @@
+//! The Vault CA against a real OpenBao, configured as the Istio Vault
+//! tutorial configures Istio's Node Agent.
+
+mod support;
+
+use std::time::Duration;
+
+use support::agent::Agent;
+use support::bao::{set_k8s_role_accounts, ProxyMode};
+use support::envoy::*;
+use support::sds_client::*;
+use support::vault_env::VaultEnv;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+const READY: Duration = Duration::from_secs(60);
+const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/httpbin";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/sleep";
+
+fn serial_of(pem: &str) -> String {
+    leaf_facts(pem).1.replace(':', "").to_lowercase()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tutorial_scenario_envoys_do_mtls_on_vault_certificates() {
+    let env = VaultEnv::start().await;
+    let agent = Agent::start(&env.agent_env());
+    let dir = tempfile::tempdir().unwrap();
+    let token = |name: &str, sa: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, env.jwt("default", sa)).unwrap();
+        p
+    };
+    let sds = |t| SdsSource::GoogleGrpc {
+        uds_path: agent.socket.clone(),
+        token_file: t,
+    };
+    let (backend, server_port, client_port) = (free_port(), free_port(), free_port());
+    let _backend = start_backend(backend, "httpbin says hi").await;
+    let server = start_server_envoy(
+        sds(token("server", "httpbin")),
+        server_port,
+        backend,
+        CLIENT_ID,
+    )
+    .await
+    .unwrap();
+    let client = start_client_envoy(
+        sds(token("client", "sleep")),
+        client_port,
+        server_port,
+        SERVER_ID,
+    )
+    .await
+    .unwrap();
+    server
+        .wait_ready(READY)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nagent:\n{}", agent.log()));
+    client
+        .wait_ready(READY)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nagent:\n{}", agent.log()));
+
+    let resp = reqwest::get(format!("http://127.0.0.1:{client_port}/"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "agent:\n{}", agent.log());
+    assert_eq!(resp.headers()[HDR_SERVER_SAW_CLIENT_URI], CLIENT_ID);
+    assert_eq!(resp.text().await.unwrap(), "httpbin says hi");
+
+    // The server Envoy's /certs: its SPIFFE ID, trusting the PKI mount's root.
+    let certs = server.certs().await;
+    assert!(
+        cert_uris(&certs).contains(&SERVER_ID.to_string()),
+        "{certs}"
+    );
+    let root_serial = serial_of(&env.setup.root_pem);
+    assert!(
+        cert_serials(&certs)
+            .iter()
+            .any(|s| s.replace(':', "").to_lowercase() == root_serial),
+        "the trusted CA is the PKI mount's root {root_serial}: {certs}"
+    );
+    // One login per distinct JWT, one sign per identity, whatever the streams.
+    assert_eq!(
+        env.count("auth/kubernetes/login"),
+        2,
+        "agent:\n{}",
+        agent.log()
+    );
+    assert_eq!(env.count("istio_ca/sign/istio-pki-role"), 2);
+    assert!(agent.log().contains("Vault CA configured"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthorized_service_account_gets_nothing_until_the_role_accepts_it() {
+    let env = VaultEnv::start().await;
+    let agent = Agent::start(&env.agent_env());
+    let mut client = connect(&agent.socket).await;
+    let intruder = env.jwt("default", "intruder");
+
+    let err = client
+        .fetch_secrets(with_jwt(request(&["default"], None), &intruder))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message()
+            .contains("service account name not authorized"),
+        "{}",
+        err.message()
+    );
+    let vault = env.agent_addr();
+    agent.wait_log(
+        &format!("failed to login Vault: Error making API request. URL: POST {vault}/v1/auth/kubernetes/login Code: 403. Errors: * service account name not authorized"),
+        Duration::from_secs(5),
+    );
+    agent.wait_log(
+        &format!("Failed to sign cert for \"default\": failed to login Vault at {vault}: Error making API request."),
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        env.count("istio_ca/sign/istio-pki-role"),
+        0,
+        "no sign for a rejected login"
+    );
+
+    // Nothing else is disturbed.
+    let ok = client
+        .fetch_secrets(with_jwt(
+            request(&["default", "ROOTCA"], None),
+            &env.jwt("default", "httpbin"),
+        ))
+        .await
+        .expect("an accepted workload is served");
+    assert_eq!(
+        leaf_facts(&tls_certificate(&secrets(ok.get_ref())[0]).0).0,
+        [SERVER_ID]
+    );
+
+    // A stream for the intruder, opened now, ends with the same reason.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut inbound = client
+        .stream_secrets(with_jwt(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            &intruder,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(request(&["default"], None)).await.unwrap();
+    let err = inbound.next().await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // The operator fixes the role: the workload is served without any restart.
+    set_k8s_role_accounts(&env.bao, &["httpbin", "sleep", "intruder"], &["default"])
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let resp = loop {
+        match client
+            .fetch_secrets(with_jwt(request(&["default"], None), &intruder))
+            .await
+        {
+            Ok(r) => break r.into_inner(),
+            Err(e) => {
+                assert_eq!(e.code(), Code::PermissionDenied);
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "never healed: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    assert_eq!(
+        leaf_facts(&tls_certificate(&secrets(&resp)[0]).0).0,
+        ["spiffe://cluster.local/ns/default/sa/intruder"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_vault_rejects_gets_nothing_even_when_the_identity_is_cached() {
+    let env = VaultEnv::start().await;
+    let agent = Agent::start(&env.agent_env());
+    let mut client = connect(&agent.socket).await;
+    client
+        .fetch_secrets(with_jwt(
+            request(&["default"], None),
+            &env.jwt("default", "httpbin"),
+        ))
+        .await
+        .expect("the real workload is served and cached");
+
+    // Same claims, signed by another key: Vault refuses it, so it gets nothing.
+    let forger = support::k8s::TestIssuer::generate().unwrap();
+    let forged = forger.mint("default", "httpbin", Duration::from_secs(3600));
+    for names in [&["default"][..], &["ROOTCA"][..]] {
+        let err = client
+            .fetch_secrets(with_jwt(request(names, None), &forged))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{names:?}: {err:?}");
+        assert!(
+            err.message().contains("permission denied"),
+            "{}",
+            err.message()
+        );
+    }
+    // The Vault token cached for the real JWT was not used for the forged one.
+    assert_eq!(env.count("istio_ca/sign/istio-pki-role"), 1);
+    assert!(!agent.log().contains(&forged), "the JWT must not be logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_auth_method_pem_text_root_and_login_caching() {
+    let env = VaultEnv::start().await;
+    let mut vars: Vec<(&str, String)> = env
+        .agent_env()
+        .into_iter()
+        .filter(|(k, _)| *k != "VAULT_AUTH_PATH" && *k != "VAULT_TLS_ROOT_CERT")
+        .collect();
+    vars.push(("VAULT_AUTH_PATH", "auth/jwt/login".into()));
+    vars.push((
+        "VAULT_TLS_ROOT_CERT",
+        std::fs::read_to_string(env.bao.ca_pem_path()).unwrap(),
+    ));
+    let agent = Agent::start(&vars);
+    let mut client = connect(&agent.socket).await;
+    let jwt = env.jwt("default", "sleep");
+    for _ in 0..3 {
+        let resp = client
+            .fetch_secrets(with_jwt(request(&["default", "ROOTCA"], None), &jwt))
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.log()))
+            .into_inner();
+        let s = secrets(&resp);
+        assert_eq!(leaf_facts(&tls_certificate(&s[0]).0).0, [CLIENT_ID]);
+        assert_eq!(
+            serial_of(&trusted_ca(&s[1])),
+            serial_of(&env.setup.root_pem)
+        );
+    }
+    assert_eq!(env.count("auth/jwt/login"), 1, "one login per distinct JWT");
+    assert_eq!(
+        env.count("istio_ca/sign/istio-pki-role"),
+        1,
+        "one sign per identity"
+    );
+    // A second JWT for the same identity is proven by its own login.
+    let second = env
+        .issuer
+        .mint("default", "sleep", Duration::from_secs(1800));
+    client
+        .fetch_secrets(with_jwt(request(&["default"], None), &second))
+        .await
+        .unwrap();
+    assert_eq!(env.count("auth/jwt/login"), 2);
+    assert_eq!(env.count("istio_ca/sign/istio-pki-role"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_down_at_start_then_up_serves_the_waiting_stream() {
+    let env = VaultEnv::start().await.with_proxy(ProxyMode::Down).await;
+    let agent = Agent::start(&env.agent_env());
+    let mut client = connect(&agent.socket).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut inbound = client
+        .stream_secrets(with_jwt(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            &env.jwt("default", "httpbin"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(request(&["default"], None)).await.unwrap();
+    agent.wait_log("cannot connect", Duration::from_secs(20));
+    agent.wait_log("retrying in", Duration::from_secs(20));
+    env.proxy.as_ref().unwrap().set_up(true).await;
+    let resp = tokio::time::timeout(Duration::from_secs(30), inbound.next())
+        .await
+        .unwrap_or_else(|_| panic!("no certificate after Vault came back:\n{}", agent.log()))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        leaf_facts(&tls_certificate(&secrets(&resp)[0]).0).0,
+        [SERVER_ID]
+    );
+}
