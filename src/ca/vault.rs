@@ -389,7 +389,10 @@ impl CaClient for VaultCa {
                 CaError::Unavailable(m) => {
                     CaError::Unavailable(format!("Vault at {} could not sign: {m}", self.cfg.addr))
                 }
-                CaError::BadAnswer(m) => CaError::BadAnswer(at(m)),
+                CaError::BadAnswer(m) => CaError::BadAnswer(format!(
+                    "Vault at {} gave an unusable sign answer: {m}",
+                    self.cfg.addr
+                )),
             })?;
         let bad = |m: String| {
             CaError::BadAnswer(format!(
