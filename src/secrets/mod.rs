@@ -70,6 +70,8 @@ pub struct WorkloadSecret {
     /// The roots this certificate chains to, with their expiry.
     pub roots: Vec<(String, SystemTime)>,
     pub leaf: LeafInfo,
+    /// When the agent received it.
+    pub received: SystemTime,
 }
 
 impl std::fmt::Debug for WorkloadSecret {
@@ -368,6 +370,7 @@ impl SecretManager {
             chain_pem: chain.chain_pem.concat(),
             roots,
             leaf,
+            received: SystemTime::now(),
         })
     }
 
@@ -391,11 +394,11 @@ impl SecretManager {
             let renew_at = match &schedule {
                 Some((serial, at)) if *serial == secret.leaf.serial_hex => *at,
                 _ => {
-                    let at = self.opts.renew.renew_at(
-                        secret.leaf.not_before,
-                        secret.leaf.not_after,
-                        rand::random(),
-                    );
+                    let start = secret.leaf.not_before.max(secret.received);
+                    let at = self
+                        .opts
+                        .renew
+                        .renew_at(start, secret.leaf.not_after, rand::random());
                     tracing::debug!(identity = %id, renew_at = %rfc3339(at), "renewal scheduled");
                     schedule = Some((secret.leaf.serial_hex.clone(), at));
                     at

@@ -3,9 +3,18 @@
 //! At `NotAfter − ratio × lifetime`, the ratio jittered by up to ± `jitter` so
 //! that identities issued together do not renew together. The times come from
 //! the certificate itself, never from the TTL that was asked for: the CA's
-//! role may have capped it.
+//! role may have capped it. The lifetime starts at the later of `NotBefore`
+//! and the moment the certificate was received, because CAs back-date
+//! `NotBefore` (Vault by 30 s) and, with short certificates, counting that
+//! slack would renew at once, again and again. The lifetime starts at the later of `NotBefore`
+//! and the moment the certificate was received, because CAs back-date
+//! `NotBefore` (Vault by 30 s) and, with short certificates, counting that
+//! slack would renew at once, again and again.
 
 use std::time::{Duration, SystemTime};
+
+/// The most of a lifetime that may be left at renewal.
+const MAX_RATIO: f64 = 0.99;
 
 /// Rotation settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,15 +35,15 @@ impl Default for RenewPolicy {
 }
 
 impl RenewPolicy {
-    /// The renewal time of a certificate valid from `not_before` to
-    /// `not_after`; `unit` is a random number in `[0, 1)` choosing the jitter.
-    /// Never before `not_before`, never after `not_after`.
-    pub fn renew_at(&self, not_before: SystemTime, not_after: SystemTime, unit: f64) -> SystemTime {
-        let lifetime = not_after
-            .duration_since(not_before)
-            .unwrap_or(Duration::ZERO);
+    /// The renewal time of a certificate whose life runs from `start` (the
+    /// later of `NotBefore` and its arrival) to `not_after`; `unit` is a
+    /// random number in `[0, 1)` choosing the jitter. Never sooner than 1% of
+    /// the lifetime after `start`, so renewals cannot spin; never after
+    /// `not_after`.
+    pub fn renew_at(&self, start: SystemTime, not_after: SystemTime, unit: f64) -> SystemTime {
+        let lifetime = not_after.duration_since(start).unwrap_or(Duration::ZERO);
         let offset = (unit.clamp(0.0, 1.0) * 2.0 - 1.0) * self.jitter;
-        let ratio = (self.grace_ratio + offset).clamp(0.0, 1.0);
+        let ratio = (self.grace_ratio + offset).clamp(0.0, MAX_RATIO);
         not_after - lifetime.mul_f64(ratio)
     }
 }
@@ -85,8 +94,8 @@ mod tests {
         };
         assert_eq!(
             p.renew_at(at(100), at(200), 1.0),
-            at(100),
-            "never before NotBefore"
+            at(101),
+            "never sooner than 1% of the lifetime"
         );
         let p = RenewPolicy {
             grace_ratio: 0.001,
