@@ -114,9 +114,11 @@ sys.stdout.write(r.read().decode())' "$1"
   }
 fi
 # log_has PATTERN: the agent log contains PATTERN (extended regex).
-log_has() { sed 's/\x1b\[[0-9;]*m//g' "$TMP/node-agent.log" | grep -Eq "$1"; }
+# (grep reads all its input instead of -q, so that `set -o pipefail` never
+# sees sed die of SIGPIPE.)
+log_has() { sed 's/\x1b\[[0-9;]*m//g' "$TMP/node-agent.log" | grep -E "$1" >/dev/null; }
 # log_show PATTERN: first agent log line matching PATTERN, colours stripped.
-log_show() { sed 's/\x1b\[[0-9;]*m//g' "$TMP/node-agent.log" | grep -E -m1 "$1" | sed 's/^/    | /'; }
+log_show() { sed 's/\x1b\[[0-9;]*m//g' "$TMP/node-agent.log" | { grep -E "$1" || true; } | sed -n '1s/^/    | /p'; }
 agent_log_tail() {
   echo "---- last lines of $TMP/node-agent.log ----" >&2
   tail -n 25 "$TMP/node-agent.log" >&2 || true
@@ -276,9 +278,9 @@ MTLS_OK=0
 if RESPONSE=$(http_get_verbose "http://127.0.0.1:$CLIENT_PORT/" 2>&1); then
   printf '%s\n' "$RESPONSE" | tr -d '\r' | grep -Eiv '^(date|server|x-envoy-upstream-service-time):' \
     | sed 's/^/    | /'
-  if printf '%s' "$RESPONSE" | grep -q '^HTTP/1.1 200' \
-     && printf '%s' "$RESPONSE" | grep -qi "x-server-saw-client: $SPIFFE_SLEEP" \
-     && printf '%s' "$RESPONSE" | grep -qi "x-client-saw-server: $SPIFFE_HTTPBIN"; then
+  if grep -q '^HTTP/1.1 200' <<<"$RESPONSE" \
+     && grep -qi "x-server-saw-client: $SPIFFE_SLEEP" <<<"$RESPONSE" \
+     && grep -qi "x-client-saw-server: $SPIFFE_HTTPBIN" <<<"$RESPONSE"; then
     MTLS_OK=1
   fi
 else
@@ -349,7 +351,7 @@ Everything is still running (--keep). Things to try:
     $PEERS_DIR/bin/bao list istio_ca/certs              # what OpenBao signed
   # let the intruder in; its Envoy retries and becomes LIVE shortly after:
   BAO_ADDR=$BAO_ADDR BAO_CACERT=$BAO_CACERT BAO_TOKEN=root \\
-    $PEERS_DIR/bin/bao write auth/kubernetes/role/istio-cert bound_service_account_names=httpbin,sleep,intruder
+    $PEERS_DIR/bin/bao write auth/kubernetes/role/istio-cert bound_service_account_names=httpbin,sleep,intruder bound_service_account_namespaces=default
 Files (configs, tokens, logs): $TMP
 Stop everything and remove the files: $TMP/stop.sh
 EOF

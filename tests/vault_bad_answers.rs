@@ -5,125 +5,24 @@
 
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{json, Value};
 use support::agent::Agent;
 use support::sds_client::*;
 use support::vault_env::VaultEnv;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpListener;
+use support::vault_front::{Tamper, VaultFront};
 use tonic::Code;
-
-#[derive(Clone, Copy)]
-enum Tamper {
-    /// Sign answers are not JSON.
-    Garbage,
-    /// Sign answers carry a real certificate from the real PKI, for another key.
-    OtherKey,
-    /// Sign answers are JSON without a certificate.
-    NoCertificate,
-}
-
-/// Serves plain HTTP on a free port; forwards to `bao` except sign requests.
-async fn tamper_front(bao_addr: String, client: reqwest::Client, mode: Tamper) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let ctx = Arc::new((bao_addr, client));
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let ctx = ctx.clone();
-            tokio::spawn(async move {
-                let (r, mut w) = stream.into_split();
-                let mut r = BufReader::new(r);
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-                    let (mut len, mut token) = (0usize, None);
-                    loop {
-                        let mut h = String::new();
-                        r.read_line(&mut h).await.unwrap();
-                        let h = h.trim_end();
-                        if h.is_empty() {
-                            break;
-                        }
-                        let (k, v) = h.split_once(':').unwrap();
-                        match k.to_ascii_lowercase().as_str() {
-                            "content-length" => len = v.trim().parse().unwrap(),
-                            "x-vault-token" => token = Some(v.trim().to_string()),
-                            _ => {}
-                        }
-                    }
-                    let mut body = vec![0; len];
-                    r.read_exact(&mut body).await.unwrap();
-                    let (bao, client) = (&ctx.0, &ctx.1);
-                    let answer = if path.ends_with("/sign/istio-pki-role") {
-                        match mode {
-                            Tamper::Garbage => "{this is not json".to_string(),
-                            Tamper::NoCertificate => {
-                                json!({"data": {"serial_number": "01"}}).to_string()
-                            }
-                            Tamper::OtherKey => {
-                                // A genuine sign at the real PKI, for a CSR of another key.
-                                let req: Value = serde_json::from_slice(&body).unwrap();
-                                let csr_params = rcgen::CertificateSigningRequestParams::from_pem(
-                                    req["csr"].as_str().unwrap(),
-                                )
-                                .unwrap();
-                                let other = rcgen::KeyPair::generate().unwrap();
-                                let other_csr = csr_params
-                                    .params
-                                    .serialize_request(&other)
-                                    .unwrap()
-                                    .pem()
-                                    .unwrap();
-                                let mut forged = req.clone();
-                                forged["csr"] = Value::String(other_csr);
-                                client
-                                    .post(format!("{bao}{path}"))
-                                    .header("X-Vault-Token", token.clone().unwrap_or_default())
-                                    .json(&forged)
-                                    .send()
-                                    .await
-                                    .unwrap()
-                                    .text()
-                                    .await
-                                    .unwrap()
-                            }
-                        }
-                    } else {
-                        client
-                            .post(format!("{bao}{path}"))
-                            .body(body)
-                            .header("content-type", "application/json")
-                            .send()
-                            .await
-                            .unwrap()
-                            .text()
-                            .await
-                            .unwrap()
-                    };
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
-                        answer.len()
-                    );
-                    if w.write_all(resp.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    format!("http://{addr}")
-}
 
 async fn refused(mode: Tamper, expect: &str) {
     let env = VaultEnv::start().await;
-    let front = tamper_front(env.bao.addr(), env.bao.client().clone(), mode).await;
+    let front = VaultFront::start(
+        env.bao.addr(),
+        env.bao.client().clone(),
+        mode,
+        Duration::ZERO,
+    )
+    .await
+    .url;
     let mut vars: Vec<(&str, String)> = env
         .agent_env()
         .into_iter()

@@ -7,3 +7,4 @@ pub mod envoy;
 pub mod k8s;
 pub mod sds_client;
 pub mod vault_env;
+pub mod vault_front;
