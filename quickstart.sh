@@ -34,9 +34,11 @@ done
 cd "$(dirname "$0")"
 REPO=$(pwd)
 START=$SECONDS
-step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+# Bold/red/green only on a terminal.
+if [ -t 1 ]; then B=$'\033[1m' R=$'\033[31m' G=$'\033[32m' N=$'\033[0m'; else B= R= G= N=; fi
+step() { printf '\n%s==> %s%s\n' "$B" "$*" "$N"; }
 info() { printf '    %s\n' "$*"; }
-die() { printf '\n\033[31mFAIL: %s\033[0m\n' "$*" >&2; exit 1; }
+die() { printf '\n%sFAIL: %s%s\n' "$R" "$*" "$N" >&2; exit 1; }
 
 # ---------------------------------------------------------------------------
 step "1/8 Installing the pinned peers (Envoy, OpenBao) into .peers/"
@@ -121,7 +123,7 @@ log_has() { sed 's/\x1b\[[0-9;]*m//g' "$TMP/node-agent.log" | grep -E "$1" >/dev
 log_show() { sed 's/\x1b\[[0-9;]*m//g' "$TMP/node-agent.log" | { grep -E "$1" || true; } | sed -n '1s/^/    | /p'; }
 agent_log_tail() {
   echo "---- last lines of $TMP/node-agent.log ----" >&2
-  tail -n 25 "$TMP/node-agent.log" >&2 || true
+  sed 's/\x1b\[[0-9;]*m//g' "$TMP/node-agent.log" | tail -n 20 >&2 || true
 }
 
 # Free loopback ports. OpenBao's dev mode also listens on its port + 1.
@@ -263,7 +265,8 @@ for pair in "httpbin:$SERVER_ADMIN" "sleep:$CLIENT_ADMIN"; do
   if wait_for "Envoy ${pair%%:*}" 60 is_live "${pair##*:}"; then
     info "Envoy ${pair%%:*}: LIVE"
   else
-    tail -n 15 "$TMP/envoy-${pair%%:*}.log" >&2 || true
+    echo "---- last lines of $TMP/envoy-${pair%%:*}.log ----" >&2
+    tail -n 8 "$TMP/envoy-${pair%%:*}.log" >&2 || true
     agent_log_tail
     die "Envoy ${pair%%:*} did not become LIVE within 60 s"
   fi
@@ -292,12 +295,11 @@ info "SPIFFE IDs in the httpbin Envoy's certificates (admin /certs):"
 http_get "http://127.0.0.1:$SERVER_ADMIN/certs" | python3 -c '
 import json, sys
 for c in json.load(sys.stdin).get("certificates", []):
-    for kind in ("cert_chain", "ca_cert"):
+    for kind, label in (("cert_chain", "own certificate"), ("ca_cert", "trusted CA (ROOTCA)")):
         for d in c.get(kind) or []:
             uris = [s["uri"] for s in d.get("subject_alt_names", []) if "uri" in s]
-            label = "own certificate" if kind == "cert_chain" else "trusted CA (ROOTCA)"
-            print(f"    | {label:20} serial {d.get(\"serial_number\")}  "
-                  f"{\" \".join(uris) or \"(no URI SAN)\"}  expires {d.get(\"expiration_time\")}")'
+            print("    | %-20s %s  (serial %s, expires %s)" % (label,
+                  " ".join(uris) or "no URI SAN", d.get("serial_number"), d.get("expiration_time")))'
 
 # The intruder's Envoy asked too; OpenBao must have refused its login. Give
 # the agent a moment in case that request is still in flight.
@@ -312,16 +314,19 @@ info "intruder Envoy: /ready says $(http_get "http://127.0.0.1:$INTRUDER_ADMIN/r
 
 echo
 info "node-agent log ($TMP/node-agent.log), the lines that matter:"
-log_show 'SDS gRPC server start'
-log_show 'issued workload certificate.*sa/httpbin'
-log_show 'issued workload certificate.*sa/sleep'
-log_show 'failed to login Vault'
-log_show 'Failed to sign cert for "default"'
+# In log order, the first line of each kind (the intruder's Envoy keeps
+# retrying, so its refusal repeats).
+sed 's/\x1b\[[0-9;]*m//g' "$TMP/node-agent.log" | awk '
+  /SDS gRPC server start/ || /issued workload certificate/ \
+    || /failed to login Vault/ || /Failed to sign cert for "default"/ {
+    key = $0; sub(/^[^ ]+ +/, "", key); sub(/ serial=.*/, "", key); sub(/ stream=.*/, "", key)
+    if (!(key in seen)) { seen[key] = 1; print "    | " $0 }
+  }'
 
 echo
 ELAPSED=$((SECONDS - START))
 if [ "$MTLS_OK" = 1 ] && [ "$INTRUDER_OK" = 1 ]; then
-  printf '\033[32mPASS\033[0m  sleep -> httpbin over mTLS with certificates from OpenBao via node-agent;\n'
+  printf '%sPASS%s  sleep -> httpbin over mTLS with certificates from OpenBao via node-agent;\n' "$G" "$N"
   printf '      the intruder service account was refused by OpenBao (403) and got no certificate. (%ss)\n' "$ELAPSED"
 else
   [ "$MTLS_OK" = 1 ] || echo "mTLS request through the sleep Envoy: FAILED" >&2

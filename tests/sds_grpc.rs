@@ -323,3 +323,70 @@ async fn quiet<T>(inbound: &mut tonic::Streaming<T>) -> bool {
         .await
         .is_err()
 }
+
+#[tokio::test]
+async fn the_open_stream_is_pushed_the_renewed_secret() {
+    let agent = Agent::start(&[
+        ("CA_PROVIDER", "LocalCA".into()),
+        ("SECRET_TTL", "4s".into()),
+    ]);
+    let mut client = connect(&agent.socket).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut inbound = client
+        .stream_secrets(with_jwt(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            &fake_jwt("push", "me"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(request(&["default", "ROOTCA"], None))
+        .await
+        .unwrap();
+    let first = inbound.next().await.unwrap().unwrap();
+    tx.send(request(&["default", "ROOTCA"], Some(&first)))
+        .await
+        .unwrap();
+    // Renewal at half the 4 s lifetime: pushed on this stream without asking.
+    let pushed = tokio::time::timeout(Duration::from_secs(6), inbound.next())
+        .await
+        .expect("a renewed secret is pushed")
+        .unwrap()
+        .unwrap();
+    assert_ne!(pushed.version_info, first.version_info);
+    assert_ne!(pushed.nonce, first.nonce);
+    let (a, b) = (secrets(&first), secrets(&pushed));
+    assert_ne!(
+        tls_certificate(&a[0]),
+        tls_certificate(&b[0]),
+        "new certificate and key"
+    );
+    assert_eq!(trusted_ca(&a[1]), trusted_ca(&b[1]), "same root");
+    assert!(agent.log().contains("renewed workload certificate"));
+}
+
+#[tokio::test]
+async fn an_identity_nobody_watches_is_evicted() {
+    let agent = Agent::start(&[
+        ("CA_PROVIDER", "LocalCA".into()),
+        ("SECRET_EVICTION_PERIOD", "1s".into()),
+    ]);
+    let mut client = connect(&agent.socket).await;
+    let jwt = fake_jwt("gone", "soon");
+    let first = client
+        .fetch_secrets(with_jwt(request(&["default"], None), &jwt))
+        .await
+        .unwrap()
+        .into_inner();
+    agent.wait_log("evicted idle identity and its key", Duration::from_secs(10));
+    // Asking again makes a new key and certificate.
+    let again = client
+        .fetch_secrets(with_jwt(request(&["default"], None), &jwt))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(
+        tls_certificate(&secrets(&first)[0]).1,
+        tls_certificate(&secrets(&again)[0]).1
+    );
+}

@@ -748,3 +748,47 @@ pub fn cert_serials(certs_json: &Value) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// The leaf certificates (`cert_chain[0]` of each TLS context) in `/certs`
+/// output: (SPIFFE URI, serial, expiration_time as Envoy prints it).
+pub fn leaf_certs(certs_json: &Value) -> Vec<(String, String, String)> {
+    certs_json
+        .get("certificates")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("cert_chain").and_then(Value::as_array)?.first())
+        .map(|leaf| {
+            let s = |k: &str| {
+                leaf.get(k)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            let uri = leaf
+                .get("subject_alt_names")
+                .and_then(Value::as_array)
+                .and_then(|a| {
+                    a.iter()
+                        .find_map(|san| san.get("uri").and_then(Value::as_str))
+                })
+                .unwrap_or_default()
+                .to_string();
+            (uri, s("serial_number"), s("expiration_time"))
+        })
+        .collect()
+}
+
+/// Serials of the trusted CA certificates (`ca_cert[]`) in `/certs` output.
+pub fn ca_serials(certs_json: &Value) -> Vec<String> {
+    certs_json
+        .get("certificates")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.get("ca_cert").and_then(Value::as_array))
+        .flatten()
+        .filter_map(|d| d.get("serial_number").and_then(Value::as_str))
+        .map(str::to_string)
+        .collect()
+}

@@ -1,0 +1,397 @@
+//! Rotation against a real OpenBao and real Envoys: renewals pushed before
+//! expiry while traffic flows, one sign per rotation, a bounded CA queue,
+//! Vault down during a rotation, a CA root change, and expired JWTs.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use support::agent::Agent;
+use support::bao::{rotate_root, ProxyMode};
+use support::envoy::*;
+use support::sds_client::*;
+use support::vault_env::VaultEnv;
+use support::vault_front::{Tamper, VaultFront};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+const READY: Duration = Duration::from_secs(60);
+const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/httpbin";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/sleep";
+
+/// A server and a client Envoy of one agent, doing mTLS.
+struct Mesh {
+    server: EnvoyProc,
+    _client: EnvoyProc,
+    client_port: u16,
+    _dir: tempfile::TempDir,
+    _backend: tokio::task::JoinHandle<()>,
+}
+
+async fn mesh(env: &VaultEnv, agent: &Agent) -> Mesh {
+    let dir = tempfile::tempdir().unwrap();
+    let token = |name: &str, sa: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, env.jwt("default", sa)).unwrap();
+        p
+    };
+    let sds = |t| SdsSource::GoogleGrpc {
+        uds_path: agent.socket.clone(),
+        token_file: t,
+    };
+    let (backend, server_port, client_port) = (free_port(), free_port(), free_port());
+    let _backend = start_backend(backend, "ok").await;
+    let server = start_server_envoy(sds(token("s", "httpbin")), server_port, backend, CLIENT_ID)
+        .await
+        .unwrap();
+    let client = start_client_envoy(
+        sds(token("c", "sleep")),
+        client_port,
+        server_port,
+        SERVER_ID,
+    )
+    .await
+    .unwrap();
+    server
+        .wait_ready(READY)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    client
+        .wait_ready(READY)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    Mesh {
+        server,
+        _client: client,
+        client_port,
+        _dir: dir,
+        _backend,
+    }
+}
+
+/// Sends requests through the mesh for `how_long`, on fresh connections so
+/// that every request is a new mTLS handshake, and watches the server
+/// Envoy's leaf certificate. Returns (requests, failures, serials seen with
+/// first-seen time and expiry).
+async fn drive(
+    mesh: &Mesh,
+    how_long: Duration,
+) -> (
+    usize,
+    Vec<String>,
+    BTreeMap<String, (SystemTime, SystemTime)>,
+) {
+    let mut serials: BTreeMap<String, (SystemTime, SystemTime)> = BTreeMap::new();
+    let (mut total, mut failures) = (0, Vec::new());
+    let end = Instant::now() + how_long;
+    while Instant::now() < end {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        total += 1;
+        match http
+            .get(format!("http://127.0.0.1:{}/", mesh.client_port))
+            .header("connection", "close")
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
+            Ok(r) if r.status() == 200 => {}
+            Ok(r) => failures.push(format!("status {}", r.status())),
+            Err(e) => failures.push(e.to_string()),
+        }
+        for (uri, serial, exp) in leaf_certs(&mesh.server.certs().await) {
+            if uri == SERVER_ID {
+                let exp = time::OffsetDateTime::parse(
+                    &exp,
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .map(SystemTime::from)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+                serials.entry(serial).or_insert((SystemTime::now(), exp));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    (total, failures, serials)
+}
+
+/// Each new serial was seen before the previous one expired.
+fn assert_renewed_before_expiry(serials: &BTreeMap<String, (SystemTime, SystemTime)>) {
+    let mut by_seen: Vec<_> = serials.values().copied().collect();
+    by_seen.sort();
+    for pair in by_seen.windows(2) {
+        let (_, old_exp) = pair[0];
+        let (new_seen, _) = pair[1];
+        assert!(
+            new_seen < old_exp,
+            "a new certificate arrived only after the old one expired: {by_seen:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_gets_renewed_certificates_before_expiry_while_traffic_flows() {
+    let env = VaultEnv::start().await;
+    let mut vars = env.agent_env();
+    vars.retain(|(k, _)| *k != "SECRET_TTL");
+    vars.push(("SECRET_TTL", "16s".into()));
+    let agent = Agent::start(&vars);
+    let m = mesh(&env, &agent).await;
+
+    let (total, failures, serials) = drive(&m, Duration::from_secs(30)).await;
+    assert!(
+        failures.is_empty(),
+        "{} of {total} requests failed: {failures:?}\n{}",
+        failures.len(),
+        agent.log()
+    );
+    assert!(total > 50, "{total} requests");
+    assert!(
+        serials.len() >= 3,
+        "at least two renewals seen by Envoy: {serials:?}\n{}",
+        agent.log()
+    );
+    assert_renewed_before_expiry(&serials);
+
+    // One sign per issue or renewal of an identity, never per stream: each
+    // identity here has two streams (default and ROOTCA).
+    let log = agent.log();
+    let issued = log.matches("issued workload certificate").count();
+    let renewed = log.matches("renewed workload certificate").count();
+    assert_eq!(issued, 2, "{log}");
+    assert_eq!(env.count("istio_ca/sign/istio-pki-role"), issued + renewed);
+    assert!(
+        renewed >= 4,
+        "both identities renewed at least twice: {renewed}"
+    );
+    // The cached Vault tokens (1h) served every renewal: one login per JWT.
+    assert_eq!(env.count("auth/kubernetes/login"), 2);
+    drop(m);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_envoys_of_one_identity_cost_one_login_and_one_sign() {
+    let env = VaultEnv::start().await;
+    let agent = Agent::start(&env.agent_env());
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("sleep-token");
+    std::fs::write(&token, env.jwt("default", "sleep")).unwrap();
+    let mut envoys = Vec::new();
+    for _ in 0..3 {
+        let sds = SdsSource::GoogleGrpc {
+            uds_path: agent.socket.clone(),
+            token_file: token.clone(),
+        };
+        envoys.push(
+            start_client_envoy(sds, free_port(), free_port(), SERVER_ID)
+                .await
+                .unwrap(),
+        );
+    }
+    for e in &envoys {
+        e.wait_ready(READY)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    }
+    let mut seen = Vec::new();
+    for e in &envoys {
+        let leaves = leaf_certs(&e.certs().await);
+        assert_eq!(leaves.len(), 1, "{leaves:?}");
+        assert_eq!(leaves[0].0, CLIENT_ID);
+        seen.push(leaves[0].1.clone());
+    }
+    assert_eq!(seen.len(), 3);
+    assert!(
+        seen.windows(2).all(|w| w[0] == w[1]),
+        "all Envoys share one certificate: {seen:?}"
+    );
+    assert_eq!(env.count("auth/kubernetes/login"), 1, "{}", agent.log());
+    assert_eq!(env.count("istio_ca/sign/istio-pki-role"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_more_than_ca_max_concurrency_requests_in_flight() {
+    let env = VaultEnv::start().await;
+    // A slow front makes requests overlap if the agent lets them.
+    let front = VaultFront::start(
+        env.bao.addr(),
+        env.bao.client().clone(),
+        Tamper::None,
+        Duration::from_millis(150),
+    )
+    .await;
+    let mut vars: Vec<(&str, String)> = env
+        .agent_env()
+        .into_iter()
+        .filter(|(k, _)| !matches!(*k, "VAULT_ADDR" | "CA_ADDR"))
+        .collect();
+    vars.push(("VAULT_ADDR", front.url.clone()));
+    vars.push(("CA_MAX_CONCURRENCY", "3".into()));
+    let agent = Agent::start(&vars);
+    // Twelve identities at once (the role accepts these names).
+    support::bao::set_k8s_role_accounts(&env.bao, &["*"], &["default"])
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let jwt = env.jwt("default", &format!("sa{i}"));
+        let socket = agent.socket.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = connect(&socket).await;
+            c.fetch_secrets(with_jwt(request(&["default"], None), &jwt))
+                .await
+        }));
+    }
+    for t in tasks {
+        t.await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.log()));
+    }
+    assert_eq!(env.count("auth/kubernetes/login"), 12);
+    assert_eq!(env.count("istio_ca/sign/istio-pki-role"), 12);
+    assert_eq!(
+        front.max_in_flight(),
+        3,
+        "the bound is reached and never passed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_down_during_rotation_keeps_the_old_certificate_until_it_is_back() {
+    let env = VaultEnv::start().await.with_proxy(ProxyMode::Up).await;
+    let mut vars = env.agent_env();
+    vars.retain(|(k, _)| !matches!(*k, "SECRET_TTL"));
+    vars.push(("SECRET_TTL", "30s".into()));
+    vars.push(("SECRET_GRACE_PERIOD_RATIO_JITTER", "0".into()));
+    let agent = Agent::start(&vars);
+    let m = mesh(&env, &agent).await;
+    let first = leaf_certs(&m.server.certs().await);
+
+    env.proxy.as_ref().unwrap().set_up(false).await;
+    // Renewal is due ~15 s after issue; it fails while Vault is away.
+    let (total, failures, serials) = drive(&m, Duration::from_secs(17)).await;
+    assert!(failures.is_empty(), "{failures:?} of {total}");
+    assert_eq!(serials.len(), 1, "still the first certificate: {serials:?}");
+    assert!(
+        agent.log().contains("failed to renew the certificate"),
+        "{}",
+        agent.log()
+    );
+    assert!(agent.log().contains("still serving the current one"));
+
+    env.proxy.as_ref().unwrap().set_up(true).await;
+    let (total, failures, serials) = drive(&m, Duration::from_secs(10)).await;
+    assert!(
+        failures.is_empty(),
+        "{failures:?} of {total}\n{}",
+        agent.log()
+    );
+    assert!(
+        serials.len() >= 2,
+        "the renewed certificate arrived: {serials:?}\n{}",
+        agent.log()
+    );
+    assert!(!serials.contains_key(&String::new()));
+    assert_renewed_before_expiry(&serials);
+    assert!(serials.contains_key(&first[0].1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_change_reaches_envoy_without_a_restart() {
+    let env = VaultEnv::start().await;
+    let mut vars = env.agent_env();
+    vars.retain(|(k, _)| *k != "SECRET_TTL");
+    vars.push(("SECRET_TTL", "16s".into()));
+    let agent = Agent::start(&vars);
+    let m = mesh(&env, &agent).await;
+    let old_root: Vec<String> = ca_serials(&m.server.certs().await);
+    assert_eq!(old_root.len(), 1);
+
+    let new_root_pem = rotate_root(&env.bao).await.unwrap();
+    let new_serial = leaf_facts(&new_root_pem).1.replace(':', "").to_lowercase();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut saw_both = false;
+    loop {
+        let ca = ca_serials(&m.server.certs().await);
+        if ca.contains(&old_root[0]) && ca.contains(&new_serial) {
+            saw_both = true;
+        }
+        if ca == [new_serial.clone()] || ca.iter().all(|s| s == &new_serial) && !ca.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Envoy never got the new root {new_serial}: {ca:?}\n{}",
+            agent.log()
+        );
+        // Traffic works throughout the change.
+        let r = reqwest::get(format!("http://127.0.0.1:{}/", m.client_port))
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Between the two identities' renewals the bundle held both roots (the
+    // old one still had a certificate in use); Envoy may or may not have been
+    // polled in that window.
+    let log = agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("trust bundle (ROOTCA) changed") && l.contains("roots=2")),
+        "both roots were served during the change (seen by Envoy: {saw_both}):\n{log}"
+    );
+    assert!(log
+        .lines()
+        .filter(|l| l.contains("trust bundle (ROOTCA) changed"))
+        .last()
+        .unwrap()
+        .contains("roots=1"));
+    let r = reqwest::get(format!("http://127.0.0.1:{}/", m.client_port))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", agent.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_end_with_unavailable_when_every_jwt_has_expired() {
+    // Vault tokens live 4 s, the JWT 8 s, certificates 20 s: at the first
+    // renewal (~10 s) neither the token nor the JWT can be used.
+    let env = VaultEnv::start_opts(|o| o.token_ttl = "4s".into()).await;
+    let mut vars = env.agent_env();
+    vars.retain(|(k, _)| *k != "SECRET_TTL");
+    vars.push(("SECRET_TTL", "20s".into()));
+    let agent = Agent::start(&vars);
+    let jwt = env
+        .issuer
+        .mint("default", "httpbin", Duration::from_secs(8));
+    let mut client = connect(&agent.socket).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut inbound = client
+        .stream_secrets(with_jwt(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            &jwt,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(request(&["default"], None)).await.unwrap();
+    let first = inbound.next().await.unwrap().unwrap();
+    tx.send(request(&["default"], Some(&first))).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(25), inbound.next())
+        .await
+        .unwrap_or_else(|_| panic!("the stream was not ended:\n{}", agent.log()))
+        .unwrap();
+    let err = end.expect_err("the stream ends with a status");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains(
+            "every JWT known for spiffe://cluster.local/ns/default/sa/httpbin has expired"
+        ),
+        "{}",
+        err.message()
+    );
+    assert!(agent.log().contains("every JWT known for"));
+}
