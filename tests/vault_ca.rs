@@ -288,3 +288,45 @@ async fn vault_down_at_start_then_up_serves_the_waiting_stream() {
         [SERVER_ID]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_envoy_heals_when_the_role_is_fixed_without_restarts() {
+    let env = VaultEnv::start().await;
+    let agent = Agent::start(&env.agent_env());
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("intruder-token");
+    std::fs::write(&token, env.jwt("default", "intruder")).unwrap();
+    let sds = SdsSource::GoogleGrpc {
+        uds_path: agent.socket.clone(),
+        token_file: token,
+    };
+    let envoy = start_client_envoy(sds, free_port(), free_port(), SERVER_ID)
+        .await
+        .unwrap();
+    agent.wait_log(
+        "service account name not authorized",
+        Duration::from_secs(20),
+    );
+    assert!(
+        envoy.wait_ready(Duration::from_secs(3)).await.is_err(),
+        "no certificate for a refused workload"
+    );
+    assert!(cert_uris(&envoy.certs().await).is_empty());
+    let logins_while_refused = env.count("auth/kubernetes/login");
+
+    set_k8s_role_accounts(&env.bao, &["httpbin", "sleep", "intruder"], &["default"])
+        .await
+        .unwrap();
+    envoy
+        .wait_ready(Duration::from_secs(90))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nagent:\n{}", agent.log()));
+    assert!(cert_uris(&envoy.certs().await)
+        .contains(&"spiffe://cluster.local/ns/default/sa/intruder".to_string()));
+    // Envoy's reconnects were not passed to Vault one by one: at most one
+    // login per hold-down period (5 s) while refused.
+    assert!(
+        logins_while_refused <= 3,
+        "{logins_while_refused} logins within a few seconds"
+    );
+}
