@@ -7,8 +7,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::agent::{fake_jwt, Agent};
+use support::agent::Agent;
 use support::envoy::*;
+use support::sds_client::fake_jwt;
 
 const READY: Duration = Duration::from_secs(60);
 const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/httpbin";

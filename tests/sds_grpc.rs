@@ -5,7 +5,8 @@ mod support;
 
 use std::time::Duration;
 
-use support::agent::{fake_jwt, Agent};
+use support::agent::Agent;
+use support::sds_client::fake_jwt;
 use support::sds_client::*;
 use tokio_stream::StreamExt;
 use tonic::Code;

@@ -19,6 +19,10 @@ pub enum CaError {
     /// at once would not help, so the caller retries slowly.
     #[error("{0}")]
     Rejected(String),
+    /// The same rejection, answered from memory: the CA refused this very
+    /// credential moments ago and is not asked again yet. Logged quietly.
+    #[error("{0}")]
+    RecentlyRejected(String),
     /// The CA could not be reached or failed (connection, time-out, 429, 5xx,
     /// sealed): retried with back-off.
     #[error("{0}")]
@@ -36,7 +40,10 @@ impl CaError {
 
     pub fn message(&self) -> &str {
         match self {
-            CaError::Rejected(m) | CaError::Unavailable(m) | CaError::BadAnswer(m) => m,
+            CaError::Rejected(m)
+            | CaError::RecentlyRejected(m)
+            | CaError::Unavailable(m)
+            | CaError::BadAnswer(m) => m,
         }
     }
 }

@@ -303,7 +303,7 @@ impl CaClient for VaultCa {
         }
         if let Some((err, until)) = &slot.rejected {
             if *until > now {
-                return Err(err.clone());
+                return Err(CaError::RecentlyRejected(err.message().to_string()));
             }
         }
         let body = json!({ "role": self.cfg.role, "jwt": credential.expose() });
@@ -343,6 +343,7 @@ impl CaClient for VaultCa {
                 let wrap = |m: &str| format!("failed to login Vault at {}: {m}", self.cfg.addr);
                 let e = match e {
                     CaError::Rejected(m) => CaError::Rejected(wrap(&m)),
+                    CaError::RecentlyRejected(m) => CaError::RecentlyRejected(wrap(&m)),
                     CaError::Unavailable(m) => CaError::Unavailable(wrap(&m)),
                     CaError::BadAnswer(m) => CaError::BadAnswer(wrap(&m)),
                 };
@@ -385,7 +386,7 @@ impl CaClient for VaultCa {
             .post(&self.cfg.sign_csr_path, Some(token), body)
             .await
             .map_err(|e| match e {
-                CaError::Rejected(m) => CaError::Rejected(at(m)),
+                CaError::Rejected(m) | CaError::RecentlyRejected(m) => CaError::Rejected(at(m)),
                 CaError::Unavailable(m) => {
                     CaError::Unavailable(format!("Vault at {} could not sign: {m}", self.cfg.addr))
                 }

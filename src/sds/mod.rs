@@ -101,13 +101,26 @@ impl CredentialSource {
     }
 }
 
+/// Logs why a request was refused: an error, except for a repeat of a
+/// rejection the CA gave moments ago (Envoy reconnecting), which is logged at
+/// debug so that one refused workload does not flood the log.
+pub(crate) fn log_refusal(stream: u64, what: &str, e: &SecretError) {
+    if e.is_repeat() {
+        tracing::debug!(stream, "{what}");
+    } else {
+        tracing::error!(stream, "{what}");
+    }
+}
+
 /// The gRPC status a stream ends with for a secret failure.
 pub(crate) fn status_for(e: &SecretError) -> Status {
     let msg = e.to_string();
     match e {
         SecretError::Credential(_) => Status::unauthenticated(msg),
         SecretError::Login(err) | SecretError::Sign { error: err, .. } => match err {
-            crate::ca::CaError::Rejected(_) => Status::permission_denied(msg),
+            crate::ca::CaError::Rejected(_) | crate::ca::CaError::RecentlyRejected(_) => {
+                Status::permission_denied(msg)
+            }
             crate::ca::CaError::Unavailable(_) => Status::unavailable(msg),
             crate::ca::CaError::BadAnswer(_) => Status::internal(msg),
         },
@@ -187,7 +200,7 @@ impl SecretDiscoveryService for SdsService {
                 "Failed to sign cert for {:?}: {e}",
                 req.resource_names.join(",")
             );
-            tracing::error!("{what}");
+            log_refusal(0, &what, &e);
             Status::new(status_for(&e).code(), what)
         })?;
         let secret = sub

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Status, Streaming};
 
 use super::resources::{self, check_names, resource_version};
-use super::{status_for, CredentialSource};
+use super::{log_refusal, status_for, CredentialSource};
 use crate::backoff::Backoff;
 use crate::identity::SpiffeId;
 use crate::secrets::{SecretManager, Subscription};
@@ -190,7 +190,7 @@ impl SdsStream {
                     );
                     Step::Continue
                 } else {
-                    tracing::error!(stream = self.id, "{what}");
+                    log_refusal(self.id, &what, &e);
                     let status = status_for(&e);
                     self.fail(Status::new(status.code(), what)).await
                 }

@@ -52,6 +52,11 @@ pub enum SecretError {
 }
 
 impl SecretError {
+    /// True when the CA was not asked: it refused this credential moments ago.
+    pub fn is_repeat(&self) -> bool {
+        matches!(self, SecretError::Login(CaError::RecentlyRejected(_)))
+    }
+
     /// True when the failure is worth retrying soon (the CA was unreachable).
     pub fn is_transient(&self) -> bool {
         match self {

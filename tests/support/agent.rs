@@ -5,9 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
-
 /// A running agent; killed (SIGKILL) on drop unless stopped first.
 pub struct Agent {
     child: Option<Child>,
@@ -142,14 +139,4 @@ fn rand_suffix() -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-/// An unsigned-looking service-account JWT (the local CA does not verify
-/// signatures; Vault tests use really signed ones).
-pub fn fake_jwt(ns: &str, sa: &str) -> String {
-    let h = URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256","typ":"JWT"}"#);
-    let p = URL_SAFE_NO_PAD.encode(format!(
-        r#"{{"iss":"kubernetes/serviceaccount","sub":"system:serviceaccount:{ns}:{sa}","kubernetes.io/serviceaccount/namespace":"{ns}"}}"#
-    ));
-    format!("{h}.{p}.c2lnbmF0dXJl")
 }

@@ -109,3 +109,15 @@ pub fn leaf_facts(pem: &str) -> (Vec<String>, String) {
         .unwrap_or_default();
     (uris, cert.raw_serial_as_string())
 }
+
+/// An unsigned-looking service-account JWT (the local CA does not verify
+/// signatures; Vault tests use really signed ones).
+pub fn fake_jwt(ns: &str, sa: &str) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let h = URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256","typ":"JWT"}"#);
+    let p = URL_SAFE_NO_PAD.encode(format!(
+        r#"{{"iss":"kubernetes/serviceaccount","sub":"system:serviceaccount:{ns}:{sa}","kubernetes.io/serviceaccount/namespace":"{ns}"}}"#
+    ));
+    format!("{h}.{p}.c2lnbmF0dXJl")
+}
