@@ -150,15 +150,7 @@ async fn main() {
             let mut held = Vec::new();
             let t = Instant::now();
             for _ in 0..streams {
-                let (tx, rx) = tokio::sync::mpsc::channel(1);
-                let mut inbound = client
-                    .stream_secrets(with_jwt(
-                        tokio_stream::wrappers::ReceiverStream::new(rx),
-                        &jwt,
-                    ))
-                    .await
-                    .unwrap()
-                    .into_inner();
+                let (tx, mut inbound) = open_stream(&mut client, &jwt).await;
                 tx.send(request(&["default"], None)).await.unwrap();
                 inbound.next().await.unwrap().unwrap();
                 held.push((tx, inbound));

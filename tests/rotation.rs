@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use support::agent::Agent;
 use support::bao::{rotate_root, ProxyMode};
 use support::envoy::*;
+use support::mesh::{Mesh, CLIENT_ID, SERVER_ID};
 use support::sds_client::*;
 use support::vault_env::VaultEnv;
 use support::vault_front::{Tamper, VaultFront};
@@ -17,57 +18,16 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 
 const READY: Duration = Duration::from_secs(60);
-const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/httpbin";
-const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/sleep";
-
-/// A server and a client Envoy of one agent, doing mTLS.
-struct Mesh {
-    server: EnvoyProc,
-    _client: EnvoyProc,
-    client_port: u16,
-    _dir: tempfile::TempDir,
-    _backend: tokio::task::JoinHandle<()>,
-}
 
 async fn mesh(env: &VaultEnv, agent: &Agent) -> Mesh {
-    let dir = tempfile::tempdir().unwrap();
-    let token = |name: &str, sa: &str| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, env.jwt("default", sa)).unwrap();
-        p
-    };
-    let sds = |t| SdsSource::GoogleGrpc {
-        uds_path: agent.socket.clone(),
-        token_file: t,
-    };
-    let (backend, server_port, client_port) = (free_port(), free_port(), free_port());
-    let _backend = start_backend(backend, "ok").await;
-    let server = start_server_envoy(sds(token("s", "httpbin")), server_port, backend, CLIENT_ID)
-        .await
-        .unwrap();
-    let client = start_client_envoy(
-        sds(token("c", "sleep")),
-        client_port,
-        server_port,
-        SERVER_ID,
+    Mesh::start(
+        &agent.socket,
+        &env.jwt("default", "httpbin"),
+        &env.jwt("default", "sleep"),
+        "ok",
+        || agent.log(),
     )
     .await
-    .unwrap();
-    server
-        .wait_ready(READY)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
-    client
-        .wait_ready(READY)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
-    Mesh {
-        server,
-        _client: client,
-        client_port,
-        _dir: dir,
-        _backend,
-    }
 }
 
 /// Sends requests through the mesh for `how_long`, on fresh connections so
@@ -368,15 +328,7 @@ async fn streams_end_with_unavailable_when_every_jwt_has_expired() {
         .issuer
         .mint("default", "httpbin", Duration::from_secs(8));
     let mut client = connect(&agent.socket).await;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut inbound = client
-        .stream_secrets(with_jwt(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            &jwt,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = open_stream(&mut client, &jwt).await;
     tx.send(request(&["default"], None)).await.unwrap();
     let first = inbound.next().await.unwrap().unwrap();
     tx.send(request(&["default"], Some(&first))).await.unwrap();

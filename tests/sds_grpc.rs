@@ -67,13 +67,7 @@ async fn stream_state_machine_acks_nacks_and_stale_nonces() {
     let agent = local_agent();
     let mut client = connect(&agent.socket).await;
     let jwt = fake_jwt("ns1", "sa1");
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let outbound = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let mut inbound = client
-        .stream_secrets(with_jwt(outbound, &jwt))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = open_stream(&mut client, &jwt).await;
 
     tx.send(request(&["default"], None)).await.unwrap();
     let first = inbound.next().await.unwrap().unwrap();
@@ -175,15 +169,7 @@ async fn credentials_and_resource_names_are_checked() {
     assert!(err.message().contains("not a JWT"), "{}", err.message());
 
     // The same on a stream.
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let mut inbound = client
-        .stream_secrets(with_jwt(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            "x.y.z",
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = open_stream(&mut client, "x.y.z").await;
     tx.send(request(&["default"], None)).await.unwrap();
     let err = inbound.next().await.unwrap().unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
@@ -332,15 +318,7 @@ async fn the_open_stream_is_pushed_the_renewed_secret() {
         ("SECRET_TTL", "4s".into()),
     ]);
     let mut client = connect(&agent.socket).await;
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let mut inbound = client
-        .stream_secrets(with_jwt(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            &fake_jwt("push", "me"),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = open_stream(&mut client, &fake_jwt("push", "me")).await;
     tx.send(request(&["default", "ROOTCA"], None))
         .await
         .unwrap();

@@ -8,14 +8,12 @@ use std::time::Duration;
 use support::agent::Agent;
 use support::bao::{set_k8s_role_accounts, ProxyMode};
 use support::envoy::*;
+use support::mesh::{Mesh, CLIENT_ID, SERVER_ID};
 use support::sds_client::*;
 use support::vault_env::VaultEnv;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-const READY: Duration = Duration::from_secs(60);
-const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/httpbin";
-const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/sleep";
 
 fn serial_of(pem: &str) -> String {
     leaf_facts(pem).1.replace(':', "").to_lowercase()
@@ -25,46 +23,17 @@ fn serial_of(pem: &str) -> String {
 async fn tutorial_scenario_envoys_do_mtls_on_vault_certificates() {
     let env = VaultEnv::start().await;
     let agent = Agent::start(&env.agent_env());
-    let dir = tempfile::tempdir().unwrap();
-    let token = |name: &str, sa: &str| {
-        let p = dir.path().join(name);
-        std::fs::write(&p, env.jwt("default", sa)).unwrap();
-        p
-    };
-    let sds = |t| SdsSource::GoogleGrpc {
-        uds_path: agent.socket.clone(),
-        token_file: t,
-    };
-    let (backend, server_port, client_port) = (free_port(), free_port(), free_port());
-    let _backend = start_backend(backend, "httpbin says hi").await;
-    let server = start_server_envoy(
-        sds(token("server", "httpbin")),
-        server_port,
-        backend,
-        CLIENT_ID,
+    let mesh = Mesh::start(
+        &agent.socket,
+        &env.jwt("default", "httpbin"),
+        &env.jwt("default", "sleep"),
+        "httpbin says hi",
+        || agent.log(),
     )
-    .await
-    .unwrap();
-    let client = start_client_envoy(
-        sds(token("client", "sleep")),
-        client_port,
-        server_port,
-        SERVER_ID,
-    )
-    .await
-    .unwrap();
-    server
-        .wait_ready(READY)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\nagent:\n{}", agent.log()));
-    client
-        .wait_ready(READY)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\nagent:\n{}", agent.log()));
+    .await;
+    let server = &mesh.server;
 
-    let resp = reqwest::get(format!("http://127.0.0.1:{client_port}/"))
-        .await
-        .unwrap();
+    let resp = mesh.get().await;
     assert_eq!(resp.status(), 200, "agent:\n{}", agent.log());
     assert_eq!(resp.headers()[HDR_SERVER_SAW_CLIENT_URI], CLIENT_ID);
     assert_eq!(resp.text().await.unwrap(), "httpbin says hi");
@@ -140,15 +109,7 @@ async fn unauthorized_service_account_gets_nothing_until_the_role_accepts_it() {
     );
 
     // A stream for the intruder, opened now, ends with the same reason.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut inbound = client
-        .stream_secrets(with_jwt(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            &intruder,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = open_stream(&mut client, &intruder).await;
     tx.send(request(&["default"], None)).await.unwrap();
     let err = inbound.next().await.unwrap().unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
@@ -265,15 +226,7 @@ async fn vault_down_at_start_then_up_serves_the_waiting_stream() {
     let env = VaultEnv::start().await.with_proxy(ProxyMode::Down).await;
     let agent = Agent::start(&env.agent_env());
     let mut client = connect(&agent.socket).await;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut inbound = client
-        .stream_secrets(with_jwt(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            &env.jwt("default", "httpbin"),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut inbound) = open_stream(&mut client, &env.jwt("default", "httpbin")).await;
     tx.send(request(&["default"], None)).await.unwrap();
     agent.wait_log("cannot connect", Duration::from_secs(20));
     agent.wait_log("retrying in", Duration::from_secs(20));

@@ -79,21 +79,8 @@ impl Agent {
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let child = self.child.as_mut().unwrap();
-        unsafe_kill(child.id(), "TERM");
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                self.child = None;
-                return st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not stop on SIGTERM; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        unsafe_kill(self.child.as_ref().unwrap().id(), "TERM");
+        self.wait_exit(Duration::from_secs(15))
     }
 
     /// Waits for the process to exit by itself.

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod bao;
 pub mod envoy;
 pub mod k8s;
+pub mod mesh;
 pub mod sds_client;
 pub mod vault_env;
 pub mod vault_front;

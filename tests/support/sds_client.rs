@@ -121,3 +121,23 @@ pub fn fake_jwt(ns: &str, sa: &str) -> String {
     ));
     format!("{h}.{p}.c2lnbmF0dXJl")
 }
+
+/// Opens a `StreamSecrets` stream carrying `jwt`; requests go into the sender.
+pub async fn open_stream(
+    client: &mut envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient<Channel>,
+    jwt: &str,
+) -> (
+    tokio::sync::mpsc::Sender<DiscoveryRequest>,
+    tonic::Streaming<DiscoveryResponse>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let inbound = client
+        .stream_secrets(with_jwt(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            jwt,
+        ))
+        .await
+        .expect("open StreamSecrets")
+        .into_inner();
+    (tx, inbound)
+}
