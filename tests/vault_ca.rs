@@ -14,7 +14,6 @@ use support::vault_env::VaultEnv;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
-
 fn serial_of(pem: &str) -> String {
     leaf_facts(pem).1.replace(':', "").to_lowercase()
 }
@@ -281,5 +280,45 @@ async fn a_refused_envoy_heals_when_the_role_is_fixed_without_restarts() {
     assert!(
         logins_while_refused <= 3,
         "{logins_while_refused} logins within a few seconds"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_namespace_is_sent_with_every_call() {
+    // Everything lives in the OpenBao namespace `team`: without the header the
+    // login path does not exist, with VAULT_NAMESPACE it works.
+    let env = VaultEnv::start_opts(|o| o.namespace = Some("team".into())).await;
+    let jwt = env.jwt("default", "httpbin");
+
+    let agent = Agent::start(&env.agent_env());
+    assert!(env
+        .agent_env()
+        .contains(&("VAULT_NAMESPACE", "team".to_string())));
+    let mut client = connect(&agent.socket).await;
+    let resp = client
+        .fetch_secrets(with_jwt(request(&["default", "ROOTCA"], None), &jwt))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.log()))
+        .into_inner();
+    let s = secrets(&resp);
+    assert_eq!(leaf_facts(&tls_certificate(&s[0]).0).0, [SERVER_ID]);
+    assert_eq!(
+        serial_of(&trusted_ca(&s[1])),
+        serial_of(&env.setup.root_pem)
+    );
+
+    let mut vars = env.agent_env();
+    vars.retain(|(k, _)| *k != "VAULT_NAMESPACE");
+    let outside = Agent::start(&vars);
+    let mut client = connect(&outside.socket).await;
+    let err = client
+        .fetch_secrets(with_jwt(request(&["default"], None), &jwt))
+        .await
+        .expect_err("the root namespace has no kubernetes auth");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("auth/kubernetes/login Code: "),
+        "{}",
+        err.message()
     );
 }

@@ -40,6 +40,8 @@ pub struct Bao {
     client: reqwest::Client,
     /// Time from spawn until `/v1/sys/health` answered 200.
     pub startup: Duration,
+    /// Namespace every later call is made in (`X-Vault-Namespace`).
+    namespace: std::sync::Mutex<Option<String>>,
 }
 
 impl Bao {
@@ -107,6 +109,7 @@ impl Bao {
             tls,
             client: reqwest::Client::new(),
             startup: Duration::ZERO,
+            namespace: std::sync::Mutex::new(None),
         };
         bao.wait_healthy(started).await?;
         bao.startup = started.elapsed();
@@ -206,6 +209,9 @@ impl Bao {
     ) -> anyhow::Result<(StatusCode, Value)> {
         let url = format!("{}/v1/{}", self.addr(), path.trim_start_matches('/'));
         let mut req = self.client.request(method, url);
+        if let Some(ns) = self.namespace.lock().unwrap().as_deref() {
+            req = req.header("X-Vault-Namespace", ns);
+        }
         if let Some(t) = token {
             req = req.header("X-Vault-Token", t);
         }
@@ -285,6 +291,8 @@ pub struct TutorialOptions {
     pub k8s_audience: Option<String>,
     /// JWT role `bound_audiences`.
     pub jwt_audiences: Vec<String>,
+    /// Set everything up inside this (new) namespace instead of the root.
+    pub namespace: Option<String>,
 }
 
 impl TutorialOptions {
@@ -300,6 +308,7 @@ impl TutorialOptions {
             token_ttl: "1h".into(),
             k8s_audience: None,
             jwt_audiences: vec![DEFAULT_AUDIENCE.into()],
+            namespace: None,
         }
     }
 }
@@ -338,6 +347,11 @@ pub async fn setup_tutorial_with(
     o: &TutorialOptions,
 ) -> anyhow::Result<TutorialSetup> {
     use Method as M;
+    if let Some(ns) = &o.namespace {
+        bao.root(M::POST, &format!("sys/namespaces/{ns}"), None)
+            .await?;
+        *bao.namespace.lock().unwrap() = Some(ns.clone());
+    }
     bao.root(
         M::POST,
         &format!("sys/mounts/{PKI_MOUNT}"),

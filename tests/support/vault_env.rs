@@ -18,8 +18,10 @@ pub struct VaultEnv {
     pub issuer: TestIssuer,
     pub review: TokenReviewHandle,
     pub setup: TutorialSetup,
-    /// Optional outage switch in front of Vault (see [`VaultEnv::start_with_proxy`]).
+    /// Optional outage switch in front of Vault (see [`VaultEnv::with_proxy`]).
     pub proxy: Option<ToggleProxy>,
+    /// The Vault namespace everything was set up in, if any.
+    pub namespace: Option<String>,
 }
 
 /// The test issuer's key is costly to make: one per test run, cached.
@@ -46,6 +48,7 @@ impl VaultEnv {
             .await
             .expect("tutorial setup");
         VaultEnv {
+            namespace: opts.namespace.clone(),
             bao,
             issuer,
             review,
@@ -74,7 +77,7 @@ impl VaultEnv {
 
     /// The tutorial's settings for the agent, with the dev CA given as a file path.
     pub fn agent_env(&self) -> Vec<(&'static str, String)> {
-        vec![
+        let mut vars = vec![
             ("CA_PROVIDER", "VaultCA".into()),
             ("CA_ADDR", self.agent_addr()),
             ("VAULT_ADDR", self.agent_addr()),
@@ -86,7 +89,11 @@ impl VaultEnv {
                 self.bao.ca_pem_path().display().to_string(),
             ),
             ("SECRET_TTL", "1h".into()),
-        ]
+        ];
+        if let Some(ns) = &self.namespace {
+            vars.push(("VAULT_NAMESPACE", ns.clone()));
+        }
+        vars
     }
 
     /// A projected service-account token for `ns/sa`, valid for an hour.
