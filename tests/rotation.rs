@@ -347,3 +347,36 @@ async fn streams_end_with_unavailable_when_every_jwt_has_expired() {
     );
     assert!(agent.log().contains("every JWT known for"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_that_expires_unrenewed_is_logged_with_its_identity() {
+    let env = VaultEnv::start().await.with_proxy(ProxyMode::Up).await;
+    let mut vars = env.agent_env();
+    vars.retain(|(k, _)| *k != "SECRET_TTL");
+    vars.push(("SECRET_TTL", "6s".into()));
+    let agent = Agent::start(&vars);
+    let mut client = connect(&agent.socket).await;
+    let (tx, mut inbound) = open_stream(&mut client, &env.jwt("default", "httpbin")).await;
+    tx.send(request(&["default"], None)).await.unwrap();
+    let first = inbound.next().await.unwrap().unwrap();
+    tx.send(request(&["default"], Some(&first))).await.unwrap();
+    env.proxy.as_ref().unwrap().set_up(false).await;
+    agent.wait_log("still serving the current one", Duration::from_secs(15));
+    agent.wait_log("certificate expired at", Duration::from_secs(15));
+    let log = agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("certificate expired at"))
+        .unwrap();
+    assert!(line.contains("ERROR") && line.contains(SERVER_ID), "{line}");
+    // Logged once, not on every retry.
+    assert_eq!(log.matches("certificate expired at").count(), 1, "{log}");
+    // Vault back: the stream gets a fresh certificate.
+    env.proxy.as_ref().unwrap().set_up(true).await;
+    let pushed = tokio::time::timeout(Duration::from_secs(30), inbound.next())
+        .await
+        .unwrap_or_else(|_| panic!("no renewal after Vault came back:\n{}", agent.log()))
+        .unwrap()
+        .unwrap();
+    assert_ne!(pushed.version_info, first.version_info);
+}

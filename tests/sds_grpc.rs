@@ -369,3 +369,41 @@ async fn an_identity_nobody_watches_is_evicted() {
         tls_certificate(&secrets(&again)[0]).1
     );
 }
+
+#[tokio::test]
+async fn an_unwatched_identity_is_not_renewed_and_costs_no_cpu() {
+    let agent = Agent::start(&[
+        ("CA_PROVIDER", "LocalCA".into()),
+        ("SECRET_TTL", "2s".into()),
+    ]);
+    let mut client = connect(&agent.socket).await;
+    let jwt = fake_jwt("idle", "one");
+    client
+        .fetch_secrets(with_jwt(request(&["default"], None), &jwt))
+        .await
+        .unwrap();
+    let before = agent.cpu_time();
+    // Past the renewal time and the expiry, with nobody watching.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let used = agent.cpu_time() - before;
+    assert!(
+        used < Duration::from_millis(500),
+        "an idle agent used {used:?} of CPU"
+    );
+    assert!(
+        !agent.log().contains("renewed workload certificate"),
+        "{}",
+        agent.log()
+    );
+    // Asked again, it issues a fresh certificate.
+    let again = client
+        .fetch_secrets(with_jwt(request(&["default"], None), &jwt))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!secrets(&again).is_empty());
+    assert_eq!(
+        agent.log().matches("issued workload certificate").count(),
+        2
+    );
+}

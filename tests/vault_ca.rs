@@ -322,3 +322,31 @@ async fn vault_namespace_is_sent_with_every_call() {
         err.message()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_vault_times_out_and_is_retried() {
+    let env = VaultEnv::start().await.with_proxy(ProxyMode::Hang).await;
+    let mut vars = env.agent_env();
+    vars.push(("VAULT_REQUEST_TIMEOUT", "1s".into()));
+    let agent = Agent::start(&vars);
+    let mut client = connect(&agent.socket).await;
+    let (tx, mut inbound) = open_stream(&mut client, &env.jwt("default", "sleep")).await;
+    tx.send(request(&["default"], None)).await.unwrap();
+    agent.wait_log("timed out", Duration::from_secs(20));
+    agent.wait_log("retrying in", Duration::from_secs(20));
+    env.proxy.as_ref().unwrap().set_mode(ProxyMode::Up).await;
+    let resp = tokio::time::timeout(Duration::from_secs(30), inbound.next())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "no certificate after Vault answered again:\n{}",
+                agent.log()
+            )
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        leaf_facts(&tls_certificate(&secrets(&resp)[0]).0).0,
+        [CLIENT_ID]
+    );
+}

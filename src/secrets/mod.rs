@@ -420,6 +420,10 @@ impl SecretManager {
                 if since.elapsed() >= self.opts.eviction && self.evict(&entry) {
                     return;
                 }
+                // Nobody to renew for: wait for a watcher or the eviction.
+                if tokio::time::Instant::now() >= due {
+                    tokio::time::sleep(tick).await;
+                }
                 continue;
             }
             idle_since = None;
@@ -447,9 +451,21 @@ impl SecretManager {
                     return;
                 }
                 Err(RenewError::Failed(e)) => {
-                    let delay = backoff.next_delay();
+                    // Never sleep past half of what is left of the current
+                    // certificate, nor more than 10 s once it has expired.
+                    let left = secret
+                        .leaf
+                        .not_after
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default();
+                    let valid = !left.is_zero();
+                    let limit = if valid {
+                        (left / 2).max(Duration::from_secs(1))
+                    } else {
+                        EXPIRED_RETRY
+                    };
+                    let delay = backoff.next_delay().min(limit);
                     retry_at = Some(tokio::time::Instant::now() + delay);
-                    let valid = secret.leaf.not_after > SystemTime::now();
                     if valid {
                         tracing::error!(
                             identity = %id,
@@ -540,6 +556,9 @@ impl SecretManager {
         }
     }
 }
+
+/// Longest wait between renewal attempts once the certificate has expired.
+const EXPIRED_RETRY: Duration = Duration::from_secs(10);
 
 enum RenewError {
     /// No usable credential: the identity's streams are ended.

@@ -60,6 +60,22 @@ impl Agent {
         }
     }
 
+    /// CPU time (user + system) the agent has used so far, from /proc.
+    pub fn cpu_time(&self) -> Duration {
+        let pid = self.child.as_ref().unwrap().id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // Fields after the command name (which is in parentheses).
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<u64> = rest
+            .split(' ')
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        let ticks = 100; // USER_HZ on Linux
+        Duration::from_millis((f[0] + f[1]) * 1000 / ticks)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
