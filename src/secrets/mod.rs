@@ -430,16 +430,29 @@ impl SecretManager {
             if tokio::time::Instant::now() < due {
                 continue;
             }
-            match self.renew(&entry).await {
-                Ok(new) => {
-                    tracing::info!(
-                        identity = %id,
-                        serial = %new.leaf.serial_hex,
-                        expires = %rfc3339(new.leaf.not_after),
-                        "renewed workload certificate; pushing it to every stream of this identity"
-                    );
+            // Renew under the fetch lock, so a first fetch of this identity
+            // (its certificate having expired meanwhile) waits for it.
+            let guard = entry.fetch.lock().await;
+            if entry.current().map(|s| s.leaf.serial_hex.clone())
+                != Some(secret.leaf.serial_hex.clone())
+            {
+                // Someone else installed a new certificate meanwhile.
+                retry_at = None;
+                continue;
+            }
+            let result = self.renew(&entry).await.map(|new| {
+                tracing::info!(
+                    identity = %id,
+                    serial = %new.leaf.serial_hex,
+                    expires = %rfc3339(new.leaf.not_after),
+                    "renewed workload certificate; pushing it to every stream of this identity"
+                );
+                self.install(&entry, new);
+            });
+            drop(guard);
+            match result {
+                Ok(()) => {
                     self.stats.renewals.fetch_add(1, Ordering::Relaxed);
-                    self.install(&entry, new);
                     backoff.reset();
                     retry_at = None;
                     expired_logged = false;
