@@ -125,17 +125,19 @@ async fn per_pod_agents_with_token_files_over_envoy_grpc() {
     // one local CA root persisted in LOCAL_CA_DIR.
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = dir.path().join("ca");
-    let pod = |name: &str, sa: &str| {
+    // The two pods also use the other key types Envoy must accept.
+    let pod = |name: &str, sa: &str, key_type: &str| {
         let token = dir.path().join(format!("{name}-token"));
         std::fs::write(&token, fake_jwt("default", sa)).unwrap();
         Agent::start(&[
             ("CA_PROVIDER", "LocalCA".into()),
             ("LOCAL_CA_DIR", ca_dir.display().to_string()),
             ("WORKLOAD_TOKEN_PATH", token.display().to_string()),
+            ("KEY_TYPE", key_type.into()),
         ])
     };
-    let server_agent = pod("server", "httpbin");
-    let client_agent = pod("client", "sleep");
+    let server_agent = pod("server", "httpbin", "rsa-2048");
+    let client_agent = pod("client", "sleep", "ec-p384");
 
     let (backend, server_port, client_port) = (free_port(), free_port(), free_port());
     let _backend = start_backend(backend, "per-pod backend").await;

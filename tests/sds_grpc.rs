@@ -407,3 +407,28 @@ async fn an_unwatched_identity_is_not_renewed_and_costs_no_cpu() {
         2
     );
 }
+
+#[test]
+fn the_istio_socket_flag_wins_over_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let env_socket = dir.path().join("from-env");
+    let flag_socket = dir.path().join("from-flag/uds_path");
+    for flag in ["--workloadUDSPath", "--workload-uds-path"] {
+        let mut agent = Agent::spawn_args(
+            &env_socket,
+            dir.path(),
+            &[],
+            &[flag, flag_socket.to_str().unwrap()],
+        );
+        agent.wait_log("SDS gRPC server start", Duration::from_secs(20));
+        assert!(
+            agent
+                .log()
+                .contains(&format!("listen {:?}", flag_socket.display().to_string())),
+            "{}",
+            agent.log()
+        );
+        assert!(flag_socket.exists() && !env_socket.exists(), "{flag}");
+        assert!(agent.terminate().success());
+    }
+}

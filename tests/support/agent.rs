@@ -40,6 +40,16 @@ impl Agent {
 
     /// Spawns without waiting (for tests of start-up failures).
     pub fn spawn(socket: &Path, log_dir: &Path, env: &[(&str, String)]) -> Agent {
+        Self::spawn_args(socket, log_dir, env, &[])
+    }
+
+    /// Spawns with command-line arguments too.
+    pub fn spawn_args(
+        socket: &Path,
+        log_dir: &Path,
+        env: &[(&str, String)],
+        args: &[&str],
+    ) -> Agent {
         let log_path = log_dir.join(format!("agent-{}.log", rand_suffix()));
         let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_node-agent"));
@@ -52,6 +62,7 @@ impl Agent {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        cmd.args(args);
         Agent {
             child: Some(cmd.spawn().expect("start node-agent")),
             socket: socket.to_path_buf(),
