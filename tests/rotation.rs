@@ -332,10 +332,13 @@ async fn streams_end_with_unavailable_when_every_jwt_has_expired() {
     tx.send(request(&["default"], None)).await.unwrap();
     let first = inbound.next().await.unwrap().unwrap();
     tx.send(request(&["default"], Some(&first))).await.unwrap();
-    let end = tokio::time::timeout(Duration::from_secs(25), inbound.next())
-        .await
-        .unwrap_or_else(|_| panic!("the stream was not ended:\n{}", agent.log()))
-        .unwrap();
+    let end = next_within(
+        &mut inbound,
+        Duration::from_secs(25),
+        "the stream was not ended",
+        || agent.log(),
+    )
+    .await;
     let err = end.expect_err("the stream ends with a status");
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(
@@ -373,10 +376,13 @@ async fn a_certificate_that_expires_unrenewed_is_logged_with_its_identity() {
     assert_eq!(log.matches("certificate expired at").count(), 1, "{log}");
     // Vault back: the stream gets a fresh certificate.
     env.proxy.as_ref().unwrap().set_up(true).await;
-    let pushed = tokio::time::timeout(Duration::from_secs(30), inbound.next())
-        .await
-        .unwrap_or_else(|_| panic!("no renewal after Vault came back:\n{}", agent.log()))
-        .unwrap()
-        .unwrap();
+    let pushed = next_within(
+        &mut inbound,
+        Duration::from_secs(30),
+        "no renewal after Vault came back",
+        || agent.log(),
+    )
+    .await
+    .unwrap();
     assert_ne!(pushed.version_info, first.version_info);
 }

@@ -182,7 +182,7 @@ async fn credentials_and_resource_names_are_checked() {
     );
     let resp = client.fetch_secrets(req).await.unwrap().into_inner();
     assert_eq!(
-        leaf_facts(&tls_certificate(&secrets(&resp)[0]).0).0,
+        served_uris(&resp),
         ["spiffe://cluster.local/ns/old/sa/spelling"]
     );
     let mut req = tonic::Request::new(request(&["ROOTCA"], None));
@@ -223,7 +223,7 @@ async fn token_file_mode_reads_the_file_fresh() {
         .unwrap()
         .into_inner();
     assert_eq!(
-        leaf_facts(&tls_certificate(&secrets(&resp)[0]).0).0,
+        served_uris(&resp),
         ["spiffe://cluster.local/ns/podns/sa/podsa"]
     );
     std::fs::write(&token, fake_jwt("podns", "rotated")).unwrap();
@@ -233,7 +233,7 @@ async fn token_file_mode_reads_the_file_fresh() {
         .unwrap()
         .into_inner();
     assert_eq!(
-        leaf_facts(&tls_certificate(&secrets(&resp)[0]).0).0,
+        served_uris(&resp),
         ["spiffe://cluster.local/ns/podns/sa/rotated"]
     );
     // The development-CA warning was given, as no CA was configured.
@@ -327,11 +327,14 @@ async fn the_open_stream_is_pushed_the_renewed_secret() {
         .await
         .unwrap();
     // Renewal at half the 4 s lifetime: pushed on this stream without asking.
-    let pushed = tokio::time::timeout(Duration::from_secs(6), inbound.next())
-        .await
-        .expect("a renewed secret is pushed")
-        .unwrap()
-        .unwrap();
+    let pushed = next_within(
+        &mut inbound,
+        Duration::from_secs(6),
+        "a renewed secret is pushed",
+        || agent.log(),
+    )
+    .await
+    .unwrap();
     assert_ne!(pushed.version_info, first.version_info);
     assert_ne!(pushed.nonce, first.nonce);
     let (a, b) = (secrets(&first), secrets(&pushed));

@@ -141,3 +141,24 @@ pub async fn open_stream(
         .into_inner();
     (tx, inbound)
 }
+
+/// The URI SANs of the `default` certificate in a response (its first resource).
+pub fn served_uris(resp: &DiscoveryResponse) -> Vec<String> {
+    leaf_facts(&tls_certificate(&secrets(resp)[0]).0).0
+}
+
+/// The next message of a stream within `within`, or a panic saying `what`
+/// did not happen, with `log` (the agent's) for context.
+pub async fn next_within(
+    inbound: &mut tonic::Streaming<DiscoveryResponse>,
+    within: std::time::Duration,
+    what: &str,
+    log: impl Fn() -> String,
+) -> Result<DiscoveryResponse, tonic::Status> {
+    use tokio_stream::StreamExt;
+    match tokio::time::timeout(within, inbound.next()).await {
+        Ok(Some(item)) => item,
+        Ok(None) => panic!("{what}: the stream ended without a status\n{}", log()),
+        Err(_) => panic!("{what}: nothing within {within:?}\n{}", log()),
+    }
+}
