@@ -70,7 +70,7 @@ impl Bao {
 
     async fn try_start(tls: bool) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("bao-test").tempdir()?;
-        let port = free_port_pair()?;
+        let port = super::ports::free_port_pair();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let audit = dir.path().join("audit.log");
         // Audit devices cannot be enabled over the API in OpenBao; declare it.
@@ -256,18 +256,6 @@ impl Drop for Bao {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-/// A port P with P and P+1 free: dev mode puts its cluster listener on P+1.
-fn free_port_pair() -> anyhow::Result<u16> {
-    for _ in 0..50 {
-        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let port = l.local_addr()?.port();
-        if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
-            return Ok(port);
-        }
-    }
-    bail!("no free port pair")
 }
 
 /// Options for [`setup_tutorial_with`].
@@ -591,9 +579,7 @@ impl ToggleProxy {
     /// Starts a proxy on a free 127.0.0.1 port forwarding to `target`;
     /// returns once `mode` is in effect.
     pub async fn start(target: SocketAddr, mode: ProxyMode) -> anyhow::Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
+        let port = super::ports::free_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let (tx, rx) = watch::channel((0, mode));
         let (applied_tx, applied) = watch::channel(u64::MAX);

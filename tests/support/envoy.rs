@@ -21,7 +21,6 @@
 #![allow(dead_code)]
 
 use std::fmt::Write as _;
-use std::net::TcpListener as StdTcpListener;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -67,10 +66,7 @@ const LOG_TAIL_BYTES: usize = 6000;
 /// The port is released before returning, so another process could grab it;
 /// acceptable for tests, and admin ports avoid the race entirely (see module docs).
 pub fn free_port() -> u16 {
-    StdTcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    super::ports::free_port()
 }
 
 /// Envoy binary: `ENVOY_BIN` if set, else `envoy` from PATH.
