@@ -26,7 +26,12 @@ async fn main() {
     support::bao::set_k8s_role_accounts(&env.bao, &["*"], &["default"])
         .await
         .unwrap();
-    for (round, conc) in [1usize, 4, 16, 64].into_iter().enumerate() {
+    let levels: Vec<usize> = std::env::var("BENCH_CONCURRENCY")
+        .unwrap_or_else(|_| "1,4,16,32,64,128".into())
+        .split(',')
+        .filter_map(|v| v.trim().parse().ok())
+        .collect();
+    for (round, conc) in levels.into_iter().enumerate() {
         let mut vars = env.agent_env();
         vars.push(("CA_MAX_CONCURRENCY", conc.to_string()));
         let agent = Agent::start(&vars);
