@@ -342,3 +342,22 @@ async fn a_hanging_vault_times_out_and_is_retried() {
     .unwrap();
     assert_eq!(served_uris(&resp), [CLIENT_ID]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_is_not_held_up_by_a_hanging_vault() {
+    let env = VaultEnv::start().await.with_proxy(ProxyMode::Hang).await;
+    let mut agent = Agent::start(&env.agent_env()); // 15 s request time-out
+    let mut client = connect(&agent.socket).await;
+    let (tx, _inbound) = open_stream(&mut client, &env.jwt("default", "sleep")).await;
+    tx.send(request(&["default"], None)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = std::time::Instant::now();
+    let st = agent.terminate();
+    assert!(st.success(), "{}", agent.log());
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
+    assert!(!agent.socket.exists());
+}

@@ -176,8 +176,14 @@ impl SecretDiscoveryService for SdsService {
             CredentialSource::from_metadata(request.metadata(), self.token_path.as_deref());
         tracing::debug!(stream = id, "SDS stream opened");
         let (tx, rx) = mpsc::channel(4);
-        let s = stream::SdsStream::new(id, self.manager.clone(), credential, tx);
-        tokio::spawn(s.run(request.into_inner(), self.shutdown.clone()));
+        let s = stream::SdsStream::new(
+            id,
+            self.manager.clone(),
+            credential,
+            tx,
+            self.shutdown.clone(),
+        );
+        tokio::spawn(s.run(request.into_inner()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

@@ -37,6 +37,8 @@ pub(super) struct SdsStream {
     watch: Option<Subscription>,
     /// A subscription waiting for the CA to come back.
     pending: Option<Pending>,
+    /// Turns true when the agent shuts down.
+    shutdown: watch::Receiver<bool>,
 }
 
 /// First fetch of a subscription that failed for a transient reason: retried
@@ -63,6 +65,7 @@ impl SdsStream {
         manager: Arc<SecretManager>,
         credential: CredentialSource,
         out: Outbound,
+        shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
             id,
@@ -76,15 +79,12 @@ impl SdsStream {
             identity: None,
             watch: None,
             pending: None,
+            shutdown,
         }
     }
 
     /// Serves the stream until Envoy closes it, it fails, or shutdown.
-    pub async fn run(
-        mut self,
-        mut inbound: Streaming<DiscoveryRequest>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+    pub async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>) {
         loop {
             let step = tokio::select! {
                 msg = inbound.message() => match msg {
@@ -102,7 +102,7 @@ impl SdsStream {
                     if changed { self.push().await } else { Step::End }
                 }
                 _ = wait_retry(&self.pending) => self.attempt().await,
-                _ = shutdown.changed() => Step::End,
+                _ = shutting_down(&mut self.shutdown) => Step::End,
             };
             if let Step::End = step {
                 break;
@@ -169,7 +169,13 @@ impl SdsStream {
                 return self.fail(status).await;
             }
         };
-        match self.manager.subscribe(&credential).await {
+        // A CA that hangs must not hold up shutdown.
+        let manager = self.manager.clone();
+        let result = tokio::select! {
+            r = manager.subscribe(&credential) => r,
+            _ = shutting_down(&mut self.shutdown) => return Step::End,
+        };
+        match result {
             Ok(sub) => {
                 self.pending = None;
                 self.names = names;
@@ -269,4 +275,9 @@ async fn wait_retry(pending: &Option<Pending>) {
         Some(p) => tokio::time::sleep_until(p.retry_at).await,
         None => std::future::pending().await,
     }
+}
+
+/// Resolves once the agent is shutting down.
+async fn shutting_down(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|v| *v).await;
 }
