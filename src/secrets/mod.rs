@@ -195,6 +195,8 @@ pub struct SecretManager {
     opts: ManagerOptions,
     entries: Mutex<HashMap<CacheKey, Arc<Entry>>>,
     roots: watch::Sender<Arc<RootBundle>>,
+    /// Roots of the certificates in use: how many use each, and its expiry.
+    root_refs: Mutex<HashMap<String, (usize, SystemTime)>>,
     queue: CaQueue,
     pub stats: Stats,
 }
@@ -207,6 +209,7 @@ impl SecretManager {
             opts,
             entries: Mutex::new(HashMap::new()),
             roots: watch::channel(Arc::new(RootBundle::default())).0,
+            root_refs: Mutex::new(HashMap::new()),
             stats: Stats::default(),
         })
     }
@@ -298,23 +301,33 @@ impl SecretManager {
         (entry, rx)
     }
 
-    /// Publishes a new secret for `entry` and refreshes the trust bundle.
+    /// Publishes a new secret for `entry` and updates the trust bundle.
     fn install(&self, entry: &Entry, secret: WorkloadSecret) {
-        entry
-            .state
-            .send_modify(|s| s.secret = Some(Arc::new(secret)));
-        self.refresh_roots();
+        let secret = Arc::new(secret);
+        let old = entry.current();
+        entry.state.send_modify(|s| s.secret = Some(secret.clone()));
+        self.update_roots(old.as_deref(), Some(&secret));
     }
 
-    /// Recomputes the trust bundle from the certificates in use; pushes it
-    /// only when it changed.
-    fn refresh_roots(&self) {
+    /// Counts the roots of the certificates in use (adding `new`'s before
+    /// dropping `old`'s, so a root both share stays) and pushes the trust
+    /// bundle when it changed. O(roots), not O(identities).
+    fn update_roots(&self, old: Option<&WorkloadSecret>, new: Option<&WorkloadSecret>) {
         let in_use: Vec<(String, SystemTime)> = {
-            let entries = self.entries.lock().expect("cache lock");
-            entries
-                .values()
-                .filter_map(|e| e.current())
-                .flat_map(|s| s.roots.clone())
+            let mut refs = self.root_refs.lock().expect("roots lock");
+            for (pem, exp) in new.iter().flat_map(|s| &s.roots) {
+                refs.entry(pem.clone()).or_insert((0, *exp)).0 += 1;
+            }
+            for (pem, _) in old.iter().flat_map(|s| &s.roots) {
+                if let Some(count) = refs.get_mut(pem) {
+                    count.0 -= 1;
+                    if count.0 == 0 {
+                        refs.remove(pem);
+                    }
+                }
+            }
+            refs.iter()
+                .map(|(pem, (_, exp))| (pem.clone(), *exp))
                 .collect()
         };
         let bundle = RootBundle::from_in_use(&in_use, SystemTime::now());
@@ -460,7 +473,7 @@ impl SecretManager {
                 Err(RenewError::NoCredential(reason)) => {
                     tracing::warn!(identity = %id, "{reason}");
                     entry.state.send_modify(|s| s.closed = Some(reason));
-                    self.evict_now(&entry);
+                    self.forget(&entry);
                     return;
                 }
                 Err(RenewError::Failed(e)) => {
@@ -542,10 +555,28 @@ impl SecretManager {
 
     /// Drops `entry` if still nobody watches it. Returns whether it was dropped.
     fn evict(&self, entry: &Arc<Entry>) -> bool {
-        let mut entries = self.entries.lock().expect("cache lock");
-        if entry.state.receiver_count() > 0 {
-            return false;
+        {
+            let entries = self.entries.lock().expect("cache lock");
+            if entry.state.receiver_count() > 0 {
+                return false;
+            }
+            self.forget_locked(entries, entry);
         }
+        self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(identity = %entry.key.identity, "evicted idle identity and its key from the cache");
+        true
+    }
+
+    /// Drops `entry` whether or not it is watched (its streams are ending).
+    fn forget(&self, entry: &Arc<Entry>) {
+        self.forget_locked(self.entries.lock().expect("cache lock"), entry);
+    }
+
+    fn forget_locked(
+        &self,
+        mut entries: std::sync::MutexGuard<'_, HashMap<CacheKey, Arc<Entry>>>,
+        entry: &Arc<Entry>,
+    ) {
         if entries
             .get(&entry.key)
             .is_some_and(|e| Arc::ptr_eq(e, entry))
@@ -553,20 +584,7 @@ impl SecretManager {
             entries.remove(&entry.key);
         }
         drop(entries);
-        self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(identity = %entry.key.identity, "evicted idle identity and its key from the cache");
-        self.refresh_roots();
-        true
-    }
-
-    fn evict_now(&self, entry: &Arc<Entry>) {
-        let mut entries = self.entries.lock().expect("cache lock");
-        if entries
-            .get(&entry.key)
-            .is_some_and(|e| Arc::ptr_eq(e, entry))
-        {
-            entries.remove(&entry.key);
-        }
+        self.update_roots(entry.current().as_deref(), None);
     }
 }
 
@@ -613,4 +631,105 @@ pub fn rfc3339(t: SystemTime) -> String {
                 .ok()
         })
         .unwrap_or_else(|| format!("{secs}s since epoch"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::local::LocalCa;
+    use async_trait::async_trait;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Two local CAs; `switch` makes the second one sign from then on.
+    struct TwoRoots {
+        cas: [LocalCa; 2],
+        current: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl CaClient for TwoRoots {
+        fn describe(&self) -> String {
+            "two roots".into()
+        }
+        async fn login(&self, _: &Credential) -> Result<Authorization, CaError> {
+            Ok(Authorization::default())
+        }
+        fn cached_login(&self, _: &Credential) -> Option<Authorization> {
+            Some(Authorization::default())
+        }
+        async fn sign(
+            &self,
+            auth: &Authorization,
+            csr: &str,
+            ttl: Duration,
+        ) -> Result<IssuedChain, CaError> {
+            self.cas[self.current.load(Ordering::SeqCst)]
+                .sign(auth, csr, ttl)
+                .await
+        }
+    }
+
+    fn jwt(sa: &str) -> Credential {
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        Credential::new(format!(
+            "{}.{}.c2ln",
+            b64(r#"{"alg":"none"}"#),
+            b64(&format!(r#"{{"sub":"system:serviceaccount:ns:{sa}"}}"#))
+        ))
+    }
+
+    #[tokio::test]
+    async fn the_trust_bundle_holds_both_roots_until_no_certificate_uses_the_old() {
+        let ca = Arc::new(TwoRoots {
+            cas: [
+                LocalCa::new(None, "td").unwrap(),
+                LocalCa::new(None, "td").unwrap(),
+            ],
+            current: AtomicUsize::new(0),
+        });
+        let roots = |i: usize| ca.cas[i].root_pem().to_string();
+        let m = SecretManager::new(
+            ca.clone(),
+            ManagerOptions::new("td", KeyType::EcP256, Duration::from_secs(3600)),
+        );
+        let a = m.subscribe(&jwt("a")).await.unwrap();
+        let b = m.subscribe(&jwt("b")).await.unwrap();
+        assert_eq!(a.roots.borrow().pems, [roots(0)]);
+
+        // The CA's root changes; `a` renews first.
+        ca.current.store(1, Ordering::SeqCst);
+        let renew = |id: &SpiffeId| {
+            let m = m.clone();
+            let id = id.clone();
+            async move {
+                let (entry, _rx) = m.entry(&id);
+                let new = m
+                    .issue(&id, &Authorization::default(), Priority::Rotation)
+                    .await
+                    .unwrap();
+                m.install(&entry, new);
+            }
+        };
+        renew(&a.identity).await;
+        let both = a.roots.borrow().pems.clone();
+        assert_eq!(
+            both.len(),
+            2,
+            "old and new root while `b` still uses the old one"
+        );
+        assert!(both.contains(&roots(0)) && both.contains(&roots(1)));
+        renew(&b.identity).await;
+        assert_eq!(
+            b.roots.borrow().pems,
+            [roots(1)],
+            "the old root leaves with its last certificate"
+        );
+
+        // Forgetting an identity drops only what no other certificate uses.
+        let (entry, _rx) = m.entry(&a.identity);
+        m.forget(&entry);
+        assert_eq!(b.roots.borrow().pems, [roots(1)]);
+        assert_eq!(m.cached_identities(), 1);
+    }
 }
