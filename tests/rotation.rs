@@ -133,9 +133,12 @@ async fn envoy_gets_renewed_certificates_before_expiry_while_traffic_flows() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn many_envoys_of_one_identity_cost_one_login_and_one_sign() {
+async fn many_envoys_of_one_identity_cost_one_login_and_one_sign_per_rotation() {
     let env = VaultEnv::start().await;
-    let agent = Agent::start(&env.agent_env());
+    let mut vars = env.agent_env();
+    vars.retain(|(k, _)| *k != "SECRET_TTL");
+    vars.push(("SECRET_TTL", "10s".into()));
+    let agent = Agent::start(&vars);
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("sleep-token");
     std::fs::write(&token, env.jwt("default", "sleep")).unwrap();
@@ -156,20 +159,39 @@ async fn many_envoys_of_one_identity_cost_one_login_and_one_sign() {
             .await
             .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
     }
-    let mut seen = Vec::new();
-    for e in &envoys {
-        let leaves = leaf_certs(&e.certs().await);
-        assert_eq!(leaves.len(), 1, "{leaves:?}");
-        assert_eq!(leaves[0].0, CLIENT_ID);
-        seen.push(leaves[0].1.clone());
-    }
-    assert_eq!(seen.len(), 3);
+    // Three Envoys, six streams (default and ROOTCA each), one identity.
+    let first = leaf_serials(&envoys).await;
     assert!(
-        seen.windows(2).all(|w| w[0] == w[1]),
-        "all Envoys share one certificate: {seen:?}"
+        first.windows(2).all(|w| w[0] == w[1]),
+        "all Envoys share one certificate: {first:?}"
     );
     assert_eq!(env.count("auth/kubernetes/login"), 1, "{}", agent.log());
     assert_eq!(env.count("istio_ca/sign/istio-pki-role"), 1);
+
+    // Through rotations: every Envoy moves to the same new certificate, and
+    // each rotation is one sign (and no login: the Vault token is cached).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = leaf_serials(&envoys).await;
+        if now.iter().all(|s| s != &first[0]) && now.windows(2).all(|w| w[0] == w[1]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Envoys never all got the renewed certificate: {now:?}\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let log = agent.log();
+    let rotations = log.matches("renewed workload certificate").count();
+    assert!(rotations >= 1);
+    assert_eq!(
+        env.count("istio_ca/sign/istio-pki-role"),
+        1 + rotations,
+        "{log}"
+    );
+    assert_eq!(env.count("auth/kubernetes/login"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -385,4 +407,16 @@ async fn a_certificate_that_expires_unrenewed_is_logged_with_its_identity() {
     .await
     .unwrap();
     assert_ne!(pushed.version_info, first.version_info);
+}
+
+/// The leaf serial each Envoy serves for the client identity.
+async fn leaf_serials(envoys: &[EnvoyProc]) -> Vec<String> {
+    let mut seen = Vec::new();
+    for e in envoys {
+        let leaves = leaf_certs(&e.certs().await);
+        assert_eq!(leaves.len(), 1, "{leaves:?}");
+        assert_eq!(leaves[0].0, CLIENT_ID);
+        seen.push(leaves[0].1.clone());
+    }
+    seen
 }
