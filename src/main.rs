@@ -13,7 +13,16 @@ use node_agent::config::Config;
 /// Serves Envoy's SDS with workload certificates signed by Vault/OpenBao or a
 /// local CA. Every setting is an environment variable; see README.md.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    after_help = "Every other setting is an environment variable, with Istio 1.1's names:\n  \
+        CA_PROVIDER (VaultCA | LocalCA), CA_ADDR, VAULT_ADDR, VAULT_AUTH_PATH, VAULT_ROLE,\n  \
+        VAULT_SIGN_CSR_PATH, VAULT_TLS_ROOT_CERT, VAULT_NAMESPACE, VAULT_CONNECT_TIMEOUT,\n  \
+        VAULT_REQUEST_TIMEOUT, TRUST_DOMAIN, KEY_TYPE, SECRET_TTL, SECRET_GRACE_PERIOD_RATIO,\n  \
+        SECRET_GRACE_PERIOD_RATIO_JITTER, CA_MAX_CONCURRENCY, SECRET_EVICTION_PERIOD,\n  \
+        LOCAL_CA_DIR, WORKLOAD_TOKEN_PATH, LOG_LEVEL.\nSee README.md for their meaning and defaults."
+)]
 struct Args {
     /// SDS Unix socket path [env: WORKLOAD_UDS_PATH] [default: /var/run/sds/uds_path]
     #[arg(
