@@ -95,10 +95,7 @@ fn assert_renewed_before_expiry(serials: &BTreeMap<String, (SystemTime, SystemTi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_gets_renewed_certificates_before_expiry_while_traffic_flows() {
     let env = VaultEnv::start().await;
-    let mut vars = env.agent_env();
-    vars.retain(|(k, _)| *k != "SECRET_TTL");
-    vars.push(("SECRET_TTL", "16s".into()));
-    let agent = Agent::start(&vars);
+    let agent = Agent::start(&env.agent_env_with(&[("SECRET_TTL", "16s")]));
     let m = mesh(&env, &agent).await;
 
     let (total, failures, serials) = drive(&m, Duration::from_secs(30)).await;
@@ -135,10 +132,7 @@ async fn envoy_gets_renewed_certificates_before_expiry_while_traffic_flows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_envoys_of_one_identity_cost_one_login_and_one_sign_per_rotation() {
     let env = VaultEnv::start().await;
-    let mut vars = env.agent_env();
-    vars.retain(|(k, _)| *k != "SECRET_TTL");
-    vars.push(("SECRET_TTL", "10s".into()));
-    let agent = Agent::start(&vars);
+    let agent = Agent::start(&env.agent_env_with(&[("SECRET_TTL", "10s")]));
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("sleep-token");
     std::fs::write(&token, env.jwt("default", "sleep")).unwrap();
@@ -244,11 +238,10 @@ async fn never_more_than_ca_max_concurrency_requests_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vault_down_during_rotation_keeps_the_old_certificate_until_it_is_back() {
     let env = VaultEnv::start().await.with_proxy(ProxyMode::Up).await;
-    let mut vars = env.agent_env();
-    vars.retain(|(k, _)| !matches!(*k, "SECRET_TTL"));
-    vars.push(("SECRET_TTL", "30s".into()));
-    vars.push(("SECRET_GRACE_PERIOD_RATIO_JITTER", "0".into()));
-    let agent = Agent::start(&vars);
+    let agent = Agent::start(&env.agent_env_with(&[
+        ("SECRET_TTL", "30s"),
+        ("SECRET_GRACE_PERIOD_RATIO_JITTER", "0"),
+    ]));
     let m = mesh(&env, &agent).await;
     let first = leaf_certs(&m.server.certs().await);
 
@@ -284,10 +277,7 @@ async fn vault_down_during_rotation_keeps_the_old_certificate_until_it_is_back()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_root_change_reaches_envoy_without_a_restart() {
     let env = VaultEnv::start().await;
-    let mut vars = env.agent_env();
-    vars.retain(|(k, _)| *k != "SECRET_TTL");
-    vars.push(("SECRET_TTL", "16s".into()));
-    let agent = Agent::start(&vars);
+    let agent = Agent::start(&env.agent_env_with(&[("SECRET_TTL", "16s")]));
     let m = mesh(&env, &agent).await;
     let old_root: Vec<String> = ca_serials(&m.server.certs().await);
     assert_eq!(old_root.len(), 1);
@@ -342,10 +332,7 @@ async fn streams_end_with_unavailable_when_every_jwt_has_expired() {
     // Vault tokens live 4 s, the JWT 8 s, certificates 20 s: at the first
     // renewal (~10 s) neither the token nor the JWT can be used.
     let env = VaultEnv::start_opts(|o| o.token_ttl = "4s".into()).await;
-    let mut vars = env.agent_env();
-    vars.retain(|(k, _)| *k != "SECRET_TTL");
-    vars.push(("SECRET_TTL", "20s".into()));
-    let agent = Agent::start(&vars);
+    let agent = Agent::start(&env.agent_env_with(&[("SECRET_TTL", "20s")]));
     let jwt = env
         .issuer
         .mint("default", "httpbin", Duration::from_secs(8));
@@ -376,10 +363,7 @@ async fn streams_end_with_unavailable_when_every_jwt_has_expired() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_that_expires_unrenewed_is_logged_with_its_identity() {
     let env = VaultEnv::start().await.with_proxy(ProxyMode::Up).await;
-    let mut vars = env.agent_env();
-    vars.retain(|(k, _)| *k != "SECRET_TTL");
-    vars.push(("SECRET_TTL", "6s".into()));
-    let agent = Agent::start(&vars);
+    let agent = Agent::start(&env.agent_env_with(&[("SECRET_TTL", "6s")]));
     let mut client = connect(&agent.socket).await;
     let (tx, mut inbound) = open_stream(&mut client, &env.jwt("default", "httpbin")).await;
     tx.send(request(&["default"], None)).await.unwrap();

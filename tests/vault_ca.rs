@@ -217,25 +217,45 @@ async fn jwt_auth_method_pem_text_root_and_login_caching() {
     assert_eq!(env.count("istio_ca/sign/istio-pki-role"), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vault_down_at_start_then_up_serves_the_waiting_stream() {
-    let env = VaultEnv::start().await.with_proxy(ProxyMode::Down).await;
-    let agent = Agent::start(&env.agent_env());
+/// A stream opened while Vault is unusable (`mode`) waits, retrying with
+/// back-off (the log shows `failure`), and is served once Vault answers.
+async fn waiting_stream_is_served_once_vault_answers(
+    mode: ProxyMode,
+    overrides: &[(&'static str, &str)],
+    failure: &str,
+) {
+    let env = VaultEnv::start().await.with_proxy(mode).await;
+    let agent = Agent::start(&env.agent_env_with(overrides));
     let mut client = connect(&agent.socket).await;
     let (tx, mut inbound) = open_stream(&mut client, &env.jwt("default", "httpbin")).await;
     tx.send(request(&["default"], None)).await.unwrap();
-    agent.wait_log("cannot connect", Duration::from_secs(20));
+    agent.wait_log(failure, Duration::from_secs(20));
     agent.wait_log("retrying in", Duration::from_secs(20));
-    env.proxy.as_ref().unwrap().set_up(true).await;
+    env.proxy.as_ref().unwrap().set_mode(ProxyMode::Up).await;
     let resp = next_within(
         &mut inbound,
         Duration::from_secs(30),
-        "no certificate after Vault came back",
+        "no certificate after Vault answered again",
         || agent.log(),
     )
     .await
     .unwrap();
     assert_eq!(served_uris(&resp), [SERVER_ID]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vault_down_at_start_then_up_serves_the_waiting_stream() {
+    waiting_stream_is_served_once_vault_answers(ProxyMode::Down, &[], "cannot connect").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_vault_times_out_and_is_retried() {
+    waiting_stream_is_served_once_vault_answers(
+        ProxyMode::Hang,
+        &[("VAULT_REQUEST_TIMEOUT", "1s")],
+        "timed out",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,29 +338,6 @@ async fn vault_namespace_is_sent_with_every_call() {
         "{}",
         err.message()
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hanging_vault_times_out_and_is_retried() {
-    let env = VaultEnv::start().await.with_proxy(ProxyMode::Hang).await;
-    let mut vars = env.agent_env();
-    vars.push(("VAULT_REQUEST_TIMEOUT", "1s".into()));
-    let agent = Agent::start(&vars);
-    let mut client = connect(&agent.socket).await;
-    let (tx, mut inbound) = open_stream(&mut client, &env.jwt("default", "sleep")).await;
-    tx.send(request(&["default"], None)).await.unwrap();
-    agent.wait_log("timed out", Duration::from_secs(20));
-    agent.wait_log("retrying in", Duration::from_secs(20));
-    env.proxy.as_ref().unwrap().set_mode(ProxyMode::Up).await;
-    let resp = next_within(
-        &mut inbound,
-        Duration::from_secs(30),
-        "no certificate after Vault answered again",
-        || agent.log(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(served_uris(&resp), [CLIENT_ID]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

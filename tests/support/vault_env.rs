@@ -96,6 +96,17 @@ impl VaultEnv {
         vars
     }
 
+    /// [`VaultEnv::agent_env`] with some settings replaced or added.
+    pub fn agent_env_with(
+        &self,
+        overrides: &[(&'static str, &str)],
+    ) -> Vec<(&'static str, String)> {
+        let mut vars = self.agent_env();
+        vars.retain(|(k, _)| !overrides.iter().any(|(o, _)| o == k));
+        vars.extend(overrides.iter().map(|(k, v)| (*k, v.to_string())));
+        vars
+    }
+
     /// A projected service-account token for `ns/sa`, valid for an hour.
     pub fn jwt(&self, ns: &str, sa: &str) -> String {
         self.issuer.mint(ns, sa, Duration::from_secs(3600))
