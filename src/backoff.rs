@@ -41,11 +41,6 @@ impl Backoff {
         self.next_with(rand::random::<f64>())
     }
 
-    /// How many delays were taken since the last reset.
-    pub fn attempts(&self) -> u32 {
-        self.attempt
-    }
-
     pub fn reset(&mut self) {
         self.attempt = 0;
     }

@@ -143,10 +143,6 @@ impl PrivateKey {
         })
     }
 
-    pub fn key_type(&self) -> KeyType {
-        self.key_type
-    }
-
     /// The PKCS#8 PEM, for Envoy (over SDS) and the local CA's 0600 key file only.
     pub fn pkcs8_pem(&self) -> &str {
         &self.pkcs8_pem

@@ -13,7 +13,7 @@
 //!   with its key, so memory is bounded by live identities.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -151,14 +151,6 @@ impl Entry {
     }
 }
 
-/// Counters, for tests, logs and benchmarks.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub signs: AtomicU64,
-    pub renewals: AtomicU64,
-    pub evictions: AtomicU64,
-}
-
 /// How the manager behaves.
 #[derive(Debug, Clone)]
 pub struct ManagerOptions {
@@ -198,7 +190,6 @@ pub struct SecretManager {
     /// Roots of the certificates in use: how many use each, and its expiry.
     root_refs: Mutex<HashMap<String, (usize, SystemTime)>>,
     queue: CaQueue,
-    pub stats: Stats,
 }
 
 impl SecretManager {
@@ -210,17 +201,7 @@ impl SecretManager {
             entries: Mutex::new(HashMap::new()),
             roots: watch::channel(Arc::new(RootBundle::default())).0,
             root_refs: Mutex::new(HashMap::new()),
-            stats: Stats::default(),
         })
-    }
-
-    pub fn trust_domain(&self) -> &str {
-        &self.opts.trust_domain
-    }
-
-    /// The CA queue, for its counters.
-    pub fn queue(&self) -> &CaQueue {
-        &self.queue
     }
 
     /// Identities currently cached.
@@ -365,7 +346,6 @@ impl SecretManager {
         };
         let chain: IssuedChain = {
             let _permit = self.queue.acquire(priority).await;
-            self.stats.signs.fetch_add(1, Ordering::Relaxed);
             self.ca
                 .sign(auth, &csr, self.opts.ttl)
                 .await
@@ -465,7 +445,6 @@ impl SecretManager {
             drop(guard);
             match result {
                 Ok(()) => {
-                    self.stats.renewals.fetch_add(1, Ordering::Relaxed);
                     backoff.reset();
                     retry_at = None;
                     expired_logged = false;
@@ -562,7 +541,6 @@ impl SecretManager {
             }
             self.forget_locked(entries, entry);
         }
-        self.stats.evictions.fetch_add(1, Ordering::Relaxed);
         tracing::info!(identity = %entry.key.identity, "evicted idle identity and its key from the cache");
         true
     }
