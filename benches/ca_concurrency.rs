@@ -45,9 +45,7 @@ async fn main() {
             tasks.push(tokio::spawn(async move {
                 let t = Instant::now();
                 let mut c = connect(&socket).await;
-                c.fetch_secrets(with_jwt(request(&["default"], None), &jwt))
-                    .await
-                    .expect("fetch");
+                fetch(&mut c, &["default"], &jwt).await.expect("fetch");
                 t.elapsed()
             }));
         }

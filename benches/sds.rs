@@ -77,8 +77,7 @@ async fn fetch_many(
                     return lat;
                 }
                 let t = Instant::now();
-                client
-                    .fetch_secrets(with_jwt(request(&["default", "ROOTCA"], None), &jwts[i]))
+                fetch(&mut client, &["default", "ROOTCA"], &jwts[i])
                     .await
                     .expect("fetch");
                 lat.push(t.elapsed());

@@ -217,8 +217,7 @@ async fn never_more_than_ca_max_concurrency_requests_in_flight() {
         let socket = agent.socket.clone();
         tasks.push(tokio::spawn(async move {
             let mut c = connect(&socket).await;
-            c.fetch_secrets(with_jwt(request(&["default"], None), &jwt))
-                .await
+            fetch(&mut c, &["default"], &jwt).await
         }));
     }
     for t in tasks {

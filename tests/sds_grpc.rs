@@ -23,11 +23,9 @@ async fn fetch_secrets_returns_the_workload_certificate_and_root() {
     let agent = local_agent();
     let mut client = connect(&agent.socket).await;
     let jwt = fake_jwt("default", "httpbin");
-    let resp = client
-        .fetch_secrets(with_jwt(request(&["default", "ROOTCA"], None), &jwt))
+    let resp = fetch(&mut client, &["default", "ROOTCA"], &jwt)
         .await
-        .expect("FetchSecrets succeeds")
-        .into_inner();
+        .expect("FetchSecrets succeeds");
     assert_eq!(resp.type_url, SECRET_TYPE);
     assert!(!resp.version_info.is_empty() && !resp.nonce.is_empty());
     let got = secrets(&resp);
@@ -43,11 +41,7 @@ async fn fetch_secrets_returns_the_workload_certificate_and_root() {
     assert!(root.contains("BEGIN CERTIFICATE"));
 
     // A second fetch is served from the cache: same certificate, same key.
-    let again = client
-        .fetch_secrets(with_jwt(request(&["default"], None), &jwt))
-        .await
-        .unwrap()
-        .into_inner();
+    let again = fetch(&mut client, &["default"], &jwt).await.unwrap();
     assert_eq!(
         tls_certificate(&secrets(&again)[0]),
         (chain.clone(), key.clone())
@@ -120,11 +114,7 @@ async fn stream_state_machine_acks_nacks_and_stale_nonces() {
 
     // Another stream for the same identity shares the certificate and key.
     let mut other = connect(&agent.socket).await;
-    let resp = other
-        .fetch_secrets(with_jwt(request(&["default"], None), &jwt))
-        .await
-        .unwrap()
-        .into_inner();
+    let resp = fetch(&mut other, &["default"], &jwt).await.unwrap();
     assert_eq!(tls_certificate(&secrets(&resp)[0]), (chain, key));
 }
 
@@ -134,11 +124,7 @@ async fn credentials_and_resource_names_are_checked() {
     let mut client = connect(&agent.socket).await;
 
     // Unknown name: InvalidArgument listing what is served.
-    let err = client
-        .fetch_secrets(with_jwt(
-            request(&["default", "bogus"], None),
-            &fake_jwt("a", "b"),
-        ))
+    let err = fetch(&mut client, &["default", "bogus"], &fake_jwt("a", "b"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -161,8 +147,7 @@ async fn credentials_and_resource_names_are_checked() {
     );
 
     // A JWT that does not parse.
-    let err = client
-        .fetch_secrets(with_jwt(request(&["default"], None), "garbage"))
+    let err = fetch(&mut client, &["default"], "garbage")
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
@@ -355,18 +340,10 @@ async fn an_identity_nobody_watches_is_evicted() {
     ]);
     let mut client = connect(&agent.socket).await;
     let jwt = fake_jwt("gone", "soon");
-    let first = client
-        .fetch_secrets(with_jwt(request(&["default"], None), &jwt))
-        .await
-        .unwrap()
-        .into_inner();
+    let first = fetch(&mut client, &["default"], &jwt).await.unwrap();
     agent.wait_log("evicted idle identity and its key", Duration::from_secs(10));
     // Asking again makes a new key and certificate.
-    let again = client
-        .fetch_secrets(with_jwt(request(&["default"], None), &jwt))
-        .await
-        .unwrap()
-        .into_inner();
+    let again = fetch(&mut client, &["default"], &jwt).await.unwrap();
     assert_ne!(
         tls_certificate(&secrets(&first)[0]).1,
         tls_certificate(&secrets(&again)[0]).1
@@ -381,10 +358,7 @@ async fn an_unwatched_identity_is_not_renewed_and_costs_no_cpu() {
     ]);
     let mut client = connect(&agent.socket).await;
     let jwt = fake_jwt("idle", "one");
-    client
-        .fetch_secrets(with_jwt(request(&["default"], None), &jwt))
-        .await
-        .unwrap();
+    fetch(&mut client, &["default"], &jwt).await.unwrap();
     let before = agent.cpu_time();
     // Past the renewal time and the expiry, with nobody watching.
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -399,11 +373,7 @@ async fn an_unwatched_identity_is_not_renewed_and_costs_no_cpu() {
         agent.log()
     );
     // Asked again, it issues a fresh certificate.
-    let again = client
-        .fetch_secrets(with_jwt(request(&["default"], None), &jwt))
-        .await
-        .unwrap()
-        .into_inner();
+    let again = fetch(&mut client, &["default"], &jwt).await.unwrap();
     assert!(!secrets(&again).is_empty());
     assert_eq!(
         agent.log().matches("issued workload certificate").count(),

@@ -31,13 +31,13 @@ async fn refused(mode: Tamper, expect: &str) {
     vars.push(("VAULT_ADDR", front.clone()));
     let agent = Agent::start(&vars);
     let mut client = connect(&agent.socket).await;
-    let err = client
-        .fetch_secrets(with_jwt(
-            request(&["default", "ROOTCA"], None),
-            &env.jwt("default", "httpbin"),
-        ))
-        .await
-        .expect_err("a bad answer must not be served");
+    let err = fetch(
+        &mut client,
+        &["default", "ROOTCA"],
+        &env.jwt("default", "httpbin"),
+    )
+    .await
+    .expect_err("a bad answer must not be served");
     assert_eq!(err.code(), Code::Internal, "{err:?}");
     assert!(err.message().contains(expect), "{}", err.message());
     agent.wait_log(

@@ -5,6 +5,7 @@ mod support;
 
 use std::time::Duration;
 
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use support::agent::Agent;
 use support::bao::{set_k8s_role_accounts, ProxyMode};
 use support::envoy::*;
@@ -13,6 +14,17 @@ use support::sds_client::*;
 use support::vault_env::VaultEnv;
 use tokio_stream::StreamExt;
 use tonic::Code;
+
+/// A `default` + `ROOTCA` response carries `id`'s certificate and the PKI
+/// mount's root.
+fn assert_issued_by_the_pki(resp: &DiscoveryResponse, id: &str, env: &VaultEnv) {
+    let s = secrets(resp);
+    assert_eq!(leaf_facts(&tls_certificate(&s[0]).0).0, [id]);
+    assert_eq!(
+        serial_of(&trusted_ca(&s[1])),
+        serial_of(&env.setup.root_pem)
+    );
+}
 
 fn serial_of(pem: &str) -> String {
     leaf_facts(pem).1.replace(':', "").to_lowercase()
@@ -68,8 +80,7 @@ async fn unauthorized_service_account_gets_nothing_until_the_role_accepts_it() {
     let mut client = connect(&agent.socket).await;
     let intruder = env.jwt("default", "intruder");
 
-    let err = client
-        .fetch_secrets(with_jwt(request(&["default"], None), &intruder))
+    let err = fetch(&mut client, &["default"], &intruder)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
@@ -95,14 +106,14 @@ async fn unauthorized_service_account_gets_nothing_until_the_role_accepts_it() {
     );
 
     // Nothing else is disturbed.
-    let ok = client
-        .fetch_secrets(with_jwt(
-            request(&["default", "ROOTCA"], None),
-            &env.jwt("default", "httpbin"),
-        ))
-        .await
-        .expect("an accepted workload is served");
-    assert_eq!(served_uris(ok.get_ref()), [SERVER_ID]);
+    let ok = fetch(
+        &mut client,
+        &["default", "ROOTCA"],
+        &env.jwt("default", "httpbin"),
+    )
+    .await
+    .expect("an accepted workload is served");
+    assert_eq!(served_uris(&ok), [SERVER_ID]);
 
     // A stream for the intruder, opened now, ends with the same reason.
     let (tx, mut inbound) = open_stream(&mut client, &intruder).await;
@@ -116,11 +127,8 @@ async fn unauthorized_service_account_gets_nothing_until_the_role_accepts_it() {
         .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let resp = loop {
-        match client
-            .fetch_secrets(with_jwt(request(&["default"], None), &intruder))
-            .await
-        {
-            Ok(r) => break r.into_inner(),
+        match fetch(&mut client, &["default"], &intruder).await {
+            Ok(r) => break r,
             Err(e) => {
                 assert_eq!(e.code(), Code::PermissionDenied);
                 assert!(
@@ -142,11 +150,7 @@ async fn a_jwt_vault_rejects_gets_nothing_even_when_the_identity_is_cached() {
     let env = VaultEnv::start().await;
     let agent = Agent::start(&env.agent_env());
     let mut client = connect(&agent.socket).await;
-    client
-        .fetch_secrets(with_jwt(
-            request(&["default"], None),
-            &env.jwt("default", "httpbin"),
-        ))
+    fetch(&mut client, &["default"], &env.jwt("default", "httpbin"))
         .await
         .expect("the real workload is served and cached");
 
@@ -154,10 +158,7 @@ async fn a_jwt_vault_rejects_gets_nothing_even_when_the_identity_is_cached() {
     let forger = support::k8s::TestIssuer::generate().unwrap();
     let forged = forger.mint("default", "httpbin", Duration::from_secs(3600));
     for names in [&["default"][..], &["ROOTCA"][..]] {
-        let err = client
-            .fetch_secrets(with_jwt(request(names, None), &forged))
-            .await
-            .unwrap_err();
+        let err = fetch(&mut client, names, &forged).await.unwrap_err();
         assert_eq!(err.code(), Code::PermissionDenied, "{names:?}: {err:?}");
         assert!(
             err.message().contains("permission denied"),
@@ -187,17 +188,10 @@ async fn jwt_auth_method_pem_text_root_and_login_caching() {
     let mut client = connect(&agent.socket).await;
     let jwt = env.jwt("default", "sleep");
     for _ in 0..3 {
-        let resp = client
-            .fetch_secrets(with_jwt(request(&["default", "ROOTCA"], None), &jwt))
+        let resp = fetch(&mut client, &["default", "ROOTCA"], &jwt)
             .await
-            .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.log()))
-            .into_inner();
-        let s = secrets(&resp);
-        assert_eq!(leaf_facts(&tls_certificate(&s[0]).0).0, [CLIENT_ID]);
-        assert_eq!(
-            serial_of(&trusted_ca(&s[1])),
-            serial_of(&env.setup.root_pem)
-        );
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.log()));
+        assert_issued_by_the_pki(&resp, CLIENT_ID, &env);
     }
     assert_eq!(env.count("auth/jwt/login"), 1, "one login per distinct JWT");
     assert_eq!(
@@ -209,10 +203,7 @@ async fn jwt_auth_method_pem_text_root_and_login_caching() {
     let second = env
         .issuer
         .mint("default", "sleep", Duration::from_secs(1800));
-    client
-        .fetch_secrets(with_jwt(request(&["default"], None), &second))
-        .await
-        .unwrap();
+    fetch(&mut client, &["default"], &second).await.unwrap();
     assert_eq!(env.count("auth/jwt/login"), 2);
     assert_eq!(env.count("istio_ca/sign/istio-pki-role"), 1);
 }
@@ -312,24 +303,16 @@ async fn vault_namespace_is_sent_with_every_call() {
         .agent_env()
         .contains(&("VAULT_NAMESPACE", "team".to_string())));
     let mut client = connect(&agent.socket).await;
-    let resp = client
-        .fetch_secrets(with_jwt(request(&["default", "ROOTCA"], None), &jwt))
+    let resp = fetch(&mut client, &["default", "ROOTCA"], &jwt)
         .await
-        .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.log()))
-        .into_inner();
-    let s = secrets(&resp);
-    assert_eq!(leaf_facts(&tls_certificate(&s[0]).0).0, [SERVER_ID]);
-    assert_eq!(
-        serial_of(&trusted_ca(&s[1])),
-        serial_of(&env.setup.root_pem)
-    );
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.log()));
+    assert_issued_by_the_pki(&resp, SERVER_ID, &env);
 
     let mut vars = env.agent_env();
     vars.retain(|(k, _)| *k != "VAULT_NAMESPACE");
     let outside = Agent::start(&vars);
     let mut client = connect(&outside.socket).await;
-    let err = client
-        .fetch_secrets(with_jwt(request(&["default"], None), &jwt))
+    let err = fetch(&mut client, &["default"], &jwt)
         .await
         .expect_err("the root namespace has no kubernetes auth");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");

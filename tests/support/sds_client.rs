@@ -162,3 +162,15 @@ pub async fn next_within(
         Err(_) => panic!("{what}: nothing within {within:?}\n{}", log()),
     }
 }
+
+/// FetchSecrets for `names` as the workload holding `jwt`.
+pub async fn fetch(
+    client: &mut envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient<Channel>,
+    names: &[&str],
+    jwt: &str,
+) -> Result<DiscoveryResponse, tonic::Status> {
+    client
+        .fetch_secrets(with_jwt(request(names, None), jwt))
+        .await
+        .map(tonic::Response::into_inner)
+}
