@@ -316,8 +316,7 @@ async fn a_root_change_reaches_envoy_without_a_restart() {
     );
     assert!(log
         .lines()
-        .filter(|l| l.contains("trust bundle (ROOTCA) changed"))
-        .last()
+        .rfind(|l| l.contains("trust bundle (ROOTCA) changed"))
         .unwrap()
         .contains("roots=1"));
     let r = reqwest::get(format!("http://127.0.0.1:{}/", m.client_port))

@@ -41,7 +41,7 @@ async fn refused(mode: Tamper, expect: &str) {
     assert_eq!(err.code(), Code::Internal, "{err:?}");
     assert!(err.message().contains(expect), "{}", err.message());
     agent.wait_log(
-        &format!("Failed to sign cert for \"default,ROOTCA\": "),
+        "Failed to sign cert for \"default,ROOTCA\": ",
         Duration::from_secs(5),
     );
     agent.wait_log(expect, Duration::from_secs(5));

@@ -220,7 +220,7 @@ impl CaClient for LocalCa {
         Ok(Authorization::default())
     }
 
-    fn cached_login(&self, _credential: &Credential) -> Option<Authorization> {
+    async fn cached_login(&self, _credential: &Credential) -> Option<Authorization> {
         Some(Authorization::default())
     }
 

@@ -38,6 +38,11 @@ impl CaError {
         matches!(self, CaError::Unavailable(_))
     }
 
+    /// True when the CA refused the credential or the request (now or moments ago).
+    pub fn is_rejection(&self) -> bool {
+        matches!(self, CaError::Rejected(_) | CaError::RecentlyRejected(_))
+    }
+
     pub fn message(&self) -> &str {
         match self {
             CaError::Rejected(m)
@@ -72,8 +77,9 @@ pub trait CaClient: Send + Sync + 'static {
     async fn login(&self, credential: &Credential) -> Result<Authorization, CaError>;
 
     /// The authorization cached for `credential`, if still valid, without
-    /// contacting the CA (renewals use it before trying a new login).
-    fn cached_login(&self, credential: &Credential) -> Option<Authorization>;
+    /// contacting the CA (renewals use it before trying a new login). A login
+    /// in flight for the same credential is waited for, not reported as none.
+    async fn cached_login(&self, credential: &Credential) -> Option<Authorization>;
 
     /// Signs a CSR (PEM) for `ttl` on behalf of a logged-in workload.
     async fn sign(
@@ -82,4 +88,24 @@ pub trait CaClient: Send + Sync + 'static {
         csr_pem: &str,
         ttl: Duration,
     ) -> Result<IssuedChain, CaError>;
+
+    /// The roots the CA itself currently trusts (for Vault: every self-signed
+    /// issuer of the PKI mount), PEM, one certificate each. `ROOTCA` is built
+    /// from these, so that every agent of a mesh serves the same trust.
+    // TODO(issue 9): implemented per provider; the default is only while the
+    // providers are being written.
+    async fn trust_roots(&self) -> Result<Vec<String>, CaError> {
+        Ok(Vec::new())
+    }
+
+    /// The CA refused `auth` when it was used (a revoked token, a changed
+    /// role): forget it, so that the next login asks the CA again.
+    fn invalidate(&self, _auth: &Authorization) {}
+
+    /// `credential` is no longer needed (replaced, its identity evicted):
+    /// drop what is cached for it and revoke it at the CA, best-effort.
+    async fn release(&self, _credential: &Credential) {}
+
+    /// The agent is stopping: revoke every cached authorization, best-effort.
+    async fn shutdown(&self) {}
 }

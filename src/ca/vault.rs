@@ -355,9 +355,9 @@ impl CaClient for VaultCa {
         }
     }
 
-    fn cached_login(&self, credential: &Credential) -> Option<Authorization> {
+    async fn cached_login(&self, credential: &Credential) -> Option<Authorization> {
         let slot = self.slot(credential);
-        let slot = slot.try_lock().ok()?;
+        let slot = slot.lock().await;
         match &slot.token {
             Some((token, until)) if *until > Instant::now() => Some(Authorization {
                 token: Some(token.clone()),
@@ -441,7 +441,12 @@ mod tests {
             .unwrap();
 
         // ca_chain holding the root (and the issuing_ca repeating it).
-        let c = chain_from_sign_answer(&leaf, Some(&root_pem), Some(&[root_pem.clone()])).unwrap();
+        let c = chain_from_sign_answer(
+            &leaf,
+            Some(&root_pem),
+            Some(std::slice::from_ref(&root_pem)),
+        )
+        .unwrap();
         assert_eq!(c.chain_pem.len(), 2);
         assert_eq!(c.roots_pem, split_pem_certs(&root_pem).unwrap());
         // No ca_chain: issuing_ca is used.

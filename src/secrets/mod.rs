@@ -505,7 +505,7 @@ impl SecretManager {
         };
         let auth = {
             let _permit = self.queue.acquire(Priority::Rotation).await;
-            match self.ca.cached_login(&credential) {
+            match self.ca.cached_login(&credential).await {
                 Some(auth) => auth,
                 None => {
                     let expired = credential
@@ -632,7 +632,7 @@ mod tests {
         async fn login(&self, _: &Credential) -> Result<Authorization, CaError> {
             Ok(Authorization::default())
         }
-        fn cached_login(&self, _: &Credential) -> Option<Authorization> {
+        async fn cached_login(&self, _: &Credential) -> Option<Authorization> {
             Some(Authorization::default())
         }
         async fn sign(

@@ -34,6 +34,10 @@ impl ConfigError {
     }
 }
 
+mod vault;
+use vault::vault_from_lookup;
+pub use vault::VaultConfig;
+
 /// Which CA signs workload certificates.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CaProvider {
@@ -45,27 +49,6 @@ pub enum CaProvider {
 
 /// The accepted values of `CA_PROVIDER`, for error messages and docs.
 pub const CA_PROVIDERS: &[&str] = &["VaultCA", "LocalCA"];
-
-/// Where the Vault TLS root comes from (`VAULT_TLS_ROOT_CERT`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VaultConfig {
-    /// Base URL, e.g. `https://vault:8200` (no trailing slash).
-    pub addr: String,
-    /// Login path under `/v1/`, e.g. `auth/kubernetes/login`.
-    pub auth_path: String,
-    /// Role sent with the login.
-    pub role: String,
-    /// Sign path under `/v1/`, e.g. `istio_ca/sign/istio-pki-role`.
-    pub sign_csr_path: String,
-    /// Extra trusted root(s) for Vault's TLS certificate, PEM.
-    pub tls_root_pem: Option<String>,
-    /// Sent as `X-Vault-Namespace` when set.
-    pub namespace: Option<String>,
-    /// Time-out for establishing a connection to Vault.
-    pub connect_timeout: Duration,
-    /// Time-out for one whole Vault request.
-    pub request_timeout: Duration,
-}
 
 /// Everything the agent needs to run.
 #[derive(Debug, Clone, PartialEq)]
@@ -247,127 +230,6 @@ impl Config {
             )),
         }
     }
-}
-
-fn vault_from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<VaultConfig, ConfigError> {
-    let required = |var: &'static str, example: &str| {
-        get(var).ok_or_else(|| {
-            ConfigError::new(
-                var,
-                "",
-                format!("required with CA_PROVIDER=VaultCA, e.g. {example}"),
-            )
-        })
-    };
-    let (addr_var, addr) = match get("VAULT_ADDR") {
-        Some(v) => ("VAULT_ADDR", v),
-        None => match get("CA_ADDR") {
-            Some(v) => ("CA_ADDR", v),
-            None => {
-                return Err(ConfigError::new(
-                    "VAULT_ADDR",
-                    "",
-                    "required with CA_PROVIDER=VaultCA (or CA_ADDR), e.g. https://vault:8200",
-                ))
-            }
-        },
-    };
-    let addr = validate_vault_addr(&addr).map_err(|r| ConfigError::new(addr_var, &addr, r))?;
-    let path = |var: &'static str, example: &str| -> Result<String, ConfigError> {
-        let v = required(var, example)?;
-        let p = v.trim().trim_matches('/').to_string();
-        let p = p.strip_prefix("v1/").unwrap_or(&p).to_string();
-        if p.is_empty() || p.contains(char::is_whitespace) || p.contains('?') || p.contains('#') {
-            return Err(ConfigError::new(
-                var,
-                v,
-                format!("must be a Vault API path such as {example}"),
-            ));
-        }
-        Ok(p)
-    };
-    let auth_path = path("VAULT_AUTH_PATH", "auth/kubernetes/login")?;
-    let sign_csr_path = path("VAULT_SIGN_CSR_PATH", "istio_ca/sign/istio-pki-role")?;
-    let role = required("VAULT_ROLE", "istio-cert")?;
-    let tls_root_pem = match get("VAULT_TLS_ROOT_CERT") {
-        None => None,
-        Some(v) => Some(
-            load_pem_setting(&v)
-                .map_err(|r| ConfigError::new("VAULT_TLS_ROOT_CERT", abbreviate(&v), r))?,
-        ),
-    };
-    let timeout = |var: &'static str, default: Duration| -> Result<Duration, ConfigError> {
-        match get(var) {
-            None => Ok(default),
-            Some(v) => match parse_go_duration(&v) {
-                Ok(d) if d >= Duration::from_millis(10) => Ok(d),
-                Ok(_) => Err(ConfigError::new(var, v, "must be at least 10ms")),
-                Err(e) => Err(ConfigError::new(var, v, e.to_string())),
-            },
-        }
-    };
-    Ok(VaultConfig {
-        addr,
-        auth_path,
-        role: role.trim().to_string(),
-        sign_csr_path,
-        tls_root_pem,
-        namespace: get("VAULT_NAMESPACE").map(|v| v.trim().to_string()),
-        connect_timeout: timeout("VAULT_CONNECT_TIMEOUT", Duration::from_secs(5))?,
-        request_timeout: timeout("VAULT_REQUEST_TIMEOUT", Duration::from_secs(15))?,
-    })
-}
-
-/// Shortens a long value (a PEM body) for an error message.
-fn abbreviate(v: &str) -> String {
-    if v.len() > 60 {
-        format!(
-            "{}...",
-            &v[..v.char_indices().nth(57).map(|(i, _)| i).unwrap_or(v.len())]
-        )
-    } else {
-        v.to_string()
-    }
-}
-
-/// `VAULT_TLS_ROOT_CERT` is PEM text (as Istio took it) or a path to a PEM file.
-fn load_pem_setting(v: &str) -> Result<String, String> {
-    let text = if v.contains("-----BEGIN") {
-        v.to_string()
-    } else {
-        std::fs::read_to_string(v.trim())
-            .map_err(|e| format!("neither PEM text nor a readable PEM file: {e}"))?
-    };
-    let mut count = 0;
-    for pem in x509_parser::pem::Pem::iter_from_buffer(text.as_bytes()) {
-        let pem = pem.map_err(|e| format!("malformed PEM: {e}"))?;
-        if pem.label != "CERTIFICATE" {
-            return Err(format!(
-                "expected CERTIFICATE blocks, found {:?}",
-                pem.label
-            ));
-        }
-        pem.parse_x509()
-            .map_err(|e| format!("not an X.509 certificate: {e}"))?;
-        count += 1;
-    }
-    if count == 0 {
-        return Err("contains no PEM certificate".into());
-    }
-    Ok(text)
-}
-
-fn validate_vault_addr(v: &str) -> Result<String, String> {
-    let v = v.trim().trim_end_matches('/');
-    let rest = v
-        .strip_prefix("https://")
-        .or_else(|| v.strip_prefix("http://"))
-        .ok_or("must start with https:// or http://")?;
-    if rest.is_empty() || rest.contains(char::is_whitespace) {
-        return Err("has no host".into());
-    }
-    reqwest::Url::parse(v).map_err(|e| format!("not a valid URL: {e}"))?;
-    Ok(v.to_string())
 }
 
 fn validate_trust_domain(td: &str) -> Result<(), String> {
