@@ -24,6 +24,10 @@ pub enum IdentityError {
     NoServiceAccount,
     #[error("the JWT's service account {0:?} has characters not allowed in a SPIFFE ID")]
     BadName(String),
+    /// The JWT's `exp` has passed: it proves nothing any more, whatever the CA
+    /// said about it before.
+    #[error("the JWT expired at {exp} (Unix time); the workload must present its refreshed token")]
+    Expired { exp: i64 },
 }
 
 /// A workload's JWT. Its text never appears in `Debug` output or logs.
@@ -68,6 +72,32 @@ impl Credential {
             expires_at: raw.exp,
         })
     }
+}
+
+impl Claims {
+    /// The claims, unless the token has expired at `now_unix` (seconds since
+    /// the Unix epoch). A token without `exp` never expires.
+    pub fn current_at(self, now_unix: i64) -> Result<Self, IdentityError> {
+        match self.expires_at {
+            Some(exp) if exp <= now_unix => Err(IdentityError::Expired { exp }),
+            _ => Ok(self),
+        }
+    }
+}
+
+impl Credential {
+    /// The claims of a token that has not expired now.
+    pub fn current_claims(&self) -> Result<Claims, IdentityError> {
+        self.claims()?.current_at(unix_now())
+    }
+}
+
+/// Seconds since the Unix epoch, now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 impl fmt::Debug for Credential {
@@ -215,6 +245,23 @@ mod tests {
         // The kubernetes.io claim alone is enough.
         let c = jwt(r#"{"kubernetes.io":{"namespace":"ns1","serviceaccount":{"name":"sa1"}}}"#);
         assert_eq!(spiffe(&c).unwrap(), "spiffe://cluster.local/ns/ns1/sa/sa1");
+    }
+
+    #[test]
+    fn expired_tokens_are_not_current() {
+        let c = jwt(r#"{"sub":"system:serviceaccount:a:b","exp":1000}"#);
+        let claims = c.claims().unwrap();
+        assert_eq!(claims.clone().current_at(999), Ok(claims.clone()));
+        assert_eq!(
+            claims.clone().current_at(1000),
+            Err(IdentityError::Expired { exp: 1000 })
+        );
+        assert!(
+            c.current_claims().is_err(),
+            "1000 s after the epoch is past"
+        );
+        let forever = jwt(r#"{"sub":"system:serviceaccount:a:b"}"#);
+        assert!(forever.current_claims().is_ok(), "no exp never expires");
     }
 
     #[test]

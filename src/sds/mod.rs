@@ -124,6 +124,7 @@ pub(crate) fn status_for(e: &SecretError) -> Status {
             crate::ca::CaError::Unavailable(_) => Status::unavailable(msg),
             crate::ca::CaError::BadAnswer(_) => Status::internal(msg),
         },
+        SecretError::LimitReached { .. } => Status::resource_exhausted(msg),
         SecretError::Internal(_) => Status::internal(msg),
     }
 }

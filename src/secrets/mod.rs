@@ -46,6 +46,13 @@ pub enum SecretError {
     /// The CA could not sign for `identity`, or its answer was unusable.
     #[error("{error}")]
     Sign { identity: String, error: CaError },
+    /// A bound of the agent was reached (`setting` names it); nothing was
+    /// asked of the CA.
+    #[error("{message}")]
+    LimitReached {
+        setting: &'static str,
+        message: String,
+    },
     /// The agent itself failed (key generation).
     #[error("{0}")]
     Internal(String),
@@ -583,12 +590,7 @@ fn usable(current: &Option<Arc<WorkloadSecret>>) -> bool {
         .is_some_and(|s| s.leaf.not_after > SystemTime::now() + Duration::from_secs(1))
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+use crate::identity::unix_now;
 
 fn to_instant(t: SystemTime) -> tokio::time::Instant {
     let now = SystemTime::now();
