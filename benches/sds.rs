@@ -39,6 +39,7 @@ fn start_agent(dir: &Path, key_type: &str, max_conc: &str) -> Child {
         .env("KEY_TYPE", key_type)
         .env("CA_MAX_CONCURRENCY", max_conc)
         .env("LOG_LEVEL", "warn")
+        .env("STATUS_ADDR", "")
         .stderr(Stdio::null())
         .spawn()
         .expect("start node-agent");

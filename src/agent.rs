@@ -45,7 +45,7 @@ pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CaClient>> {
 
 /// Runs the agent until `shutdown` turns true.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let ca = build_ca(&config)?;
+    let ca = crate::metrics::MeteredCa::wrap(build_ca(&config)?);
     let mut opts = ManagerOptions::new(
         config.trust_domain.clone(),
         config.key_type,
@@ -58,6 +58,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     opts.max_concurrency = config.ca_max_concurrency;
     opts.eviction = config.eviction_period;
     let manager = SecretManager::new(ca, opts);
+    let _status = crate::status::serve_agent(&config, &manager, shutdown.clone()).await?;
     let listener = crate::sds::uds::bind(&config.workload_uds_path)?;
     tracing::info!(
         "SDS gRPC server start, listen {:?}",

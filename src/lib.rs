@@ -3,7 +3,8 @@
 //! Data flow: [`config`] → [`sds`] server (one task per stream) →
 //! [`secrets`] manager (cache per identity, one fetch in flight) →
 //! [`ca`] providers (local, Vault) → [`crypto`] (keys, CSR, checks).
-//! [`identity`] turns a workload's JWT into its SPIFFE ID.
+//! [`identity`] turns a workload's JWT into its SPIFFE ID. [`status`] serves
+//! health, [`metrics`] and debug pages over HTTP.
 
 pub mod agent;
 pub mod backoff;
@@ -12,5 +13,7 @@ pub mod config;
 pub mod crypto;
 pub mod duration;
 pub mod identity;
+pub mod metrics;
 pub mod sds;
 pub mod secrets;
+pub mod status;

@@ -8,7 +8,8 @@ use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
-use node_agent::config::Config;
+use node_agent::config::observe::{parse_status_addr, LogFormat, LogSettings};
+use node_agent::config::{Config, ConfigError};
 
 /// Serves Envoy's SDS with workload certificates signed by Vault/OpenBao or a
 /// local CA. Every setting is an environment variable; see README.md.
@@ -21,7 +22,7 @@ use node_agent::config::Config;
         VAULT_SIGN_CSR_PATH, VAULT_TLS_ROOT_CERT, VAULT_NAMESPACE, VAULT_CONNECT_TIMEOUT,\n  \
         VAULT_REQUEST_TIMEOUT, TRUST_DOMAIN, KEY_TYPE, SECRET_TTL, SECRET_GRACE_PERIOD_RATIO,\n  \
         SECRET_GRACE_PERIOD_RATIO_JITTER, CA_MAX_CONCURRENCY, SECRET_EVICTION_PERIOD,\n  \
-        LOCAL_CA_DIR, WORKLOAD_TOKEN_PATH, LOG_LEVEL.\nSee README.md for their meaning and defaults."
+        LOCAL_CA_DIR, WORKLOAD_TOKEN_PATH, STATUS_ADDR, LOG_LEVEL, LOG_FORMAT.\nSee README.md for their meaning and defaults."
 )]
 struct Args {
     /// SDS Unix socket path [env: WORKLOAD_UDS_PATH] [default: /var/run/sds/uds_path]
@@ -31,22 +32,24 @@ struct Args {
         value_name = "PATH"
     )]
     workload_uds_path: Option<PathBuf>,
+
+    /// Status server (health, metrics, debug) address; empty turns it off
+    /// [env: STATUS_ADDR] [default: 0.0.0.0:15020]
+    #[arg(long = "status-addr", value_name = "IP:PORT")]
+    status_addr: Option<String>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL")
-                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
-
-    let config = match Config::from_env(args.workload_uds_path) {
+    let config = init_logging()
+        .and_then(|()| Config::from_env(args.workload_uds_path))
+        .and_then(|mut c| {
+            if let Some(flag) = &args.status_addr {
+                c.observe.status_addr = parse_status_addr("--status-addr", flag)?;
+            }
+            Ok(c)
+        });
+    let config = match config {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
@@ -67,6 +70,42 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to stderr: human-readable lines, or one JSON object per line with
+/// `LOG_FORMAT=json`; filtered by `LOG_LEVEL` (or `RUST_LOG`), `info` by
+/// default. An invalid `LOG_FORMAT` is returned after text logging is set up,
+/// so that it is reported like any other bad setting.
+fn init_logging() -> Result<(), ConfigError> {
+    let settings = LogSettings::from_env();
+    let wanted = settings.as_ref().ok().and_then(|s| s.filter.clone());
+    let parsed = wanted
+        .as_deref()
+        .map(tracing_subscriber::EnvFilter::try_new);
+    let (filter, bad_filter) = match parsed {
+        Some(Ok(f)) => (f, None),
+        Some(Err(e)) => (tracing_subscriber::EnvFilter::new("info"), Some(e)),
+        None => (tracing_subscriber::EnvFilter::new("info"), None),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match settings.as_ref().map(|s| s.format) {
+        Ok(LogFormat::Json) => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init(),
+        _ => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+    if let (Some(e), Some(f)) = (bad_filter, wanted) {
+        tracing::warn!("LOG_LEVEL/RUST_LOG {f:?} is not a valid log filter ({e}); logging at info");
+    }
+    settings.map(|_| ())
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

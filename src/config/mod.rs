@@ -34,7 +34,9 @@ impl ConfigError {
     }
 }
 
+pub mod observe;
 mod vault;
+pub use observe::ObserveConfig;
 use vault::vault_from_lookup;
 pub use vault::VaultConfig;
 
@@ -71,6 +73,8 @@ pub struct Config {
     pub ca_max_concurrency: usize,
     /// `SECRET_EVICTION_PERIOD`: how long an unwatched identity stays cached.
     pub eviction_period: Duration,
+    /// Status server and logs (`STATUS_ADDR`, `LOG_FORMAT`, `LOG_LEVEL`).
+    pub observe: ObserveConfig,
 }
 
 impl Config {
@@ -178,6 +182,7 @@ impl Config {
         };
 
         let (ca, ca_defaulted) = Self::ca_from_lookup(&get)?;
+        let observe = observe::observe_from_lookup(&lookup)?;
 
         Ok(Self {
             workload_uds_path,
@@ -191,6 +196,7 @@ impl Config {
             grace_jitter,
             ca_max_concurrency,
             eviction_period,
+            observe,
         })
     }
 

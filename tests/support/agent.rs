@@ -10,6 +10,9 @@ pub struct Agent {
     child: Option<Child>,
     pub socket: PathBuf,
     pub log_path: PathBuf,
+    /// The status server's `IP:PORT`: a free loopback port unless `env` sets
+    /// `STATUS_ADDR` (empty: off).
+    pub status_addr: String,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -52,11 +55,17 @@ impl Agent {
     ) -> Agent {
         let log_path = log_dir.join(format!("agent-{}.log", rand_suffix()));
         let log = std::fs::File::create(&log_path).unwrap();
+        let status_addr = env
+            .iter()
+            .find(|(k, _)| *k == "STATUS_ADDR")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| format!("127.0.0.1:{}", super::ports::free_port()));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_node-agent"));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("LOG_LEVEL", "info")
             .env("WORKLOAD_UDS_PATH", socket)
+            .env("STATUS_ADDR", &status_addr)
             .stdout(Stdio::null())
             .stderr(log);
         for (k, v) in env {
@@ -67,6 +76,7 @@ impl Agent {
             child: Some(cmd.spawn().expect("start node-agent")),
             socket: socket.to_path_buf(),
             log_path,
+            status_addr,
             _dir: None,
         }
     }
@@ -85,6 +95,11 @@ impl Agent {
             .collect();
         let ticks = 100; // USER_HZ on Linux
         Duration::from_millis((f[0] + f[1]) * 1000 / ticks)
+    }
+
+    /// `http://<status_addr><path>`, e.g. `agent.status_url("/metrics")`.
+    pub fn status_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.status_addr)
     }
 
     pub fn log(&self) -> String {
