@@ -6,6 +6,7 @@ pub mod bao;
 pub mod envoy;
 pub mod k8s;
 pub mod mesh;
+pub mod metrics;
 pub mod ports;
 pub mod sds_client;
 pub mod vault_env;
