@@ -13,15 +13,21 @@ use tokio::net::UnixStream;
 /// How long the SDS server has to answer the handshake.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// How long the probe waits for the server to close after its GOAWAY.
+const CLOSE_WAIT: Duration = Duration::from_millis(200);
+
 /// The HTTP/2 client connection preface, then an empty SETTINGS frame
 /// (length 0, type 4, no flags, stream 0), RFC 9113 §3.4 and §6.5.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
 const FRAME_SETTINGS: u8 = 0x4;
+/// GOAWAY (type 7, length 8) for stream 0 with NO_ERROR: the probe is done,
+/// so that the server closes the connection as a normal one (§6.8).
+const GOAWAY: &[u8] = b"\x00\x00\x08\x07\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00";
 
 /// Connects to the SDS socket at `path` and checks that an HTTP/2 server
 /// answers with its SETTINGS. `Err` says why not, for the 503 body.
 pub async fn probe_sds(path: &Path) -> Result<(), String> {
-    match tokio::time::timeout(PROBE_TIMEOUT, handshake(path)).await {
+    match tokio::time::timeout(PROBE_TIMEOUT + CLOSE_WAIT, handshake(path)).await {
         Ok(r) => r,
         Err(_) => Err(format!(
             "the SDS socket {} accepted a connection but its server did not answer within {PROBE_TIMEOUT:?}",
@@ -54,6 +60,12 @@ async fn handshake(path: &Path) -> Result<(), String> {
             header[3]
         ));
     }
+    // Say goodbye and read until the server closes, so that neither side
+    // resets the connection (which the server would log).
+    s.write_all(GOAWAY).await.map_err(broken)?;
+    // The answer is already known: a server slow to close does not change it.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(CLOSE_WAIT, s.read_to_end(&mut rest)).await;
     Ok(())
 }
 
