@@ -16,12 +16,10 @@ use crate::secrets::{ManagerOptions, SecretManager};
 pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CaClient>> {
     match &config.ca {
         CaProvider::Local { dir } => {
-            if config.ca_defaulted {
-                tracing::warn!(
-                    "no CA configured (CA_PROVIDER unset): using the in-process local CA, which issues any identity \
-                     a connection asks for; it is for development only — set CA_PROVIDER=VaultCA for production"
-                );
-            }
+            tracing::warn!(
+                "CA_PROVIDER=LocalCA: the in-process local CA issues any identity a connection asks for; it is for \
+                 development only — set CA_PROVIDER=VaultCA for production"
+            );
             let ca = LocalCa::new(dir.as_deref(), &config.trust_domain)?;
             match dir {
                 Some(d) => tracing::info!(dir = %d.display(), "local CA ready (root persisted)"),
@@ -36,6 +34,7 @@ pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CaClient>> {
                 auth_path = %v.auth_path,
                 role = %v.role,
                 sign_path = %v.sign_csr_path,
+                pki_mount = %v.pki_mount,
                 "Vault CA configured"
             );
             Ok(Arc::new(ca))
@@ -57,7 +56,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     };
     opts.max_concurrency = config.ca_max_concurrency;
     opts.eviction = config.eviction_period;
-    let manager = SecretManager::new(ca, opts);
+    let manager = SecretManager::new(ca.clone(), opts);
     let _status = crate::status::serve_agent(&config, &manager, shutdown.clone()).await?;
     let listener = crate::sds::uds::bind(&config.workload_uds_path)?;
     tracing::info!(
@@ -77,6 +76,8 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
             tracing::warn!(path = %config.workload_uds_path.display(), "cannot remove the SDS socket: {e}");
         }
     }
+    // Revoke the CA tokens the agent holds (best-effort, time-bounded).
+    ca.shutdown().await;
     result?;
     tracing::info!("SDS server stopped");
     Ok(())

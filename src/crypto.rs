@@ -254,10 +254,84 @@ pub fn cert_not_after(pem: &str) -> Option<SystemTime> {
     Some(asn1_to_system_time(cert.validity().not_after))
 }
 
+/// The first certificate of `pem`, parsed, or `None`.
+fn with_first_cert<R>(pem: &str, f: impl FnOnce(&X509Certificate<'_>) -> R) -> Option<R> {
+    let der = pem_to_der(pem).ok()?.into_iter().next()?;
+    let cert = parse_cert(&der).ok()?;
+    Some(f(&cert))
+}
+
+fn self_signed(cert: &X509Certificate<'_>) -> bool {
+    cert.subject() == cert.issuer() && cert.verify_signature(None).is_ok()
+}
+
+/// True when the first certificate of `pem` is self-signed: its issuer is its
+/// subject and its own key verifies its signature (a root).
+pub fn is_self_signed(pem: &str) -> bool {
+    with_first_cert(pem, self_signed).unwrap_or(false)
+}
+
+/// True when the first certificate of `child` names the first of `issuer` as
+/// its issuer and is signed by its key.
+pub fn is_issued_by(child: &str, issuer: &str) -> bool {
+    let (Some(child), Some(issuer)) = (
+        pem_to_der(child).ok().and_then(|d| d.into_iter().next()),
+        pem_to_der(issuer).ok().and_then(|d| d.into_iter().next()),
+    ) else {
+        return false;
+    };
+    let (Ok(child), Ok(issuer)) = (parse_cert(&child), parse_cert(&issuer)) else {
+        return false;
+    };
+    child.issuer() == issuer.subject() && child.verify_signature(Some(issuer.public_key())).is_ok()
+}
+
+/// Subject, serial (hex) and NotAfter of the first certificate of `pem`, for
+/// log lines.
+pub fn cert_summary(pem: &str) -> Option<(String, String, SystemTime)> {
+    with_first_cert(pem, |c| {
+        (
+            c.subject().to_string(),
+            c.raw_serial_as_string(),
+            asn1_to_system_time(c.validity().not_after),
+        )
+    })
+}
+
+/// Clocks may disagree with the CA's by this much.
+const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// Checks that `cert` is within its validity at `now` (with [`CLOCK_SKEW`]
+/// for its start), naming it as `what` otherwise.
+fn check_validity(
+    cert: &X509Certificate<'_>,
+    what: &str,
+    now: SystemTime,
+) -> Result<(), CryptoError> {
+    let not_before = asn1_to_system_time(cert.validity().not_before);
+    let not_after = asn1_to_system_time(cert.validity().not_after);
+    if now + CLOCK_SKEW < not_before || now >= not_after {
+        let subject = cert.subject().to_string();
+        let named = if subject.is_empty() {
+            String::new()
+        } else {
+            format!(" {subject:?}")
+        };
+        return Err(CryptoError::BadCertificate(format!(
+            "{what}{named} is not valid now (valid from {} to {})",
+            cert.validity().not_before,
+            cert.validity().not_after
+        )));
+    }
+    Ok(())
+}
+
 /// Checks an answer from any CA before it may be served:
-/// the leaf carries our public key, exactly the SPIFFE ID asked for as URI SAN,
-/// is within its validity, and every certificate is signed by the next one up
-/// to a served root (the trust anchor Envoy will be given).
+/// the leaf carries our public key, exactly the SPIFFE ID asked for as URI
+/// SAN; every certificate of the chain and every root served is within its
+/// validity; every root served is self-signed; and every certificate is
+/// signed by the next one up to a served root (the trust anchor Envoy will be
+/// given).
 pub fn verify_issued(
     chain: &IssuedChain,
     expected_spki_der: &[u8],
@@ -315,15 +389,26 @@ pub fn verify_issued(
             expected_id.as_str()
         )));
     }
-    let not_before = asn1_to_system_time(leaf.validity().not_before);
-    let not_after = asn1_to_system_time(leaf.validity().not_after);
-    // A minute of tolerance for clocks that disagree with the CA's.
-    if now + Duration::from_secs(60) < not_before || now >= not_after {
-        return Err(bad(format!(
-            "the certificate is not valid now (valid from {} to {})",
-            leaf.validity().not_before,
-            leaf.validity().not_after
-        )));
+    // Every certificate Envoy will hold or trust must be valid now: an
+    // expired intermediate or root fails every handshake as surely as an
+    // expired leaf.
+    for (i, cert) in certs.iter().enumerate() {
+        let what = if i == 0 {
+            "the certificate"
+        } else {
+            "the intermediate"
+        };
+        check_validity(cert, what, now)?;
+    }
+    for root in &roots {
+        if !self_signed(root) {
+            return Err(bad(format!(
+                "the root served ({:?}) is not self-signed: a trust anchor must be a root, not an \
+                 intermediate",
+                root.subject().to_string()
+            )));
+        }
+        check_validity(root, "the root", now)?;
     }
 
     // Walk up: each certificate must be signed by the next; the last one by a root.
@@ -357,8 +442,8 @@ pub fn verify_issued(
     }
     Ok(LeafInfo {
         serial_hex: leaf.raw_serial_as_string(),
-        not_before,
-        not_after,
+        not_before: asn1_to_system_time(leaf.validity().not_before),
+        not_after: asn1_to_system_time(leaf.validity().not_after),
     })
 }
 
@@ -439,5 +524,118 @@ mod tests {
             split_pem_certs("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
                 .is_err()
         );
+    }
+
+    /// A CA certificate (self-signed when `issuer` is `None`) valid from
+    /// `from` to `to` (offsets from now, in hours).
+    fn ca_cert(
+        cn: &str,
+        issuer: Option<&rcgen::Issuer<'_, KeyPair>>,
+        from: i64,
+        to: i64,
+    ) -> (String, KeyPair, rcgen::CertificateParams) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let now = ::time::OffsetDateTime::now_utc();
+        p.not_before = now + ::time::Duration::hours(from);
+        p.not_after = now + ::time::Duration::hours(to);
+        let cert = match issuer {
+            None => p.self_signed(&key).unwrap(),
+            Some(i) => p.signed_by(&key, i).unwrap(),
+        };
+        (cert.pem(), key, p)
+    }
+
+    /// root → intermediate → leaf for `id` on `leaf_key`, with the
+    /// intermediate's and root's validity given as (from, to) in hours.
+    fn chain(
+        root_validity: (i64, i64),
+        int_validity: (i64, i64),
+        leaf_key: &PrivateKey,
+        id: &SpiffeId,
+    ) -> (String, String, String) {
+        let (root_pem, root_key, root_params) =
+            ca_cert("root", None, root_validity.0, root_validity.1);
+        let root_issuer = rcgen::Issuer::new(root_params, root_key);
+        let (int_pem, int_key, int_params) = ca_cert(
+            "intermediate",
+            Some(&root_issuer),
+            int_validity.0,
+            int_validity.1,
+        );
+        let int_issuer = rcgen::Issuer::new(int_params, int_key);
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(&leaf_key.csr_pem(id).unwrap())
+            .unwrap();
+        let leaf = csr.signed_by(&int_issuer).unwrap();
+        (leaf.pem(), int_pem, root_pem)
+    }
+
+    #[test]
+    fn every_certificate_of_the_chain_must_be_valid_and_the_root_self_signed() {
+        let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        let id = SpiffeId("spiffe://td/ns/a/sa/b".into());
+        let now = SystemTime::now();
+        let check = |root: (i64, i64), int: (i64, i64)| {
+            let (leaf, int, root) = chain(root, int, &key, &id);
+            verify_issued(
+                &IssuedChain {
+                    chain_pem: vec![leaf, int],
+                    roots_pem: vec![root],
+                },
+                &key.public_key_der(),
+                &id,
+                now,
+            )
+        };
+        check((-1, 100), (-1, 50)).expect("a valid chain passes");
+        let err = check((-1, 100), (-10, -2)).unwrap_err().to_string();
+        assert!(
+            err.contains("the intermediate \"CN=intermediate\" is not valid now"),
+            "{err}"
+        );
+        let err = check((-1, 100), (5, 50)).unwrap_err().to_string();
+        assert!(
+            err.contains("intermediate") && err.contains("not valid now"),
+            "{err}"
+        );
+        let err = check((-10, -2), (-1, 50)).unwrap_err().to_string();
+        assert!(
+            err.contains("the root \"CN=root\" is not valid now"),
+            "{err}"
+        );
+
+        // The intermediate served as if it were the root: refused.
+        let (leaf, int, _root) = chain((-1, 100), (-1, 50), &key, &id);
+        let err = verify_issued(
+            &IssuedChain {
+                chain_pem: vec![leaf],
+                roots_pem: vec![int],
+            },
+            &key.public_key_der(),
+            &id,
+            now,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("is not self-signed"), "{err}");
+    }
+
+    #[test]
+    fn self_signed_and_issued_by_are_read_from_the_certificates() {
+        let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        let id = SpiffeId("spiffe://td/ns/a/sa/b".into());
+        let (leaf, int, root) = chain((-1, 100), (-1, 50), &key, &id);
+        assert!(is_self_signed(&root));
+        assert!(!is_self_signed(&int) && !is_self_signed(&leaf));
+        assert!(is_issued_by(&int, &root) && is_issued_by(&leaf, &int));
+        assert!(!is_issued_by(&leaf, &root) && !is_issued_by(&root, &int));
+        let (_, other_int, other_root) = chain((-1, 100), (-1, 50), &key, &id);
+        assert!(!is_issued_by(&int, &other_root), "same names, another key");
+        assert!(!is_issued_by(&other_int, &root));
+        let (subject, _, not_after) = cert_summary(&root).unwrap();
+        assert_eq!(subject, "CN=root");
+        assert!(not_after > SystemTime::now());
     }
 }

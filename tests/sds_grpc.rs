@@ -200,7 +200,10 @@ async fn token_file_mode_reads_the_file_fresh() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, fake_jwt("podns", "podsa")).unwrap();
-    let agent = Agent::start(&[("WORKLOAD_TOKEN_PATH", token.display().to_string())]);
+    let agent = Agent::start(&[
+        ("CA_PROVIDER", "LocalCA".into()),
+        ("WORKLOAD_TOKEN_PATH", token.display().to_string()),
+    ]);
     let mut client = connect(&agent.socket).await;
     let resp = client
         .fetch_secrets(tonic::Request::new(request(&["default"], None)))
@@ -221,7 +224,7 @@ async fn token_file_mode_reads_the_file_fresh() {
         served_uris(&resp),
         ["spiffe://cluster.local/ns/podns/sa/rotated"]
     );
-    // The development-CA warning was given, as no CA was configured.
+    // The development-CA warning was given.
     assert!(
         agent.log().contains("for development only"),
         "{}",
@@ -233,14 +236,15 @@ async fn token_file_mode_reads_the_file_fresh() {
 fn socket_lifecycle_live_stale_and_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("run/sds/uds_path");
-    let mut first = Agent::start_at(&socket, dir.path(), &[]);
+    let local = [("CA_PROVIDER", "LocalCA".to_string())];
+    let mut first = Agent::start_at(&socket, dir.path(), &local);
     assert!(first.log().contains(&format!(
         "SDS gRPC server start, listen {:?}",
         socket.display().to_string()
     )));
 
     // A second agent on the same live socket refuses to start.
-    let mut second = Agent::spawn(&socket, dir.path(), &[]);
+    let mut second = Agent::spawn(&socket, dir.path(), &local);
     let st = second.wait_exit(Duration::from_secs(20));
     assert!(!st.success());
     assert!(
@@ -255,10 +259,10 @@ fn socket_lifecycle_live_stale_and_shutdown() {
     assert!(!socket.exists(), "socket removed on shutdown");
 
     // A stale socket file (a killed agent's) is replaced.
-    let third = Agent::start_at(&socket, dir.path(), &[]);
+    let third = Agent::start_at(&socket, dir.path(), &local);
     drop(third); // SIGKILL leaves the file behind
     assert!(socket.exists());
-    let _fourth = Agent::start_at(&socket, dir.path(), &[]);
+    let _fourth = Agent::start_at(&socket, dir.path(), &local);
 }
 
 #[test]
@@ -390,7 +394,7 @@ fn the_istio_socket_flag_wins_over_the_environment() {
         let mut agent = Agent::spawn_args(
             &env_socket,
             dir.path(),
-            &[],
+            &[("CA_PROVIDER", "LocalCA".into())],
             &[flag, flag_socket.to_str().unwrap()],
         );
         agent.wait_log("SDS gRPC server start", Duration::from_secs(20));

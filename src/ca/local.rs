@@ -3,6 +3,13 @@
 //! It signs whatever SPIFFE ID a connection's JWT claims, without verifying the
 //! JWT: anyone who can reach the socket gets any identity. Never use it where
 //! workloads must be told apart by a real authority.
+//!
+//! With `LOCAL_CA_DIR` its root persists there (`ca-key.pem`, mode 0600, and
+//! `ca-cert.pem`). A root is rotated with [`LocalCa::rotate_dir`] (or by hand:
+//! `mv ca-cert.pem previous-ca-cert.pem && rm ca-key.pem`) while the agent is
+//! stopped: the next start makes a new root, and the previous one stays in
+//! the trust roots until it expires, so that certificates issued before the
+//! rotation keep verifying.
 
 use std::fs;
 use std::io::Write;
@@ -23,6 +30,8 @@ use crate::identity::Credential;
 
 const KEY_FILE: &str = "ca-key.pem";
 const CERT_FILE: &str = "ca-cert.pem";
+/// The root before the last rotation, trusted until it expires.
+const PREVIOUS_CERT_FILE: &str = "previous-ca-cert.pem";
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Errors setting up the local CA.
@@ -45,6 +54,8 @@ pub enum LocalCaError {
 pub struct LocalCa {
     issuer: Issuer<'static, rcgen::KeyPair>,
     root_pem: String,
+    /// The root before the last rotation (`previous-ca-cert.pem`).
+    previous_root_pem: Option<String>,
 }
 
 impl std::fmt::Debug for LocalCa {
@@ -59,8 +70,58 @@ impl LocalCa {
     pub fn new(dir: Option<&Path>, trust_domain: &str) -> Result<Self, LocalCaError> {
         match dir {
             None => Self::generate(trust_domain),
-            Some(dir) => Self::load_or_create(dir, trust_domain),
+            Some(dir) => {
+                let mut ca = Self::load_or_create(dir, trust_domain)?;
+                ca.previous_root_pem = Self::load_previous(dir)?;
+                Ok(ca)
+            }
         }
+    }
+
+    /// Rotates the root kept in `dir` (the agent must be stopped): the
+    /// current root becomes the previous one and its key is removed, so that
+    /// the next start makes a new root. Refused when `dir` holds no root.
+    pub fn rotate_dir(dir: &Path) -> Result<(), LocalCaError> {
+        let io = |what: &str, source| LocalCaError::Io {
+            dir: dir.to_path_buf(),
+            what: what.to_string(),
+            source,
+        };
+        if !dir.join(CERT_FILE).exists() || !dir.join(KEY_FILE).exists() {
+            return Err(LocalCaError::Invalid {
+                dir: dir.to_path_buf(),
+                what: format!("holds no root to rotate ({CERT_FILE} and {KEY_FILE})"),
+            });
+        }
+        fs::rename(dir.join(CERT_FILE), dir.join(PREVIOUS_CERT_FILE))
+            .map_err(|e| io("cannot keep the current root as the previous one", e))?;
+        fs::remove_file(dir.join(KEY_FILE)).map_err(|e| io("cannot remove the old key", e))
+    }
+
+    /// `previous-ca-cert.pem`, when present: a self-signed certificate.
+    fn load_previous(dir: &Path) -> Result<Option<String>, LocalCaError> {
+        let path = dir.join(PREVIOUS_CERT_FILE);
+        let pem = match fs::read_to_string(&path) {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                return Err(LocalCaError::Io {
+                    dir: dir.to_path_buf(),
+                    what: format!("cannot read {}", path.display()),
+                    source: e,
+                })
+            }
+        };
+        if !crate::crypto::is_self_signed(&pem) {
+            return Err(LocalCaError::Invalid {
+                dir: dir.to_path_buf(),
+                what: format!(
+                    "{} is not a self-signed root certificate; remove it or restore the previous root",
+                    path.display()
+                ),
+            });
+        }
+        Ok(Some(pem))
     }
 
     /// The root certificate, PEM.
@@ -94,6 +155,7 @@ impl LocalCa {
         let ca = Self {
             root_pem: cert.pem(),
             issuer: Issuer::new(params, owned_key_pair(&key).map_err(|e| create(&e))?),
+            previous_root_pem: None,
         };
         Ok((ca, key))
     }
@@ -148,6 +210,7 @@ impl LocalCa {
                 Ok(Self {
                     issuer,
                     root_pem: cert_pem,
+                    previous_root_pem: None,
                 })
             }
             (false, false) => {
@@ -175,7 +238,7 @@ impl LocalCa {
     /// Signs a CSR for `ttl`: the leaf keeps the CSR's public key and SANs.
     pub fn sign_csr(&self, csr_pem: &str, ttl: Duration) -> Result<String, CaError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| CaError::Rejected(format!("local CA: invalid CSR: {e}")))?;
+            .map_err(|e| CaError::rejected(format!("local CA: invalid CSR: {e}")))?;
         let now = OffsetDateTime::now_utc();
         let p = &mut csr.params;
         p.not_before = now - time::Duration::minutes(1);
@@ -193,7 +256,7 @@ impl LocalCa {
         p.use_authority_key_identifier_extension = true;
         let cert = csr
             .signed_by(&self.issuer)
-            .map_err(|e| CaError::BadAnswer(format!("local CA: signing failed: {e}")))?;
+            .map_err(|e| CaError::bad_answer(format!("local CA: signing failed: {e}")))?;
         Ok(cert.pem())
     }
 }
@@ -235,6 +298,28 @@ impl CaClient for LocalCa {
             roots_pem: vec![self.root_pem.clone()],
         })
     }
+
+    /// The root, and the previous one while it is still valid.
+    async fn trust_roots(&self) -> Result<Vec<String>, CaError> {
+        let now = std::time::SystemTime::now();
+        let previous = self
+            .previous_root_pem
+            .iter()
+            .filter(|pem| crate::crypto::cert_not_after(pem).is_some_and(|t| t > now))
+            .cloned();
+        Ok(std::iter::once(self.root_pem.clone())
+            .chain(previous)
+            .collect())
+    }
+
+    /// Nothing to forget: the local CA accepts every credential.
+    fn invalidate(&self, _auth: &Authorization) {}
+
+    /// Nothing to revoke.
+    async fn release(&self, _credential: &Credential) {}
+
+    /// Nothing to revoke.
+    async fn shutdown(&self) {}
 }
 
 #[cfg(test)]
@@ -301,5 +386,63 @@ mod tests {
 
         fs::remove_file(dir.path().join(KEY_FILE)).unwrap();
         assert!(LocalCa::new(Some(dir.path()), "cluster.local").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_rotated_root_is_trusted_with_the_previous_one_until_that_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = LocalCa::new(Some(dir.path()), "cluster.local").unwrap();
+        assert_eq!(first.trust_roots().await.unwrap(), [first.root_pem()]);
+
+        LocalCa::rotate_dir(dir.path()).unwrap();
+        let second = LocalCa::new(Some(dir.path()), "cluster.local").unwrap();
+        assert_ne!(second.root_pem(), first.root_pem(), "a new root");
+        assert_eq!(
+            second.trust_roots().await.unwrap(),
+            [second.root_pem(), first.root_pem()],
+            "the new root, then the previous one"
+        );
+        // A leaf of the previous root still verifies against the roots served.
+        let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+        let id = SpiffeId("spiffe://cluster.local/ns/a/sa/b".into());
+        let old_leaf = first
+            .sign_csr(&key.csr_pem(&id).unwrap(), Duration::from_secs(60))
+            .unwrap();
+        let old_chain = IssuedChain {
+            chain_pem: vec![old_leaf],
+            roots_pem: second.trust_roots().await.unwrap(),
+        };
+        verify_issued(&old_chain, &key.public_key_der(), &id, SystemTime::now()).unwrap();
+
+        // Once the previous root has expired, only the current one is served.
+        let expired = expired_root();
+        fs::write(dir.path().join(PREVIOUS_CERT_FILE), &expired).unwrap();
+        let third = LocalCa::new(Some(dir.path()), "cluster.local").unwrap();
+        assert_eq!(third.trust_roots().await.unwrap(), [third.root_pem()]);
+
+        // Something that is not a root is refused, naming the file.
+        fs::write(
+            dir.path().join(PREVIOUS_CERT_FILE),
+            third
+                .sign_csr(&key.csr_pem(&id).unwrap(), Duration::from_secs(60))
+                .unwrap(),
+        )
+        .unwrap();
+        let err = LocalCa::new(Some(dir.path()), "cluster.local").unwrap_err();
+        assert!(err.to_string().contains(PREVIOUS_CERT_FILE), "{err}");
+        // A directory without a root cannot be rotated.
+        let empty = tempfile::tempdir().unwrap();
+        assert!(LocalCa::rotate_dir(empty.path()).is_err());
+    }
+
+    fn expired_root() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, "old root");
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let now = OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::days(10);
+        p.not_after = now - time::Duration::days(1);
+        p.self_signed(&key).unwrap().pem()
     }
 }

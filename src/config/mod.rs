@@ -63,8 +63,6 @@ pub struct Config {
     /// One-workload-per-agent mode: read the workload's JWT from this file when
     /// a connection carries no credential.
     pub workload_token_path: Option<PathBuf>,
-    /// True when no CA was configured at all and the local CA was chosen by default.
-    pub ca_defaulted: bool,
     /// `SECRET_GRACE_PERIOD_RATIO`: renew when this fraction of the lifetime is left.
     pub grace_ratio: f64,
     /// `SECRET_GRACE_PERIOD_RATIO_JITTER`: ± random spread of the ratio.
@@ -181,7 +179,7 @@ impl Config {
             },
         };
 
-        let (ca, ca_defaulted) = Self::ca_from_lookup(&get)?;
+        let ca = Self::ca_from_lookup(&get)?;
         let observe = observe::observe_from_lookup(&lookup)?;
 
         Ok(Self {
@@ -191,7 +189,6 @@ impl Config {
             secret_ttl,
             ca,
             workload_token_path,
-            ca_defaulted,
             grace_ratio,
             grace_jitter,
             ca_max_concurrency,
@@ -200,9 +197,9 @@ impl Config {
         })
     }
 
-    fn ca_from_lookup(
-        get: &impl Fn(&str) -> Option<String>,
-    ) -> Result<(CaProvider, bool), ConfigError> {
+    /// The CA, which must be chosen explicitly: a forgotten variable must not
+    /// start the local CA, which issues any identity to anyone.
+    fn ca_from_lookup(get: &impl Fn(&str) -> Option<String>) -> Result<CaProvider, ConfigError> {
         let local = || CaProvider::Local {
             dir: get("LOCAL_CA_DIR").map(PathBuf::from),
         };
@@ -219,12 +216,12 @@ impl Config {
                     ));
                 }
             }
-            return Ok((local(), true));
+            return Err(ConfigError::new("CA_PROVIDER", "", NO_CA_CHOSEN));
         };
         match provider.trim() {
-            p if p.eq_ignore_ascii_case("LocalCA") => Ok((local(), false)),
+            p if p.eq_ignore_ascii_case("LocalCA") => Ok(local()),
             p if p.eq_ignore_ascii_case("VaultCA") => {
-                Ok((CaProvider::Vault(vault_from_lookup(get)?), false))
+                Ok(CaProvider::Vault(vault_from_lookup(get)?))
             }
             _ => Err(ConfigError::new(
                 "CA_PROVIDER",
@@ -237,6 +234,12 @@ impl Config {
         }
     }
 }
+
+/// Why the agent will not start without a CA.
+pub const NO_CA_CHOSEN: &str =
+    "no CA configured; choose one: CA_PROVIDER=VaultCA with VAULT_ADDR, \
+     VAULT_AUTH_PATH, VAULT_ROLE and VAULT_SIGN_CSR_PATH (production), or CA_PROVIDER=LocalCA for \
+     development only (it issues any identity to any caller)";
 
 fn validate_trust_domain(td: &str) -> Result<(), String> {
     let ok = !td.is_empty()
@@ -266,19 +269,34 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let c = cfg(&[]).unwrap();
+        let c = cfg(&[("CA_PROVIDER", "LocalCA")]).unwrap();
         assert_eq!(c.workload_uds_path, PathBuf::from(DEFAULT_UDS_PATH));
         assert_eq!(c.trust_domain, "cluster.local");
         assert_eq!(c.key_type, KeyType::EcP256);
         assert_eq!(c.secret_ttl, DEFAULT_SECRET_TTL);
-        assert!(c.ca_defaulted);
         assert_eq!(c.ca, CaProvider::Local { dir: None });
+    }
+
+    #[test]
+    fn no_ca_chosen_is_an_error_naming_both_choices() {
+        let e = cfg(&[]).unwrap_err();
+        assert_eq!(e.var, "CA_PROVIDER");
+        let m = e.to_string();
+        assert!(
+            m.contains("CA_PROVIDER=VaultCA") && m.contains("CA_PROVIDER=LocalCA"),
+            "{m}"
+        );
+        // Other settings alone do not choose one either.
+        assert_eq!(
+            cfg(&[("LOCAL_CA_DIR", "/tmp/ca")]).unwrap_err().var,
+            "CA_PROVIDER"
+        );
     }
 
     #[test]
     fn istio_trust_domain_spelling() {
         assert_eq!(
-            cfg(&[("Trust_Domain", "example.org")])
+            cfg(&[("Trust_Domain", "example.org"), ("CA_PROVIDER", "LocalCA")])
                 .unwrap()
                 .trust_domain,
             "example.org"
@@ -312,6 +330,7 @@ mod tests {
             assert_eq!(cfg(&[(var, bad)]).unwrap_err().var, var, "{var}={bad}");
         }
         let c = cfg(&[
+            ("CA_PROVIDER", "LocalCA"),
             ("SECRET_GRACE_PERIOD_RATIO", "0.25"),
             ("SECRET_GRACE_PERIOD_RATIO_JITTER", "0"),
         ])
@@ -334,6 +353,26 @@ mod tests {
         };
         assert_eq!(v.addr, "https://vault:8200");
         assert_eq!(v.sign_csr_path, "istio_ca/sign/istio-pki-role");
+        assert_eq!(v.pki_mount, "istio_ca", "from the sign path");
+        let mut own_mount = base.to_vec();
+        own_mount.push(("VAULT_PKI_MOUNT", "/v1/team/pki/"));
+        let CaProvider::Vault(v) = cfg(&own_mount).unwrap().ca else {
+            panic!("not vault")
+        };
+        assert_eq!(v.pki_mount, "team/pki");
+        for bad_mount in ["../sys", "pki?x", "a//b"] {
+            let mut bad = base.to_vec();
+            bad.push(("VAULT_PKI_MOUNT", bad_mount));
+            assert_eq!(cfg(&bad).unwrap_err().var, "VAULT_PKI_MOUNT", "{bad_mount}");
+        }
+        let mut verbatim = base.to_vec();
+        verbatim.retain(|(k, _)| *k != "VAULT_SIGN_CSR_PATH");
+        verbatim.push(("VAULT_SIGN_CSR_PATH", "pki/sign-verbatim/role"));
+        let e = cfg(&verbatim).unwrap_err();
+        assert_eq!(e.var, "VAULT_SIGN_CSR_PATH");
+        assert!(e.to_string().contains("VAULT_PKI_MOUNT"), "{e}");
+        verbatim.push(("VAULT_PKI_MOUNT", "pki"));
+        assert!(cfg(&verbatim).is_ok());
         for missing in [
             "VAULT_AUTH_PATH",
             "VAULT_ROLE",

@@ -17,6 +17,9 @@ pub struct VaultConfig {
     pub role: String,
     /// Sign path under `/v1/`, e.g. `istio_ca/sign/istio-pki-role`.
     pub sign_csr_path: String,
+    /// The PKI mount whose issuers are the trusted roots, e.g. `istio_ca`
+    /// (`VAULT_PKI_MOUNT`, else the sign path before `/sign/`).
+    pub pki_mount: String,
     /// Extra trusted root(s) for Vault's TLS certificate, PEM.
     pub tls_root_pem: Option<String>,
     /// Sent as `X-Vault-Namespace` when set.
@@ -69,6 +72,27 @@ pub(super) fn vault_from_lookup(
     let auth_path = path("VAULT_AUTH_PATH", "auth/kubernetes/login")?;
     let sign_csr_path = path("VAULT_SIGN_CSR_PATH", "istio_ca/sign/istio-pki-role")?;
     let role = required("VAULT_ROLE", "istio-cert")?;
+    let pki_mount = match get("VAULT_PKI_MOUNT") {
+        Some(v) => {
+            let m = v.trim().trim_matches('/');
+            let m = m.strip_prefix("v1/").unwrap_or(m);
+            if m.is_empty() || !m.split('/').all(valid_path_segment) {
+                return Err(ConfigError::new(
+                    "VAULT_PKI_MOUNT",
+                    v,
+                    "must be the path of a PKI mount, e.g. istio_ca",
+                ));
+            }
+            m.to_string()
+        }
+        None => mount_of_sign_path(&sign_csr_path).ok_or_else(|| {
+            ConfigError::new(
+                "VAULT_SIGN_CSR_PATH",
+                &sign_csr_path,
+                "the PKI mount cannot be told from this path (it has no /sign/); set VAULT_PKI_MOUNT",
+            )
+        })?,
+    };
     let tls_root_pem = match get("VAULT_TLS_ROOT_CERT") {
         None => None,
         Some(v) => Some(
@@ -91,11 +115,32 @@ pub(super) fn vault_from_lookup(
         auth_path,
         role: role.trim().to_string(),
         sign_csr_path,
+        pki_mount,
         tls_root_pem,
         namespace: get("VAULT_NAMESPACE").map(|v| v.trim().to_string()),
         connect_timeout: timeout("VAULT_CONNECT_TIMEOUT", Duration::from_secs(5))?,
         request_timeout: timeout("VAULT_REQUEST_TIMEOUT", Duration::from_secs(15))?,
     })
+}
+
+/// `VAULT_PKI_MOUNT` unless set: the part of `VAULT_SIGN_CSR_PATH` before
+/// `/sign/` (and before `/issuer/<ref>` when the path names an issuer).
+pub(super) fn mount_of_sign_path(sign_path: &str) -> Option<String> {
+    let (before, _) = sign_path.split_once("/sign/")?;
+    let mount = match before.rsplit_once("/issuer/") {
+        Some((m, issuer)) if !issuer.contains('/') => m,
+        _ => before,
+    };
+    (!mount.is_empty()).then(|| mount.to_string())
+}
+
+/// A path segment of a mount: letters, digits, `-`, `_`, `.` (not `..`).
+fn valid_path_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s != ".."
+        && s != "."
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 /// Shortens a long value (a PEM body) for an error message.
@@ -148,4 +193,23 @@ fn validate_vault_addr(v: &str) -> Result<String, String> {
     }
     reqwest::Url::parse(v).map_err(|e| format!("not a valid URL: {e}"))?;
     Ok(v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mount_comes_from_the_sign_path() {
+        assert_eq!(
+            mount_of_sign_path("istio_ca/sign/istio-pki-role").as_deref(),
+            Some("istio_ca")
+        );
+        assert_eq!(
+            mount_of_sign_path("team/pki/issuer/default/sign/role").as_deref(),
+            Some("team/pki")
+        );
+        assert_eq!(mount_of_sign_path("pki/sign-verbatim/role"), None);
+        assert_eq!(mount_of_sign_path("/sign/role"), None);
+    }
 }

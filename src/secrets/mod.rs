@@ -361,7 +361,7 @@ impl SecretManager {
         let leaf = verify_issued(&chain, &key.public_key_der(), identity, SystemTime::now())
             .map_err(|e| {
                 let e =
-                    CaError::BadAnswer(format!("{} returned {e}; not served", self.ca.describe()));
+                    CaError::bad_answer(format!("{} returned {e}; not served", self.ca.describe()));
                 sign_err(e)
             })?;
         let roots = chain
@@ -647,6 +647,14 @@ mod tests {
                 .sign(auth, csr, ttl)
                 .await
         }
+        async fn trust_roots(&self) -> Result<Vec<String>, CaError> {
+            self.cas[self.current.load(Ordering::SeqCst)]
+                .trust_roots()
+                .await
+        }
+        fn invalidate(&self, _: &Authorization) {}
+        async fn release(&self, _: &Credential) {}
+        async fn shutdown(&self) {}
     }
 
     fn jwt(sa: &str) -> Credential {

@@ -1,5 +1,11 @@
 //! Starts the real `node-agent` binary for integration tests, on a socket in
 //! a temp dir, and captures its log.
+//!
+//! The waits come in two forms. The `async` ones (`started`, `log_shows`,
+//! `exited`) sleep with tokio and are what a test whose runtime also runs
+//! servers (TokenReview, proxies, fronts) must use. The blocking ones keep
+//! their old names for existing callers; on a multi-thread runtime they step
+//! aside with `block_in_place`, so that the runtime's other tasks go on.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -29,15 +35,19 @@ impl Agent {
     /// Starts the agent on `socket`, logging into `log_dir`.
     pub fn start_at(socket: &Path, log_dir: &Path, env: &[(&str, String)]) -> Agent {
         let agent = Self::spawn(socket, log_dir, env);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !agent.log().contains("SDS gRPC server start") {
-            assert!(
-                Instant::now() < deadline,
-                "agent did not start; log:\n{}",
-                agent.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        agent.wait_log("SDS gRPC server start", Duration::from_secs(30));
+        agent
+    }
+
+    /// [`Agent::start`] without blocking the runtime.
+    pub async fn started(env: &[(&str, String)]) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("sds").join("uds_path");
+        let mut agent = Self::spawn(&socket, dir.path(), env);
+        agent._dir = Some(dir);
+        agent
+            .log_shows("SDS gRPC server start", Duration::from_secs(30))
+            .await;
         agent
     }
 
@@ -115,7 +125,42 @@ impl Agent {
                 "agent log never showed {needle:?}; log:\n{}",
                 self.log()
             );
-            std::thread::sleep(Duration::from_millis(100));
+            blocking_sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// [`Agent::wait_log`] without blocking the runtime.
+    pub async fn log_shows(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "agent log never showed {needle:?}; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends SIGTERM without waiting.
+    pub fn signal_term(&self) {
+        unsafe_kill(self.child.as_ref().unwrap().id(), "TERM");
+    }
+
+    /// [`Agent::wait_exit`] without blocking the runtime.
+    pub async fn exited(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -139,8 +184,20 @@ impl Agent {
                 "agent did not exit; log:\n{}",
                 self.log()
             );
-            std::thread::sleep(Duration::from_millis(50));
+            blocking_sleep(Duration::from_millis(50));
         }
+    }
+}
+
+/// A blocking sleep that, on a multi-thread tokio runtime, first hands this
+/// worker's tasks to another thread, so that servers on the runtime go on.
+fn blocking_sleep(d: Duration) {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| std::thread::sleep(d))
+        }
+        _ => std::thread::sleep(d),
     }
 }
 

@@ -31,13 +31,20 @@ pub const PKI_ROLE: &str = "istio-pki-role";
 pub const POLICY: &str = "istio-cert-policy";
 pub const AUTH_ROLE: &str = "istio-cert";
 
-/// A `bao server -dev` child process; killed on drop.
+/// A `bao server` child process (a dev server, or a node of a Raft cluster,
+/// see `super::raft`); killed on drop.
 pub struct Bao {
-    child: Child,
-    dir: tempfile::TempDir,
+    child: Option<Child>,
+    /// Owned scratch directory (dev servers); Raft nodes share the cluster's.
+    _tmp: Option<tempfile::TempDir>,
+    dir: PathBuf,
     addr: SocketAddr,
     tls: bool,
     client: reqwest::Client,
+    /// Root token of this server (`root` for dev servers).
+    token: String,
+    /// The audit log file (the same file on every node of a cluster).
+    audit_path: PathBuf,
     /// Time from spawn until `/v1/sys/health` answered 200.
     pub startup: Duration,
     /// Namespace every later call is made in (`X-Vault-Namespace`).
@@ -103,11 +110,14 @@ impl Bao {
         let started = Instant::now();
         let child = cmd.spawn().context("spawn `bao server -dev`")?;
         let mut bao = Self {
-            child,
-            dir,
+            child: Some(child),
+            dir: dir.path().to_path_buf(),
+            _tmp: Some(dir),
             addr,
             tls,
             client: reqwest::Client::new(),
+            token: ROOT_TOKEN.to_string(),
+            audit_path: audit,
             startup: Duration::ZERO,
             namespace: std::sync::Mutex::new(None),
         };
@@ -116,10 +126,43 @@ impl Bao {
         Ok(bao)
     }
 
+    /// A running `bao server` (a Raft node) that logs to `dir/bao.log`.
+    pub(crate) fn node(child: Child, dir: PathBuf, addr: SocketAddr, audit_path: PathBuf) -> Self {
+        Self {
+            child: Some(child),
+            _tmp: None,
+            dir,
+            addr,
+            tls: false,
+            client: reqwest::Client::new(),
+            token: String::new(),
+            audit_path,
+            startup: Duration::ZERO,
+            namespace: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Sets the root token (a Raft cluster's, from `operator init`).
+    pub(crate) fn set_root_token(&mut self, token: &str) {
+        self.token = token.to_string();
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     async fn wait_healthy(&mut self, started: Instant) -> anyhow::Result<()> {
         while started.elapsed() < Duration::from_secs(30) {
-            if let Some(status) = self.child.try_wait()? {
-                bail!("bao exited early ({status}): {}", self.log_tail());
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().transpose()) {
+                bail!("bao exited early ({}): {}", status?, self.log_tail());
             }
             // The CA file appears shortly before the listener accepts.
             if self.tls && self.client_ready().is_err() {
@@ -146,8 +189,8 @@ impl Bao {
         Ok(())
     }
 
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("bao.log")).unwrap_or_default();
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("bao.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().filter(|l| !l.contains("Token")).collect();
         lines[lines.len().saturating_sub(15)..].join("\n")
     }
@@ -164,20 +207,20 @@ impl Bao {
 
     /// The dev-tls CA (`vault-ca.pem`); for a plain server the file is absent.
     pub fn ca_pem_path(&self) -> PathBuf {
-        self.dir.path().join("vault-ca.pem")
+        self.dir.join("vault-ca.pem")
     }
 
     pub fn root_token(&self) -> &str {
-        ROOT_TOKEN
+        &self.token
     }
 
     pub fn audit_log_path(&self) -> PathBuf {
-        self.dir.path().join("audit.log")
+        self.audit_path.clone()
     }
 
-    /// Scratch directory owned by this server (removed on drop).
+    /// Scratch directory of this server (removed on drop for dev servers).
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        &self.dir
     }
 
     /// A client that trusts the dev CA.
@@ -191,11 +234,19 @@ impl Bao {
     /// taken after a call returned includes that call.
     pub fn audit_requests(&self, path: &str) -> usize {
         let want = path.trim_start_matches('/').trim_start_matches("v1/");
+        self.audited_requests()
+            .iter()
+            .filter(|e| e["request"]["path"] == want)
+            .count()
+    }
+
+    /// Every audited request (`type: request` entries), in order.
+    pub fn audited_requests(&self) -> Vec<Value> {
         let log = std::fs::read_to_string(self.audit_log_path()).unwrap_or_default();
         log.lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|e| e["type"] == "request" && e["request"]["path"] == want)
-            .count()
+            .filter(|e| e["type"] == "request")
+            .collect()
     }
 
     /// Sends a request as `token` and returns status and JSON body (`null`
@@ -237,7 +288,7 @@ impl Bao {
         body: Option<Value>,
     ) -> anyhow::Result<Value> {
         let (status, json) = self
-            .call(method.clone(), path, Some(ROOT_TOKEN), body.as_ref())
+            .call(method.clone(), path, Some(&self.token), body.as_ref())
             .await?;
         if !status.is_success() {
             bail!("{method} {path}: {status}: {}", json["errors"]);
@@ -245,10 +296,13 @@ impl Bao {
         Ok(json)
     }
 
-    /// Kills the server (also done on drop). State is lost: dev mode.
+    /// Kills the server with SIGKILL (also done on drop). A dev server's
+    /// state is lost.
     pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -281,6 +335,10 @@ pub struct TutorialOptions {
     pub jwt_audiences: Vec<String>,
     /// Set everything up inside this (new) namespace instead of the root.
     pub namespace: Option<String>,
+    /// PKI role `no_store` (certificates not stored: a standby signs itself).
+    pub no_store: bool,
+    /// Auth roles' `token_type` (`service`, `batch`), when set.
+    pub token_type: Option<String>,
 }
 
 impl TutorialOptions {
@@ -297,6 +355,8 @@ impl TutorialOptions {
             k8s_audience: None,
             jwt_audiences: vec![DEFAULT_AUDIENCE.into()],
             namespace: None,
+            no_store: false,
+            token_type: None,
         }
     }
 }
@@ -407,6 +467,7 @@ pub async fn setup_tutorial_with(
             "key_type": "any",
             "ttl": o.cert_ttl,
             "max_ttl": o.cert_max_ttl,
+            "no_store": o.no_store,
         })),
     )
     .await?;
@@ -442,6 +503,9 @@ pub async fn setup_tutorial_with(
     if let Some(aud) = &o.k8s_audience {
         k8s_role["audience"] = json!(aud);
     }
+    if let Some(t) = &o.token_type {
+        k8s_role["token_type"] = json!(t);
+    }
     bao.root(
         M::POST,
         &format!("auth/kubernetes/role/{AUTH_ROLE}"),
@@ -471,6 +535,7 @@ pub async fn setup_tutorial_with(
             },
             "token_policies": [POLICY],
             "token_ttl": o.token_ttl,
+            "token_type": o.token_type.as_deref().unwrap_or("default-service"),
         })),
     )
     .await?;
@@ -524,10 +589,17 @@ pub async fn set_jwt_role_accounts(
     bao.root(Method::POST, &path, Some(role)).await.map(drop)
 }
 
-/// Generates a new root in the PKI mount and makes it the default issuer, so
-/// later signs chain to it. The old issuer stays (certs it issued remain
-/// verifiable against the old root). Returns the new root PEM.
+/// Rotates the PKI mount's root as Vault's documentation describes it:
+/// `root/rotate/internal` makes a new root issuer, and `config/issuers`
+/// makes it the default, so later signs chain to it. The old issuer stays
+/// (certificates it issued remain verifiable, and the mount still lists it).
+/// Returns the new root PEM.
 pub async fn rotate_root(bao: &Bao) -> anyhow::Result<String> {
+    Ok(rotate_root_issuer(bao).await?.1)
+}
+
+/// [`rotate_root`], also returning the new issuer's ID.
+pub async fn rotate_root_issuer(bao: &Bao) -> anyhow::Result<(String, String)> {
     let name = format!("root-{}", rand::random::<u32>());
     let new = bao
         .root(
@@ -538,17 +610,118 @@ pub async fn rotate_root(bao: &Bao) -> anyhow::Result<String> {
         .await?;
     let id = new["data"]["issuer_id"]
         .as_str()
-        .ok_or_else(|| anyhow!("no issuer_id"))?;
+        .ok_or_else(|| anyhow!("no issuer_id"))?
+        .to_string();
     bao.root(
         Method::POST,
-        &format!("{PKI_MOUNT}/root/replace"),
+        &format!("{PKI_MOUNT}/config/issuers"),
         Some(json!({ "default": id })),
     )
     .await?;
-    new["data"]["certificate"]
+    let pem = new["data"]["certificate"]
         .as_str()
         .map(String::from)
-        .ok_or_else(|| anyhow!("no certificate"))
+        .ok_or_else(|| anyhow!("no certificate"))?;
+    Ok((id, pem))
+}
+
+/// Makes `mount` a PKI mount holding only an intermediate CA signed by the
+/// root of [`PKI_MOUNT`], with a role like the tutorial's. With
+/// `with_root`, the root is imported into the mount too (as an issuer
+/// without key); otherwise the mount does not know its root. With
+/// `chain_self`, the intermediate's `manual_chain` is itself only, so sign
+/// answers carry no root even when the mount lists one. Returns the
+/// intermediate's PEM.
+pub async fn setup_intermediate(
+    bao: &Bao,
+    mount: &str,
+    with_root: bool,
+    chain_self: bool,
+) -> anyhow::Result<String> {
+    use Method as M;
+    bao.root(
+        M::POST,
+        &format!("sys/mounts/{mount}"),
+        Some(json!({ "type": "pki", "config": { "max_lease_ttl": "8760h" } })),
+    )
+    .await?;
+    let csr = bao
+        .root(
+            M::POST,
+            &format!("{mount}/intermediate/generate/internal"),
+            Some(json!({ "common_name": format!("{mount} intermediate") })),
+        )
+        .await?["data"]["csr"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no intermediate CSR"))?
+        .to_string();
+    let int_pem = bao
+        .root(
+            M::POST,
+            &format!("{PKI_MOUNT}/root/sign-intermediate"),
+            Some(json!({ "csr": csr, "format": "pem", "ttl": "4000h" })),
+        )
+        .await?["data"]["certificate"]
+        .as_str()
+        .ok_or_else(|| anyhow!("no intermediate certificate"))?
+        .to_string();
+    let set = bao
+        .root(
+            M::POST,
+            &format!("{mount}/intermediate/set-signed"),
+            Some(json!({ "certificate": int_pem })),
+        )
+        .await?;
+    let int_id = set["data"]["imported_issuers"][0]
+        .as_str()
+        .ok_or_else(|| anyhow!("no imported issuer"))?
+        .to_string();
+    if with_root {
+        let url = format!("{}/v1/{PKI_MOUNT}/ca/pem", bao.addr());
+        let root = bao.client().get(url).send().await?.text().await?;
+        bao.root(
+            M::POST,
+            &format!("{mount}/issuers/import/cert"),
+            Some(json!({ "pem_bundle": root })),
+        )
+        .await?;
+    }
+    if chain_self {
+        bao.root(
+            M::POST,
+            &format!("{mount}/issuer/{int_id}"),
+            Some(json!({ "manual_chain": ["self"] })),
+        )
+        .await?;
+    }
+    bao.root(
+        M::POST,
+        &format!("{mount}/roles/{PKI_ROLE}"),
+        Some(json!({
+            "allow_any_name": true,
+            "require_cn": false,
+            "allowed_uri_sans": ["spiffe://*"],
+            "use_csr_sans": true,
+            "use_csr_common_name": false,
+            "enforce_hostnames": false,
+            "key_type": "any",
+            "ttl": "1h",
+        })),
+    )
+    .await?;
+    // The tutorial's token policy may sign with this mount's role too.
+    bao.root(
+        M::POST,
+        &format!("sys/policies/acl/{POLICY}"),
+        Some(json!({
+            "policy": format!(
+                "path \"{PKI_MOUNT}/sign/{PKI_ROLE}\" {{\n  capabilities = [\"create\", \"update\"]\n}}\n\
+                 path \"{mount}/sign/{PKI_ROLE}\" {{\n  capabilities = [\"create\", \"update\"]\n}}\n"
+            )
+        })),
+    )
+    .await?;
+    Ok(int_pem)
 }
 
 /// Proxy state, see [`ToggleProxy`].
@@ -572,6 +745,8 @@ pub struct ToggleProxy {
     mode: watch::Sender<(u64, ProxyMode)>,
     applied: watch::Receiver<u64>,
     connections: Arc<AtomicU64>,
+    /// Connections held in `Hang` mode on which the client began a request.
+    hung: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -584,12 +759,21 @@ impl ToggleProxy {
         let (tx, rx) = watch::channel((0, mode));
         let (applied_tx, applied) = watch::channel(u64::MAX);
         let connections = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(run_proxy(addr, target, rx, applied_tx, connections.clone()));
+        let hung = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(run_proxy(
+            addr,
+            target,
+            rx,
+            applied_tx,
+            connections.clone(),
+            hung.clone(),
+        ));
         let proxy = Self {
             addr,
             mode: tx,
             applied,
             connections,
+            hung,
             task,
         };
         proxy.wait_applied(0).await?;
@@ -641,6 +825,13 @@ impl ToggleProxy {
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::SeqCst)
     }
+
+    /// Requests left hanging so far: connections accepted in `Hang` mode on
+    /// which the client sent its first bytes (for TLS, its ClientHello) and
+    /// got no answer.
+    pub fn hung_requests(&self) -> u64 {
+        self.hung.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for ToggleProxy {
@@ -663,6 +854,7 @@ async fn run_proxy(
     mut rx: watch::Receiver<(u64, ProxyMode)>,
     applied: watch::Sender<u64>,
     connections: Arc<AtomicU64>,
+    hung: Arc<AtomicU64>,
 ) {
     let mut listener = None;
     loop {
@@ -694,7 +886,7 @@ async fn run_proxy(
                     connections.fetch_add(1, Ordering::SeqCst);
                     tokio::spawn(forward(inbound, target, rx));
                 } else {
-                    tokio::spawn(hold(inbound, rx));
+                    tokio::spawn(hold(inbound, rx, hung.clone()));
                 }
             }
         }
@@ -716,8 +908,29 @@ async fn forward(
     }
 }
 
-/// Keeps a connection open, silent, until the mode leaves `Hang`.
-async fn hold(inbound: TcpStream, mut rx: watch::Receiver<(u64, ProxyMode)>) {
-    let _ = rx.wait_for(|(_, m)| *m != ProxyMode::Hang).await;
-    drop(inbound);
+/// Keeps a connection open, silent, until the mode leaves `Hang`; counts it
+/// in `hung` once the client has sent something.
+async fn hold(
+    mut inbound: TcpStream,
+    mut rx: watch::Receiver<(u64, ProxyMode)>,
+    hung: Arc<AtomicU64>,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut counted = false;
+    let mut buf = [0u8; 4096];
+    loop {
+        tokio::select! {
+            _ = rx.wait_for(|(_, m)| *m != ProxyMode::Hang) => return,
+            n = inbound.read(&mut buf) => match n {
+                Ok(n) if n > 0 => {
+                    if !counted {
+                        counted = true;
+                        hung.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                // Closed by the client: nothing more to hold.
+                _ => return,
+            },
+        }
+    }
 }

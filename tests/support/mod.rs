@@ -8,6 +8,7 @@ pub mod k8s;
 pub mod mesh;
 pub mod metrics;
 pub mod ports;
+pub mod raft;
 pub mod sds_client;
 pub mod vault_env;
 pub mod vault_front;

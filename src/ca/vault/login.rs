@@ -1,0 +1,579 @@
+//! Vault logins, one slot per distinct JWT: the token Vault gave for it,
+//! cached no longer than 90% of its lease nor past the JWT's own `exp`; the
+//! rejections answered from memory for a short hold-down; and the tokens'
+//! end (invalidated when Vault refuses them, revoked when no longer needed).
+//!
+//! A slot's async lock only coalesces logins (one login per JWT in flight);
+//! its state sits behind a plain mutex never held across an `.await`, so
+//! that `invalidate` (synchronous) and `cached_login` never see a busy slot
+//! as an empty one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use super::http::VaultHttp;
+use crate::ca::{Authorization, CaError, CaFailure};
+use crate::identity::{unix_now, Credential, IdentityError};
+
+/// How long a rejection (of a JWT at login, of a token at sign) is answered
+/// from memory before Vault is asked again; also the least time between two
+/// forced re-logins of one JWT.
+pub const REJECTION_HOLD_DOWN: Duration = Duration::from_secs(5);
+/// A token is re-used until this fraction of its lease is left.
+const TOKEN_REFRESH_FRACTION: f64 = 0.1;
+/// Lease assumed for a token Vault gives without one (lease 0: no expiry).
+const UNBOUNDED_LEASE: Duration = Duration::from_secs(24 * 3600);
+/// Revocations at shutdown run at most this many at once ...
+const REVOKE_CONCURRENCY: usize = 16;
+/// ... and stop after this long: shutdown is not held up by a slow Vault
+/// (the tokens left then end with their lease).
+pub const SHUTDOWN_REVOKE_BUDGET: Duration = Duration::from_secs(2);
+
+type Key = [u8; 32];
+
+/// The login slots of one Vault client.
+#[derive(Default)]
+pub(super) struct Logins {
+    slots: Mutex<Slots>,
+}
+
+#[derive(Default)]
+struct Slots {
+    map: HashMap<Key, Arc<Slot>>,
+    /// Size at which the map is next swept for lapsed slots (amortised O(1)).
+    sweep_at: usize,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// Held while logging in: concurrent logins with one JWT wait for the first.
+    login: tokio::sync::Mutex<()>,
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    token: Option<CachedToken>,
+    /// The JWT's login rejection, answered from memory until the instant.
+    rejected: Option<(CaFailure, Instant)>,
+    /// When a token of this slot was last invalidated (a forced re-login).
+    invalidated: Option<Instant>,
+}
+
+struct CachedToken {
+    token: Arc<Zeroizing<String>>,
+    /// Used until then: 90% of the lease, and never past the JWT's `exp`.
+    until: Instant,
+    /// When Vault's lease of the token ends.
+    lease_end: Instant,
+    /// Batch tokens cannot be revoked (and need not be).
+    batch: bool,
+    /// A sign rejection of this token, answered from memory until the instant.
+    sign_rejected: Option<(CaFailure, Instant)>,
+}
+
+impl CachedToken {
+    /// Worth revoking: a service token whose lease still runs.
+    fn revocable(&self, now: Instant) -> bool {
+        !self.batch && self.lease_end > now
+    }
+}
+
+impl SlotState {
+    /// True while the slot holds something worth keeping.
+    fn live(&self, now: Instant) -> bool {
+        self.token.as_ref().is_some_and(|t| t.until > now)
+            || self
+                .rejected
+                .as_ref()
+                .is_some_and(|(_, until)| *until > now)
+            || self
+                .invalidated
+                .is_some_and(|at| at + REJECTION_HOLD_DOWN > now)
+    }
+
+    /// Takes a token that is past its use (for revocation).
+    fn take_lapsed(&mut self, now: Instant) -> Option<CachedToken> {
+        if self.token.as_ref().is_some_and(|t| t.until <= now) {
+            self.token.take()
+        } else {
+            None
+        }
+    }
+}
+
+/// A token to revoke, with nothing else of its slot.
+pub(super) struct Revocable(Arc<Zeroizing<String>>);
+
+#[derive(Deserialize)]
+struct LoginAnswer {
+    auth: Option<LoginAuth>,
+}
+
+#[derive(Deserialize)]
+struct LoginAuth {
+    client_token: String,
+    #[serde(default)]
+    lease_duration: u64,
+    #[serde(default)]
+    token_type: Option<String>,
+}
+
+impl LoginAuth {
+    /// Batch tokens say so (`token_type`), or by their prefix on servers that
+    /// do not (`hvb.` on Vault, `b.` on OpenBao).
+    fn is_batch(&self) -> bool {
+        match self.token_type.as_deref() {
+            Some(t) => t == "batch",
+            None => self.client_token.starts_with("hvb.") || self.client_token.starts_with("b."),
+        }
+    }
+}
+
+fn key_of(credential: &Credential) -> Key {
+    Sha256::digest(credential.expose().as_bytes()).into()
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The instant a JWT's `exp` (Unix seconds) falls on, in the runtime's clock.
+fn instant_of_unix(exp: i64, now: Instant) -> Instant {
+    let left = exp.saturating_sub(unix_now()).max(0) as u64;
+    now + Duration::from_secs(left)
+}
+
+impl Logins {
+    /// The slot of `key`, made if missing. Sweeps lapsed slots now and then,
+    /// so memory stays bounded by the JWTs in use; their tokens are returned
+    /// for revocation.
+    fn slot(&self, key: Key) -> (Arc<Slot>, Vec<Revocable>) {
+        let mut slots = lock(&self.slots);
+        let mut lapsed = Vec::new();
+        if !slots.map.contains_key(&key) && slots.map.len() >= slots.sweep_at {
+            let now = Instant::now();
+            slots.map.retain(|_, slot| {
+                let mut st = lock(&slot.state);
+                if let Some(t) = st.take_lapsed(now) {
+                    if t.revocable(now) {
+                        lapsed.push(Revocable(t.token));
+                    }
+                }
+                // Kept while in use (a login in flight holds a clone) or live.
+                Arc::strong_count(slot) > 1 || st.live(now)
+            });
+            slots.sweep_at = (slots.map.len() * 2).max(64);
+        }
+        let slot = slots.map.entry(key).or_default().clone();
+        (slot, lapsed)
+    }
+
+    fn existing(&self, key: &Key) -> Option<Arc<Slot>> {
+        lock(&self.slots).map.get(key).cloned()
+    }
+
+    /// Logs in with `credential` (see the module documentation).
+    pub async fn login(
+        &self,
+        http: &VaultHttp,
+        auth_path: &str,
+        role: &str,
+        credential: &Credential,
+    ) -> Result<Authorization, CaError> {
+        // An expired JWT proves nothing, whatever Vault said about it before:
+        // refused before any cache lookup.
+        let exp = match credential.current_claims() {
+            Ok(claims) => claims.expires_at,
+            Err(e @ IdentityError::Expired { .. }) => {
+                return Err(CaError::Rejected(CaFailure::credential(
+                    format!("refused without asking Vault at {}: {e}", http.addr()),
+                    e,
+                )))
+            }
+            // Not a JWT the agent can read: Vault is the judge.
+            Err(_) => None,
+        };
+        let key = key_of(credential);
+        let (slot, lapsed) = self.slot(key);
+        revoke_in_background(http, lapsed);
+        let _login = slot.login.lock().await;
+        let now = Instant::now();
+        let stale = {
+            let mut st = lock(&slot.state);
+            if let Some(t) = &st.token {
+                if t.until > now {
+                    return Ok(authorization(&t.token, key));
+                }
+            }
+            if let Some((failure, until)) = &st.rejected {
+                if *until > now {
+                    return Err(CaError::RecentlyRejected(failure.clone()));
+                }
+            }
+            st.take_lapsed(now)
+        };
+        if let Some(t) = stale.filter(|t| t.revocable(now)) {
+            revoke_in_background(http, vec![Revocable(t.token)]);
+        }
+
+        let body = json!({ "role": role, "jwt": credential.expose() });
+        let result = http.post_json(auth_path, None, &body).await.and_then(|v| {
+            let answer: LoginAnswer = serde_json::from_value(v).map_err(|e| {
+                CaError::bad_answer(format!(
+                    "the login answer is not a Vault auth response: {e}"
+                ))
+            })?;
+            answer
+                .auth
+                .filter(|a| !a.client_token.is_empty())
+                .ok_or_else(|| CaError::bad_answer("the login answer has no auth.client_token"))
+        });
+        let now = Instant::now();
+        match result {
+            Ok(auth) => {
+                let lease = if auth.lease_duration == 0 {
+                    UNBOUNDED_LEASE
+                } else {
+                    Duration::from_secs(auth.lease_duration)
+                };
+                let mut until = now + lease.mul_f64(1.0 - TOKEN_REFRESH_FRACTION);
+                if let Some(exp) = exp {
+                    until = until.min(instant_of_unix(exp, now));
+                }
+                let batch = auth.is_batch();
+                let token = Arc::new(Zeroizing::new(auth.client_token));
+                let mut st = lock(&slot.state);
+                st.token = Some(CachedToken {
+                    token: token.clone(),
+                    until,
+                    lease_end: now + lease,
+                    batch,
+                    sign_rejected: None,
+                });
+                st.rejected = None;
+                tracing::info!(
+                    vault = %http.addr(),
+                    lease_seconds = lease.as_secs(),
+                    cached_seconds = until.saturating_duration_since(now).as_secs(),
+                    token_type = if batch { "batch" } else { "service" },
+                    "logged in to Vault"
+                );
+                Ok(authorization(&token, key))
+            }
+            Err(e) => {
+                // The tutorial's line.
+                tracing::error!("failed to login Vault: {}", e.message());
+                let e = e.map_message(|m| format!("failed to login Vault at {}: {m}", http.addr()));
+                if let CaError::Rejected(failure) = &e {
+                    lock(&slot.state).rejected = Some((failure.clone(), now + REJECTION_HOLD_DOWN));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The token cached for `credential`, waiting for a login in flight.
+    pub async fn cached(&self, credential: &Credential) -> Option<Authorization> {
+        if credential
+            .current_claims()
+            .is_err_and(|e| matches!(e, IdentityError::Expired { .. }))
+        {
+            return None;
+        }
+        let key = key_of(credential);
+        let slot = self.existing(&key)?;
+        let _login = slot.login.lock().await;
+        let st = lock(&slot.state);
+        st.token
+            .as_ref()
+            .filter(|t| t.until > Instant::now())
+            .map(|t| authorization(&t.token, key))
+    }
+
+    /// The remembered sign rejection of `auth`'s token, if still held down.
+    pub fn sign_held_down(&self, auth: &Authorization) -> Option<CaFailure> {
+        self.with_token(auth, |t| {
+            t.sign_rejected
+                .as_ref()
+                .filter(|(_, until)| *until > Instant::now())
+                .map(|(f, _)| f.clone())
+        })
+        .flatten()
+    }
+
+    /// Remembers that Vault refused to sign with `auth`'s token.
+    pub fn note_sign_rejection(&self, auth: &Authorization, failure: &CaFailure) {
+        self.with_token(auth, |t| {
+            t.sign_rejected = Some((failure.clone(), Instant::now() + REJECTION_HOLD_DOWN));
+        });
+    }
+
+    /// Runs `f` on the cached token `auth` carries, if it is still the one cached.
+    fn with_token<R>(
+        &self,
+        auth: &Authorization,
+        f: impl FnOnce(&mut CachedToken) -> R,
+    ) -> Option<R> {
+        let (Some(key), Some(token)) = (&auth.slot, &auth.token) else {
+            return None;
+        };
+        let slot = self.existing(key)?;
+        let mut st = lock(&slot.state);
+        st.token
+            .as_mut()
+            .filter(|t| Arc::ptr_eq(&t.token, token))
+            .map(f)
+    }
+
+    /// Drops `auth`'s token (Vault refused it), unless this JWT was already
+    /// forced to log in again within the hold-down.
+    pub fn invalidate(&self, auth: &Authorization) {
+        let (Some(key), Some(token)) = (&auth.slot, &auth.token) else {
+            return;
+        };
+        let Some(slot) = self.existing(key) else {
+            return;
+        };
+        let now = Instant::now();
+        let mut st = lock(&slot.state);
+        if !st
+            .token
+            .as_ref()
+            .is_some_and(|t| Arc::ptr_eq(&t.token, token))
+        {
+            return; // already replaced
+        }
+        if st
+            .invalidated
+            .is_some_and(|at| at + REJECTION_HOLD_DOWN > now)
+        {
+            tracing::debug!("Vault refused a token again within the hold-down; keeping it until the hold-down ends");
+            return;
+        }
+        st.token = None;
+        st.invalidated = Some(now);
+        tracing::info!("dropped a Vault token that Vault refused; the next request logs in again");
+    }
+
+    /// Drops what is cached for `credential`; its token, to revoke.
+    pub fn release(&self, credential: &Credential) -> Option<Revocable> {
+        let key = key_of(credential);
+        let slot = {
+            let mut slots = lock(&self.slots);
+            let slot = slots.map.get(&key)?.clone();
+            // A login in flight keeps its slot (it holds a clone); it is
+            // swept once lapsed.
+            if Arc::strong_count(&slot) == 2 {
+                slots.map.remove(&key);
+            }
+            slot
+        };
+        let now = Instant::now();
+        let token = lock(&slot.state).token.take()?;
+        token.revocable(now).then_some(Revocable(token.token))
+    }
+
+    /// Takes every cached token; those to revoke are returned.
+    pub fn take_all(&self) -> Vec<Revocable> {
+        let slots: Vec<Arc<Slot>> = lock(&self.slots).map.drain().map(|(_, s)| s).collect();
+        let now = Instant::now();
+        slots
+            .iter()
+            .filter_map(|s| lock(&s.state).token.take())
+            .filter(|t| t.revocable(now))
+            .map(|t| Revocable(t.token))
+            .collect()
+    }
+}
+
+fn authorization(token: &Arc<Zeroizing<String>>, key: Key) -> Authorization {
+    Authorization {
+        token: Some(token.clone()),
+        slot: Some(key),
+    }
+}
+
+/// Revokes `token` with `auth/token/revoke-self`. Best-effort: a failure is
+/// logged (without the token) and the token ends with its lease.
+pub(super) async fn revoke(http: &VaultHttp, token: Revocable) -> Result<(), CaError> {
+    http.call(
+        reqwest::Method::POST,
+        "auth/token/revoke-self",
+        Some(&token.0),
+        Some(&json!({})),
+    )
+    .await
+    .map(drop)
+}
+
+fn revoke_in_background(http: &VaultHttp, tokens: Vec<Revocable>) {
+    if tokens.is_empty() {
+        return;
+    }
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let http = http.clone();
+    rt.spawn(async move {
+        let n = tokens.len();
+        let failed = revoke_all(&http, tokens).await;
+        tracing::debug!(
+            revoked = n - failed,
+            failed,
+            "revoked Vault tokens that are no longer used"
+        );
+    });
+}
+
+/// Revokes `tokens`, some at once; returns how many failed.
+pub(super) async fn revoke_all(http: &VaultHttp, tokens: Vec<Revocable>) -> usize {
+    use futures::StreamExt;
+    futures::stream::iter(tokens)
+        .map(|t| revoke(http, t))
+        .buffer_unordered(REVOKE_CONCURRENCY)
+        .filter(|r| std::future::ready(r.is_err()))
+        .inspect(|r| {
+            if let Err(e) = r {
+                tracing::debug!("revoking a Vault token failed: {}", e.message());
+            }
+        })
+        .count()
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth_answer(token: &str, token_type: Option<&str>) -> LoginAuth {
+        LoginAuth {
+            client_token: token.into(),
+            lease_duration: 60,
+            token_type: token_type.map(String::from),
+        }
+    }
+
+    #[test]
+    fn batch_tokens_are_told_by_type_or_prefix() {
+        assert!(auth_answer("s.x", Some("batch")).is_batch());
+        assert!(!auth_answer("b.x", Some("service")).is_batch());
+        assert!(auth_answer("hvb.x", None).is_batch());
+        assert!(auth_answer("b.x", None).is_batch());
+        assert!(!auth_answer("hvs.x", None).is_batch());
+        assert!(!auth_answer("s.x", None).is_batch());
+    }
+
+    fn cached(until_in: Duration) -> CachedToken {
+        let now = Instant::now();
+        CachedToken {
+            token: Arc::new(Zeroizing::new("s.t".into())),
+            until: now + until_in,
+            lease_end: now + until_in * 2,
+            batch: false,
+            sign_rejected: None,
+        }
+    }
+
+    fn install(logins: &Logins, key: Key, t: CachedToken) -> Authorization {
+        let (slot, _) = logins.slot(key);
+        let auth = authorization(&t.token, key);
+        lock(&slot.state).token = Some(t);
+        auth
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sign_rejection_is_held_down_for_its_token_only() {
+        let logins = Logins::default();
+        let auth = install(&logins, [1; 32], cached(Duration::from_secs(600)));
+        assert!(logins.sign_held_down(&auth).is_none());
+        logins.note_sign_rejection(&auth, &CaFailure::http("refused", 403, vec![]));
+        let held = logins.sign_held_down(&auth).expect("held down");
+        assert_eq!(held.message(), "refused");
+        // Another token of the same JWT is not held down by it.
+        let other = install(&logins, [1; 32], cached(Duration::from_secs(600)));
+        assert!(logins.sign_held_down(&other).is_none());
+        logins.note_sign_rejection(&other, &CaFailure::new("refused"));
+        tokio::time::advance(REJECTION_HOLD_DOWN - Duration::from_millis(10)).await;
+        assert!(logins.sign_held_down(&other).is_some());
+        tokio::time::advance(Duration::from_millis(20)).await;
+        assert!(
+            logins.sign_held_down(&other).is_none(),
+            "asked again after the hold-down"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn invalidate_forces_one_relogin_per_hold_down() {
+        let logins = Logins::default();
+        let key = [2; 32];
+        let first = install(&logins, key, cached(Duration::from_secs(600)));
+        logins.invalidate(&first);
+        let slot = logins.existing(&key).unwrap();
+        assert!(lock(&slot.state).token.is_none(), "dropped");
+
+        // The re-login's token is refused too, at once: kept (hold-down).
+        let second = install(&logins, key, cached(Duration::from_secs(600)));
+        logins.invalidate(&second);
+        assert!(
+            lock(&slot.state).token.is_some(),
+            "kept within the hold-down"
+        );
+        // An authorization of a token no longer cached changes nothing.
+        logins.invalidate(&first);
+        assert!(lock(&slot.state).token.is_some());
+
+        tokio::time::advance(REJECTION_HOLD_DOWN).await;
+        logins.invalidate(&second);
+        assert!(
+            lock(&slot.state).token.is_none(),
+            "dropped after the hold-down"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lapsed_slots_are_swept_and_their_service_tokens_returned_for_revocation() {
+        let logins = Logins::default();
+        for i in 0..64u8 {
+            let mut t = cached(Duration::from_secs(10));
+            t.batch = i % 2 == 1;
+            install(&logins, [i; 32], t);
+        }
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let (_, lapsed) = logins.slot([200; 32]);
+        assert_eq!(lapsed.len(), 32, "the service tokens, not the batch ones");
+        assert_eq!(lock(&logins.slots).map.len(), 1);
+    }
+
+    #[test]
+    fn release_and_take_all_skip_batch_tokens() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let logins = Logins::default();
+            let jwt = Credential::new("a.b.c");
+            let mut t = cached(Duration::from_secs(60));
+            t.batch = true;
+            install(&logins, key_of(&jwt), t);
+            assert!(
+                logins.release(&jwt).is_none(),
+                "a batch token is not revoked"
+            );
+            assert!(logins.existing(&key_of(&jwt)).is_none(), "released");
+
+            install(&logins, [3; 32], cached(Duration::from_secs(60)));
+            install(&logins, [4; 32], cached(Duration::from_secs(60)));
+            assert_eq!(logins.take_all().len(), 2);
+            assert!(logins.take_all().is_empty());
+        });
+    }
+}
