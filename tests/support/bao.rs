@@ -535,7 +535,7 @@ pub async fn setup_tutorial_with(
             },
             "token_policies": [POLICY],
             "token_ttl": o.token_ttl,
-            "token_type": o.token_type.as_deref().unwrap_or("default-service"),
+            "token_type": o.token_type.as_deref().unwrap_or("default"),
         })),
     )
     .await?;
@@ -709,14 +709,13 @@ pub async fn setup_intermediate(
         })),
     )
     .await?;
-    // The tutorial's token policy may sign with this mount's role too.
+    // The tutorial's token policy may sign with the role of any mount.
     bao.root(
         M::POST,
         &format!("sys/policies/acl/{POLICY}"),
         Some(json!({
             "policy": format!(
-                "path \"{PKI_MOUNT}/sign/{PKI_ROLE}\" {{\n  capabilities = [\"create\", \"update\"]\n}}\n\
-                 path \"{mount}/sign/{PKI_ROLE}\" {{\n  capabilities = [\"create\", \"update\"]\n}}\n"
+                "path \"+/sign/{PKI_ROLE}\" {{\n  capabilities = [\"create\", \"update\"]\n}}\n"
             )
         })),
     )

@@ -37,6 +37,20 @@ pub struct Redirect {
     /// How many requests get the redirect before the front forwards again
     /// (`usize::MAX`: every one).
     pub times: usize,
+    /// Only requests whose path contains this are redirected (all when `None`).
+    pub only: Option<String>,
+}
+
+impl Redirect {
+    /// `times` redirects with `status` to `to` (`None`: to the front itself).
+    pub fn new(status: u16, to: Option<String>, times: usize) -> Self {
+        Self {
+            status,
+            to,
+            times,
+            only: None,
+        }
+    }
 }
 
 /// How the front behaves.
@@ -219,11 +233,17 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, ctx: Arc<Ctx>) {
         let stats = &ctx.stats;
         let now = stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         stats.max_in_flight.fetch_max(now, Ordering::SeqCst);
-        let n = stats.requests.fetch_add(1, Ordering::SeqCst);
+        stats.requests.fetch_add(1, Ordering::SeqCst);
         stats.seen.lock().unwrap().push(seen.clone());
         tokio::time::sleep(ctx.opts.delay).await;
-        let answer = match &ctx.opts.redirect {
-            Some(r) if n < r.times => {
+        let redirect = ctx.opts.redirect.as_ref().filter(|r| {
+            r.only
+                .as_ref()
+                .is_none_or(|p| seen.path.contains(p.as_str()))
+                && stats.redirected.load(Ordering::SeqCst) < r.times
+        });
+        let answer = match redirect {
+            Some(r) => {
                 stats.redirected.fetch_add(1, Ordering::SeqCst);
                 let to = r.to.as_deref().unwrap_or(&ctx.own_url);
                 Reply {
@@ -232,7 +252,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(stream: S, ctx: Arc<Ctx>) {
                     body: String::new(),
                 }
             }
-            _ => answer(&ctx, seen).await,
+            None => answer(&ctx, seen).await,
         };
         stats.in_flight.fetch_sub(1, Ordering::SeqCst);
         let mut resp = format!(

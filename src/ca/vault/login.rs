@@ -193,10 +193,14 @@ impl Logins {
         let exp = match credential.current_claims() {
             Ok(claims) => claims.expires_at,
             Err(e @ IdentityError::Expired { .. }) => {
+                // Whatever token it earned is of no use any more.
+                if let Some(token) = self.release(credential) {
+                    revoke_in_background(http, vec![token]);
+                }
                 return Err(CaError::Rejected(CaFailure::credential(
                     format!("refused without asking Vault at {}: {e}", http.addr()),
                     e,
-                )))
+                )));
             }
             // Not a JWT the agent can read: Vault is the judge.
             Err(_) => None,
