@@ -145,10 +145,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The instant a JWT's `exp` (Unix seconds) falls on, in the runtime's clock.
-fn instant_of_unix(exp: i64, now: Instant) -> Instant {
-    let left = exp.saturating_sub(unix_now()).max(0) as u64;
-    now + Duration::from_secs(left)
+/// Until when a token with `lease` is used: 90% of the lease, and never past
+/// the JWT's `exp` (given with the Unix time of `now`).
+fn cache_until(now: Instant, lease: Duration, exp_and_unix_now: Option<(i64, i64)>) -> Instant {
+    let by_lease = now + lease.mul_f64(1.0 - TOKEN_REFRESH_FRACTION);
+    match exp_and_unix_now {
+        Some((exp, unix_now)) => {
+            let left = exp.saturating_sub(unix_now).max(0) as u64;
+            by_lease.min(now + Duration::from_secs(left))
+        }
+        None => by_lease,
+    }
 }
 
 impl Logins {
@@ -248,10 +255,7 @@ impl Logins {
                 } else {
                     Duration::from_secs(auth.lease_duration)
                 };
-                let mut until = now + lease.mul_f64(1.0 - TOKEN_REFRESH_FRACTION);
-                if let Some(exp) = exp {
-                    until = until.min(instant_of_unix(exp, now));
-                }
+                let until = cache_until(now, lease, exp.map(|e| (e, unix_now())));
                 let batch = auth.is_batch();
                 let token = Arc::new(Zeroizing::new(auth.client_token));
                 let mut st = lock(&slot.state);
@@ -463,6 +467,22 @@ mod tests {
             lease_duration: 60,
             token_type: token_type.map(String::from),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_is_cached_until_the_earlier_of_90_percent_of_its_lease_and_the_jwt_exp() {
+        let now = Instant::now();
+        let hour = Duration::from_secs(3600);
+        // The JWT outlives the lease: 90% of the lease.
+        assert_eq!(cache_until(now, hour, Some((10_000, 0))), now + hour.mul_f64(0.9));
+        assert_eq!(cache_until(now, hour, None), now + hour.mul_f64(0.9));
+        // The JWT expires first: its exp.
+        assert_eq!(
+            cache_until(now, hour, Some((1_000_060, 1_000_000))),
+            now + Duration::from_secs(60)
+        );
+        // Already expired: not cached at all.
+        assert_eq!(cache_until(now, hour, Some((5, 10))), now);
     }
 
     #[test]
