@@ -300,6 +300,18 @@ async fn trust_roots_are_every_root_the_mount_lists_through_a_rotation() {
     let chain = ca.sign(&auth, &csr("httpbin").0, HOUR).await.unwrap();
     assert_eq!(chain.roots_pem, root1);
 
+    // A root the mount lists but that has expired is not trusted.
+    env.bao
+        .root(
+            Method::POST,
+            &format!("{PKI_MOUNT}/issuers/import/cert"),
+            Some(json!({ "pem_bundle": expired_root() })),
+        )
+        .await
+        .unwrap();
+    let listed = ca.trust_roots().await.unwrap();
+    assert_eq!(listed.len(), 2, "the expired root is left out");
+
     // The operator deletes the old issuer: it is no longer a trusted root.
     env.bao
         .root(
@@ -319,7 +331,7 @@ async fn trust_roots_are_every_root_the_mount_lists_through_a_rotation() {
             e["request"]["path"]
                 .as_str()
                 .is_some_and(|p| p.starts_with(&format!("{PKI_MOUNT}/issuer")))
-                && e["request"]["operation"] != "delete"
+                && matches!(e["request"]["operation"].as_str(), Some("read" | "list"))
         })
         .collect();
     assert!(!reads.is_empty());
@@ -578,6 +590,19 @@ async fn other_redirects_are_not_followed() {
         0,
         "a POST is never turned into a GET elsewhere"
     );
+}
+
+/// A self-signed root that expired yesterday.
+fn expired_root() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "expired root");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::days(10);
+    p.not_after = now - time::Duration::days(1);
+    p.self_signed(&key).unwrap().pem()
 }
 
 /// `revoke-self` requests made with tokens of the kubernetes login (the dev
