@@ -33,7 +33,7 @@ fn serial_of(pem: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tutorial_scenario_envoys_do_mtls_on_vault_certificates() {
     let env = VaultEnv::start().await;
-    let agent = Agent::start(&env.agent_env());
+    let agent = Agent::started(&env.agent_env()).await;
     let mesh = Mesh::start(
         &agent.socket,
         &env.jwt("default", "httpbin"),
@@ -76,7 +76,7 @@ async fn tutorial_scenario_envoys_do_mtls_on_vault_certificates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthorized_service_account_gets_nothing_until_the_role_accepts_it() {
     let env = VaultEnv::start().await;
-    let agent = Agent::start(&env.agent_env());
+    let agent = Agent::started(&env.agent_env()).await;
     let mut client = connect(&agent.socket).await;
     let intruder = env.jwt("default", "intruder");
 
@@ -91,14 +91,14 @@ async fn unauthorized_service_account_gets_nothing_until_the_role_accepts_it() {
         err.message()
     );
     let vault = env.agent_addr();
-    agent.wait_log(
+    agent.log_shows(
         &format!("failed to login Vault: Error making API request. URL: POST {vault}/v1/auth/kubernetes/login Code: 403. Errors: * service account name not authorized"),
         Duration::from_secs(5),
-    );
-    agent.wait_log(
+    ).await;
+    agent.log_shows(
         &format!("Failed to sign cert for \"default\": failed to login Vault at {vault}: Error making API request."),
         Duration::from_secs(5),
-    );
+    ).await;
     assert_eq!(
         env.count("istio_ca/sign/istio-pki-role"),
         0,
@@ -148,7 +148,7 @@ async fn unauthorized_service_account_gets_nothing_until_the_role_accepts_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jwt_vault_rejects_gets_nothing_even_when_the_identity_is_cached() {
     let env = VaultEnv::start().await;
-    let agent = Agent::start(&env.agent_env());
+    let agent = Agent::started(&env.agent_env()).await;
     let mut client = connect(&agent.socket).await;
     fetch(&mut client, &["default"], &env.jwt("default", "httpbin"))
         .await
@@ -184,7 +184,7 @@ async fn jwt_auth_method_pem_text_root_and_login_caching() {
         "VAULT_TLS_ROOT_CERT",
         std::fs::read_to_string(env.bao.ca_pem_path()).unwrap(),
     ));
-    let agent = Agent::start(&vars);
+    let agent = Agent::started(&vars).await;
     let mut client = connect(&agent.socket).await;
     let jwt = env.jwt("default", "sleep");
     for _ in 0..3 {
@@ -216,12 +216,14 @@ async fn waiting_stream_is_served_once_vault_answers(
     failure: &str,
 ) {
     let env = VaultEnv::start().await.with_proxy(mode).await;
-    let agent = Agent::start(&env.agent_env_with(overrides));
+    let agent = Agent::started(&env.agent_env_with(overrides)).await;
     let mut client = connect(&agent.socket).await;
     let (tx, mut inbound) = open_stream(&mut client, &env.jwt("default", "httpbin")).await;
     tx.send(request(&["default"], None)).await.unwrap();
-    agent.wait_log(failure, Duration::from_secs(20));
-    agent.wait_log("retrying in", Duration::from_secs(20));
+    agent.log_shows(failure, Duration::from_secs(20)).await;
+    agent
+        .log_shows("retrying in", Duration::from_secs(20))
+        .await;
     env.proxy.as_ref().unwrap().set_mode(ProxyMode::Up).await;
     let resp = next_within(
         &mut inbound,
@@ -252,7 +254,7 @@ async fn a_hanging_vault_times_out_and_is_retried() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_envoy_heals_when_the_role_is_fixed_without_restarts() {
     let env = VaultEnv::start().await;
-    let agent = Agent::start(&env.agent_env());
+    let agent = Agent::started(&env.agent_env()).await;
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("intruder-token");
     std::fs::write(&token, env.jwt("default", "intruder")).unwrap();
@@ -263,16 +265,17 @@ async fn a_refused_envoy_heals_when_the_role_is_fixed_without_restarts() {
     let envoy = start_client_envoy(sds, free_port(), free_port(), SERVER_ID)
         .await
         .unwrap();
-    agent.wait_log(
-        "service account name not authorized",
-        Duration::from_secs(20),
-    );
+    agent
+        .log_shows(
+            "service account name not authorized",
+            Duration::from_secs(20),
+        )
+        .await;
     assert!(
         envoy.wait_ready(Duration::from_secs(3)).await.is_err(),
         "no certificate for a refused workload"
     );
     assert!(cert_uris(&envoy.certs().await).is_empty());
-    let logins_while_refused = env.count("auth/kubernetes/login");
 
     set_k8s_role_accounts(&env.bao, &["httpbin", "sleep", "intruder"], &["default"])
         .await
@@ -283,11 +286,86 @@ async fn a_refused_envoy_heals_when_the_role_is_fixed_without_restarts() {
         .unwrap_or_else(|e| panic!("{e}\nagent:\n{}", agent.log()));
     assert!(cert_uris(&envoy.certs().await)
         .contains(&"spiffe://cluster.local/ns/default/sa/intruder".to_string()));
-    // Envoy's reconnects were not passed to Vault one by one: at most one
-    // login per hold-down period (5 s) while refused.
+}
+
+/// A refused workload retries for `window` (a fetch every 100 ms, as a
+/// reconnecting Envoy would); returns (attempts, requests to `path` Vault
+/// saw during the window). Every attempt must be refused.
+async fn requests_while_refused(
+    env: &VaultEnv,
+    agent: &Agent,
+    jwt: &str,
+    path: &str,
+    window: Duration,
+) -> (usize, usize) {
+    let mut client = connect(&agent.socket).await;
+    let before = env.count(path);
+    let started = tokio::time::Instant::now();
+    let mut attempts = 0;
+    while started.elapsed() < window {
+        let err = fetch(&mut client, &["default"], jwt)
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        attempts += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (attempts, env.count(path) - before)
+}
+
+/// Vault is asked at most once per hold-down (5 s): in a window of 6 s, at
+/// the start and once after 5 s.
+const WINDOW: Duration = Duration::from_secs(6);
+const MOST_PER_WINDOW: usize = 2;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_login_reaches_vault_once_per_hold_down() {
+    let env = VaultEnv::start().await;
+    let agent = Agent::started(&env.agent_env()).await;
+    let jwt = env.jwt("default", "intruder");
+    let (attempts, logins) =
+        requests_while_refused(&env, &agent, &jwt, "auth/kubernetes/login", WINDOW).await;
     assert!(
-        logins_while_refused <= 3,
-        "{logins_while_refused} logins within a few seconds"
+        attempts >= 30,
+        "only {attempts} attempts: the window proves nothing"
+    );
+    assert!(
+        (1..=MOST_PER_WINDOW).contains(&logins),
+        "{logins} logins for {attempts} refused attempts in {WINDOW:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_sign_reaches_vault_once_per_hold_down() {
+    let env = VaultEnv::start().await;
+    // The login is accepted; the PKI role refuses every SPIFFE URI.
+    support::bao::set_pki_role_uri_sans(&env.bao, &["spiffe://elsewhere/*"])
+        .await
+        .unwrap();
+    let agent = Agent::started(&env.agent_env()).await;
+    let jwt = env.jwt("default", "httpbin");
+    let sign = "istio_ca/sign/istio-pki-role";
+    let (attempts, signs) = requests_while_refused(&env, &agent, &jwt, sign, WINDOW).await;
+    assert!(
+        attempts >= 30,
+        "only {attempts} attempts: the window proves nothing"
+    );
+    assert!(
+        (1..=MOST_PER_WINDOW).contains(&signs),
+        "{signs} signs for {attempts} refused attempts in {WINDOW:?}\n{}",
+        agent.log()
+    );
+    // Vault's reason reaches the log, once per refusal Vault gave; the
+    // repeats answered from memory are logged at debug.
+    let errors = agent
+        .log()
+        .lines()
+        .filter(|l| l.contains("ERROR") && l.contains("URI Subject Alternative Names"))
+        .count();
+    assert!(
+        (1..=signs).contains(&errors),
+        "{errors} error lines for {signs} refusals:\n{}",
+        agent.log()
     );
 }
 
@@ -298,19 +376,30 @@ async fn vault_namespace_is_sent_with_every_call() {
     let env = VaultEnv::start_opts(|o| o.namespace = Some("team".into())).await;
     let jwt = env.jwt("default", "httpbin");
 
-    let agent = Agent::start(&env.agent_env());
-    assert!(env
-        .agent_env()
-        .contains(&("VAULT_NAMESPACE", "team".to_string())));
+    let agent = Agent::started(&env.agent_env()).await;
     let mut client = connect(&agent.socket).await;
     let resp = fetch(&mut client, &["default", "ROOTCA"], &jwt)
         .await
         .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.log()));
     assert_issued_by_the_pki(&resp, SERVER_ID, &env);
+    // What Vault recorded: each of the agent's calls came in the namespace.
+    let calls: Vec<serde_json::Value> = env
+        .bao
+        .audited_requests()
+        .into_iter()
+        .filter(|e| {
+            let p = e["request"]["path"].as_str().unwrap_or("");
+            p == "auth/kubernetes/login" || p == "istio_ca/sign/istio-pki-role"
+        })
+        .collect();
+    assert_eq!(calls.len(), 2, "one login, one sign: {calls:?}");
+    for c in &calls {
+        assert_eq!(c["request"]["namespace"]["path"], "team/", "{c}");
+    }
 
     let mut vars = env.agent_env();
     vars.retain(|(k, _)| *k != "VAULT_NAMESPACE");
-    let outside = Agent::start(&vars);
+    let outside = Agent::started(&vars).await;
     let mut client = connect(&outside.socket).await;
     let err = fetch(&mut client, &["default"], &jwt)
         .await
@@ -325,19 +414,101 @@ async fn vault_namespace_is_sent_with_every_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_is_not_held_up_by_a_hanging_vault() {
-    let env = VaultEnv::start().await.with_proxy(ProxyMode::Hang).await;
-    let mut agent = Agent::start(&env.agent_env()); // 15 s request time-out
+    let env = VaultEnv::start().await.with_proxy(ProxyMode::Up).await;
+    let mut agent = Agent::started(&env.agent_env()).await; // 15 s request time-out
     let mut client = connect(&agent.socket).await;
-    let (tx, _inbound) = open_stream(&mut client, &env.jwt("default", "sleep")).await;
+    // One workload is served: the agent holds its Vault token.
+    fetch(&mut client, &["default"], &env.jwt("default", "httpbin"))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.log()));
+    let proxy = env.proxy.as_ref().unwrap();
+    proxy.set_mode(ProxyMode::Hang).await;
+    let (tx, mut inbound) = open_stream(&mut client, &env.jwt("default", "sleep")).await;
     tx.send(request(&["default"], None)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let t = std::time::Instant::now();
-    let st = agent.terminate();
-    assert!(st.success(), "{}", agent.log());
+    // A request to Vault is in flight, unanswered.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while proxy.hung_requests() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no Vault request hangs\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "shutdown took {:?}",
-        t.elapsed()
+        tokio::time::timeout(Duration::from_millis(200), inbound.next())
+            .await
+            .is_err(),
+        "the stream waits for Vault"
+    );
+
+    let t = std::time::Instant::now();
+    agent.signal_term();
+    let st = agent.exited(Duration::from_secs(15)).await;
+    assert!(st.success(), "{}", agent.log());
+    // Not the 15 s of the Vault request: the revocation of the cached token
+    // (which hangs too) is cut at its budget.
+    let limit = node_agent::ca::vault::SHUTDOWN_REVOKE_BUDGET + Duration::from_millis(1500);
+    assert!(
+        t.elapsed() < limit,
+        "shutdown took {:?}\n{}",
+        t.elapsed(),
+        agent.log()
+    );
+    assert!(
+        agent
+            .log()
+            .contains("revoking the agent's Vault tokens took longer than"),
+        "{}",
+        agent.log()
     );
     assert!(!agent.socket.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_revokes_the_agents_vault_tokens() {
+    let env = VaultEnv::start().await;
+    let mut agent = Agent::started(&env.agent_env()).await;
+    let mut client = connect(&agent.socket).await;
+    for sa in ["httpbin", "sleep"] {
+        fetch(&mut client, &["default"], &env.jwt("default", sa))
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.log()));
+    }
+    let revocations = || {
+        env.bao
+            .audited_requests()
+            .iter()
+            .filter(|e| {
+                e["request"]["path"] == "auth/token/revoke-self"
+                    && e["auth"]["display_name"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("kubernetes-"))
+            })
+            .count()
+    };
+    assert_eq!(revocations(), 0);
+    agent.signal_term();
+    assert!(agent.exited(Duration::from_secs(15)).await.success());
+    assert_eq!(revocations(), 2, "both tokens revoked\n{}", agent.log());
+    assert!(
+        agent.log().contains("revoked the agent's Vault tokens"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[tokio::test]
+async fn no_ca_configured_stops_the_agent_naming_the_two_choices() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::spawn(&dir.path().join("uds"), dir.path(), &[]);
+    let st = agent.exited(Duration::from_secs(20)).await;
+    assert_eq!(st.code(), Some(2), "{}", agent.log());
+    let log = agent.log();
+    assert!(
+        log.contains("CA_PROVIDER=VaultCA with VAULT_ADDR")
+            && log.contains("CA_PROVIDER=LocalCA for development"),
+        "{log}"
+    );
+    assert!(!dir.path().join("uds").exists(), "nothing was served");
 }

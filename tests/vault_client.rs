@@ -174,12 +174,7 @@ async fn a_sign_the_role_refuses_is_asked_once_per_hold_down() {
         .await
         .unwrap();
     // The PKI role stops accepting SPIFFE URIs: the token is fine, the CSR is not.
-    env.bao
-        .root(
-            Method::POST,
-            &format!("{PKI_MOUNT}/roles/istio-pki-role"),
-            Some(json!({ "allowed_uri_sans": ["spiffe://elsewhere/*"] })),
-        )
+    support::bao::set_pki_role_uri_sans(&env.bao, &["spiffe://elsewhere/*"])
         .await
         .unwrap();
     let started = tokio::time::Instant::now();

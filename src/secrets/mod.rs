@@ -59,9 +59,13 @@ pub enum SecretError {
 }
 
 impl SecretError {
-    /// True when the CA was not asked: it refused this credential moments ago.
+    /// True when the CA was not asked: it refused this credential (or this
+    /// token's sign) moments ago.
     pub fn is_repeat(&self) -> bool {
-        matches!(self, SecretError::Login(CaError::RecentlyRejected(_)))
+        match self {
+            SecretError::Login(e) | SecretError::Sign { error: e, .. } => e.is_repeat(),
+            _ => false,
+        }
     }
 
     /// True when the failure is worth retrying soon (the CA was unreachable).

@@ -589,6 +589,16 @@ pub async fn set_jwt_role_accounts(
     bao.root(Method::POST, &path, Some(role)).await.map(drop)
 }
 
+/// Limits the tutorial's PKI role to other URI SANs (`allowed_uri_sans`),
+/// keeping the rest: a PKI role update replaces every field, hence
+/// read-modify-write.
+pub async fn set_pki_role_uri_sans(bao: &Bao, allowed: &[&str]) -> anyhow::Result<()> {
+    let path = format!("{PKI_MOUNT}/roles/{PKI_ROLE}");
+    let mut role = bao.root(Method::GET, &path, None).await?["data"].take();
+    role["allowed_uri_sans"] = json!(allowed);
+    bao.root(Method::POST, &path, Some(role)).await.map(drop)
+}
+
 /// Rotates the PKI mount's root as Vault's documentation describes it:
 /// `root/rotate/internal` makes a new root issuer, and `config/issuers`
 /// makes it the default, so later signs chain to it. The old issuer stays

@@ -474,7 +474,10 @@ mod tests {
         let now = Instant::now();
         let hour = Duration::from_secs(3600);
         // The JWT outlives the lease: 90% of the lease.
-        assert_eq!(cache_until(now, hour, Some((10_000, 0))), now + hour.mul_f64(0.9));
+        assert_eq!(
+            cache_until(now, hour, Some((10_000, 0))),
+            now + hour.mul_f64(0.9)
+        );
         assert_eq!(cache_until(now, hour, None), now + hour.mul_f64(0.9));
         // The JWT expires first: its exp.
         assert_eq!(
