@@ -447,8 +447,8 @@ async fn sigterm_is_not_held_up_by_a_hanging_vault() {
     let st = agent.exited(Duration::from_secs(15)).await;
     assert!(st.success(), "{}", agent.log());
     // Not the 15 s of the Vault request: the revocation of the cached token
-    // (which hangs too) is cut at its budget.
-    let limit = node_agent::ca::vault::SHUTDOWN_REVOKE_BUDGET + Duration::from_millis(1500);
+    // (which hangs too) is cut at its budget (2 s).
+    let limit = Duration::from_secs(4);
     assert!(
         t.elapsed() < limit,
         "shutdown took {:?}\n{}",
