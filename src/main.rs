@@ -19,10 +19,11 @@ use node_agent::config::{Config, ConfigError};
     about,
     after_help = "Every other setting is an environment variable, with Istio 1.1's names:\n  \
         CA_PROVIDER (VaultCA | LocalCA), CA_ADDR, VAULT_ADDR, VAULT_AUTH_PATH, VAULT_ROLE,\n  \
-        VAULT_SIGN_CSR_PATH, VAULT_TLS_ROOT_CERT, VAULT_NAMESPACE, VAULT_CONNECT_TIMEOUT,\n  \
-        VAULT_REQUEST_TIMEOUT, TRUST_DOMAIN, KEY_TYPE, SECRET_TTL, SECRET_GRACE_PERIOD_RATIO,\n  \
-        SECRET_GRACE_PERIOD_RATIO_JITTER, CA_MAX_CONCURRENCY, SECRET_EVICTION_PERIOD,\n  \
-        LOCAL_CA_DIR, WORKLOAD_TOKEN_PATH, STATUS_ADDR, LOG_LEVEL, LOG_FORMAT.\nSee README.md for their meaning and defaults."
+        VAULT_SIGN_CSR_PATH, VAULT_PKI_MOUNT, VAULT_TLS_ROOT_CERT, VAULT_NAMESPACE,\n  \
+        VAULT_CONNECT_TIMEOUT, VAULT_REQUEST_TIMEOUT, TRUST_DOMAIN, KEY_TYPE, SECRET_TTL,\n  \
+        SECRET_GRACE_PERIOD_RATIO, SECRET_GRACE_PERIOD_RATIO_JITTER, CA_MAX_CONCURRENCY,\n  \
+        SECRET_EVICTION_PERIOD, LOCAL_CA_DIR, WORKLOAD_TOKEN_PATH, STATUS_ADDR, LOG_LEVEL,\n  \
+        LOG_FORMAT.\nSee README.md for their meaning and defaults."
 )]
 struct Args {
     /// SDS Unix socket path [env: WORKLOAD_UDS_PATH] [default: /var/run/sds/uds_path]
