@@ -138,6 +138,9 @@ mod tests {
         async fn trust_roots(&self) -> Result<Vec<String>, CaError> {
             Err(CaError::BadAnswer("garbage".into()))
         }
+        fn invalidate(&self, _: &Authorization) {}
+        async fn release(&self, _: &Credential) {}
+        async fn shutdown(&self) {}
     }
 
     #[tokio::test]
