@@ -47,6 +47,9 @@ pub struct CaFailure {
     /// Set when the agent refused the credential itself (an expired JWT),
     /// without asking the CA.
     credential: Option<IdentityError>,
+    /// Set when the CA refused the token a call was made with (not a login's
+    /// credential, not the request itself).
+    token_refused: bool,
 }
 
 impl CaFailure {
@@ -57,6 +60,7 @@ impl CaFailure {
             status: None,
             errors: Vec::new(),
             credential: None,
+            token_refused: false,
         }
     }
 
@@ -79,6 +83,19 @@ impl CaFailure {
 
     pub fn message(&self) -> &str {
         &self.message
+    }
+
+    /// The HTTP status the CA answered, if it answered one.
+    pub fn status(&self) -> Option<u16> {
+        self.status
+    }
+
+    /// Marks the failure as the CA refusing the token the call carried.
+    pub fn token_refused(self) -> Self {
+        Self {
+            token_refused: true,
+            ..self
+        }
     }
 
     /// The same facts with the message wrapped by `f` (adding where it failed).
@@ -139,12 +156,13 @@ impl CaError {
         matches!(self, CaError::RecentlyRejected(_))
     }
 
-    /// The CA refused the token it was given (HTTP 403: revoked, expired,
-    /// or its policy no longer allows the call), freshly, not from memory.
-    /// A new login may help: [`CaClient::invalidate`] the authorization and
-    /// log in once more.
+    /// The CA refused the token a sign was made with (for Vault: HTTP 403,
+    /// the token revoked, expired, or its policy no longer allows the call),
+    /// freshly, not from memory. A new login may help: [`CaClient::invalidate`]
+    /// the authorization and log in once more. (A login refused is not this:
+    /// see [`CaError::is_rejection`].)
     pub fn is_token_refused(&self) -> bool {
-        matches!(self, CaError::Rejected(f) if f.status == Some(403))
+        matches!(self, CaError::Rejected(f) if f.token_refused)
     }
 
     pub fn message(&self) -> &str {
@@ -260,11 +278,9 @@ mod tests {
 
     #[test]
     fn errors_carry_status_and_vault_errors_as_data() {
-        let e = CaError::Rejected(CaFailure::http(
-            "sign refused",
-            403,
-            vec!["permission denied".into()],
-        ));
+        let e = CaError::Rejected(
+            CaFailure::http("sign refused", 403, vec!["permission denied".into()]).token_refused(),
+        );
         assert!(e.is_rejection() && !e.is_transient() && !e.is_repeat());
         assert!(e.is_token_refused());
         assert_eq!(e.status(), Some(403));
@@ -277,8 +293,11 @@ mod tests {
         // A 400 (the role refuses the CSR) is a rejection a new token cannot fix.
         let e = CaError::Rejected(CaFailure::http("bad", 400, vec![]));
         assert!(e.is_rejection() && !e.is_token_refused());
+        // A login refused with 403 refused the credential, not a token.
+        let e = CaError::Rejected(CaFailure::http("login", 403, vec![]));
+        assert!(e.is_rejection() && !e.is_token_refused());
         // Answered from memory: not a fresh refusal of the token.
-        let e = CaError::RecentlyRejected(CaFailure::http("again", 403, vec![]));
+        let e = CaError::RecentlyRejected(CaFailure::http("again", 403, vec![]).token_refused());
         assert!(e.is_rejection() && e.is_repeat() && !e.is_token_refused());
 
         let e = CaError::unavailable("down");

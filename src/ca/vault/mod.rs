@@ -164,7 +164,11 @@ impl CaClient for VaultCa {
         {
             Ok(v) => v,
             Err(CaError::Rejected(f) | CaError::RecentlyRejected(f)) => {
-                let f = f.map_message(|m| format!("Vault at {addr} refused to sign: {m}"));
+                let token_refused = f.status() == Some(403);
+                let mut f = f.map_message(|m| format!("Vault at {addr} refused to sign: {m}"));
+                if token_refused {
+                    f = f.token_refused();
+                }
                 self.logins.note_sign_rejection(auth, &f);
                 return Err(CaError::Rejected(f));
             }
