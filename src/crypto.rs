@@ -497,9 +497,13 @@ mod tests {
                 key.public_key_der(),
                 "{kt}: the CSR carries our public key"
             );
-            assert!(
-                key.pkcs8_pem().starts_with("-----BEGIN PRIVATE KEY-----"),
-                "{kt}: PKCS#8"
+            // The PEM Envoy gets is a PKCS#8 key whose public half is the CSR's.
+            let der = pem_der(key.pkcs8_pem(), "PRIVATE KEY");
+            let reloaded = KeyPair::try_from(der.as_slice()).expect("a PKCS#8 DER key");
+            assert_eq!(
+                rcgen::PublicKeyData::subject_public_key_info(&reloaded),
+                spki,
+                "{kt}: the PKCS#8 key is the CSR's"
             );
         }
     }
