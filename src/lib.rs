@@ -4,11 +4,13 @@
 //! [`secrets`] manager (cache per identity, one fetch in flight) →
 //! [`ca`] providers (local, Vault) → [`crypto`] (keys, CSR, checks).
 //! [`identity`] turns a workload's JWT into its SPIFFE ID. [`status`] serves
-//! health, [`metrics`] and debug pages over HTTP.
+//! health, [`metrics`] and debug pages over HTTP. [`cli`] holds the operator
+//! subcommands (`vault-setup`, `fetch`).
 
 pub mod agent;
 pub mod backoff;
 pub mod ca;
+pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod duration;

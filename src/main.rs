@@ -1,5 +1,6 @@
 //! The `node-agent` binary: settings from the environment (Istio 1.1's names)
 //! and a few flags; logs to stderr; stops cleanly on SIGTERM or SIGINT.
+//! The operator subcommands (`vault-setup`, `fetch`) live in `node_agent::cli`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,10 +14,12 @@ use node_agent::config::{Config, ConfigError};
 
 /// Serves Envoy's SDS with workload certificates signed by Vault/OpenBao or a
 /// local CA. Every setting is an environment variable; see README.md.
+/// Without a subcommand it runs the agent.
 #[derive(Parser, Debug)]
 #[command(
     version,
     about,
+    args_conflicts_with_subcommands = true,
     after_help = "Every other setting is an environment variable, with Istio 1.1's names:\n  \
         CA_PROVIDER (VaultCA | LocalCA), CA_ADDR, VAULT_ADDR, VAULT_AUTH_PATH, VAULT_ROLE,\n  \
         VAULT_SIGN_CSR_PATH, VAULT_PKI_MOUNT, VAULT_TLS_ROOT_CERT, VAULT_NAMESPACE,\n  \
@@ -38,10 +41,16 @@ struct Args {
     /// [env: STATUS_ADDR] [default: 0.0.0.0:15020]
     #[arg(long = "status-addr", value_name = "IP:PORT")]
     status_addr: Option<String>,
+
+    #[command(subcommand)]
+    command: Option<node_agent::cli::Command>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(command) = args.command {
+        return node_agent::cli::run(command);
+    }
     let config = init_logging()
         .and_then(|()| Config::from_env(args.workload_uds_path))
         .and_then(|mut c| {

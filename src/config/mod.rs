@@ -241,7 +241,8 @@ pub const NO_CA_CHOSEN: &str =
      VAULT_AUTH_PATH, VAULT_ROLE and VAULT_SIGN_CSR_PATH (production), or CA_PROVIDER=LocalCA for \
      development only (it issues any identity to any caller)";
 
-fn validate_trust_domain(td: &str) -> Result<(), String> {
+/// Checks a SPIFFE trust domain (`TRUST_DOMAIN`, and `vault-setup --trust-domain`).
+pub fn validate_trust_domain(td: &str) -> Result<(), String> {
     let ok = !td.is_empty()
         && td.len() <= 255
         && td

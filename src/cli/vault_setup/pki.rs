@@ -1,0 +1,461 @@
+//! The CA side: the PKI mount, its issuer (a generated root or an imported
+//! intermediate), the role that signs workload CSRs, and the policy that
+//! allows exactly that.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+use x509_parser::prelude::*;
+use zeroize::Zeroizing;
+
+use super::client::{SetupError, VaultAdmin, Written};
+use super::desired::{Desired, Want};
+use super::object::Object;
+use super::report::{Outcome, Report};
+use crate::cli::show_duration;
+use crate::crypto::KeyType;
+
+/// Where the mount's CA comes from.
+pub enum CaSource {
+    /// A root generated inside Vault (its key never leaves it).
+    Generate {
+        common_name: String,
+        ttl: Duration,
+        key_type: KeyType,
+    },
+    /// An intermediate (or root) whose key and certificate the operator holds.
+    Bundle(CaBundle),
+}
+
+/// A `--ca-bundle` file, checked.
+pub struct CaBundle {
+    path: PathBuf,
+    pem: Zeroizing<String>,
+    /// Serial of the issuing certificate (the first), as hex without separators.
+    serial: String,
+    subject: String,
+    certs: usize,
+}
+
+/// Lowercase hex without separators or leading zeros, so that Vault's
+/// `24:aa:...` and x509-parser's spelling compare equal.
+fn norm_serial(s: &str) -> String {
+    let hex: String = s
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let trimmed = hex.trim_start_matches('0');
+    if trimmed.is_empty() {
+        "0".into()
+    } else {
+        trimmed.into()
+    }
+}
+
+impl CaBundle {
+    /// Reads and checks the bundle: one private key, then the issuing CA
+    /// certificate and its chain, each signed by the next, ending with a
+    /// self-signed root (agents serve that root as `ROOTCA`).
+    pub fn load(path: &Path) -> Result<Self, SetupError> {
+        let what = format!("--ca-bundle {}", path.display());
+        let bad = |r: String| SetupError::usage(&what, r);
+        let pem = Zeroizing::new(
+            std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read: {e}")))?,
+        );
+        let mut keys = 0;
+        let mut ders = Vec::new();
+        for block in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
+            let block = block.map_err(|e| bad(format!("malformed PEM: {e}")))?;
+            match block.label.as_str() {
+                "CERTIFICATE" => ders.push(block.contents),
+                l if l.ends_with("PRIVATE KEY") => keys += 1,
+                other => return Err(bad(format!("unexpected PEM block {other:?}"))),
+            }
+        }
+        if keys != 1 {
+            return Err(bad(format!(
+                "must hold exactly one private key (the CA's), found {keys}"
+            )));
+        }
+        let certs: Vec<X509Certificate<'_>> = ders
+            .iter()
+            .map(|d| {
+                X509Certificate::from_der(d)
+                    .map(|(_, c)| c)
+                    .map_err(|e| bad(format!("not an X.509 certificate: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        let Some(first) = certs.first() else {
+            return Err(bad("holds no certificate".into()));
+        };
+        if !first.is_ca() {
+            return Err(bad(format!(
+                "its first certificate ({}) is not a CA certificate",
+                first.subject()
+            )));
+        }
+        for pair in certs.windows(2) {
+            if pair[0]
+                .verify_signature(Some(pair[1].public_key()))
+                .is_err()
+            {
+                return Err(bad(format!(
+                    "{} is not signed by the next certificate, {}; order them from the CA up to the root",
+                    pair[0].subject(),
+                    pair[1].subject()
+                )));
+            }
+        }
+        let last = certs.last().expect("at least one");
+        if last.subject() != last.issuer() || last.verify_signature(None).is_err() {
+            return Err(bad(format!(
+                "the chain ends with {}, issued by {}; add the root certificate at the end, \
+                 so that agents can serve it as ROOTCA",
+                last.subject(),
+                last.issuer()
+            )));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            serial: norm_serial(&first.raw_serial_as_string()),
+            subject: first.subject().to_string(),
+            certs: certs.len(),
+            pem,
+        })
+    }
+}
+
+/// Makes the PKI mount exist with the max lease TTL; returns true when it
+/// was created by this run.
+pub async fn ensure_mount(
+    v: &VaultAdmin,
+    report: &mut Report,
+    path: &str,
+    max_lease_ttl: Duration,
+) -> Result<bool, SetupError> {
+    let what = format!("PKI mount {path}/");
+    let ttl = show_duration(max_lease_ttl);
+    let mounts = v.read("sys/mounts").await?.unwrap_or_default();
+    let mounts = if mounts["data"].is_object() {
+        &mounts["data"]
+    } else {
+        &mounts
+    };
+    let Some(mount) = mounts.get(format!("{path}/")) else {
+        let body = json!({
+            "type": "pki",
+            "description": "mesh workload CA (node-agent vault-setup)",
+            "config": { "max_lease_ttl": format!("{}s", max_lease_ttl.as_secs()) },
+        });
+        v.write(&format!("sys/mounts/{path}"), &body, &body).await?;
+        report.item(Outcome::Created, what, format!("max lease TTL {ttl}"));
+        return Ok(true);
+    };
+    let found = mount["type"].as_str().unwrap_or("unknown");
+    if found != "pki" {
+        return Err(SetupError::WrongType {
+            what: "a secrets engine",
+            path: path.into(),
+            found: found.into(),
+            wanted: "pki",
+            flag: "--pki-path",
+        });
+    }
+    let desired = Desired::new().with("max_lease_ttl", Want::Duration(max_lease_ttl));
+    let changes = desired.diff(&mount["config"]);
+    if changes.is_empty() {
+        report.item(Outcome::Unchanged, what, format!("max lease TTL {ttl}"));
+    } else {
+        let c = &changes[0];
+        v.write(
+            &format!("sys/mounts/{path}/tune"),
+            &desired.body(),
+            &desired.shown(),
+        )
+        .await?;
+        report.item(
+            Outcome::Updated,
+            what,
+            format!("max lease TTL {} -> {}", c.from, c.to),
+        );
+    }
+    Ok(false)
+}
+
+/// One issuer of the mount, from `LIST <pki>/issuers`.
+struct Issuer {
+    id: String,
+    serial: String,
+    has_key: bool,
+    is_default: bool,
+}
+
+async fn issuers(v: &VaultAdmin, pki: &str) -> Result<Vec<Issuer>, SetupError> {
+    let Some(list) = v.list(&format!("{pki}/issuers")).await? else {
+        return Ok(Vec::new());
+    };
+    let info = &list["data"]["key_info"];
+    Ok(list["data"]["keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|k| k.as_str())
+        .map(|id| {
+            let i = &info[id];
+            Issuer {
+                id: id.to_string(),
+                serial: norm_serial(i["serial_number"].as_str().unwrap_or_default()),
+                has_key: !i["key_id"].as_str().unwrap_or_default().is_empty(),
+                is_default: i["is_default"].as_bool().unwrap_or(false),
+            }
+        })
+        .collect())
+}
+
+/// Gives the mount its CA: generates a root in an empty mount (an existing
+/// CA is never replaced), or imports the bundle and makes it the default
+/// issuer (earlier issuers stay, so certificates they signed still verify).
+pub async fn ensure_ca(
+    v: &VaultAdmin,
+    report: &mut Report,
+    pki: &str,
+    ca: &CaSource,
+    mount_fresh: bool,
+) -> Result<(), SetupError> {
+    let existing = if mount_fresh && v.dry_run() {
+        Vec::new()
+    } else {
+        issuers(v, pki).await?
+    };
+    match ca {
+        CaSource::Generate {
+            common_name,
+            ttl,
+            key_type,
+        } => {
+            let what = format!("root CA of {pki}/");
+            if let Some(default) = existing.iter().find(|i| i.is_default).or(existing.first()) {
+                report.item(
+                    Outcome::Unchanged,
+                    what,
+                    format!(
+                        "the mount has {} issuer(s), default serial {}; a root is generated only in an empty mount",
+                        existing.len(),
+                        default.serial
+                    ),
+                );
+                return Ok(());
+            }
+            let (kt, bits) = match key_type {
+                KeyType::EcP256 => ("ec", 256),
+                KeyType::EcP384 => ("ec", 384),
+                KeyType::Rsa2048 => ("rsa", 2048),
+                KeyType::Rsa3072 => ("rsa", 3072),
+                KeyType::Rsa4096 => ("rsa", 4096),
+            };
+            let body = json!({
+                "common_name": common_name,
+                "ttl": format!("{}s", ttl.as_secs()),
+                "key_type": kt,
+                "key_bits": bits,
+            });
+            let answer = v
+                .write(&format!("{pki}/root/generate/internal"), &body, &body)
+                .await?;
+            let serial = match answer {
+                Written::Sent(a) => format!(
+                    ", serial {}",
+                    a["data"]["serial_number"].as_str().unwrap_or("?")
+                ),
+                Written::DryRun => String::new(),
+            };
+            report.item(
+                Outcome::Created,
+                what,
+                format!(
+                    "{common_name:?}, {key_type}, valid {}{serial}",
+                    show_duration(*ttl)
+                ),
+            );
+            Ok(())
+        }
+        CaSource::Bundle(b) => {
+            let what = format!("CA of {pki}/ from {}", b.path.display());
+            let detail = |s: &str| format!("{s}{}, serial {}", b.subject, b.serial);
+            if let Some(i) = existing.iter().find(|i| i.serial == b.serial && i.has_key) {
+                if i.is_default {
+                    report.item(Outcome::Unchanged, what, detail("default issuer "));
+                } else {
+                    set_default(v, pki, &i.id).await?;
+                    report.item(Outcome::Updated, what, detail("made the default issuer: "));
+                }
+                return Ok(());
+            }
+            let shown = json!({ "pem_bundle": format!(
+                "<redacted: private key and {} certificate(s) from {}>",
+                b.certs,
+                b.path.display()
+            ) });
+            let body = json!({ "pem_bundle": b.pem.as_str() });
+            let imported = v
+                .write(&format!("{pki}/issuers/import/bundle"), &body, &shown)
+                .await?;
+            let id = match imported {
+                Written::DryRun => "<id of the imported issuer>".to_string(),
+                Written::Sent(_) => issuers(v, pki)
+                    .await?
+                    .into_iter()
+                    .find(|i| i.serial == b.serial && i.has_key)
+                    .map(|i| i.id)
+                    .ok_or_else(|| {
+                        SetupError::Conflict(format!(
+                            "after importing {} into {pki}/, no issuer with serial {} has a key: \
+                             the bundle's private key does not belong to its first certificate",
+                            b.path.display(),
+                            b.serial
+                        ))
+                    })?,
+            };
+            set_default(v, pki, &id).await?;
+            let outcome = if existing.is_empty() {
+                Outcome::Created
+            } else {
+                Outcome::Updated
+            };
+            let note = if existing.is_empty() {
+                ""
+            } else {
+                "; the earlier issuers stay, so what they signed still verifies"
+            };
+            report.item(
+                outcome,
+                what,
+                detail(&format!("imported as default issuer{note}: ")),
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn set_default(v: &VaultAdmin, pki: &str, id: &str) -> Result<(), SetupError> {
+    let body = json!({ "default": id });
+    v.write(&format!("{pki}/config/issuers"), &body, &body)
+        .await
+        .map(drop)
+}
+
+/// The URI SAN template that binds a certificate to the service account of
+/// the login: Vault fills it in from the login's entity alias of the auth
+/// mount `accessor` (both `kubernetes` and the `jwt` role's claim_mappings
+/// set these metadata keys).
+pub fn uri_san_template(trust_domain: &str, accessor: &str) -> String {
+    let alias = format!("identity.entity.aliases.{accessor}.metadata");
+    format!(
+        "spiffe://{trust_domain}/ns/{{{{{alias}.service_account_namespace}}}}/sa/{{{{{alias}.service_account_name}}}}"
+    )
+}
+
+/// The PKI role: signs CSRs whose only SAN is the caller's own SPIFFE ID.
+#[allow(clippy::too_many_arguments)]
+pub async fn ensure_role(
+    v: &VaultAdmin,
+    report: &mut Report,
+    pki: &str,
+    role: &str,
+    trust_domain: &str,
+    accessor: Option<&str>,
+    max_ttl: Duration,
+    mount_fresh: bool,
+) -> Result<Outcome, SetupError> {
+    let accessor = accessor.unwrap_or("<accessor of the auth method, known once it is enabled>");
+    let desired = Desired::new()
+        .list(
+            "allowed_uri_sans",
+            &[uri_san_template(trust_domain, accessor)],
+        )
+        .bool("allowed_uri_sans_template", true)
+        // No other name of any kind.
+        .bool("allow_any_name", false)
+        .bool("allow_localhost", false)
+        .bool("allow_bare_domains", false)
+        .bool("allow_subdomains", false)
+        .bool("allow_glob_domains", false)
+        .bool("allow_wildcard_certificates", false)
+        .bool("allow_ip_sans", false)
+        .list::<&str>("allowed_domains", &[])
+        .list::<&str>("allowed_other_sans", &[])
+        .bool("require_cn", false)
+        .bool("use_csr_common_name", false)
+        .bool("use_csr_sans", true)
+        .str("key_type", "any")
+        .bool("server_flag", true)
+        .bool("client_flag", true)
+        .bool("no_store", true)
+        .with("max_ttl", Want::Duration(max_ttl))
+        .str("issuer_ref", "default");
+    Object {
+        what: format!("PKI role {pki}/roles/{role}"),
+        path: format!("{pki}/roles/{role}"),
+        desired: &desired,
+        fresh: mount_fresh,
+        rewrite_secrets: false,
+    }
+    .ensure(v, report)
+    .await
+}
+
+/// The text of the policy: `update` on the sign path, nothing else.
+pub fn policy_text(sign_path: &str) -> String {
+    format!(
+        "# node-agent: a workload's token may only have its CSR signed by the mesh PKI role.\n\
+         path \"{sign_path}\" {{\n  capabilities = [\"update\"]\n}}\n"
+    )
+}
+
+pub async fn ensure_policy(
+    v: &VaultAdmin,
+    report: &mut Report,
+    name: &str,
+    sign_path: &str,
+) -> Result<Outcome, SetupError> {
+    let desired = Desired::new().str("policy", policy_text(sign_path));
+    Object {
+        what: format!("policy {name}"),
+        path: format!("sys/policies/acl/{name}"),
+        desired: &desired,
+        fresh: false,
+        rewrite_secrets: false,
+    }
+    .ensure(v, report)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_names_both_alias_fields() {
+        assert_eq!(
+            uri_san_template("cluster.local", "auth_kubernetes_1"),
+            "spiffe://cluster.local/ns/{{identity.entity.aliases.auth_kubernetes_1.metadata.service_account_namespace}}\
+             /sa/{{identity.entity.aliases.auth_kubernetes_1.metadata.service_account_name}}"
+        );
+    }
+
+    #[test]
+    fn serials_compare_across_spellings() {
+        assert_eq!(norm_serial("04:5C:08"), norm_serial("45c08"));
+        assert_eq!(norm_serial("00"), "0");
+    }
+
+    #[test]
+    fn policy_allows_only_update_on_the_sign_path() {
+        let p = policy_text("istio_ca/sign/istio-pki-role");
+        assert!(p.contains("path \"istio_ca/sign/istio-pki-role\""));
+        assert!(p.contains("capabilities = [\"update\"]"));
+        assert_eq!(p.matches("path ").count(), 1);
+    }
+}
