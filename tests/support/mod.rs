@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod bao;
+pub mod cli;
 pub mod envoy;
 pub mod k8s;
 pub mod mesh;

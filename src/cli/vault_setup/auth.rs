@@ -195,43 +195,54 @@ pub struct Method {
     pub fresh: bool,
 }
 
+fn find(table: &serde_json::Value, path: &str) -> Option<serde_json::Value> {
+    let table = if table["data"].is_object() {
+        &table["data"]
+    } else {
+        table
+    };
+    table.get(format!("{path}/")).cloned()
+}
+
+/// The auth method at `path` in the `sys/auth` table, checked to be of the
+/// wanted type; `None` when there is none.
+pub fn existing_method(
+    table: &serde_json::Value,
+    path: &str,
+    spec: &AuthSpec,
+) -> Result<Option<serde_json::Value>, SetupError> {
+    let Some(m) = find(table, path) else {
+        return Ok(None);
+    };
+    let found = m["type"].as_str().unwrap_or("unknown");
+    if found != spec.method() {
+        return Err(SetupError::WrongType {
+            what: "an auth method",
+            path: format!("auth/{path}"),
+            found: found.into(),
+            wanted: spec.method(),
+            flag: "--auth-path",
+        });
+    }
+    Ok(Some(m))
+}
+
 pub async fn ensure_method(
     v: &VaultAdmin,
     report: &mut Report,
     path: &str,
+    existing: Option<&serde_json::Value>,
     spec: &AuthSpec,
 ) -> Result<Method, SetupError> {
     let kind = spec.method();
     let what = format!("auth method {kind} at auth/{path}/");
-    let find = |auths: &serde_json::Value| {
-        let auths = if auths["data"].is_object() {
-            &auths["data"]
-        } else {
-            auths
-        };
-        auths.get(format!("{path}/")).cloned()
-    };
-    let auths = v.read("sys/auth").await?.unwrap_or_default();
-    let fresh = match find(&auths) {
-        Some(m) => {
-            let found = m["type"].as_str().unwrap_or("unknown");
-            if found != kind {
-                return Err(SetupError::WrongType {
-                    what: "an auth method",
-                    path: format!("auth/{path}"),
-                    found: found.into(),
-                    wanted: kind,
-                    flag: "--auth-path",
-                });
-            }
-            report.item(Outcome::Unchanged, &what, "");
-            return Ok(Method {
-                accessor: m["accessor"].as_str().map(String::from),
-                fresh: false,
-            });
-        }
-        None => true,
-    };
+    if let Some(m) = existing {
+        report.item(Outcome::Unchanged, &what, "");
+        return Ok(Method {
+            accessor: m["accessor"].as_str().map(String::from),
+            fresh: false,
+        });
+    }
     let body = json!({ "type": kind, "description": "mesh workloads (node-agent vault-setup)" });
     v.write(&format!("sys/auth/{path}"), &body, &body).await?;
     report.item(Outcome::Created, &what, "");
@@ -239,14 +250,17 @@ pub async fn ensure_method(
         None
     } else {
         let auths = v.read("sys/auth").await?.unwrap_or_default();
-        let accessor = find(&auths).and_then(|m| m["accessor"].as_str().map(String::from));
+        let accessor = find(&auths, path).and_then(|m| m["accessor"].as_str().map(String::from));
         Some(accessor.ok_or_else(|| {
             SetupError::Conflict(format!(
                 "auth/{path}/ was enabled but sys/auth does not list its accessor"
             ))
         })?)
     };
-    Ok(Method { accessor, fresh })
+    Ok(Method {
+        accessor,
+        fresh: true,
+    })
 }
 
 pub async fn ensure_config(

@@ -229,9 +229,13 @@ fn show_list(v: &[String]) -> String {
 
 fn show_str(s: &str) -> String {
     if s.is_empty() {
-        "\"\"".into()
+        return "\"\"".into();
+    }
+    let s = shorten(&crate::cli::one_line(s));
+    if s.chars().count() > 80 {
+        format!("{}...", s.chars().take(77).collect::<String>())
     } else {
-        shorten(s)
+        s
     }
 }
 

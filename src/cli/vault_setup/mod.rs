@@ -238,11 +238,29 @@ async fn setup(args: Args) -> Result<(), SetupError> {
         eprintln!("configuring Vault at {}", v.addr());
     }
     v.check_token().await?;
+    // Mounts of the wrong type stop the run before anything is changed.
+    let mounts = v.read("sys/mounts").await?.unwrap_or_default();
+    let pki_mount = pki::existing_mount(&mounts, &plan.pki_path)?;
+    let auths = v.read("sys/auth").await?.unwrap_or_default();
+    let auth_mount = auth::existing_method(&auths, &plan.auth_path, &plan.auth)?;
 
-    let mount_fresh =
-        pki::ensure_mount(v, &mut report, &plan.pki_path, plan.pki_max_lease_ttl).await?;
+    let mount_fresh = pki::ensure_mount(
+        v,
+        &mut report,
+        &plan.pki_path,
+        pki_mount.as_ref(),
+        plan.pki_max_lease_ttl,
+    )
+    .await?;
     pki::ensure_ca(v, &mut report, &plan.pki_path, &plan.ca, mount_fresh).await?;
-    let method = auth::ensure_method(v, &mut report, &plan.auth_path, &plan.auth).await?;
+    let method = auth::ensure_method(
+        v,
+        &mut report,
+        &plan.auth_path,
+        auth_mount.as_ref(),
+        &plan.auth,
+    )
+    .await?;
     auth::ensure_config(v, &mut report, &plan.auth_path, &plan.auth, method.fresh).await?;
     pki::ensure_role(
         v,

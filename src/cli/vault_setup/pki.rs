@@ -127,31 +127,19 @@ impl CaBundle {
     }
 }
 
-/// Makes the PKI mount exist with the max lease TTL; returns true when it
-/// was created by this run.
-pub async fn ensure_mount(
-    v: &VaultAdmin,
-    report: &mut Report,
+/// The mount at `path` in the `sys/mounts` table, checked to be a PKI
+/// mount; `None` when there is none.
+pub fn existing_mount(
+    table: &serde_json::Value,
     path: &str,
-    max_lease_ttl: Duration,
-) -> Result<bool, SetupError> {
-    let what = format!("PKI mount {path}/");
-    let ttl = show_duration(max_lease_ttl);
-    let mounts = v.read("sys/mounts").await?.unwrap_or_default();
-    let mounts = if mounts["data"].is_object() {
-        &mounts["data"]
+) -> Result<Option<serde_json::Value>, SetupError> {
+    let table = if table["data"].is_object() {
+        &table["data"]
     } else {
-        &mounts
+        table
     };
-    let Some(mount) = mounts.get(format!("{path}/")) else {
-        let body = json!({
-            "type": "pki",
-            "description": "mesh workload CA (node-agent vault-setup)",
-            "config": { "max_lease_ttl": format!("{}s", max_lease_ttl.as_secs()) },
-        });
-        v.write(&format!("sys/mounts/{path}"), &body, &body).await?;
-        report.item(Outcome::Created, what, format!("max lease TTL {ttl}"));
-        return Ok(true);
+    let Some(mount) = table.get(format!("{path}/")) else {
+        return Ok(None);
     };
     let found = mount["type"].as_str().unwrap_or("unknown");
     if found != "pki" {
@@ -163,6 +151,30 @@ pub async fn ensure_mount(
             flag: "--pki-path",
         });
     }
+    Ok(Some(mount.clone()))
+}
+
+/// Makes the PKI mount exist with the max lease TTL; returns true when it
+/// was created by this run.
+pub async fn ensure_mount(
+    v: &VaultAdmin,
+    report: &mut Report,
+    path: &str,
+    existing: Option<&serde_json::Value>,
+    max_lease_ttl: Duration,
+) -> Result<bool, SetupError> {
+    let what = format!("PKI mount {path}/");
+    let ttl = show_duration(max_lease_ttl);
+    let Some(mount) = existing else {
+        let body = json!({
+            "type": "pki",
+            "description": "mesh workload CA (node-agent vault-setup)",
+            "config": { "max_lease_ttl": format!("{}s", max_lease_ttl.as_secs()) },
+        });
+        v.write(&format!("sys/mounts/{path}"), &body, &body).await?;
+        report.item(Outcome::Created, what, format!("max lease TTL {ttl}"));
+        return Ok(true);
+    };
     let desired = Desired::new().with("max_lease_ttl", Want::Duration(max_lease_ttl));
     let changes = desired.diff(&mount["config"]);
     if changes.is_empty() {
@@ -187,7 +199,9 @@ pub async fn ensure_mount(
 /// One issuer of the mount, from `LIST <pki>/issuers`.
 struct Issuer {
     id: String,
+    /// Normalised (see [`norm_serial`]) and as Vault shows it.
     serial: String,
+    shown_serial: String,
     has_key: bool,
     is_default: bool,
 }
@@ -207,6 +221,7 @@ async fn issuers(v: &VaultAdmin, pki: &str) -> Result<Vec<Issuer>, SetupError> {
             Issuer {
                 id: id.to_string(),
                 serial: norm_serial(i["serial_number"].as_str().unwrap_or_default()),
+                shown_serial: i["serial_number"].as_str().unwrap_or_default().to_string(),
                 has_key: !i["key_id"].as_str().unwrap_or_default().is_empty(),
                 is_default: i["is_default"].as_bool().unwrap_or(false),
             }
@@ -243,7 +258,7 @@ pub async fn ensure_ca(
                     format!(
                         "the mount has {} issuer(s), default serial {}; a root is generated only in an empty mount",
                         existing.len(),
-                        default.serial
+                        default.shown_serial
                     ),
                 );
                 return Ok(());
