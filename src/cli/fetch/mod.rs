@@ -133,11 +133,13 @@ fn code_name(code: Code) -> &'static str {
 
 impl FetchError {
     fn from_status(s: tonic::Status, socket: &std::path::Path, had_token: bool) -> Self {
-        // A status made by the transport, not by the agent.
-        if s.code() == Code::Unknown
-            || (s.code() == Code::Unavailable && s.message().contains("transport"))
-        {
-            return FetchError::Transport(socket.to_path_buf(), one_line(s.message()));
+        // A status made by the client's transport (it carries the error that
+        // caused it), not one the agent sent.
+        if let Some(cause) = std::error::Error::source(&s) {
+            return FetchError::Transport(
+                socket.to_path_buf(),
+                one_line(&format!("{}: {}", s.message(), client::error_chain(cause))),
+            );
         }
         let hint = if s.code() == Code::Unauthenticated && !had_token {
             " (pass the workload's JWT with --token FILE)"
