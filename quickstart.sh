@@ -9,8 +9,10 @@
 #
 #   dev_k8s token-review   stand-in for the kube-apiserver's TokenReview API
 #                          (examples/dev_k8s.rs; not part of node-agent)
-#   bao server -dev-tls    a real OpenBao, configured as in the tutorial:
-#                          PKI at istio_ca, kubernetes auth role istio-cert
+#   bao server -dev-tls    a real OpenBao, configured by `node-agent
+#                          vault-setup` with the tutorial's names (PKI at
+#                          istio_ca, kubernetes auth role istio-cert), each
+#                          certificate bound to the caller's service account
 #   node-agent             serves SDS on a Unix socket; logs in to OpenBao
 #                          with each workload's service-account JWT and has
 #                          it sign the workload's certificate
@@ -19,6 +21,7 @@
 #   client Envoy (intruder) a service account the istio-cert role does not
 #                          allow: OpenBao refuses it, so it gets no certificate
 #
+# It ends with `node-agent fetch`, showing what the sleep Envoy was given.
 # The Envoy configs are templates in scripts/quickstart/*.yaml.
 set -euo pipefail
 
@@ -26,7 +29,7 @@ KEEP=0
 for arg in "$@"; do
   case "$arg" in
     --keep) KEEP=1 ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -162,7 +165,7 @@ done
 info "minted tokens for default/httpbin, default/sleep, default/intruder in $TMP/tokens/"
 
 # ---------------------------------------------------------------------------
-step "4/8 Starting OpenBao (dev mode, TLS) and configuring it as in the tutorial"
+step "4/8 Starting OpenBao (dev mode, TLS) and configuring it with node-agent vault-setup"
 # ---------------------------------------------------------------------------
 start "OpenBao" "$TMP/bao/server.log" env -u BAO_ADDR -u VAULT_ADDR \
   bao server -dev -dev-tls -dev-root-token-id=root \
@@ -173,59 +176,34 @@ export BAO_TOKEN=root
 wait_for "OpenBao" 30 bao status || { tail -20 "$TMP/bao/server.log" >&2; die "OpenBao did not come up"; }
 info "OpenBao is up at $BAO_ADDR"
 
-# b CMD...: runs `bao CMD...`, echoing it (long values shortened).
-b() {
-  local shown=() a
-  for a in "$@"; do
-    if [ ${#a} -gt 70 ]; then shown+=("${a:0:40}..."); else shown+=("$a"); fi
-  done
-  printf '    $ bao %s\n' "${shown[*]}"
-  bao "$@" >>"$TMP/bao/cli.log" 2>&1 || { tail -5 "$TMP/bao/cli.log" >&2; die "bao $1 $2 failed"; }
-}
-# The CA: a PKI secrets engine at istio_ca with a self-signed root...
-b secrets enable -path=istio_ca pki
-b secrets tune -max-lease-ttl=87600h istio_ca
-b write -field=certificate istio_ca/root/generate/internal \
-  common_name=istio-ca.quickstart.local ttl=87600h
-# ...and a role that signs CSRs carrying a SPIFFE URI SAN as they are.
-b write istio_ca/roles/istio-pki-role allow_any_name=true require_cn=false \
-  allowed_uri_sans="spiffe://*" use_csr_sans=true use_csr_common_name=false \
-  enforce_hostnames=false key_type=any max_ttl=24h
-# A login gets a token with this policy: allowed to sign with that role.
-b policy write istio-cert-policy - <<'EOF'
-path "istio_ca/sign/istio-pki-role" {
-  capabilities = ["create", "update"]
-}
-EOF
-# Kubernetes auth: OpenBao checks each login JWT with a TokenReview at
-# kubernetes_host, authenticating itself with its own reviewer JWT.
-# (kubernetes_ca_cert is required with disable_local_ca_jwt even though the
-# stand-in speaks plain http; any PEM certificate will do, here the dev CA.)
-b auth enable kubernetes
-b write auth/kubernetes/config kubernetes_host="http://127.0.0.1:$REVIEW_PORT" \
-  kubernetes_ca_cert=@"$BAO_CACERT" disable_local_ca_jwt=true \
-  token_reviewer_jwt="$("$DEV_K8S" mint "$TMP/k8s/sa-signer.key" kube-system vault-auth 86400)"
-# The role node-agent logs in with: only default/httpbin and default/sleep.
-b write auth/kubernetes/role/istio-cert \
-  bound_service_account_names=httpbin,sleep bound_service_account_namespaces=default \
-  token_policies=istio-cert-policy token_ttl=1h
+# One command configures everything the tutorial configured by hand, locked
+# down further: the PKI role signs only the URI SAN of the service account
+# that logged in. OpenBao checks each login JWT with a TokenReview at
+# kubernetes_host, authenticating itself with its own reviewer JWT (the
+# stand-in speaks plain http, so any PEM serves as its CA: here the dev CA).
+"$DEV_K8S" mint "$TMP/k8s/sa-signer.key" kube-system vault-auth 86400 >"$TMP/k8s/reviewer.jwt"
+VAULT_SETUP=("$AGENT" vault-setup
+  --kubernetes-host "http://127.0.0.1:$REVIEW_PORT" --kubernetes-ca-cert "$BAO_CACERT"
+  --token-reviewer-jwt "$TMP/k8s/reviewer.jwt"
+  --bound-namespaces default --bound-service-accounts httpbin,sleep)
+info "\$ VAULT_ADDR=$BAO_ADDR VAULT_TOKEN=root VAULT_CACERT=$BAO_CACERT \\"
+info "    node-agent vault-setup --kubernetes-host http://127.0.0.1:$REVIEW_PORT \\"
+info "      --kubernetes-ca-cert \$VAULT_CACERT --token-reviewer-jwt reviewer.jwt \\"
+info "      --bound-namespaces default --bound-service-accounts httpbin,sleep > node-agent.env"
+VAULT_ADDR="$BAO_ADDR" VAULT_TOKEN=root VAULT_CACERT="$BAO_CACERT" \
+  "${VAULT_SETUP[@]}" >"$TMP/node-agent.env" 2>"$TMP/vault-setup.log" \
+  || { cat "$TMP/vault-setup.log" >&2; die "node-agent vault-setup failed"; }
+sed 's/^/    | /' "$TMP/vault-setup.log"
+info "node-agent.env, the settings it printed:"
+grep -v '^#' "$TMP/node-agent.env" | sed 's/^/    | /'
 
 # ---------------------------------------------------------------------------
-step "5/8 Starting node-agent with the tutorial's settings"
+step "5/8 Starting node-agent with the printed settings"
 # ---------------------------------------------------------------------------
 UDS="$TMP/sds/uds_path"
-info "CA_PROVIDER=VaultCA  VAULT_ROLE=istio-cert  VAULT_AUTH_PATH=auth/kubernetes/login"
-info "VAULT_SIGN_CSR_PATH=istio_ca/sign/istio-pki-role  CA_ADDR=VAULT_ADDR=$BAO_ADDR"
-start "node-agent" "$TMP/node-agent.log" env \
-  CA_ADDR="$BAO_ADDR" \
-  CA_PROVIDER=VaultCA \
-  VAULT_ADDR="$BAO_ADDR" \
-  VAULT_AUTH_PATH=auth/kubernetes/login \
-  VAULT_ROLE=istio-cert \
-  VAULT_SIGN_CSR_PATH=istio_ca/sign/istio-pki-role \
-  VAULT_TLS_ROOT_CERT="$BAO_CACERT" \
-  WORKLOAD_UDS_PATH="$UDS" \
-  "$AGENT"
+# node-agent.env is KEY=value lines, shell-quoted where needed: sourced as is.
+start "node-agent" "$TMP/node-agent.log" env WORKLOAD_UDS_PATH="$UDS" \
+  bash -c 'set -a; . "$1"; exec "$2"' node-agent "$TMP/node-agent.env" "$AGENT"
 wait_for "node-agent" 20 log_has 'SDS gRPC server start' \
   || { agent_log_tail; die "node-agent did not start"; }
 log_show 'SDS gRPC server start'
@@ -324,13 +302,35 @@ sed 's/\x1b\[[0-9;]*m//g' "$TMP/node-agent.log" | awk '
   }'
 
 echo
+info "What the sleep Envoy was given, as node-agent fetch shows it (same socket, same token):"
+info "\$ node-agent fetch --workload-uds-path $UDS --token tokens/sleep.jwt"
+FETCH_OK=0
+if "$AGENT" fetch --workload-uds-path "$UDS" --token "$TMP/tokens/sleep.jwt" >"$TMP/fetch.txt" 2>&1; then
+  sed 's/^/    | /' "$TMP/fetch.txt"
+  if grep -q "URI SANs: *$SPIFFE_SLEEP" "$TMP/fetch.txt" \
+     && grep -q '^  check: the key matches the certificate' "$TMP/fetch.txt"; then
+    FETCH_OK=1
+  fi
+else
+  sed 's/^/    | /' "$TMP/fetch.txt"
+fi
+info "\$ node-agent fetch --workload-uds-path $UDS --token tokens/intruder.jwt"
+if "$AGENT" fetch --workload-uds-path "$UDS" --token "$TMP/tokens/intruder.jwt" >"$TMP/fetch-intruder.txt" 2>&1; then
+  FETCH_OK=0
+fi
+sed 's/^/    | /' "$TMP/fetch-intruder.txt"
+grep -q 'service account name not authorized' "$TMP/fetch-intruder.txt" || FETCH_OK=0
+
+echo
 ELAPSED=$((SECONDS - START))
-if [ "$MTLS_OK" = 1 ] && [ "$INTRUDER_OK" = 1 ]; then
+if [ "$MTLS_OK" = 1 ] && [ "$INTRUDER_OK" = 1 ] && [ "$FETCH_OK" = 1 ]; then
   printf '%sPASS%s  sleep -> httpbin over mTLS with certificates from OpenBao via node-agent;\n' "$G" "$N"
-  printf '      the intruder service account was refused by OpenBao (403) and got no certificate. (%ss)\n' "$ELAPSED"
+  printf '      the intruder service account was refused by OpenBao (403) and got no certificate;\n'
+  printf '      node-agent fetch showed what each was served. (%ss)\n' "$ELAPSED"
 else
   [ "$MTLS_OK" = 1 ] || echo "mTLS request through the sleep Envoy: FAILED" >&2
   [ "$INTRUDER_OK" = 1 ] || echo "intruder refusal: NOT SEEN (or the intruder got a certificate)" >&2
+  [ "$FETCH_OK" = 1 ] || echo "node-agent fetch: did not show sleep's certificate and the intruder's refusal" >&2
   agent_log_tail
   die "the quickstart did not behave as expected"
 fi
@@ -354,9 +354,11 @@ Everything is still running (--keep). Things to try:
   tail -f $TMP/node-agent.log
   BAO_ADDR=$BAO_ADDR BAO_CACERT=$BAO_CACERT BAO_TOKEN=root \\
     $PEERS_DIR/bin/bao list istio_ca/certs              # what OpenBao signed
-  # let the intruder in; its Envoy retries and becomes LIVE shortly after:
-  BAO_ADDR=$BAO_ADDR BAO_CACERT=$BAO_CACERT BAO_TOKEN=root \\
-    $PEERS_DIR/bin/bao write auth/kubernetes/role/istio-cert bound_service_account_names=httpbin,sleep,intruder bound_service_account_namespaces=default
+  $AGENT fetch --workload-uds-path $UDS --token $TMP/tokens/httpbin.jwt --watch
+  # let the intruder in (vault-setup updates only the auth role); its Envoy
+  # retries and becomes LIVE shortly after:
+  VAULT_ADDR=$BAO_ADDR VAULT_CACERT=$BAO_CACERT VAULT_TOKEN=root \\
+    ${VAULT_SETUP[*]/%sleep/sleep,intruder}
 Files (configs, tokens, logs): $TMP
 Stop everything and remove the files: $TMP/stop.sh
 EOF

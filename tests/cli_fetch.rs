@@ -68,14 +68,14 @@ async fn every_output_shows_what_envoy_gets(agent: &Agent, jwt: &str, dir: &std:
     let out = &text.stdout;
     for want in [
         format!("default: certificate chain of {}", chain.len()),
-        format!("URI SANs:  {ID}"),
-        format!("serial:    {serial}"),
-        "key type:  ec-p256".to_string(),
-        format!("issuer:    {}", leaf.issuer()),
-        "subject:   (empty)".to_string(),
+        format!("URI SANs:   {ID}"),
+        format!("serial:     {serial}"),
+        "key type:   ec-p256".to_string(),
+        format!("issuer:     {}", leaf.issuer()),
+        "subject:    (empty)".to_string(),
         format!("{ID}  issued by  {}", leaf.issuer()),
         format!("ROOTCA: {} trusted root(s)", roots.len()),
-        format!("subject:   {root_subject}"),
+        format!("subject:    {root_subject}"),
         "check: the key matches the certificate, which is valid now and chains to a root served in ROOTCA".to_string(),
     ] {
         assert!(out.contains(&want), "{want:?} missing:\n{out}");

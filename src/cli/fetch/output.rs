@@ -77,29 +77,30 @@ fn cert_text(out: &mut String, c: &CertInfo, now: SystemTime, indent: &str) {
     if c.self_signed {
         kind.push("self-signed");
     }
-    let _ = writeln!(out, "{indent}subject:   {}", show_subject(&c.subject));
-    let _ = writeln!(out, "{indent}URI SANs:  {uris}");
+    let mut line = |label: &str, value: &str| {
+        let _ = writeln!(out, "{indent}{:<12}{value}", format!("{label}:"));
+    };
+    line("subject", show_subject(&c.subject));
+    line("URI SANs", &uris);
     if !c.other_sans.is_empty() {
-        let _ = writeln!(out, "{indent}other SANs: {}", c.other_sans.join(", "));
+        line("other SANs", &c.other_sans.join(", "));
     }
-    let _ = writeln!(out, "{indent}serial:    {}", c.serial);
-    let _ = writeln!(
-        out,
-        "{indent}key type:  {}{}",
-        c.key_type,
-        if kind.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", kind.join(", "))
-        }
-    );
-    let _ = writeln!(out, "{indent}issuer:    {}", show_subject(&c.issuer));
-    let _ = writeln!(out, "{indent}not before: {}", show_time(c.not_before));
-    let _ = writeln!(
-        out,
-        "{indent}not after:  {} ({})",
-        show_time(c.not_after),
-        time_left(c.not_before, c.not_after, now)
+    line("serial", &c.serial);
+    let kind = if kind.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", kind.join(", "))
+    };
+    line("key type", &format!("{}{kind}", c.key_type));
+    line("issuer", show_subject(&c.issuer));
+    line("not before", &show_time(c.not_before));
+    line(
+        "not after",
+        &format!(
+            "{} ({})",
+            show_time(c.not_after),
+            time_left(c.not_before, c.not_after, now)
+        ),
     );
 }
 
@@ -136,7 +137,12 @@ pub fn text(resources: &[Resource], version: &str, now: SystemTime) -> String {
                         .first()
                         .cloned()
                         .unwrap_or_else(|| show_subject(&c.subject).to_string());
-                    let _ = writeln!(out, "    {name}  issued by  {}", show_subject(&c.issuer));
+                    let by = if c.self_signed {
+                        "(self-signed)".to_string()
+                    } else {
+                        format!("issued by  {}", show_subject(&c.issuer))
+                    };
+                    let _ = writeln!(out, "    {name}  {by}");
                 }
                 let _ = writeln!(
                     out,
