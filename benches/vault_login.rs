@@ -23,7 +23,7 @@ use support::vault_env::issuer;
 /// An OpenBao server over plain HTTP; killed on drop.
 struct Server {
     child: Child,
-    dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
     addr: String,
     token: String,
     raft: bool,
@@ -72,7 +72,7 @@ impl Server {
         let child = cmd.spawn().expect("start bao");
         let mut server = Server {
             child,
-            dir,
+            _dir: dir,
             addr,
             token: "root".into(),
             raft,

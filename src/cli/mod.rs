@@ -20,7 +20,7 @@ pub enum Command {
     /// Configure Vault/OpenBao as the mesh CA (PKI mount, role bound to each
     /// workload's own service account, policy, auth method and role), then
     /// print the settings node-agent needs. Safe to run again.
-    VaultSetup(vault_setup::Args),
+    VaultSetup(Box<vault_setup::Args>),
     /// Ask the agent's SDS socket for a workload's certificate and trust
     /// bundle, as Envoy does, and show them.
     Fetch(fetch::Args),
@@ -39,7 +39,7 @@ pub fn run(command: Command) -> ExitCode {
         }
     };
     match command {
-        Command::VaultSetup(args) => runtime.block_on(vault_setup::run(args)),
+        Command::VaultSetup(args) => runtime.block_on(vault_setup::run(*args)),
         Command::Fetch(args) => runtime.block_on(fetch::run(args)),
     }
 }

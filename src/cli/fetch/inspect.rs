@@ -302,9 +302,11 @@ mod tests {
             Ok(())
         );
         let other = PrivateKey::generate(KeyType::EcP256).unwrap();
-        assert!(fit(&chain, other.pkcs8_pem(), &[root.clone()], now)
-            .unwrap_err()
-            .contains("does not belong"));
+        assert!(
+            fit(&chain, other.pkcs8_pem(), std::slice::from_ref(&root), now)
+                .unwrap_err()
+                .contains("does not belong")
+        );
         let (_, _, other_root) = issued(KeyType::EcP256);
         assert!(fit(&chain, key.pkcs8_pem(), &[other_root], now)
             .unwrap_err()

@@ -168,6 +168,9 @@ impl VaultAdmin {
     /// may look itself up).
     pub async fn check_token(&self) -> Result<(), SetupError> {
         let path = "auth/token/lookup-self";
+        if self.dry_run {
+            eprintln!("    GET /v1/{path}");
+        }
         match self.send(Method::GET, path, None).await? {
             (s, _) if s.is_success() => Ok(()),
             (s, body) if s == StatusCode::FORBIDDEN || s == StatusCode::UNAUTHORIZED => {

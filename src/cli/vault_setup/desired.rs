@@ -239,17 +239,13 @@ fn show_str(s: &str) -> String {
     }
 }
 
-/// PEM and other long values, shortened for printing.
+/// PEM, shortened for printing (it is long and says little on one line).
 pub fn shorten(s: &str) -> String {
     let s = s.trim();
     if let Some(rest) = s.strip_prefix("-----BEGIN ") {
         let label = rest.split("-----").next().unwrap_or("PEM");
         let blocks = s.matches("-----BEGIN ").count();
         return format!("<PEM {label}, {blocks} block(s), {} bytes>", s.len());
-    }
-    if s.chars().count() > 200 {
-        let start: String = s.chars().take(60).collect();
-        return format!("{start}... ({} bytes)", s.len());
     }
     s.to_string()
 }

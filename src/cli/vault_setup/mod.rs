@@ -555,7 +555,8 @@ mod tests {
 
     #[test]
     fn bad_input_is_refused_before_vault_is_asked() {
-        let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
+        type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case] = &[
             (K8S, &[("VAULT_TOKEN", "t")], "VAULT_ADDR"),
             (K8S, &[("VAULT_ADDR", "https://v")], "VAULT_TOKEN"),
             (
