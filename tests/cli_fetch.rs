@@ -213,9 +213,19 @@ async fn every_failure_is_one_line_and_a_nonzero_exit() {
     let agent = Agent::start(&[("CA_PROVIDER", "LocalCA".into())]);
     let socket = agent.socket.display().to_string();
     let good = write(d, "good.jwt", &fake_jwt("default", "httpbin"));
-    // Positive control: the same command with a token and the socket works.
-    let ok = run_fetch(&socket, &good, &["-o", "pem"]).await;
+    // Positive control: with a token and the socket (here from
+    // WORKLOAD_UDS_PATH, as the agent reads it) it works.
+    let ok = node_agent(
+        &["fetch", "--token", &good, "-o", "pem"],
+        &[("WORKLOAD_UDS_PATH", socket.clone())],
+    )
+    .await;
     assert_eq!(ok.code, 0, "{}", ok.both());
+    assert!(
+        ok.stdout.starts_with("-----BEGIN CERTIFICATE-----"),
+        "{}",
+        ok.both()
+    );
 
     let cases: Vec<(&str, Output, &str)> = vec![
         (

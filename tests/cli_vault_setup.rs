@@ -222,15 +222,22 @@ async fn agent_serves_a_mesh(f: &Fixture, out: &Output) -> Agent {
 /// own identity signed and nothing else: not sleep's, no extra DNS name, no
 /// common name, and its token may do nothing but sign.
 async fn vault_binds_the_identity(f: &Fixture, method: &str) {
+    vault_binds_the_identity_in(f, method, "cluster.local").await
+}
+
+async fn vault_binds_the_identity_in(f: &Fixture, method: &str, trust_domain: &str) {
+    let id = |sa: &str| format!("spiffe://{trust_domain}/ns/default/sa/{sa}");
+    let (server_id, client_id) = (id("httpbin"), id("sleep"));
+    let (server_id, client_id) = (server_id.as_str(), client_id.as_str());
     let token = f.login(method, &f.jwt("httpbin")).await;
-    let (status, own) = f.sign(&token, sign_body(csr(SERVER_ID))).await;
+    let (status, own) = f.sign(&token, sign_body(csr(server_id))).await;
     assert_eq!(status, StatusCode::OK, "own identity: {own}");
     assert_eq!(
         uris_of(own["data"]["certificate"].as_str().unwrap()),
-        [SERVER_ID]
+        [server_id]
     );
 
-    let (status, other) = f.sign(&token, sign_body(csr(CLIENT_ID))).await;
+    let (status, other) = f.sign(&token, sign_body(csr(client_id))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{other}");
     assert!(
         other["errors"][0].as_str().unwrap().contains(
@@ -245,7 +252,7 @@ async fn vault_binds_the_identity(f: &Fixture, method: &str) {
         )
         .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{dns}");
-    let mut with_cn = sign_body(csr(SERVER_ID));
+    let mut with_cn = sign_body(csr(server_id));
     with_cn["common_name"] = json!("evil.example.com");
     let (status, cn) = f.sign(&token, with_cn).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{cn}");
@@ -829,13 +836,24 @@ async fn jwt_with_oidc_discovery_binds_identities() {
         "default",
         "--bound-service-accounts",
         "httpbin,sleep",
+        "--trust-domain",
+        "example.org",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
     let out = f.setup(&args, &[]).await;
     assert_eq!(out.code, 0, "{}", out.both());
-    vault_binds_the_identity(&f, "jwt").await;
+    assert!(
+        settings(&out.stdout).contains(&("TRUST_DOMAIN".into(), "example.org".into())),
+        "{}",
+        out.stdout
+    );
+    vault_binds_the_identity_in(&f, "jwt", "example.org").await;
+    // The trust domain is part of the binding: cluster.local is refused.
+    let token = f.login("jwt", &f.jwt("httpbin")).await;
+    let (status, body) = f.sign(&token, sign_body(csr(SERVER_ID))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     let again = f.setup(&args, &[]).await;
     assert_eq!(outcomes(&again), vec!["unchanged"; 7], "{}", again.both());
 }
