@@ -131,7 +131,7 @@ agent_log_tail() {
 
 # Free loopback ports. OpenBao's dev mode also listens on its port + 1.
 read -r BAO_PORT REVIEW_PORT BACKEND_PORT SERVER_PORT SERVER_ADMIN \
-        CLIENT_PORT CLIENT_ADMIN INTRUDER_PORT INTRUDER_ADMIN < <(python3 -c '
+        CLIENT_PORT CLIENT_ADMIN INTRUDER_PORT INTRUDER_ADMIN STATUS_PORT < <(python3 -c '
 import socket
 held, ports = [], []
 def grab(p=0):
@@ -141,7 +141,7 @@ while not ports:
     p = grab()
     try: grab(p + 1); ports.append(p)
     except OSError: pass
-ports += [grab() for _ in range(8)]
+ports += [grab() for _ in range(9)]
 print(*ports)')
 
 # ---------------------------------------------------------------------------
@@ -203,6 +203,7 @@ step "5/8 Starting node-agent with the printed settings"
 UDS="$TMP/sds/uds_path"
 # node-agent.env is KEY=value lines, shell-quoted where needed: sourced as is.
 start "node-agent" "$TMP/node-agent.log" env WORKLOAD_UDS_PATH="$UDS" \
+  STATUS_ADDR="127.0.0.1:$STATUS_PORT" \
   bash -c 'set -a; . "$1"; exec "$2"' node-agent "$TMP/node-agent.env" "$AGENT"
 wait_for "node-agent" 20 log_has 'SDS gRPC server start' \
   || { agent_log_tail; die "node-agent did not start"; }
