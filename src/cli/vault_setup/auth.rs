@@ -13,8 +13,9 @@ use zeroize::Zeroizing;
 use super::client::{SetupError, VaultAdmin};
 use super::desired::{Desired, Want};
 use super::object::Object;
+use super::plan::read_file;
 use super::report::{Outcome, Report};
-use super::{read_file, Args, AuthMethod};
+use super::{Args, AuthMethod};
 
 /// JSON pointers of the service account in a projected service-account
 /// token, and the alias metadata keys the kubernetes method sets for them.
