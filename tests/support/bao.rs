@@ -172,6 +172,17 @@ impl Bao {
             let url = format!("{}/v1/sys/health", self.addr());
             if let Ok(r) = self.client.get(&url).send().await {
                 if r.status() == StatusCode::OK {
+                    // The port was only probed: another server may have
+                    // taken it first, and answered for the child that could
+                    // not bind. Only the child's own listener will do.
+                    let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
+                    if !listens_on(pid, self.addr.port()) {
+                        bail!(
+                            "another server answers on {}; bao could not bind it: {}",
+                            self.addr,
+                            self.log_tail()
+                        );
+                    }
                     return Ok(());
                 }
             }
@@ -942,4 +953,31 @@ async fn hold(
             },
         }
     }
+}
+
+/// True when process `pid` holds the loopback TCP listener on `port` (read
+/// from /proc: the listener's socket inode among the process's descriptors).
+fn listens_on(pid: u32, port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    let want = format!(":{port:04X}");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // local_address, state 0A = LISTEN, inode
+            (f.len() > 9 && f[1].ends_with(&want) && f[3] == "0A").then(|| f[9].to_string())
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .map(|l| {
+                let l = l.to_string_lossy();
+                inodes.iter().any(|i| l == format!("socket:[{i}]"))
+            })
+            .unwrap_or(false)
+    })
 }
