@@ -1,5 +1,5 @@
-//! Wiring: builds the CA client and secret manager from a [`Config`], binds
-//! the socket and serves until shutdown.
+//! Wiring: builds the CA client, the trust bundle and the secret manager
+//! from a [`Config`], binds the socket and serves until shutdown.
 
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use crate::ca::CaClient;
 use crate::config::{CaProvider, Config};
 use crate::secrets::schedule::RenewPolicy;
 use crate::secrets::{ManagerOptions, SecretManager};
+use crate::trust::{TrustBundle, TrustOptions};
 
 /// Builds the configured CA client.
 pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CaClient>> {
@@ -56,7 +57,18 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     };
     opts.max_concurrency = config.ca_max_concurrency;
     opts.eviction = config.eviction_period;
-    let manager = SecretManager::new(ca.clone(), opts);
+    opts.max_identities = config.secret_limits.max_identities;
+    opts.max_jwts_per_identity = config.secret_limits.max_jwts_per_identity;
+    let trust = TrustBundle::start(
+        ca.clone(),
+        TrustOptions {
+            refresh: config.trust.refresh_interval,
+            retention: config.trust.root_retention,
+            extra_roots: config.trust.extra_roots.clone(),
+            ..TrustOptions::default()
+        },
+    )?;
+    let manager = SecretManager::new(ca.clone(), trust, opts);
     let _status = crate::status::serve_agent(&config, &manager, shutdown.clone()).await?;
     let listener = crate::sds::uds::bind(&config.workload_uds_path)?;
     tracing::info!(

@@ -39,6 +39,10 @@ mod vault;
 pub use observe::ObserveConfig;
 use vault::vault_from_lookup;
 pub use vault::VaultConfig;
+mod trust;
+pub use trust::TrustConfig;
+mod secrets;
+pub use secrets::SecretLimits;
 
 /// Which CA signs workload certificates.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +77,10 @@ pub struct Config {
     pub eviction_period: Duration,
     /// Status server and logs (`STATUS_ADDR`, `LOG_FORMAT`, `LOG_LEVEL`).
     pub observe: ObserveConfig,
+    /// Where `ROOTCA` comes from (`TRUST_*`).
+    pub trust: TrustConfig,
+    /// `MAX_IDENTITIES`, `MAX_JWTS_PER_IDENTITY`.
+    pub secret_limits: SecretLimits,
 }
 
 impl Config {
@@ -181,6 +189,8 @@ impl Config {
 
         let ca = Self::ca_from_lookup(&get)?;
         let observe = observe::observe_from_lookup(&lookup)?;
+        let trust = trust::trust_from_lookup(&get)?;
+        let secret_limits = secrets::secret_limits_from_lookup(&get)?;
 
         Ok(Self {
             workload_uds_path,
@@ -194,6 +204,8 @@ impl Config {
             ca_max_concurrency,
             eviction_period,
             observe,
+            trust,
+            secret_limits,
         })
     }
 

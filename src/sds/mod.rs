@@ -210,13 +210,11 @@ impl SecretDiscoveryService for SdsService {
             log_refusal(0, &what, &e);
             Status::new(status_for(&e).code(), what)
         })?;
-        let secret = sub
+        let state = sub.secret.borrow().clone();
+        let secret = state
             .secret
-            .borrow()
-            .secret
-            .clone()
             .ok_or_else(|| Status::internal("no secret after a successful fetch"))?;
-        let roots = sub.roots.borrow().clone();
+        let roots = state.roots;
         let nonce = format!("fetch-{}", self.next_stream.fetch_add(1, Ordering::Relaxed));
         let snap = resources::Snapshot {
             secret: &secret,

@@ -8,8 +8,8 @@ use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 
-use crate::secrets::roots::RootBundle;
 use crate::secrets::WorkloadSecret;
+use crate::trust::RootBundle;
 
 /// Type URL of an SDS `Secret`.
 pub const SECRET_TYPE_URL: &str =

@@ -216,7 +216,7 @@ impl SdsStream {
         let Some(secret) = state.secret else {
             return Step::Continue;
         };
-        let roots = sub.roots.borrow().clone();
+        let roots = state.roots;
         let snap = resources::Snapshot {
             secret: &secret,
             roots: &roots,
@@ -257,14 +257,12 @@ impl SdsStream {
     }
 }
 
-/// Waits for the identity's secret or the trust bundle to change; pending
-/// forever without a subscription. Returns false when the manager dropped it.
+/// Waits for the identity's state (secret and trust bundle) to change;
+/// pending forever without a subscription. Returns false when the manager
+/// dropped it.
 async fn wait_changed(watch: &mut Option<Subscription>) -> bool {
     match watch {
-        Some(sub) => tokio::select! {
-            r = sub.secret.changed() => r.is_ok(),
-            r = sub.roots.changed() => r.is_ok(),
-        },
+        Some(sub) => sub.secret.changed().await.is_ok(),
         None => std::future::pending().await,
     }
 }

@@ -1,0 +1,244 @@
+//! The JWTs an identity is renewed with: those of its live streams, bounded.
+//!
+//! Each stream (or `FetchSecrets` call) of an identity proved its own JWT to
+//! the CA. Renewal may use any of them that the CA still accepts, so a pod
+//! that is deleted (its JWT now refused) does not stop the renewals of the
+//! other pods of the same service account.
+//!
+//! - At most `MAX_JWTS_PER_IDENTITY` are remembered. When full, a new JWT
+//!   displaces an idle one, else the live one that expires first (if the new
+//!   one expires later); a displaced JWT is handed back to be released at
+//!   the CA (its Vault token revoked).
+//! - A JWT is live while a stream holds it. When its last stream ends it
+//!   leaves the renewal set but is kept, idle, so that a reconnect with the
+//!   same JWT reuses its CA login; it is released when displaced, when it
+//!   expires, or when the identity leaves the cache.
+
+use std::sync::{Arc, Weak};
+
+use super::cache::Entry;
+use crate::identity::Credential;
+
+/// The remembered JWTs of one identity.
+pub(super) struct Jwts {
+    cap: usize,
+    held: Vec<Held>,
+    /// Numbers each remembered JWT, so that a lease of a JWT that was
+    /// displaced and remembered again does not count for the new one.
+    next_epoch: u64,
+}
+
+struct Held {
+    credential: Credential,
+    /// `exp`, or `i64::MAX` for a JWT without one.
+    expires_at: i64,
+    streams: usize,
+    epoch: u64,
+}
+
+impl Jwts {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap: cap.max(1),
+            held: Vec::new(),
+            next_epoch: 0,
+        }
+    }
+
+    /// Counts one more stream for `credential`, remembering it if it is new.
+    /// Returns its epoch if it is remembered, and the JWTs it displaced.
+    fn hold(&mut self, credential: &Credential) -> (Option<u64>, Vec<Credential>) {
+        if let Some(h) = self.held.iter_mut().find(|h| h.credential == *credential) {
+            h.streams += 1;
+            return (Some(h.epoch), Vec::new());
+        }
+        let expires_at = expiry(credential);
+        let mut displaced = Vec::new();
+        if self.held.len() >= self.cap {
+            let idle = self
+                .held
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| h.streams == 0)
+                .min_by_key(|(_, h)| h.expires_at);
+            let victim = match idle {
+                Some((i, _)) => Some(i),
+                None => self
+                    .held
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, h)| h.expires_at)
+                    .filter(|(_, h)| h.expires_at < expires_at)
+                    .map(|(i, _)| i),
+            };
+            match victim {
+                Some(i) => displaced.push(self.held.swap_remove(i).credential),
+                None => return (None, displaced),
+            }
+        }
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        self.held.push(Held {
+            credential: credential.clone(),
+            expires_at,
+            streams: 1,
+            epoch,
+        });
+        (Some(epoch), displaced)
+    }
+
+    fn unhold(&mut self, credential: &Credential, epoch: u64) {
+        if let Some(h) = self
+            .held
+            .iter_mut()
+            .find(|h| h.epoch == epoch && h.credential == *credential)
+        {
+            h.streams = h.streams.saturating_sub(1);
+        }
+    }
+
+    /// The JWTs of live streams not expired at `now_unix`, the one that
+    /// expires last first.
+    pub fn live(&self, now_unix: i64) -> Vec<Credential> {
+        let mut live: Vec<&Held> = self
+            .held
+            .iter()
+            .filter(|h| h.streams > 0 && h.expires_at > now_unix)
+            .collect();
+        live.sort_by(|a, b| b.expires_at.cmp(&a.expires_at));
+        live.into_iter().map(|h| h.credential.clone()).collect()
+    }
+
+    /// True when some stream holds a remembered JWT.
+    pub fn has_live(&self) -> bool {
+        self.held.iter().any(|h| h.streams > 0)
+    }
+
+    /// Forgets a JWT the CA rejected; returns it if it was remembered.
+    pub fn forget(&mut self, credential: &Credential) -> Option<Credential> {
+        let i = self.held.iter().position(|h| h.credential == *credential)?;
+        Some(self.held.swap_remove(i).credential)
+    }
+
+    /// Forgets and returns the JWTs expired at `now_unix`.
+    pub fn take_expired(&mut self, now_unix: i64) -> Vec<Credential> {
+        let (expired, kept): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| h.expires_at <= now_unix);
+        self.held = kept;
+        expired.into_iter().map(|h| h.credential).collect()
+    }
+
+    /// Forgets and returns every JWT (the identity leaves the cache).
+    pub fn take_all(&mut self) -> Vec<Credential> {
+        std::mem::take(&mut self.held)
+            .into_iter()
+            .map(|h| h.credential)
+            .collect()
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+}
+
+fn expiry(credential: &Credential) -> i64 {
+    credential
+        .claims()
+        .ok()
+        .and_then(|c| c.expires_at)
+        .unwrap_or(i64::MAX)
+}
+
+/// One stream's hold on its JWT; dropped when the stream ends.
+pub struct JwtLease {
+    entry: Weak<Entry>,
+    held: Option<(Credential, u64)>,
+}
+
+impl JwtLease {
+    /// Counts a stream for `credential` on `entry` (the caller holds the
+    /// cache lock). Also returns the JWTs it displaced.
+    pub(super) fn hold(entry: &Arc<Entry>, credential: &Credential) -> (Self, Vec<Credential>) {
+        let (epoch, displaced) = entry.jwts().hold(credential);
+        let lease = JwtLease {
+            entry: Arc::downgrade(entry),
+            held: epoch.map(|e| (credential.clone(), e)),
+        };
+        (lease, displaced)
+    }
+}
+
+impl std::fmt::Debug for JwtLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JwtLease")
+    }
+}
+
+impl Drop for JwtLease {
+    fn drop(&mut self) {
+        if let (Some(entry), Some((credential, epoch))) = (self.entry.upgrade(), &self.held) {
+            entry.jwts().unhold(credential, *epoch);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secrets::test_support::jwt;
+
+    #[test]
+    fn live_jwts_latest_expiry_first_and_idle_ones_left_out() {
+        let mut j = Jwts::new(4);
+        let (a, b, c) = (jwt("x", Some(100)), jwt("x", Some(300)), jwt("x", None));
+        let (ea, _) = j.hold(&a);
+        let (eb, _) = j.hold(&b);
+        let (eb2, _) = j.hold(&b);
+        assert_eq!(eb, eb2);
+        j.hold(&c);
+        assert_eq!(j.live(0), [c.clone(), b.clone(), a.clone()]);
+        assert_eq!(j.live(100), [c.clone(), b.clone()], "expired at 100");
+
+        // b has two streams: it stays live until both end.
+        j.unhold(&b, eb.unwrap());
+        assert_eq!(j.live(0), [c.clone(), b.clone(), a.clone()]);
+        j.unhold(&b, eb.unwrap());
+        assert_eq!(j.live(0), [c.clone(), a.clone()]);
+        assert_eq!(j.len(), 3, "idle, still remembered");
+        assert!(j.has_live());
+        j.unhold(&a, ea.unwrap());
+        assert_eq!(j.take_expired(150), [a.clone()]);
+        assert_eq!(j.forget(&c), Some(c.clone()));
+        assert!(!j.has_live());
+        assert_eq!(j.take_all(), [b]);
+    }
+
+    #[test]
+    fn bounded_displacing_idle_then_soonest_expiring() {
+        let mut j = Jwts::new(2);
+        let (a, b, c, d) = (
+            jwt("x", Some(100)),
+            jwt("x", Some(200)),
+            jwt("x", Some(300)),
+            jwt("x", Some(50)),
+        );
+        let (ea, _) = j.hold(&a);
+        let (eb, _) = j.hold(&b);
+        // Full of live JWTs: c displaces a, which expires first.
+        let (ec, out) = j.hold(&c);
+        assert!(ec.is_some());
+        assert_eq!(out, [a.clone()]);
+        // d expires before all of them: not remembered, nothing displaced.
+        let (ed, out) = j.hold(&d);
+        assert_eq!((ed, out.len()), (None, 0));
+        assert_eq!(j.live(0), [c.clone(), b.clone()]);
+        // An old lease of a displaced JWT does not count for it once it is back.
+        j.unhold(&b, eb.unwrap());
+        let (_, out) = j.hold(&a);
+        assert_eq!(out, [b.clone()], "the idle one goes first");
+        j.unhold(&a, ea.unwrap());
+        assert_eq!(j.live(0), [c, a], "a's old lease did not end its new hold");
+    }
+}
