@@ -509,3 +509,6 @@ async fn run(trust: Weak<TrustBundle>, wake: Arc<Notify>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
