@@ -406,7 +406,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn roots_only_move_forward() {
+    async fn an_install_brings_its_roots_and_roots_only_move_forward() {
         let cache = Cache::new(2, 4);
         let p = cache.reserve(&key("a"), Default::default()).unwrap();
         let bundle = |g: u64| {
@@ -416,10 +416,15 @@ mod tests {
             })
         };
         let s = secret_for(&p.entry().key.identity).await;
-        let (rx, _lease, _) = {
-            cache.install(p.entry(), s.clone(), bundle(2)).unwrap();
-            cache.attach(p.entry(), &jwt("a", None)).unwrap()
-        };
+        let (mut rx, _lease, _) = cache.attach(p.entry(), &jwt("a", None)).unwrap();
+        // The certificate and the bundle holding its root: one change.
+        cache.install(p.entry(), s.clone(), bundle(2)).unwrap();
+        assert!(rx.has_changed().unwrap());
+        {
+            let state = rx.borrow_and_update();
+            assert!(state.secret.is_some());
+            assert_eq!(state.roots.generation, 2);
+        }
         cache.publish_roots(&bundle(1));
         assert_eq!(
             rx.borrow().roots.generation,

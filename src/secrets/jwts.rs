@@ -105,7 +105,7 @@ impl Jwts {
             .iter()
             .filter(|h| h.streams > 0 && h.expires_at > now_unix)
             .collect();
-        live.sort_by(|a, b| b.expires_at.cmp(&a.expires_at));
+        live.sort_by_key(|h| std::cmp::Reverse(h.expires_at));
         live.into_iter().map(|h| h.credential.clone()).collect()
     }
 
@@ -209,7 +209,7 @@ mod tests {
         assert_eq!(j.len(), 3, "idle, still remembered");
         assert!(j.has_live());
         j.unhold(&a, ea.unwrap());
-        assert_eq!(j.take_expired(150), [a.clone()]);
+        assert_eq!(j.take_expired(150), std::slice::from_ref(&a));
         assert_eq!(j.forget(&c), Some(c.clone()));
         assert!(!j.has_live());
         assert_eq!(j.take_all(), [b]);
@@ -229,7 +229,7 @@ mod tests {
         // Full of live JWTs: c displaces a, which expires first.
         let (ec, out) = j.hold(&c);
         assert!(ec.is_some());
-        assert_eq!(out, [a.clone()]);
+        assert_eq!(out, std::slice::from_ref(&a));
         // d expires before all of them: not remembered, nothing displaced.
         let (ed, out) = j.hold(&d);
         assert_eq!((ed, out.len()), (None, 0));
@@ -237,7 +237,7 @@ mod tests {
         // An old lease of a displaced JWT does not count for it once it is back.
         j.unhold(&b, eb.unwrap());
         let (_, out) = j.hold(&a);
-        assert_eq!(out, [b.clone()], "the idle one goes first");
+        assert_eq!(out, std::slice::from_ref(&b), "the idle one goes first");
         j.unhold(&a, ea.unwrap());
         assert_eq!(j.live(0), [c, a], "a's old lease did not end its new hold");
     }

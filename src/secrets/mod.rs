@@ -42,6 +42,8 @@ mod rotation;
 pub mod schedule;
 #[cfg(test)]
 pub(crate) mod test_support;
+#[cfg(test)]
+mod tests;
 
 use cache::{Cache, CacheKey};
 use issue::FetchError;

@@ -6,9 +6,6 @@
 //! role may have capped it. The lifetime starts at the later of `NotBefore`
 //! and the moment the certificate was received, because CAs back-date
 //! `NotBefore` (Vault by 30 s) and, with short certificates, counting that
-//! slack would renew at once, again and again. The lifetime starts at the later of `NotBefore`
-//! and the moment the certificate was received, because CAs back-date
-//! `NotBefore` (Vault by 30 s) and, with short certificates, counting that
 //! slack would renew at once, again and again.
 
 use std::time::{Duration, SystemTime};
