@@ -136,8 +136,10 @@ async fn ready_only_while_the_sds_socket_serves() {
     let dir = tempfile::tempdir().unwrap();
     let socket: PathBuf = dir.path().join("sds.sock");
     let ca = Arc::new(LocalCa::new(None, "cluster.local").unwrap());
+    let trust = node_agent::trust::TrustBundle::start(ca.clone(), Default::default()).unwrap();
     let manager = SecretManager::new(
         ca,
+        trust,
         ManagerOptions::new("cluster.local", KeyType::EcP256, Duration::from_secs(3600)),
     );
     let (tx, rx) = tokio::sync::watch::channel(false);

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 
 use super::test_support::{jwt, Call, FakeCa};
 use super::*;
+use crate::ca::CaFailure;
 use crate::trust::TrustOptions;
 
 struct Harness {
@@ -495,9 +496,10 @@ async fn a_sign_rejection_drops_the_token_logs_in_again_and_retries_once() {
         "retried at once, not after a back-off"
     );
 
-    // Refused even with a new token: one retry, then the failure is
+    // Every token refused, the new one too: one retry, then the failure is
     // reported and retried with back-off, never in a loop; the streams stay.
-    *h.ca.sign_error.lock().unwrap() = Some(CaError::Rejected("role forbids it".into()));
+    let refused = CaError::Rejected(CaFailure::new("permission denied").token_refused());
+    *h.ca.sign_error.lock().unwrap() = Some(refused);
     let since = h.ca.calls().len();
     tokio::time::sleep(Duration::from_secs(52)).await;
     let calls = calls_since(&h.ca, since);
@@ -521,6 +523,19 @@ async fn a_sign_rejection_drops_the_token_logs_in_again_and_retries_once() {
         "backed off {pause:?} before trying again"
     );
     assert!(sub.secret.borrow().closed.is_none());
+
+    // A refusal a new token cannot fix (the role refuses the request) is
+    // not retried with a new login: reported, then retried with back-off.
+    *h.ca.sign_error.lock().unwrap() = Some(CaError::rejected("the role forbids this SAN"));
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let since = h.ca.calls().len();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let calls = calls_since(&h.ca, since);
+    assert!(calls.len() >= 2, "{calls:?}");
+    assert!(
+        calls.iter().all(|(_, c)| matches!(c, Call::Sign(_))),
+        "no invalidation, no login: {calls:?}"
+    );
 
     // A first fetch whose cached token was revoked heals the same way.
     *h.ca.sign_error.lock().unwrap() = None;
