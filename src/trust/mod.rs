@@ -244,14 +244,14 @@ impl TrustBundle {
             Ok(pems) if !pems.is_empty() => pems,
             Ok(_) => {
                 if st.ca_read {
-                    tracing::warn!(ca = %self.ca.describe(), "the CA listed no roots; keeping the trust bundle (ROOTCA) as it is ({served} roots)");
+                    tracing::warn!(ca = %self.ca.describe(), "the CA listed no roots; keeping the {served} root(s) of the trust bundle (ROOTCA)");
                 } else {
                     tracing::debug!(ca = %self.ca.describe(), "the CA lists no roots; ROOTCA holds the roots of issued chains and extra roots only");
                 }
                 return false;
             }
             Err(e) => {
-                tracing::warn!(ca = %self.ca.describe(), "cannot read the CA's roots: {e}; keeping the trust bundle (ROOTCA) as it is ({served} roots)");
+                tracing::warn!(ca = %self.ca.describe(), "cannot read the CA's roots: {e}; keeping the {served} root(s) of the trust bundle (ROOTCA)");
                 return false;
             }
         };
