@@ -217,9 +217,11 @@ const SUBSCRIBE_ATTEMPTS: usize = 3;
 impl SecretManager {
     /// A manager whose certificates come from `ca` and whose `ROOTCA` is `trust`.
     pub fn new(ca: Arc<dyn CaClient>, trust: Arc<TrustBundle>, opts: ManagerOptions) -> Arc<Self> {
+        let queue = CaQueue::new(opts.max_concurrency);
+        trust.use_queue(queue.clone());
         let manager = Arc::new(Self {
             ca,
-            queue: CaQueue::new(opts.max_concurrency),
+            queue,
             cache: Cache::new(opts.max_identities, opts.max_jwts_per_identity),
             trust,
             opts,

@@ -122,6 +122,9 @@ pub struct FakeCa {
     pub sign_error: Mutex<Option<CaError>>,
     pub login_latency: Mutex<Duration>,
     pub sign_latency: Mutex<Duration>,
+    pub list_latency: Mutex<Duration>,
+    /// Calls in progress now, and the most ever at once.
+    in_flight: Arc<(AtomicU64, AtomicU64)>,
     /// Fingerprints of JWTs whose logins are rejected.
     pub rejected: Mutex<HashSet<String>>,
     /// Cached token per JWT fingerprint.
@@ -148,6 +151,8 @@ impl FakeCa {
             sign_error: Mutex::new(None),
             login_latency: Mutex::new(Duration::ZERO),
             sign_latency: Mutex::new(Duration::ZERO),
+            list_latency: Mutex::new(Duration::ZERO),
+            in_flight: Arc::new((AtomicU64::new(0), AtomicU64::new(0))),
             rejected: Mutex::new(HashSet::new()),
             tokens: Mutex::new(HashMap::new()),
             revoked: Mutex::new(HashSet::new()),
@@ -201,8 +206,17 @@ impl FakeCa {
         self.count(|c| matches!(c, Call::Sign(_)))
     }
 
-    fn record(&self, call: Call) {
+    /// The most calls (logins, signs, listings) that were ever in progress at once.
+    pub fn peak_in_flight(&self) -> u64 {
+        self.in_flight.1.load(Ordering::SeqCst)
+    }
+
+    /// Records `call` and counts it in progress until the guard drops.
+    fn record(&self, call: Call) -> InFlight {
         self.calls.lock().unwrap().push((Instant::now(), call));
+        let now = self.in_flight.0.fetch_add(1, Ordering::SeqCst) + 1;
+        self.in_flight.1.fetch_max(now, Ordering::SeqCst);
+        InFlight(self.in_flight.clone())
     }
 
     fn auth(token: u64) -> Authorization {
@@ -245,7 +259,7 @@ impl CaClient for FakeCa {
 
     async fn login(&self, credential: &Credential) -> Result<Authorization, CaError> {
         let fp = credential.fingerprint();
-        self.record(Call::Login(fp.clone()));
+        let _busy = self.record(Call::Login(fp.clone()));
         let latency = *self.login_latency.lock().unwrap();
         tokio::time::sleep(latency).await;
         if self.rejected.lock().unwrap().contains(&fp) {
@@ -268,7 +282,7 @@ impl CaClient for FakeCa {
         ttl: Duration,
     ) -> Result<IssuedChain, CaError> {
         let token = Self::token_of(auth);
-        self.record(Call::Sign(token));
+        let _busy = self.record(Call::Sign(token));
         let latency = *self.sign_latency.lock().unwrap();
         tokio::time::sleep(latency).await;
         if let Some(e) = self.sign_error.lock().unwrap().clone() {
@@ -287,7 +301,9 @@ impl CaClient for FakeCa {
     }
 
     async fn trust_roots(&self) -> Result<Vec<String>, CaError> {
-        self.record(Call::ListRoots);
+        let _busy = self.record(Call::ListRoots);
+        let latency = *self.list_latency.lock().unwrap();
+        tokio::time::sleep(latency).await;
         let listing = self.listing.lock().unwrap().clone()?;
         let roots = self.roots.lock().unwrap();
         Ok(listing.iter().map(|i| roots[*i].pem.clone()).collect())
@@ -295,17 +311,26 @@ impl CaClient for FakeCa {
 
     fn invalidate(&self, auth: &Authorization) {
         let token = Self::token_of(auth);
-        self.record(Call::Invalidate(token));
+        drop(self.record(Call::Invalidate(token)));
         self.tokens.lock().unwrap().retain(|_, t| *t != token);
     }
 
     async fn release(&self, credential: &Credential) {
         let fp = credential.fingerprint();
-        self.record(Call::Release(fp.clone()));
+        drop(self.record(Call::Release(fp.clone())));
         self.tokens.lock().unwrap().remove(&fp);
     }
 
     async fn shutdown(&self) {
         self.tokens.lock().unwrap().clear();
+    }
+}
+
+/// One call in progress at the fake CA.
+struct InFlight(Arc<(AtomicU64, AtomicU64)>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::SeqCst);
     }
 }

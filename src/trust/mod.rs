@@ -29,7 +29,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{watch, Notify};
@@ -37,6 +37,7 @@ use tokio::time::Instant;
 
 use crate::ca::CaClient;
 use crate::clock::{rfc3339, Clock};
+use crate::secrets::queue::{CaQueue, Priority};
 
 pub mod bundle;
 mod extra;
@@ -84,6 +85,9 @@ pub struct TrustBundle {
     /// (its removal time must be armed).
     wake: Arc<Notify>,
     refresh_asked: AtomicBool,
+    /// The CA queue reads of the CA's roots wait in (with renewals), so that
+    /// `CA_MAX_CONCURRENCY` bounds them too; lent by the secret manager.
+    queue: OnceLock<CaQueue>,
 }
 
 #[derive(Default)]
@@ -174,10 +178,17 @@ impl TrustBundle {
             tx: watch::channel(Arc::new(RootBundle::default())).0,
             wake: Arc::new(Notify::new()),
             refresh_asked: AtomicBool::new(false),
+            queue: OnceLock::new(),
         });
         trust.recompute(&mut trust.lock());
         tokio::spawn(refresh::run(Arc::downgrade(&trust), trust.wake.clone()));
         Ok(trust)
+    }
+
+    /// Makes reads of the CA's roots wait in `queue`, behind first fetches
+    /// (once; later calls are ignored).
+    pub fn use_queue(&self, queue: CaQueue) {
+        let _ = self.queue.set(queue);
     }
 
     /// A watch on the bundle.
@@ -234,7 +245,13 @@ impl TrustBundle {
     /// Reads the CA's roots once. Returns false when the CA could not be read
     /// (the bundle is kept as it is).
     async fn refresh(&self) -> bool {
-        let answer = self.ca.trust_roots().await;
+        let answer = {
+            let _permit = match self.queue.get() {
+                Some(q) => Some(q.acquire(Priority::Rotation).await),
+                None => None,
+            };
+            self.ca.trust_roots().await
+        };
         let mut st = self.lock();
         let served = st.roots.values().filter(|k| k.served).count();
         let pems = match answer {

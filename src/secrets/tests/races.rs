@@ -92,3 +92,37 @@ async fn a_first_fetch_does_not_queue_behind_its_identitys_renewal() {
     assert!(late.secret.borrow().secret.is_some());
     blocker.await.unwrap().unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn ca_max_concurrency_bounds_reads_of_the_cas_roots_too() {
+    let h = harness(|o| o.max_concurrency = 2);
+    // The first read of the CA's roots, at start.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    *h.ca.sign_latency.lock().unwrap() = Duration::from_secs(5);
+    *h.ca.list_latency.lock().unwrap() = Duration::from_secs(5);
+    // A root not yet served signs: the first chain asks for a read of the
+    // CA's roots while other signs are waiting.
+    let new = h.ca.add_root(Duration::from_secs(10 * 365 * 86400));
+    h.ca.set_listing(Ok(vec![0, new]));
+    *h.ca.signing.lock().unwrap() = new;
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let m = h.m.clone();
+        tasks.push(tokio::spawn(async move {
+            m.subscribe(&jwt(&format!("s{i}"), None)).await.map(|_| ())
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(
+        h.ca.count(|c| *c == Call::ListRoots) >= 2,
+        "the read was asked for"
+    );
+    assert_eq!(
+        h.ca.peak_in_flight(),
+        2,
+        "the bound is reached and never passed"
+    );
+}
