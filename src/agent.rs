@@ -9,6 +9,7 @@ use crate::ca::local::LocalCa;
 use crate::ca::vault::VaultCa;
 use crate::ca::CaClient;
 use crate::config::{CaProvider, Config};
+use crate::secrets::queue::CaQueue;
 use crate::secrets::schedule::RenewPolicy;
 use crate::secrets::{ManagerOptions, SecretManager};
 use crate::trust::{TrustBundle, TrustOptions};
@@ -65,6 +66,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
             refresh: config.trust.refresh_interval,
             retention: config.trust.root_retention,
             extra_roots: config.trust.extra_roots.clone(),
+            queue: Some(CaQueue::new(config.ca_max_concurrency)),
             ..TrustOptions::default()
         },
     )?;

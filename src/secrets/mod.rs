@@ -217,8 +217,9 @@ const SUBSCRIBE_ATTEMPTS: usize = 3;
 impl SecretManager {
     /// A manager whose certificates come from `ca` and whose `ROOTCA` is `trust`.
     pub fn new(ca: Arc<dyn CaClient>, trust: Arc<TrustBundle>, opts: ManagerOptions) -> Arc<Self> {
-        let queue = CaQueue::new(opts.max_concurrency);
-        trust.use_queue(queue.clone());
+        // One queue for every CA request: the trust bundle's (given at its
+        // start, so that its first read is bounded too), else this one's.
+        let queue = trust.queue_or(|| CaQueue::new(opts.max_concurrency));
         let manager = Arc::new(Self {
             ca,
             queue,

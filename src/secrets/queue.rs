@@ -38,6 +38,16 @@ pub struct Permit {
     queue: Option<CaQueue>,
 }
 
+impl std::fmt::Debug for CaQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.inner.lock().expect("queue lock");
+        f.debug_struct("CaQueue")
+            .field("in_flight", &st.in_flight)
+            .field("waiting", &(st.first.len() + st.rotation.len()))
+            .finish()
+    }
+}
+
 impl CaQueue {
     pub fn new(max_concurrency: usize) -> Self {
         Self {

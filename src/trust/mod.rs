@@ -62,6 +62,9 @@ pub struct TrustOptions {
     /// `TRUST_EXTRA_ROOTS`: a PEM file of extra roots.
     pub extra_roots: Option<PathBuf>,
     pub clock: Clock,
+    /// The CA queue (`CA_MAX_CONCURRENCY`) reads of the CA's roots wait in,
+    /// behind first fetches. Without one, the secret manager lends its own.
+    pub queue: Option<CaQueue>,
 }
 
 impl Default for TrustOptions {
@@ -71,6 +74,7 @@ impl Default for TrustOptions {
             retention: Duration::from_secs(24 * 3600),
             extra_roots: None,
             clock: Clock::system(),
+            queue: None,
         }
     }
 }
@@ -86,7 +90,7 @@ pub struct TrustBundle {
     wake: Arc<Notify>,
     refresh_asked: AtomicBool,
     /// The CA queue reads of the CA's roots wait in (with renewals), so that
-    /// `CA_MAX_CONCURRENCY` bounds them too; lent by the secret manager.
+    /// `CA_MAX_CONCURRENCY` bounds them too.
     queue: OnceLock<CaQueue>,
 }
 
@@ -171,6 +175,10 @@ impl TrustBundle {
             }
             state.extra = Some(extra);
         }
+        let queue = OnceLock::new();
+        if let Some(q) = &opts.queue {
+            let _ = queue.set(q.clone());
+        }
         let trust = Arc::new(Self {
             ca,
             opts,
@@ -178,17 +186,17 @@ impl TrustBundle {
             tx: watch::channel(Arc::new(RootBundle::default())).0,
             wake: Arc::new(Notify::new()),
             refresh_asked: AtomicBool::new(false),
-            queue: OnceLock::new(),
+            queue,
         });
         trust.recompute(&mut trust.lock());
         tokio::spawn(refresh::run(Arc::downgrade(&trust), trust.wake.clone()));
         Ok(trust)
     }
 
-    /// Makes reads of the CA's roots wait in `queue`, behind first fetches
-    /// (once; later calls are ignored).
-    pub fn use_queue(&self, queue: CaQueue) {
-        let _ = self.queue.set(queue);
+    /// The CA queue reads of the CA's roots wait in: the one given at start,
+    /// else `lent` from now on.
+    pub fn queue_or(&self, lent: impl FnOnce() -> CaQueue) -> CaQueue {
+        self.queue.get_or_init(lent).clone()
     }
 
     /// A watch on the bundle.

@@ -24,6 +24,7 @@ async fn setup(f: impl FnOnce(&mut TrustOptions)) -> Setup {
         retention: Duration::ZERO,
         extra_roots: None,
         clock,
+        queue: None,
     };
     f(&mut opts);
     let trust = TrustBundle::start(ca.clone(), opts).unwrap();
