@@ -47,7 +47,7 @@ mod tests;
 
 use cache::{Cache, CacheKey};
 use issue::FetchError;
-pub use jwts::JwtLease;
+use jwts::JwtLease;
 use queue::{CaQueue, Priority};
 use schedule::RenewPolicy;
 
