@@ -77,10 +77,11 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         "SDS gRPC server start, listen {:?}",
         config.workload_uds_path.display().to_string()
     );
-    let result = crate::sds::serve(
+    let result = crate::sds::serve_with_limits(
         listener,
         manager,
         config.workload_token_path.clone(),
+        config.sds.clone(),
         shutdown,
     )
     .await;

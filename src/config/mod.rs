@@ -34,8 +34,11 @@ impl ConfigError {
     }
 }
 
+mod limits;
 pub mod observe;
 mod vault;
+use limits::limits_from_lookup;
+pub use limits::SdsLimits;
 pub use observe::ObserveConfig;
 use vault::vault_from_lookup;
 pub use vault::VaultConfig;
@@ -81,6 +84,8 @@ pub struct Config {
     pub trust: TrustConfig,
     /// `MAX_IDENTITIES`, `MAX_JWTS_PER_IDENTITY`.
     pub secret_limits: SecretLimits,
+    /// `SDS_*`: the SDS server's bounds (connections, streams, sizes, logins).
+    pub sds: SdsLimits,
 }
 
 impl Config {
@@ -191,6 +196,7 @@ impl Config {
         let observe = observe::observe_from_lookup(&lookup)?;
         let trust = trust::trust_from_lookup(&get)?;
         let secret_limits = secrets::secret_limits_from_lookup(&get)?;
+        let sds = limits_from_lookup(&get)?;
 
         Ok(Self {
             workload_uds_path,
@@ -206,6 +212,7 @@ impl Config {
             observe,
             trust,
             secret_limits,
+            sds,
         })
     }
 

@@ -21,26 +21,97 @@ pub const ROOTCA: &str = "ROOTCA";
 /// Every resource name served, for error messages.
 pub const SERVED: &[&str] = &[DEFAULT, ROOTCA];
 
-/// Checks requested names: every one must be served, and there must be one.
-pub fn check_names(names: &[String]) -> Result<(), String> {
-    if names.is_empty() {
-        return Err(format!(
-            "the request names no resource; this agent serves {}",
-            SERVED.join(", ")
-        ));
+/// The distinct resource names of a request, in the order first named.
+/// Duplicates collapse (a request naming `default` 300 000 times is a
+/// request for `default`), and the set is what counts: `[default, ROOTCA]`
+/// and `[ROOTCA, default, ROOTCA]` are the same subscription.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResourceNames(Vec<String>);
+
+/// Why a request's resource names were refused (gRPC `INVALID_ARGUMENT`).
+/// The messages are bounded whatever the request holds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NamesError {
+    #[error("the request names no resource; this agent serves {}", SERVED.join(", "))]
+    Empty,
+    #[error(
+        "the request names more than {max} distinct resources (SDS_MAX_RESOURCE_NAMES); \
+         this agent serves {}",
+        SERVED.join(", ")
+    )]
+    TooMany { max: usize },
+    #[error("unknown resource name(s) {}; this agent serves {}", .0.join(", "), SERVED.join(", "))]
+    Unknown(Vec<String>),
+}
+
+impl ResourceNames {
+    /// Checks a request's names: at least one, at most `max` distinct, every
+    /// one served. Stops reading at the first name past `max` distinct ones,
+    /// so a huge request costs no more than a small one.
+    pub fn parse(names: &[String], max: usize) -> Result<Self, NamesError> {
+        let mut distinct: Vec<String> = Vec::new();
+        for n in names {
+            if distinct.iter().any(|d| d == n) {
+                continue;
+            }
+            if distinct.len() == max {
+                return Err(NamesError::TooMany { max });
+            }
+            distinct.push(n.clone());
+        }
+        if distinct.is_empty() {
+            return Err(NamesError::Empty);
+        }
+        let unknown: Vec<String> = distinct
+            .iter()
+            .filter(|n| !SERVED.contains(&n.as_str()))
+            .map(|n| format!("{:?}", shorten(n, 64)))
+            .collect();
+        if unknown.is_empty() {
+            Ok(Self(distinct))
+        } else {
+            Err(NamesError::Unknown(unknown))
+        }
     }
-    let unknown: Vec<&str> = names
+
+    /// True when `names` (duplicates and order aside) are exactly these.
+    pub fn same_set(&self, names: &[String]) -> bool {
+        names.iter().all(|n| self.0.contains(n)) && self.0.iter().all(|n| names.contains(n))
+    }
+
+    pub fn as_slice(&self) -> &[String] {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Display for ResourceNames {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(","))
+    }
+}
+
+/// Names as a client sent them, for a log line: at most a few, each cut short.
+pub fn names_for_log(names: &[String]) -> String {
+    let mut shown: Vec<String> = names
         .iter()
-        .map(String::as_str)
-        .filter(|n| !SERVED.contains(n))
+        .take(4)
+        .map(|n| format!("{:?}", shorten(n, 64)))
         .collect();
-    if unknown.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "unknown resource name(s) {unknown:?}; this agent serves {}",
-            SERVED.join(", ")
-        ))
+    if names.len() > 4 {
+        shown.push(format!("... {} more", names.len() - 4));
+    }
+    format!("[{}]", shown.join(", "))
+}
+
+/// At most `max` characters of `s`, with an ellipsis when cut.
+pub fn shorten(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_string(),
+        Some((i, _)) => format!("{}...", &s[..i]),
     }
 }
 
@@ -66,7 +137,7 @@ fn inline(data: &str) -> Option<DataSource> {
     })
 }
 
-/// Encodes the named resource (already checked by [`check_names`]).
+/// Encodes the named resource (already checked by [`ResourceNames::parse`]).
 pub fn encode(name: &str, snap: &Snapshot<'_>) -> Any {
     let kind = if name == ROOTCA {
         secret::Type::ValidationContext(CertificateValidationContext {
@@ -91,7 +162,8 @@ pub fn encode(name: &str, snap: &Snapshot<'_>) -> Any {
 }
 
 /// A full response for `names`; its version joins the resources' versions.
-pub fn response(names: &[String], snap: &Snapshot<'_>, nonce: String) -> DiscoveryResponse {
+pub fn response(names: &ResourceNames, snap: &Snapshot<'_>, nonce: String) -> DiscoveryResponse {
+    let names = names.as_slice();
     let version_info = names
         .iter()
         .map(|n| resource_version(n, snap))

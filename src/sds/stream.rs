@@ -1,13 +1,25 @@
 //! One `StreamSecrets` stream: the xDS state-of-the-world state machine.
 //!
 //! - Each response carries a version and a fresh nonce.
-//! - A request echoing the last nonce without `error_detail` is an ACK: no reply.
-//! - A NACK (`error_detail` set) is logged and not answered with the same
-//!   secret again; only a changed secret is sent afterwards.
+//! - A request echoing the last nonce, naming the same set of resources
+//!   (order and repeats aside) and without `error_detail`, is an ACK: no
+//!   reply.
+//! - The same with `error_detail` is a NACK: logged, and the same secret is
+//!   not sent again; the next change is.
+//! - A request echoing the last nonce with a different set of names, NACK
+//!   or not, is a new subscription, answered at once.
 //! - A request whose nonce is not the last one sent is stale and ignored.
-//! - When the identity's secret changes, the new one is pushed.
+//! - When the identity's secret or the trust bundle changes, the resources
+//!   that changed are pushed.
+//!
+//! The stream keeps reading requests while a fetch waits on the CA: the
+//! fetch is a future the stream's loop polls beside its requests, so an ACK,
+//! a changed subscription or the client leaving are handled at once, and
+//! leaving cancels the fetch.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,44 +27,63 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use tokio::sync::{mpsc, watch};
 use tonic::{Status, Streaming};
 
-use super::resources::{self, check_names, resource_version};
-use super::{log_refusal, status_for, CredentialSource};
+use super::connection::{Admission, Connection};
+use super::credential::CredentialSource;
+use super::resources::{self, names_for_log, resource_version, shorten, ResourceNames};
+use super::server::{status_for, SdsService};
 use crate::backoff::Backoff;
-use crate::identity::SpiffeId;
-use crate::secrets::{SecretManager, Subscription};
+use crate::identity::Credential;
+use crate::secrets::{SecretError, SecretManager, Subscription};
 
 pub(super) type Outbound = mpsc::Sender<Result<DiscoveryResponse, Status>>;
-
-/// State of one stream.
-pub(super) struct SdsStream {
-    pub id: u64,
-    pub manager: Arc<SecretManager>,
-    pub credential: CredentialSource,
-    pub out: Outbound,
-    names: Vec<String>,
-    last_nonce: Option<String>,
-    sent_versions: HashMap<String, String>,
-    nonce_counter: u64,
-    identity: Option<SpiffeId>,
-    watch: Option<Subscription>,
-    /// A subscription waiting for the CA to come back.
-    pending: Option<Pending>,
-    /// Turns true when the agent shuts down.
-    shutdown: watch::Receiver<bool>,
-}
-
-/// First fetch of a subscription that failed for a transient reason: retried
-/// with back-off while the stream stays open, so the workload is served as
-/// soon as the CA answers.
-struct Pending {
-    names: Vec<String>,
-    backoff: Backoff,
-    retry_at: tokio::time::Instant,
-}
 
 /// Back-off of a waiting first fetch: from 500 ms, capped at 10 s.
 const FIRST_FETCH_RETRY: (Duration, Duration) =
     (Duration::from_millis(500), Duration::from_secs(10));
+
+/// State of one stream.
+pub(super) struct SdsStream {
+    id: u64,
+    service: Arc<SdsService>,
+    conn: Arc<Connection>,
+    credential: CredentialSource,
+    out: Outbound,
+    /// What the client is subscribed to (served or about to be).
+    names: ResourceNames,
+    last_nonce: Option<String>,
+    sent_versions: HashMap<String, String>,
+    nonce_counter: u64,
+    /// The identity being served, and the credential that proved it.
+    current: Option<Current>,
+    /// A subscription waiting for the CA.
+    pending: Option<Pending>,
+    shutdown: watch::Receiver<bool>,
+}
+
+struct Current {
+    credential: Credential,
+    sub: Subscription,
+}
+
+/// A subscription not served yet: its fetch is running, or waiting to be
+/// retried after a transient failure (with back-off, while the stream stays
+/// open, so the workload is served as soon as the CA answers).
+struct Pending {
+    names: ResourceNames,
+    credential: Credential,
+    backoff: Backoff,
+    /// Held until the fetch has ended: its place among the connection's
+    /// logins in flight.
+    _admission: Admission,
+    attempt: Attempt,
+}
+
+type Fetch = Pin<Box<dyn Future<Output = Result<Subscription, SecretError>> + Send>>;
+
+enum Attempt {
+    Due(tokio::time::Instant),
+    Running(Fetch),
+}
 
 enum Step {
     Continue,
@@ -62,22 +93,23 @@ enum Step {
 impl SdsStream {
     pub fn new(
         id: u64,
-        manager: Arc<SecretManager>,
+        service: Arc<SdsService>,
+        conn: Arc<Connection>,
         credential: CredentialSource,
         out: Outbound,
-        shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let shutdown = service.shutdown.clone();
         Self {
             id,
-            manager,
+            service,
+            conn,
             credential,
             out,
-            names: Vec::new(),
+            names: ResourceNames::default(),
             last_nonce: None,
             sent_versions: HashMap::new(),
             nonce_counter: 0,
-            identity: None,
-            watch: None,
+            current: None,
             pending: None,
             shutdown,
         }
@@ -85,6 +117,7 @@ impl SdsStream {
 
     /// Serves the stream until Envoy closes it, it fails, or shutdown.
     pub async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>) {
+        let manager = self.service.manager.clone();
         loop {
             let step = tokio::select! {
                 msg = inbound.message() => match msg {
@@ -94,21 +127,25 @@ impl SdsStream {
                         Step::End
                     }
                     Err(status) => {
-                        tracing::debug!(stream = self.id, error = %status, "SDS stream ended with an error");
-                        Step::End
+                        self.service.inbound_error(self.id, &self.conn, &status);
+                        self.fail(status).await
                     }
                 },
-                changed = wait_changed(&mut self.watch) => {
-                    if changed { self.push().await } else { Step::End }
+                changed = wait_changed(&mut self.current) => {
+                    if changed { self.send_current(false).await } else { Step::End }
                 }
-                _ = wait_retry(&self.pending) => self.attempt().await,
+                result = progress(&mut self.pending, &manager) => self.on_fetched(result).await,
                 _ = shutting_down(&mut self.shutdown) => Step::End,
             };
             if let Step::End = step {
                 break;
             }
         }
-        tracing::debug!(stream = self.id, identity = ?self.identity.as_ref().map(|i| i.as_str()), "SDS stream done");
+        tracing::debug!(
+            stream = self.id,
+            identity = ?self.current.as_ref().map(|c| c.sub.identity.as_str()),
+            "SDS stream done"
+        );
     }
 
     async fn on_request(&mut self, req: DiscoveryRequest) -> Step {
@@ -116,100 +153,149 @@ impl SdsStream {
             return self
                 .fail(Status::invalid_argument(format!(
                     "unsupported type_url {:?}; this service serves {}",
-                    req.type_url,
+                    shorten(&req.type_url, 128),
                     resources::SECRET_TYPE_URL
                 )))
                 .await;
         }
-        if !req.response_nonce.is_empty() {
-            if self.last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
-                tracing::debug!(stream = self.id, nonce = %req.response_nonce, "ignoring SDS request with a stale nonce");
+        let kind = classify(
+            self.last_nonce.as_deref(),
+            &self.names,
+            &req.response_nonce,
+            &req.resource_names,
+            req.error_detail.is_some(),
+        );
+        match (kind, &req.error_detail) {
+            (Kind::Stale, _) => {
+                tracing::debug!(stream = self.id, nonce = %shorten(&req.response_nonce, 64), "ignoring SDS request with a stale nonce");
                 return Step::Continue;
             }
-            if let Some(err) = &req.error_detail {
+            (Kind::Ack, _) => {
+                tracing::debug!(stream = self.id, version = %shorten(&req.version_info, 128), "SDS ACK");
+                return Step::Continue;
+            }
+            (Kind::Nack | Kind::NackAndSubscribe, Some(err)) => {
                 tracing::warn!(
                     stream = self.id,
-                    identity = ?self.identity.as_ref().map(|i| i.as_str()),
-                    resources = ?req.resource_names,
-                    version = %req.version_info,
+                    identity = ?self.current.as_ref().map(|c| c.sub.identity.as_str()),
+                    resources = %self.names,
+                    version = %shorten(&req.version_info, 128),
                     code = err.code,
                     "Envoy rejected the SDS response (NACK): {}; the same secret will not be sent again, the next change will be",
-                    err.message
+                    shorten(&err.message, 512)
                 );
-                return Step::Continue;
+                if kind == Kind::Nack {
+                    return Step::Continue;
+                }
             }
-            if req.resource_names == self.names {
-                tracing::debug!(stream = self.id, version = %req.version_info, "SDS ACK");
-                return Step::Continue;
-            }
+            _ => {}
         }
-        // A first request, or one that changes the subscription.
-        if let Err(msg) = check_names(&req.resource_names) {
-            tracing::warn!(stream = self.id, resources = ?req.resource_names, "refusing SDS request: {msg}");
-            return self.fail(Status::invalid_argument(msg)).await;
-        }
-        self.pending = Some(Pending {
-            names: req.resource_names,
-            backoff: Backoff::new(FIRST_FETCH_RETRY.0, FIRST_FETCH_RETRY.1),
-            retry_at: tokio::time::Instant::now(),
-        });
-        self.attempt().await
+        self.subscribe(&req.resource_names).await
     }
 
-    /// Tries to serve the pending subscription.
-    async fn attempt(&mut self) -> Step {
-        let Some(pending) = self.pending.as_mut() else {
-            return Step::Continue;
+    /// A first request, or one that changes the subscription.
+    async fn subscribe(&mut self, requested: &[String]) -> Step {
+        let names = match ResourceNames::parse(
+            requested,
+            self.service.limits.config().max_resource_names,
+        ) {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(stream = self.id, connection = self.conn.id, resources = %names_for_log(requested), "refusing SDS request: {e}");
+                return self.fail(Status::invalid_argument(e.to_string())).await;
+            }
         };
-        let names = pending.names.clone();
         let credential = match self.credential.get() {
             Ok(c) => c,
             Err(status) => {
-                tracing::warn!(stream = self.id, resources = ?names, "refusing SDS request: {}", status.message());
+                tracing::warn!(stream = self.id, connection = self.conn.id, resources = %names, "refusing SDS request: {}", status.message());
                 return self.fail(status).await;
             }
         };
-        // A CA that hangs must not hold up shutdown.
-        let manager = self.manager.clone();
-        let result = tokio::select! {
-            r = manager.subscribe(&credential) => r,
-            _ = shutting_down(&mut self.shutdown) => return Step::End,
+        // The identity this credential proved is being served: only the
+        // names change.
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.credential == credential)
+        {
+            self.pending = None;
+            self.names = names;
+            return self.send_current(true).await;
+        }
+        // Its fetch is already under way: it will serve these names.
+        if let Some(p) = self.pending.as_mut().filter(|p| p.credential == credential) {
+            p.names = names;
+            return Step::Continue;
+        }
+        let admission = match self.conn.admit(&credential) {
+            Ok(a) => a,
+            Err(e) => return self.refuse(&names, e).await,
         };
+        self.pending = Some(Pending {
+            names,
+            credential,
+            backoff: Backoff::new(FIRST_FETCH_RETRY.0, FIRST_FETCH_RETRY.1),
+            _admission: admission,
+            attempt: Attempt::Due(tokio::time::Instant::now()),
+        });
+        Step::Continue
+    }
+
+    /// A fetch ended.
+    async fn on_fetched(&mut self, result: Result<Subscription, SecretError>) -> Step {
         match result {
             Ok(sub) => {
-                self.pending = None;
-                self.names = names;
-                self.identity = Some(sub.identity.clone());
-                self.watch = Some(sub);
+                let p = self
+                    .pending
+                    .take()
+                    .expect("a fetch ended, so one was pending");
+                self.names = p.names;
+                self.current = Some(Current {
+                    credential: p.credential,
+                    sub,
+                });
                 self.send_current(true).await
             }
+            Err(e) if e.is_transient() => {
+                let p = self
+                    .pending
+                    .as_mut()
+                    .expect("a fetch ended, so one was pending");
+                let delay = p.backoff.next_delay();
+                p.attempt = Attempt::Due(tokio::time::Instant::now() + delay);
+                tracing::error!(
+                    stream = self.id,
+                    "Failed to sign cert for {:?}: {e}; retrying in {:.1}s",
+                    p.names.to_string(),
+                    delay.as_secs_f64()
+                );
+                Step::Continue
+            }
             Err(e) => {
-                let what = format!("Failed to sign cert for {:?}: {e}", names.join(","));
-                if e.is_transient() {
-                    let pending = self.pending.as_mut().expect("pending is set");
-                    let delay = pending.backoff.next_delay();
-                    pending.retry_at = tokio::time::Instant::now() + delay;
-                    tracing::error!(
-                        stream = self.id,
-                        "{what}; retrying in {:.1}s",
-                        delay.as_secs_f64()
-                    );
-                    Step::Continue
-                } else {
-                    log_refusal(self.id, &what, &e);
-                    let status = status_for(&e);
-                    self.fail(Status::new(status.code(), what)).await
-                }
+                let p = self
+                    .pending
+                    .take()
+                    .expect("a fetch ended, so one was pending");
+                self.refuse(&p.names, e).await
             }
         }
+    }
+
+    /// Ends the stream for a secret failure, logged as such.
+    async fn refuse(&mut self, names: &ResourceNames, e: SecretError) -> Step {
+        let what = format!("Failed to sign cert for {:?}: {e}", names.to_string());
+        self.service.log_refusal(self.id, &what, &e);
+        let status = status_for(&e);
+        self.fail(Status::new(status.code(), what)).await
     }
 
     /// Sends the subscribed resources if any changed since last sent (or always).
     async fn send_current(&mut self, always: bool) -> Step {
-        let Some(sub) = self.watch.as_ref() else {
+        let Some(current) = self.current.as_ref() else {
             return Step::Continue;
         };
-        let state = sub.secret.borrow().clone();
+        let state = current.sub.secret.borrow().clone();
         if let Some(reason) = state.closed {
             return self.fail(Status::unavailable(reason)).await;
         }
@@ -223,6 +309,7 @@ impl SdsStream {
         };
         let versions: HashMap<String, String> = self
             .names
+            .as_slice()
             .iter()
             .map(|n| (n.clone(), resource_version(n, &snap)))
             .collect();
@@ -235,7 +322,7 @@ impl SdsStream {
         tracing::info!(
             stream = self.id,
             identity = %secret.identity,
-            resources = ?self.names,
+            resources = %self.names,
             version = %resp.version_info,
             "SDS: push"
         );
@@ -247,30 +334,81 @@ impl SdsStream {
         Step::Continue
     }
 
-    async fn push(&mut self) -> Step {
-        self.send_current(false).await
-    }
-
     async fn fail(&mut self, status: Status) -> Step {
         let _ = self.out.send(Err(status)).await;
         Step::End
     }
 }
 
-/// Waits for the identity's state (secret and trust bundle) to change;
-/// pending forever without a subscription. Returns false when the manager
-/// dropped it.
-async fn wait_changed(watch: &mut Option<Subscription>) -> bool {
-    match watch {
-        Some(sub) => sub.secret.changed().await.is_ok(),
-        None => std::future::pending().await,
+/// What a request means to a stream in its current state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// Echoes a nonce that is not the last one sent: ignored.
+    Stale,
+    /// Accepts the last response.
+    Ack,
+    /// Rejects the last response, same names: no reply.
+    Nack,
+    /// Rejects the last response and names other resources: answered.
+    NackAndSubscribe,
+    /// A first request, or a changed set of names: answered.
+    Subscribe,
+}
+
+/// Classifies a request (pure, so that it can be tested on any input).
+pub(crate) fn classify(
+    last_nonce: Option<&str>,
+    names: &ResourceNames,
+    nonce: &str,
+    requested: &[String],
+    nack: bool,
+) -> Kind {
+    if nonce.is_empty() {
+        return Kind::Subscribe;
+    }
+    if last_nonce != Some(nonce) {
+        return Kind::Stale;
+    }
+    match (names.same_set(requested), nack) {
+        (true, false) => Kind::Ack,
+        (true, true) => Kind::Nack,
+        (false, true) => Kind::NackAndSubscribe,
+        (false, false) => Kind::Subscribe,
     }
 }
 
-/// Resolves when a pending first fetch is due; pending forever otherwise.
-async fn wait_retry(pending: &Option<Pending>) {
-    match pending {
-        Some(p) => tokio::time::sleep_until(p.retry_at).await,
+/// Drives a pending subscription: waits until its attempt is due, starts the
+/// fetch, and returns its result. Pending forever when there is none.
+/// Cancel-safe: the running fetch lives in `pending`, not in this future.
+async fn progress(
+    pending: &mut Option<Pending>,
+    manager: &Arc<SecretManager>,
+) -> Result<Subscription, SecretError> {
+    let Some(p) = pending.as_mut() else {
+        return std::future::pending().await;
+    };
+    loop {
+        match &mut p.attempt {
+            Attempt::Due(at) => {
+                tokio::time::sleep_until(*at).await;
+                let manager = manager.clone();
+                let credential = p.credential.clone();
+                p.attempt =
+                    Attempt::Running(Box::pin(
+                        async move { manager.subscribe(&credential).await },
+                    ));
+            }
+            Attempt::Running(fetch) => return fetch.await,
+        }
+    }
+}
+
+/// Waits for the identity's state (secret and trust bundle) to change;
+/// pending forever without a subscription. Returns false when the manager
+/// dropped it.
+async fn wait_changed(current: &mut Option<Current>) -> bool {
+    match current {
+        Some(c) => c.sub.secret.changed().await.is_ok(),
         None => std::future::pending().await,
     }
 }
@@ -278,4 +416,42 @@ async fn wait_retry(pending: &Option<Pending>) {
 /// Resolves once the agent is shutting down.
 async fn shutting_down(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|v| *v).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn requests_are_classified_by_nonce_names_as_a_set_and_error_detail() {
+        let served = ResourceNames::parse(&names(&["default", "ROOTCA"]), 8).unwrap();
+        let last = Some("n1");
+        let c = |nonce: &str, req: &[&str], nack: bool| {
+            classify(last, &served, nonce, &names(req), nack)
+        };
+        assert_eq!(c("", &["default"], false), Kind::Subscribe);
+        assert_eq!(c("n0", &["default", "ROOTCA"], false), Kind::Stale);
+        assert_eq!(c("n0", &["default"], true), Kind::Stale);
+        assert_eq!(c("n1", &["default", "ROOTCA"], false), Kind::Ack);
+        // Order and repeats do not make a new subscription.
+        assert_eq!(c("n1", &["ROOTCA", "default", "ROOTCA"], false), Kind::Ack);
+        assert_eq!(c("n1", &["ROOTCA", "default"], true), Kind::Nack);
+        assert_eq!(c("n1", &["default"], false), Kind::Subscribe);
+        assert_eq!(c("n1", &["default"], true), Kind::NackAndSubscribe);
+        // Nothing was sent yet: any nonce is stale.
+        assert_eq!(
+            classify(
+                None,
+                &ResourceNames::default(),
+                "x",
+                &names(&["default"]),
+                false
+            ),
+            Kind::Stale
+        );
+    }
 }

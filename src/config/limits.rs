@@ -1,0 +1,247 @@
+//! The bounds of the SDS server (`SDS_*`): every workload that can reach the
+//! socket may be hostile, so connections, streams, request sizes, resource
+//! names and the Vault logins one connection can cause are all capped. Each
+//! bound is a setting with a default sized for a node of Envoys (two streams
+//! each); README's settings table lists them.
+
+use std::time::Duration;
+
+use super::ConfigError;
+use crate::duration::parse_go_duration;
+
+/// The SDS server's bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SdsLimits {
+    /// `SDS_MAX_CONNECTIONS`: open connections on the socket; past it a new
+    /// connection is closed at once.
+    pub max_connections: usize,
+    /// `SDS_MAX_STREAMS`: open gRPC streams (StreamSecrets and FetchSecrets
+    /// calls) over all connections.
+    pub max_streams: usize,
+    /// `SDS_CONNECTION_MAX_STREAMS`: open streams on one connection. An Envoy
+    /// opens two (`default` and `ROOTCA`).
+    pub connection_max_streams: usize,
+    /// `SDS_FIRST_REQUEST_TIMEOUT`: a stream whose first request has not
+    /// fully arrived by then is closed.
+    pub first_request_timeout: Duration,
+    /// `SDS_KEEPALIVE_INTERVAL`: HTTP/2 PING interval on every connection.
+    pub keepalive_interval: Duration,
+    /// `SDS_KEEPALIVE_TIMEOUT`: a connection whose PING is not answered by
+    /// then is closed with its streams.
+    pub keepalive_timeout: Duration,
+    /// `SDS_MAX_REQUEST_BYTES`: largest request message accepted.
+    pub max_request_bytes: usize,
+    /// `SDS_MAX_HEADER_BYTES`: largest header list (metadata, with the JWT).
+    pub max_header_bytes: u32,
+    /// `SDS_MAX_RESOURCE_NAMES`: most distinct resource names in one request.
+    pub max_resource_names: usize,
+    /// `SDS_CONNECTION_MAX_LOGINS_IN_FLIGHT`: first fetches with JWTs new to
+    /// the connection that may wait on the CA at once.
+    pub connection_max_logins_in_flight: usize,
+    /// `SDS_CONNECTION_NEW_JWT_BURST`: JWTs new to a connection it may
+    /// present at once before the rate applies (token bucket size).
+    pub connection_new_jwt_burst: u32,
+    /// `SDS_CONNECTION_NEW_JWT_INTERVAL`: after the burst, one more new JWT
+    /// per connection per this interval (token bucket refill).
+    pub connection_new_jwt_interval: Duration,
+}
+
+impl Default for SdsLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 512,
+            max_streams: 1024,
+            connection_max_streams: 16,
+            first_request_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_request_bytes: 64 * 1024,
+            max_header_bytes: 16 * 1024,
+            max_resource_names: 8,
+            connection_max_logins_in_flight: 2,
+            connection_new_jwt_burst: 4,
+            connection_new_jwt_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+pub(super) fn limits_from_lookup(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<SdsLimits, ConfigError> {
+    let d = SdsLimits::default();
+    let count = |var: &'static str, default: usize, max: usize| -> Result<usize, ConfigError> {
+        match get(var) {
+            None => Ok(default),
+            Some(v) => match v.trim().parse::<usize>() {
+                Ok(n) if (1..=max).contains(&n) => Ok(n),
+                _ => Err(ConfigError::new(
+                    var,
+                    v,
+                    format!("must be a whole number from 1 to {max}"),
+                )),
+            },
+        }
+    };
+    let bytes = |var: &'static str, default: usize, min: usize, max: usize| match get(var) {
+        None => Ok(default),
+        Some(v) => match parse_bytes(&v) {
+            Some(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(ConfigError::new(
+                var,
+                v,
+                format!(
+                    "must be a size from {} to {} (bytes, or with KiB / MiB)",
+                    show_bytes(min),
+                    show_bytes(max)
+                ),
+            )),
+        },
+    };
+    let duration =
+        |var: &'static str, default: Duration, min: Duration, max: Duration| match get(var) {
+            None => Ok(default),
+            Some(v) => match parse_go_duration(&v) {
+                Ok(t) if t >= min && t <= max => Ok(t),
+                Ok(_) => Err(ConfigError::new(
+                    var,
+                    v,
+                    format!("must be from {min:?} to {max:?}"),
+                )),
+                Err(e) => Err(ConfigError::new(var, v, e.to_string())),
+            },
+        };
+    let ms = Duration::from_millis;
+    let hour = Duration::from_secs(3600);
+    let limits = SdsLimits {
+        max_connections: count("SDS_MAX_CONNECTIONS", d.max_connections, 1 << 20)?,
+        max_streams: count("SDS_MAX_STREAMS", d.max_streams, 1 << 20)?,
+        connection_max_streams: count(
+            "SDS_CONNECTION_MAX_STREAMS",
+            d.connection_max_streams,
+            1 << 16,
+        )?,
+        first_request_timeout: duration(
+            "SDS_FIRST_REQUEST_TIMEOUT",
+            d.first_request_timeout,
+            ms(100),
+            hour,
+        )?,
+        keepalive_interval: duration(
+            "SDS_KEEPALIVE_INTERVAL",
+            d.keepalive_interval,
+            ms(100),
+            hour,
+        )?,
+        keepalive_timeout: duration("SDS_KEEPALIVE_TIMEOUT", d.keepalive_timeout, ms(100), hour)?,
+        // An Envoy's first request carries its node (with every extension it
+        // was built with): a few KiB, so 1 KiB is the least that makes sense.
+        max_request_bytes: bytes("SDS_MAX_REQUEST_BYTES", d.max_request_bytes, 1024, 16 << 20)?,
+        max_header_bytes: bytes(
+            "SDS_MAX_HEADER_BYTES",
+            d.max_header_bytes as usize,
+            4096,
+            1 << 20,
+        )? as u32,
+        max_resource_names: count("SDS_MAX_RESOURCE_NAMES", d.max_resource_names, 1024)?,
+        connection_max_logins_in_flight: count(
+            "SDS_CONNECTION_MAX_LOGINS_IN_FLIGHT",
+            d.connection_max_logins_in_flight,
+            1024,
+        )?,
+        connection_new_jwt_burst: count(
+            "SDS_CONNECTION_NEW_JWT_BURST",
+            d.connection_new_jwt_burst as usize,
+            1 << 20,
+        )? as u32,
+        connection_new_jwt_interval: duration(
+            "SDS_CONNECTION_NEW_JWT_INTERVAL",
+            d.connection_new_jwt_interval,
+            Duration::ZERO,
+            hour * 24,
+        )?,
+    };
+    Ok(limits)
+}
+
+/// `65536`, `64KiB`, `1MiB` (also `K`/`KB`/`M`/`MB`, all binary).
+fn parse_bytes(v: &str) -> Option<usize> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: usize = num.parse().ok()?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1024,
+        "m" | "mb" | "mib" => 1024 * 1024,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+fn show_bytes(n: usize) -> String {
+    if n >= 1 << 20 && n % (1 << 20) == 0 {
+        format!("{}MiB", n >> 20)
+    } else if n >= 1024 && n % 1024 == 0 {
+        format!("{}KiB", n >> 10)
+    } else {
+        n.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn limits(vars: &[(&str, &str)]) -> Result<SdsLimits, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        limits_from_lookup(&|k: &str| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        assert_eq!(limits(&[]).unwrap(), SdsLimits::default());
+        let l = limits(&[
+            ("SDS_MAX_STREAMS", "64"),
+            ("SDS_CONNECTION_MAX_STREAMS", "2"),
+            ("SDS_MAX_REQUEST_BYTES", "16KiB"),
+            ("SDS_MAX_HEADER_BYTES", "8192"),
+            ("SDS_FIRST_REQUEST_TIMEOUT", "1500ms"),
+            ("SDS_CONNECTION_NEW_JWT_INTERVAL", "0"),
+        ])
+        .unwrap();
+        assert_eq!(l.max_streams, 64);
+        assert_eq!(l.connection_max_streams, 2);
+        assert_eq!(l.max_request_bytes, 16 * 1024);
+        assert_eq!(l.max_header_bytes, 8192);
+        assert_eq!(l.first_request_timeout, Duration::from_millis(1500));
+        assert_eq!(l.connection_new_jwt_interval, Duration::ZERO);
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (var, bad) in [
+            ("SDS_MAX_CONNECTIONS", "0"),
+            ("SDS_MAX_STREAMS", "many"),
+            ("SDS_CONNECTION_MAX_STREAMS", "-1"),
+            ("SDS_FIRST_REQUEST_TIMEOUT", "1ms"),
+            ("SDS_KEEPALIVE_INTERVAL", "soon"),
+            ("SDS_KEEPALIVE_TIMEOUT", "2h"),
+            ("SDS_MAX_REQUEST_BYTES", "100"),
+            ("SDS_MAX_REQUEST_BYTES", "1GiB"),
+            ("SDS_MAX_REQUEST_BYTES", "64 parsecs"),
+            ("SDS_MAX_HEADER_BYTES", "99999999999999999999"),
+            ("SDS_MAX_RESOURCE_NAMES", "0"),
+            ("SDS_CONNECTION_MAX_LOGINS_IN_FLIGHT", "0"),
+            ("SDS_CONNECTION_NEW_JWT_BURST", "0"),
+            ("SDS_CONNECTION_NEW_JWT_INTERVAL", "3d"),
+        ] {
+            let e = limits(&[(var, bad)]).unwrap_err();
+            assert_eq!(e.var, var, "{var}={bad}: {e}");
+            assert!(e.to_string().contains(bad), "{e}");
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Where a request's credential (the workload's JWT) comes from, and the
+//! checks made on it before anything else: it must be a service-account JWT
+//! that has not expired. An expired JWT is refused here, before any cache
+//! lookup, whatever the CA said about it before.
+
+use std::path::{Path, PathBuf};
+
+use tonic::metadata::MetadataMap;
+use tonic::Status;
+
+use crate::identity::Credential;
+
+/// gRPC metadata carrying the workload's JWT (Istio 1.2+ spelling).
+pub const CREDENTIAL_HEADER: &str = "istio_sds_credentials_header-bin";
+/// Istio 1.1's misspelt header, still accepted.
+pub const CREDENTIAL_HEADER_1_1: &str = "istio_sds_credentail_header-bin";
+
+/// Where a stream's credential comes from.
+#[derive(Clone, Debug)]
+pub(crate) enum CredentialSource {
+    /// Sent by Envoy in the stream's metadata.
+    Header(Credential),
+    /// Read from `WORKLOAD_TOKEN_PATH`, fresh on each use (kubelet rotates it).
+    TokenFile(PathBuf),
+    /// Nothing: the request is refused.
+    Missing,
+}
+
+impl CredentialSource {
+    pub(crate) fn from_metadata(md: &MetadataMap, token_path: Option<&Path>) -> Self {
+        for key in [CREDENTIAL_HEADER, CREDENTIAL_HEADER_1_1] {
+            if let Some(v) = md.get_bin(key) {
+                if let Ok(bytes) = v.to_bytes() {
+                    if let Ok(s) = std::str::from_utf8(&bytes) {
+                        if !s.trim().is_empty() {
+                            return Self::Header(Credential::new(s));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(v) = md.get("authorization").and_then(|v| v.to_str().ok()) {
+            let v = v.trim();
+            if v.len() > 7 && v.is_char_boundary(7) && v[..7].eq_ignore_ascii_case("bearer ") {
+                return Self::Header(Credential::new(&v[7..]));
+            }
+        }
+        match token_path {
+            Some(p) => Self::TokenFile(p.to_path_buf()),
+            None => Self::Missing,
+        }
+    }
+
+    /// The credential, or `UNAUTHENTICATED` saying what is wrong with it:
+    /// missing, not a service-account JWT, or expired.
+    pub(crate) fn get(&self) -> Result<Credential, Status> {
+        let cred = match self {
+            Self::Header(c) => c.clone(),
+            Self::TokenFile(p) => match std::fs::read_to_string(p) {
+                Ok(s) if !s.trim().is_empty() => Credential::new(s),
+                Ok(_) => {
+                    return Err(Status::unauthenticated(format!(
+                        "no credential: the request carries none and WORKLOAD_TOKEN_PATH {} is empty",
+                        p.display()
+                    )))
+                }
+                Err(e) => {
+                    return Err(Status::unauthenticated(format!(
+                        "no credential: the request carries none and WORKLOAD_TOKEN_PATH {} cannot be read: {e}",
+                        p.display()
+                    )))
+                }
+            },
+            Self::Missing => {
+                return Err(Status::unauthenticated(format!(
+                    "no credential: send the workload's JWT in gRPC metadata {CREDENTIAL_HEADER} \
+                     (or authorization: Bearer), or set WORKLOAD_TOKEN_PATH"
+                )))
+            }
+        };
+        if let Err(e) = cred.current_claims() {
+            return Err(Status::unauthenticated(format!("invalid credential: {e}")));
+        }
+        Ok(cred)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+
+    fn jwt(payload: &str) -> String {
+        format!(
+            "{}.{}.c2ln",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256"}"#),
+            URL_SAFE_NO_PAD.encode(payload)
+        )
+    }
+
+    fn with_header(value: &str) -> MetadataMap {
+        let mut md = MetadataMap::new();
+        md.insert_bin(
+            CREDENTIAL_HEADER,
+            tonic::metadata::MetadataValue::from_bytes(value.as_bytes()),
+        );
+        md
+    }
+
+    #[test]
+    fn an_expired_jwt_is_unauthenticated() {
+        let expired = jwt(r#"{"sub":"system:serviceaccount:a:b","exp":1000}"#);
+        let err = CredentialSource::from_metadata(&with_header(&expired), None)
+            .get()
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        assert!(
+            err.message().contains("expired at 1000"),
+            "{}",
+            err.message()
+        );
+        let live = jwt(r#"{"sub":"system:serviceaccount:a:b","exp":99999999999}"#);
+        assert!(CredentialSource::from_metadata(&with_header(&live), None)
+            .get()
+            .is_ok());
+    }
+
+    #[test]
+    fn a_short_or_odd_authorization_header_is_not_a_bearer_token() {
+        for v in ["Bearer", "bearer x", "Bearerx y", "Basic abc"] {
+            let mut md = MetadataMap::new();
+            md.insert("authorization", v.parse().unwrap());
+            let src = CredentialSource::from_metadata(&md, None);
+            let is_header = matches!(src, CredentialSource::Header(_));
+            assert_eq!(is_header, v == "bearer x", "{v}");
+        }
+    }
+}

@@ -1,0 +1,416 @@
+//! The SDS server's shared bounds: connections and streams in total, streams
+//! per connection, the deadline of a stream's first request, and the rule
+//! that a bound being hit is logged as one warning per interval (with a count
+//! of the refusals since), so that a flood cannot flood the log too.
+//!
+//! A stream's place is taken before its request is read and held until its
+//! response ends ([`StreamSlot`]), so a client that opens streams and sends
+//! nothing holds no more than its share either.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body::{Body, Frame, SizeHint};
+use prost::bytes::{Buf, Bytes};
+use tokio::time::{Instant, Sleep};
+use tonic::Status;
+
+use super::connection::Connection;
+use crate::config::SdsLimits;
+
+/// At most one warning per bound per this interval.
+pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The bounds shared by every connection.
+pub struct Limits {
+    cfg: SdsLimits,
+    streams: AtomicUsize,
+    connections: AtomicUsize,
+    warned: Mutex<HashMap<&'static str, Warned>>,
+}
+
+#[derive(Default)]
+struct Warned {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Limits {
+    pub fn new(cfg: SdsLimits) -> Arc<Self> {
+        Arc::new(Self {
+            cfg,
+            streams: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            warned: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn config(&self) -> &SdsLimits {
+        &self.cfg
+    }
+
+    /// Streams open over all connections.
+    pub fn open_streams(&self) -> usize {
+        self.streams.load(Ordering::SeqCst)
+    }
+
+    /// Counts a new connection; false (and a warning) when it is one too many.
+    pub(crate) fn connection_opened(&self) -> bool {
+        let max = self.cfg.max_connections;
+        if self.connections.fetch_add(1, Ordering::SeqCst) >= max {
+            self.connections.fetch_sub(1, Ordering::SeqCst);
+            self.warn(
+                "SDS_MAX_CONNECTIONS",
+                format!(
+                    "SDS_MAX_CONNECTIONS={max} reached: closing a new connection at once; \
+                     the connections already open keep being served"
+                ),
+            );
+            return false;
+        }
+        true
+    }
+
+    pub(crate) fn connection_closed(&self) {
+        self.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Takes a place for a new stream on `conn`, or refuses it with
+    /// `RESOURCE_EXHAUSTED` naming the bound (and logs one warning per
+    /// interval). Streams already open are not affected.
+    pub fn open_stream(self: &Arc<Self>, conn: &Arc<Connection>) -> Result<StreamSlot, Status> {
+        let per_conn = self.cfg.connection_max_streams;
+        if conn.streams.fetch_add(1, Ordering::SeqCst) >= per_conn {
+            conn.streams.fetch_sub(1, Ordering::SeqCst);
+            let msg = format!(
+                "too many streams on one connection: SDS_CONNECTION_MAX_STREAMS={per_conn} are open \
+                 (an Envoy needs 2); close one or raise SDS_CONNECTION_MAX_STREAMS"
+            );
+            self.warn(
+                "SDS_CONNECTION_MAX_STREAMS",
+                format!("connection {}: refusing a stream: {msg}", conn.id),
+            );
+            return Err(Status::resource_exhausted(msg));
+        }
+        let total = self.cfg.max_streams;
+        if self.streams.fetch_add(1, Ordering::SeqCst) >= total {
+            self.streams.fetch_sub(1, Ordering::SeqCst);
+            conn.streams.fetch_sub(1, Ordering::SeqCst);
+            let msg = format!(
+                "the agent serves too many streams: SDS_MAX_STREAMS={total} are open; \
+                 retry later or raise SDS_MAX_STREAMS"
+            );
+            self.warn(
+                "SDS_MAX_STREAMS",
+                format!("connection {}: refusing a stream: {msg}", conn.id),
+            );
+            return Err(Status::resource_exhausted(msg));
+        }
+        Ok(StreamSlot {
+            limits: self.clone(),
+            conn: conn.clone(),
+        })
+    }
+
+    /// Logs `message` as a warning unless `bound` was warned about less than
+    /// [`WARN_INTERVAL`] ago; then it is only counted, and the count is
+    /// added to the next warning.
+    pub fn warn(&self, bound: &'static str, message: String) {
+        let now = Instant::now();
+        let suppressed = {
+            let mut warned = self.warned.lock().expect("warnings lock");
+            let w = warned.entry(bound).or_default();
+            if w.last
+                .is_some_and(|t| now.duration_since(t) < WARN_INTERVAL)
+            {
+                w.suppressed += 1;
+                return;
+            }
+            w.last = Some(now);
+            std::mem::take(&mut w.suppressed)
+        };
+        if suppressed > 0 {
+            tracing::warn!(
+                limit = bound,
+                "{message} ({suppressed} more refused for this reason in the last {}s)",
+                WARN_INTERVAL.as_secs()
+            );
+        } else {
+            tracing::warn!(limit = bound, "{message}");
+        }
+    }
+
+    /// Wraps a request body so that it fails with `DEADLINE_EXCEEDED` when
+    /// its first message has not fully arrived within
+    /// `SDS_FIRST_REQUEST_TIMEOUT`.
+    pub fn first_message_deadline<B>(&self, body: B) -> FirstMessageDeadline<B> {
+        FirstMessageDeadline {
+            inner: body,
+            deadline: Some(Box::pin(tokio::time::sleep(self.cfg.first_request_timeout))),
+            timeout: self.cfg.first_request_timeout,
+            seen: 0,
+            header: [0; 5],
+        }
+    }
+}
+
+/// A stream's place under `SDS_MAX_STREAMS` and `SDS_CONNECTION_MAX_STREAMS`;
+/// given back when dropped.
+pub struct StreamSlot {
+    limits: Arc<Limits>,
+    conn: Arc<Connection>,
+}
+
+impl std::fmt::Debug for StreamSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StreamSlot(connection {})", self.conn.id)
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.limits.streams.fetch_sub(1, Ordering::SeqCst);
+        self.conn.streams.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that holds its stream's [`StreamSlot`] until hyper drops
+/// it: when the response has ended or the client reset the stream.
+pub struct WithSlot<B> {
+    pub inner: B,
+    pub slot: StreamSlot,
+}
+
+impl<B: Body + Unpin> Body for WithSlot<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// See [`Limits::first_message_deadline`]. Reads the gRPC framing (one flag
+/// byte, a 4-byte length) to know when the first message is complete, so
+/// that a client trickling it byte by byte is cut off too.
+pub struct FirstMessageDeadline<B> {
+    inner: B,
+    deadline: Option<Pin<Box<Sleep>>>,
+    timeout: Duration,
+    /// Bytes of the first message seen so far, header included.
+    seen: u64,
+    header: [u8; 5],
+}
+
+impl<B> FirstMessageDeadline<B> {
+    /// Accounts `data`; true once the first message is complete.
+    fn account(&mut self, mut data: &[u8]) -> bool {
+        while self.seen < 5 && !data.is_empty() {
+            self.header[self.seen as usize] = data[0];
+            self.seen += 1;
+            data = &data[1..];
+        }
+        if self.seen < 5 {
+            return false;
+        }
+        let len = u32::from_be_bytes([
+            self.header[1],
+            self.header[2],
+            self.header[3],
+            self.header[4],
+        ]);
+        self.seen += data.len() as u64;
+        self.seen >= 5 + u64::from(len)
+    }
+}
+
+impl<B> Body for FirstMessageDeadline<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Status>,
+{
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if this.deadline.is_some() {
+                    if let Some(data) = frame.data_ref() {
+                        if this.account(data.chunk()) {
+                            this.deadline = None;
+                        }
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                let expired = this
+                    .deadline
+                    .as_mut()
+                    .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
+                if !expired {
+                    return Poll::Pending;
+                }
+                this.deadline = None;
+                Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
+                    "no complete request within SDS_FIRST_REQUEST_TIMEOUT={:?}; \
+                     send the first request when opening the stream",
+                    this.timeout
+                )))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    fn limits(per_conn: usize, total: usize) -> Arc<Limits> {
+        Limits::new(SdsLimits {
+            connection_max_streams: per_conn,
+            max_streams: total,
+            max_connections: 2,
+            first_request_timeout: Duration::from_secs(5),
+            ..SdsLimits::default()
+        })
+    }
+
+    #[test]
+    fn streams_are_capped_per_connection_and_in_total_and_given_back() {
+        let l = limits(2, 3);
+        let cfg = l.config().clone();
+        let (a, b) = (
+            Arc::new(Connection::new(1, &cfg)),
+            Arc::new(Connection::new(2, &cfg)),
+        );
+        let a1 = l.open_stream(&a).unwrap();
+        let _a2 = l.open_stream(&a).unwrap();
+        let e = l.open_stream(&a).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            e.message().contains("SDS_CONNECTION_MAX_STREAMS=2"),
+            "{e:?}"
+        );
+        let _b1 = l.open_stream(&b).unwrap();
+        let e = l.open_stream(&b).unwrap_err();
+        assert!(e.message().contains("SDS_MAX_STREAMS=3"), "{e:?}");
+        assert_eq!(
+            (l.open_streams(), a.open_streams(), b.open_streams()),
+            (3, 2, 1)
+        );
+        drop(a1);
+        assert_eq!((l.open_streams(), a.open_streams()), (2, 1));
+        let _b2 = l.open_stream(&b).unwrap();
+    }
+
+    #[test]
+    fn connections_are_capped() {
+        let l = limits(2, 3);
+        assert!(l.connection_opened() && l.connection_opened());
+        assert!(!l.connection_opened());
+        l.connection_closed();
+        assert!(l.connection_opened());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_warning_per_interval() {
+        let l = limits(1, 1);
+        let warned = |l: &Limits| l.warned.lock().unwrap()["X"].suppressed;
+        l.warn("X", "first".into());
+        for _ in 0..5 {
+            l.warn("X", "again".into());
+        }
+        assert_eq!(warned(&l), 5);
+        tokio::time::advance(WARN_INTERVAL).await;
+        l.warn("X", "later".into());
+        assert_eq!(warned(&l), 0, "the count went out with the warning");
+    }
+
+    fn frame(bytes: &[u8]) -> Result<Frame<Bytes>, Status> {
+        Ok(Frame::data(Bytes::copy_from_slice(bytes)))
+    }
+
+    type Item = Result<Frame<Bytes>, Status>;
+    type TestBody = http_body_util::StreamBody<tokio_stream::wrappers::ReceiverStream<Item>>;
+
+    /// A body fed by the test through a channel.
+    fn channel_body() -> (tokio::sync::mpsc::Sender<Item>, TestBody) {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        (
+            tx,
+            http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_first_message_trickled_past_the_deadline_is_cut_off() {
+        let l = limits(1, 1);
+        let (tx, body) = channel_body();
+        let mut body = l.first_message_deadline(body);
+        // Header says 10 bytes; 3 come, then nothing.
+        tx.send(frame(&[0, 0, 0, 0, 10, 1, 2, 3])).await.unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        let start = Instant::now();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
+        assert!(
+            err.message().contains("SDS_FIRST_REQUEST_TIMEOUT"),
+            "{err:?}"
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_complete_first_message_disarms_the_deadline() {
+        let l = limits(1, 1);
+        let (tx, body) = channel_body();
+        let mut body = l.first_message_deadline(body);
+        // The header split across frames, then the 2-byte message.
+        tx.send(frame(&[0, 0])).await.unwrap();
+        tx.send(frame(&[0, 0, 2, 9])).await.unwrap();
+        tx.send(frame(&[9])).await.unwrap();
+        for _ in 0..3 {
+            assert!(body.frame().await.unwrap().is_ok());
+        }
+        // Long silence afterwards is fine (an Envoy stream between pushes).
+        let later = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            drop(tx);
+        });
+        assert!(body.frame().await.is_none(), "ends when the client does");
+        later.await.unwrap();
+    }
+}

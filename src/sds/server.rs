@@ -1,0 +1,447 @@
+//! The gRPC side of the SDS server: HTTP/2 settings, routes, message size
+//! limits, the codec, and `FetchSecrets`.
+//!
+//! The routes are written here rather than taken from the generated
+//! `SecretDiscoveryServiceServer` for two reasons: a stream's place under
+//! the stream caps must be taken before its request is read, and a message
+//! that is not a valid protobuf is the client's fault (`INVALID_ARGUMENT`),
+//! while the generated code's codec calls it `INTERNAL`.
+
+use std::convert::Infallible;
+use std::marker::PhantomData;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use futures::Stream;
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::body::Body;
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http;
+use tonic::server::{ClientStreamingService, Grpc, NamedService, StreamingService};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::connection::{incoming, Admission, ConnInfo, Connection};
+use super::credential::CredentialSource;
+use super::limits::{Limits, WithSlot};
+use super::resources::{self, names_for_log, ResourceNames};
+use super::stream::SdsStream;
+use crate::config::SdsLimits;
+use crate::secrets::{SecretError, SecretManager};
+
+/// The service name, the prefix of every route.
+pub const SERVICE_NAME: &str = "envoy.service.secret.v3.SecretDiscoveryService";
+const STREAM_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
+const FETCH_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/FetchSecrets";
+const DELTA_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets";
+
+/// Largest response the agent sends: a chain, a key and a root bundle are a
+/// few KiB; this only catches a bug (or a CA answering megabytes of roots).
+pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
+
+/// HTTP/2 flow-control windows. What a client can make the agent buffer
+/// before it reads is bounded by these, per stream and per connection; SDS
+/// messages are small, so the protocol's default stream window is plenty.
+const STREAM_WINDOW: u32 = 64 * 1024;
+const CONNECTION_WINDOW: u32 = 256 * 1024;
+
+/// The gRPC status a stream ends with for a secret failure.
+pub(crate) fn status_for(e: &SecretError) -> Status {
+    let msg = e.to_string();
+    match e {
+        SecretError::Credential(_) => Status::unauthenticated(msg),
+        SecretError::Login(err) | SecretError::Sign { error: err, .. } => match err {
+            crate::ca::CaError::Rejected(_) | crate::ca::CaError::RecentlyRejected(_) => {
+                Status::permission_denied(msg)
+            }
+            crate::ca::CaError::Unavailable(_) => Status::unavailable(msg),
+            crate::ca::CaError::BadAnswer(_) => Status::internal(msg),
+        },
+        SecretError::LimitReached { .. } => Status::resource_exhausted(msg),
+        SecretError::Internal(_) => Status::internal(msg),
+    }
+}
+
+/// What the handlers share.
+pub struct SdsService {
+    pub(crate) manager: Arc<SecretManager>,
+    pub(crate) token_path: Option<PathBuf>,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) limits: Arc<Limits>,
+    next_stream: AtomicU64,
+}
+
+impl SdsService {
+    pub fn new(
+        manager: Arc<SecretManager>,
+        token_path: Option<PathBuf>,
+        shutdown: watch::Receiver<bool>,
+        limits: Arc<Limits>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            manager,
+            token_path,
+            shutdown,
+            limits,
+            next_stream: AtomicU64::new(1),
+        })
+    }
+
+    /// Logs why a request was refused: a bound reached is one warning per
+    /// interval; a repeat of a rejection the CA gave moments ago (Envoy
+    /// reconnecting) is debug; anything else is an error.
+    pub(crate) fn log_refusal(&self, stream: u64, what: &str, e: &SecretError) {
+        if let SecretError::LimitReached { setting, .. } = e {
+            self.limits
+                .warn(setting, format!("stream {stream}: {what}"));
+        } else if e.is_repeat() {
+            tracing::debug!(stream, "{what}");
+        } else {
+            tracing::error!(stream, "{what}");
+        }
+    }
+
+    /// Routes one HTTP/2 stream: takes its place under the stream caps (or
+    /// refuses it), arms the first-request deadline, and calls the method.
+    async fn route(self: Arc<Self>, req: http::Request<Body>) -> http::Response<Body> {
+        let path = req.uri().path().to_string();
+        let path = path.as_str();
+        if path == DELTA_SECRETS {
+            return Status::unimplemented(
+                "DeltaSecrets is not supported; use StreamSecrets (state of the world)",
+            )
+            .into_http();
+        }
+        if path != STREAM_SECRETS && path != FETCH_SECRETS {
+            return Status::unimplemented(format!("no method {}", resources::shorten(path, 128)))
+                .into_http();
+        }
+        let Some(ConnInfo(conn)) = req.extensions().get::<ConnInfo>().cloned() else {
+            tracing::error!("an SDS request without connection state; refusing it");
+            return Status::internal("no connection state").into_http();
+        };
+        let slot = match self.limits.open_stream(&conn) {
+            Ok(s) => s,
+            Err(status) => return status.into_http(),
+        };
+        let req = req.map(|b| Body::new(self.limits.first_message_deadline(b)));
+        let cfg = self.limits.config();
+        let mut grpc = Grpc::new(SdsCodec::<DiscoveryResponse, DiscoveryRequest>::default())
+            .apply_max_message_size_config(Some(cfg.max_request_bytes), Some(MAX_RESPONSE_BYTES));
+        let resp = if path == STREAM_SECRETS {
+            let method = StreamSecretsMethod {
+                service: self.clone(),
+                conn,
+            };
+            grpc.streaming(method, req).await
+        } else {
+            let method = FetchSecretsMethod {
+                service: self.clone(),
+                conn,
+            };
+            // Read as a client stream of one message, so that a request
+            // that fails to decode reaches `fetch_secrets` to be logged.
+            grpc.client_streaming(method, req).await
+        };
+        resp.map(|inner| Body::new(WithSlot { inner, slot }))
+    }
+
+    /// Logs why a stream's request could not be read (too large, not
+    /// protobuf, too late): one warning per interval for each reason, as a
+    /// client that sends them is most likely attacking.
+    pub(crate) fn inbound_error(&self, stream: u64, conn: &Connection, status: &Status) {
+        let cfg = self.limits.config();
+        let (bound, what) = match status.code() {
+            tonic::Code::OutOfRange => (
+                "SDS_MAX_REQUEST_BYTES",
+                format!(
+                    "a request larger than SDS_MAX_REQUEST_BYTES={}",
+                    cfg.max_request_bytes
+                ),
+            ),
+            tonic::Code::InvalidArgument => {
+                ("malformed request", "a malformed request".to_string())
+            }
+            tonic::Code::DeadlineExceeded => (
+                "SDS_FIRST_REQUEST_TIMEOUT",
+                format!(
+                    "a stream with no complete request within SDS_FIRST_REQUEST_TIMEOUT={:?}",
+                    cfg.first_request_timeout
+                ),
+            ),
+            _ => {
+                tracing::debug!(stream, connection = conn.id, error = %status, "SDS stream ended with an error");
+                return;
+            }
+        };
+        self.limits.warn(
+            bound,
+            format!(
+                "connection {}: refusing {what} with {:?}: {}",
+                conn.id,
+                status.code(),
+                resources::shorten(status.message(), 256)
+            ),
+        );
+    }
+
+    async fn fetch_secrets(
+        &self,
+        conn: &Connection,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let credential =
+            CredentialSource::from_metadata(request.metadata(), self.token_path.as_deref());
+        let req = match request.into_inner().message().await {
+            Ok(Some(req)) => req,
+            Ok(None) => {
+                return Err(Status::invalid_argument(
+                    "FetchSecrets carries one DiscoveryRequest; none came",
+                ))
+            }
+            Err(status) => {
+                self.inbound_error(id, conn, &status);
+                return Err(status);
+            }
+        };
+        let names = ResourceNames::parse(&req.resource_names, self.limits.config().max_resource_names)
+            .map_err(|e| {
+                tracing::warn!(connection = conn.id, resources = %names_for_log(&req.resource_names), "refusing FetchSecrets: {e}");
+                Status::invalid_argument(e.to_string())
+            })?;
+        let credential = credential.get().inspect_err(|s| {
+            tracing::warn!(connection = conn.id, resources = %names, "refusing FetchSecrets: {}", s.message());
+        })?;
+        let failed = |e: SecretError| {
+            let what = format!("Failed to sign cert for {:?}: {e}", names.to_string());
+            self.log_refusal(id, &what, &e);
+            Status::new(status_for(&e).code(), what)
+        };
+        let admission: Admission = conn.admit(&credential).map_err(failed)?;
+        let sub = self.manager.subscribe(&credential).await.map_err(failed)?;
+        drop(admission);
+        let state = sub.secret.borrow().clone();
+        let secret = state
+            .secret
+            .ok_or_else(|| Status::internal("no secret after a successful fetch"))?;
+        let roots = state.roots;
+        let snap = resources::Snapshot {
+            secret: &secret,
+            roots: &roots,
+        };
+        Ok(Response::new(resources::response(
+            &names,
+            &snap,
+            format!("fetch-{id}"),
+        )))
+    }
+
+    fn stream_secrets(
+        self: &Arc<Self>,
+        conn: Arc<Connection>,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Response<BoxStream<DiscoveryResponse>> {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let credential =
+            CredentialSource::from_metadata(request.metadata(), self.token_path.as_deref());
+        tracing::debug!(stream = id, connection = conn.id, "SDS stream opened");
+        let (tx, rx) = mpsc::channel(2);
+        let s = SdsStream::new(id, self.clone(), conn, credential, tx);
+        tokio::spawn(s.run(request.into_inner()));
+        Response::new(Box::pin(ReceiverStream::new(rx)))
+    }
+}
+
+pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+struct StreamSecretsMethod {
+    service: Arc<SdsService>,
+    conn: Arc<Connection>,
+}
+
+impl StreamingService<DiscoveryRequest> for StreamSecretsMethod {
+    type Response = DiscoveryResponse;
+    type ResponseStream = BoxStream<DiscoveryResponse>;
+    type Future = futures::future::Ready<Result<Response<Self::ResponseStream>, Status>>;
+
+    fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
+        futures::future::ready(Ok(self.service.stream_secrets(self.conn.clone(), request)))
+    }
+}
+
+struct FetchSecretsMethod {
+    service: Arc<SdsService>,
+    conn: Arc<Connection>,
+}
+
+impl ClientStreamingService<DiscoveryRequest> for FetchSecretsMethod {
+    type Response = DiscoveryResponse;
+    type Future = Pin<
+        Box<dyn std::future::Future<Output = Result<Response<DiscoveryResponse>, Status>> + Send>,
+    >;
+
+    fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
+        let service = self.service.clone();
+        let conn = self.conn.clone();
+        Box::pin(async move { service.fetch_secrets(&conn, request).await })
+    }
+}
+
+/// The tower service tonic's server runs.
+#[derive(Clone)]
+pub struct SdsRouter(Arc<SdsService>);
+
+impl tonic::codegen::Service<http::Request<Body>> for SdsRouter {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move { Ok(service.route(req).await) })
+    }
+}
+
+impl NamedService for SdsRouter {
+    const NAME: &'static str = SERVICE_NAME;
+}
+
+/// Protobuf in and out, like tonic-prost's codec, except that a message that
+/// does not decode is the client's error: `INVALID_ARGUMENT`, not `INTERNAL`.
+/// Buffers start small: most SDS messages are a few KiB, and every open
+/// stream holds one of each.
+pub struct SdsCodec<E, D>(PhantomData<(E, D)>);
+
+impl<E, D> Default for SdsCodec<E, D> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+fn buffers() -> BufferSettings {
+    BufferSettings::new(2048, 32 * 1024)
+}
+
+impl<E, D> Codec for SdsCodec<E, D>
+where
+    E: Message + Send + 'static,
+    D: Message + Default + Send + 'static,
+{
+    type Encode = E;
+    type Decode = D;
+    type Encoder = SdsEncoder<E>;
+    type Decoder = SdsDecoder<D>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        SdsEncoder(PhantomData)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        SdsDecoder(PhantomData)
+    }
+}
+
+pub struct SdsEncoder<E>(PhantomData<E>);
+
+impl<E: Message> Encoder for SdsEncoder<E> {
+    type Item = E;
+    type Error = Status;
+
+    fn encode(&mut self, item: E, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode(buf)
+            .map_err(|e| Status::internal(format!("cannot encode the response: {e}")))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        buffers()
+    }
+}
+
+pub struct SdsDecoder<D>(PhantomData<D>);
+
+impl<D: Message + Default> Decoder for SdsDecoder<D> {
+    type Item = D;
+    type Error = Status;
+
+    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<D>, Status> {
+        decode_request(buf).map(Some)
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        buffers()
+    }
+}
+
+/// Decodes one request message; a malformed one is `INVALID_ARGUMENT`.
+pub fn decode_request<D: Message + Default>(buf: impl prost::bytes::Buf) -> Result<D, Status> {
+    D::decode(buf).map_err(|e| {
+        Status::invalid_argument(format!(
+            "the request is not a valid protobuf {}: {e}",
+            std::any::type_name::<D>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("message")
+        ))
+    })
+}
+
+/// [`serve_with_limits`] with the default bounds.
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    manager: Arc<SecretManager>,
+    token_path: Option<PathBuf>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    serve_with_limits(listener, manager, token_path, SdsLimits::default(), shutdown).await
+}
+
+/// Serves SDS on `listener` within `limits` until `shutdown` turns true; then
+/// stops accepting, ends every stream and returns once connections are
+/// closed (or after a grace period).
+pub async fn serve_with_limits(
+    listener: tokio::net::UnixListener,
+    manager: Arc<SecretManager>,
+    token_path: Option<PathBuf>,
+    limits: SdsLimits,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    let limits = Limits::new(limits);
+    let cfg = limits.config().clone();
+    let service = SdsService::new(manager, token_path, shutdown.clone(), limits.clone());
+    let signal = async move {
+        let _ = shutdown.wait_for(|v| *v).await;
+    };
+    // The protocol's own cap on streams per connection is above ours, so
+    // that a stream past ours reaches the agent and gets RESOURCE_EXHAUSTED
+    // naming the setting (a client at the protocol cap only queues, silently).
+    let h2_streams = u32::try_from(
+        cfg.connection_max_streams
+            .saturating_mul(2)
+            .max(cfg.connection_max_streams + 4),
+    )
+    .unwrap_or(u32::MAX);
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(cfg.keepalive_interval))
+        .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
+        .http2_max_header_list_size(cfg.max_header_bytes)
+        .max_concurrent_streams(h2_streams)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(16 * 1024)
+        .add_service(SdsRouter(service))
+        .serve_with_incoming_shutdown(incoming(listener, limits), signal)
+        .await
+}
