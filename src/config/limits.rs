@@ -22,15 +22,21 @@ pub struct SdsLimits {
     /// opens two (`default` and `ROOTCA`).
     pub connection_max_streams: usize,
     /// `SDS_FIRST_REQUEST_TIMEOUT`: a stream whose first request has not
-    /// fully arrived by then is closed.
+    /// fully arrived by then is closed; so is one whose later request is not
+    /// complete this long after its first byte.
     pub first_request_timeout: Duration,
     /// `SDS_KEEPALIVE_INTERVAL`: HTTP/2 PING interval on every connection.
     pub keepalive_interval: Duration,
     /// `SDS_KEEPALIVE_TIMEOUT`: a connection whose PING is not answered by
     /// then is closed with its streams.
     pub keepalive_timeout: Duration,
-    /// `SDS_MAX_REQUEST_BYTES`: largest request message accepted.
+    /// `SDS_MAX_REQUEST_BYTES`: largest request message accepted. An Envoy
+    /// sends its node, with the list of every extension it was built with,
+    /// in each request: about 60 KiB for Envoy 1.40.
     pub max_request_bytes: usize,
+    /// `SDS_MAX_BUFFERED_REQUEST_BYTES`: bytes of requests not yet complete
+    /// held over all streams; a stream past it waits.
+    pub max_buffered_request_bytes: usize,
     /// `SDS_MAX_HEADER_BYTES`: largest header list (metadata, with the JWT).
     pub max_header_bytes: u32,
     /// `SDS_MAX_RESOURCE_NAMES`: most distinct resource names in one request.
@@ -55,7 +61,8 @@ impl Default for SdsLimits {
             first_request_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
-            max_request_bytes: 64 * 1024,
+            max_request_bytes: 256 * 1024,
+            max_buffered_request_bytes: 16 << 20,
             max_header_bytes: 16 * 1024,
             max_resource_names: 8,
             connection_max_logins_in_flight: 2,
@@ -136,6 +143,12 @@ pub(super) fn limits_from_lookup(
         // An Envoy's first request carries its node (with every extension it
         // was built with): a few KiB, so 1 KiB is the least that makes sense.
         max_request_bytes: bytes("SDS_MAX_REQUEST_BYTES", d.max_request_bytes, 1024, 16 << 20)?,
+        max_buffered_request_bytes: bytes(
+            "SDS_MAX_BUFFERED_REQUEST_BYTES",
+            d.max_buffered_request_bytes,
+            1024,
+            1 << 30,
+        )?,
         max_header_bytes: bytes(
             "SDS_MAX_HEADER_BYTES",
             d.max_header_bytes as usize,
@@ -160,6 +173,16 @@ pub(super) fn limits_from_lookup(
             hour * 24,
         )?,
     };
+    if limits.max_buffered_request_bytes < limits.max_request_bytes {
+        return Err(ConfigError::new(
+            "SDS_MAX_BUFFERED_REQUEST_BYTES",
+            show_bytes(limits.max_buffered_request_bytes),
+            format!(
+                "must be at least SDS_MAX_REQUEST_BYTES ({}), or a request of that size could never be read",
+                show_bytes(limits.max_request_bytes)
+            ),
+        ));
+    }
     Ok(limits)
 }
 
@@ -219,6 +242,13 @@ mod tests {
         assert_eq!(l.max_header_bytes, 8192);
         assert_eq!(l.first_request_timeout, Duration::from_millis(1500));
         assert_eq!(l.connection_new_jwt_interval, Duration::ZERO);
+        // The buffer must hold at least one whole request.
+        let e = limits(&[("SDS_MAX_BUFFERED_REQUEST_BYTES", "64KiB")]).unwrap_err();
+        assert_eq!(e.var, "SDS_MAX_BUFFERED_REQUEST_BYTES");
+        assert!(
+            e.to_string().contains("SDS_MAX_REQUEST_BYTES (256KiB)"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -234,6 +264,7 @@ mod tests {
             ("SDS_MAX_REQUEST_BYTES", "1GiB"),
             ("SDS_MAX_REQUEST_BYTES", "64 parsecs"),
             ("SDS_MAX_HEADER_BYTES", "99999999999999999999"),
+            ("SDS_MAX_BUFFERED_REQUEST_BYTES", "2GiB"),
             ("SDS_MAX_RESOURCE_NAMES", "0"),
             ("SDS_CONNECTION_MAX_LOGINS_IN_FLIGHT", "0"),
             ("SDS_CONNECTION_NEW_JWT_BURST", "0"),

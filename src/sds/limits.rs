@@ -5,10 +5,10 @@
 //!
 //! A stream's place is taken before its request is read and held until its
 //! response ends ([`StreamSlot`]), so a client that opens streams and sends
-//! nothing holds no more than its share either.
+//! nothing holds no more than its share either. How requests are read, with
+//! their size, time and buffer bounds, is [`super::framing`].
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,11 +16,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http_body::{Body, Frame, SizeHint};
-use prost::bytes::{Buf, Bytes};
-use tokio::time::{Instant, Sleep};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tonic::Status;
 
 use super::connection::Connection;
+use super::framing::RequestReader;
 use crate::config::SdsLimits;
 
 /// At most one warning per bound per this interval.
@@ -31,6 +32,9 @@ pub struct Limits {
     cfg: SdsLimits,
     streams: AtomicUsize,
     connections: AtomicUsize,
+    /// Bytes of requests not yet complete, over every stream
+    /// (`SDS_MAX_BUFFERED_REQUEST_BYTES`; see [`super::framing`]).
+    request_budget: Arc<Semaphore>,
     warned: Mutex<HashMap<&'static str, Warned>>,
 }
 
@@ -43,6 +47,7 @@ struct Warned {
 impl Limits {
     pub fn new(cfg: SdsLimits) -> Arc<Self> {
         Arc::new(Self {
+            request_budget: Arc::new(Semaphore::new(cfg.max_buffered_request_bytes)),
             cfg,
             streams: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
@@ -52,6 +57,16 @@ impl Limits {
 
     pub fn config(&self) -> &SdsLimits {
         &self.cfg
+    }
+
+    /// A reader of a stream's requests, under the shared budget.
+    pub(crate) fn reader(&self, body: tonic::body::Body) -> RequestReader {
+        RequestReader::new(
+            body,
+            self.request_budget.clone(),
+            self.cfg.max_request_bytes,
+            self.cfg.first_request_timeout,
+        )
     }
 
     /// Streams open over all connections.
@@ -144,19 +159,6 @@ impl Limits {
             tracing::warn!(limit = bound, "{message}");
         }
     }
-
-    /// Wraps a request body so that it fails with `DEADLINE_EXCEEDED` when
-    /// its first message has not fully arrived within
-    /// `SDS_FIRST_REQUEST_TIMEOUT`.
-    pub fn first_message_deadline<B>(&self, body: B) -> FirstMessageDeadline<B> {
-        FirstMessageDeadline {
-            inner: body,
-            deadline: Some(Box::pin(tokio::time::sleep(self.cfg.first_request_timeout))),
-            timeout: self.cfg.first_request_timeout,
-            seen: 0,
-            header: [0; 5],
-        }
-    }
 }
 
 /// A stream's place under `SDS_MAX_STREAMS` and `SDS_CONNECTION_MAX_STREAMS`;
@@ -206,97 +208,9 @@ impl<B: Body + Unpin> Body for WithSlot<B> {
     }
 }
 
-/// See [`Limits::first_message_deadline`]. Reads the gRPC framing (one flag
-/// byte, a 4-byte length) to know when the first message is complete, so
-/// that a client trickling it byte by byte is cut off too.
-pub struct FirstMessageDeadline<B> {
-    inner: B,
-    deadline: Option<Pin<Box<Sleep>>>,
-    timeout: Duration,
-    /// Bytes of the first message seen so far, header included.
-    seen: u64,
-    header: [u8; 5],
-}
-
-impl<B> FirstMessageDeadline<B> {
-    /// Accounts `data`; true once the first message is complete.
-    fn account(&mut self, mut data: &[u8]) -> bool {
-        while self.seen < 5 && !data.is_empty() {
-            self.header[self.seen as usize] = data[0];
-            self.seen += 1;
-            data = &data[1..];
-        }
-        if self.seen < 5 {
-            return false;
-        }
-        let len = u32::from_be_bytes([
-            self.header[1],
-            self.header[2],
-            self.header[3],
-            self.header[4],
-        ]);
-        self.seen += data.len() as u64;
-        self.seen >= 5 + u64::from(len)
-    }
-}
-
-impl<B> Body for FirstMessageDeadline<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<Status>,
-{
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if this.deadline.is_some() {
-                    if let Some(data) = frame.data_ref() {
-                        if this.account(data.chunk()) {
-                            this.deadline = None;
-                        }
-                    }
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => {
-                let expired = this
-                    .deadline
-                    .as_mut()
-                    .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
-                if !expired {
-                    return Poll::Pending;
-                }
-                this.deadline = None;
-                Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
-                    "no complete request within SDS_FIRST_REQUEST_TIMEOUT={:?}; \
-                     send the first request when opening the stream",
-                    this.timeout
-                )))))
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
 
     fn limits(per_conn: usize, total: usize) -> Arc<Limits> {
         Limits::new(SdsLimits {
@@ -357,60 +271,5 @@ mod tests {
         tokio::time::advance(WARN_INTERVAL).await;
         l.warn("X", "later".into());
         assert_eq!(warned(&l), 0, "the count went out with the warning");
-    }
-
-    fn frame(bytes: &[u8]) -> Result<Frame<Bytes>, Status> {
-        Ok(Frame::data(Bytes::copy_from_slice(bytes)))
-    }
-
-    type Item = Result<Frame<Bytes>, Status>;
-    type TestBody = http_body_util::StreamBody<tokio_stream::wrappers::ReceiverStream<Item>>;
-
-    /// A body fed by the test through a channel.
-    fn channel_body() -> (tokio::sync::mpsc::Sender<Item>, TestBody) {
-        let (tx, rx) = tokio::sync::mpsc::channel(8);
-        (
-            tx,
-            http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
-        )
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_first_message_trickled_past_the_deadline_is_cut_off() {
-        let l = limits(1, 1);
-        let (tx, body) = channel_body();
-        let mut body = l.first_message_deadline(body);
-        // Header says 10 bytes; 3 come, then nothing.
-        tx.send(frame(&[0, 0, 0, 0, 10, 1, 2, 3])).await.unwrap();
-        assert!(body.frame().await.unwrap().is_ok());
-        let start = Instant::now();
-        let err = body.frame().await.unwrap().unwrap_err();
-        assert_eq!(err.code(), tonic::Code::DeadlineExceeded);
-        assert!(
-            err.message().contains("SDS_FIRST_REQUEST_TIMEOUT"),
-            "{err:?}"
-        );
-        assert_eq!(start.elapsed(), Duration::from_secs(5));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_complete_first_message_disarms_the_deadline() {
-        let l = limits(1, 1);
-        let (tx, body) = channel_body();
-        let mut body = l.first_message_deadline(body);
-        // The header split across frames, then the 2-byte message.
-        tx.send(frame(&[0, 0])).await.unwrap();
-        tx.send(frame(&[0, 0, 2, 9])).await.unwrap();
-        tx.send(frame(&[9])).await.unwrap();
-        for _ in 0..3 {
-            assert!(body.frame().await.unwrap().is_ok());
-        }
-        // Long silence afterwards is fine (an Envoy stream between pushes).
-        let later = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            drop(tx);
-        });
-        assert!(body.frame().await.is_none(), "ends when the client does");
-        later.await.unwrap();
     }
 }

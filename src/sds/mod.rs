@@ -10,14 +10,16 @@
 //!   past `SDS_MAX_CONNECTIONS` are closed at once.
 //! - [`limits`]: streams per connection and in total, the first-request
 //!   deadline, and one warning per interval for each bound that is hit.
-//! - [`server`]: the gRPC routes, message size limits, a codec that answers
-//!   a malformed message with `INVALID_ARGUMENT`, and the HTTP/2 settings.
+//! - [`framing`]: reading request messages with bounded size, time and
+//!   buffer (a malformed one is `INVALID_ARGUMENT`).
+//! - [`server`]: the gRPC routes, the HTTP/2 settings, `FetchSecrets`.
 //! - [`stream`]: one `StreamSecrets` stream, the xDS state machine.
 //! - [`credential`]: where a request's JWT comes from.
 //! - [`resources`]: the two resources served, and the checks on names.
 
 pub mod connection;
 pub mod credential;
+pub mod framing;
 pub mod limits;
 pub mod resources;
 pub mod server;

@@ -22,11 +22,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::body::Body;
 use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http;
+use tonic::metadata::MetadataMap;
 use tonic::server::{ClientStreamingService, Grpc, NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::connection::{incoming, Admission, ConnInfo, Connection};
 use super::credential::CredentialSource;
+use super::framing::RequestReader;
 use super::limits::{Limits, WithSlot};
 use super::resources::{self, names_for_log, ResourceNames};
 use super::stream::SdsStream;
@@ -128,23 +130,26 @@ impl SdsService {
             Ok(s) => s,
             Err(status) => return status.into_http(),
         };
-        let req = req.map(|b| Body::new(self.limits.first_message_deadline(b)));
-        let cfg = self.limits.config();
+        // Requests are read by the agent's own reader (see `framing`); tonic
+        // gets an empty body and only encodes the responses.
+        let (parts, body) = req.into_parts();
+        let reader = Some(self.limits.reader(body));
+        let req = http::Request::from_parts(parts, Body::empty());
         let mut grpc = Grpc::new(SdsCodec::<DiscoveryResponse, DiscoveryRequest>::default())
-            .apply_max_message_size_config(Some(cfg.max_request_bytes), Some(MAX_RESPONSE_BYTES));
+            .apply_max_message_size_config(None, Some(MAX_RESPONSE_BYTES));
         let resp = if path == STREAM_SECRETS {
             let method = StreamSecretsMethod {
                 service: self.clone(),
                 conn,
+                reader,
             };
             grpc.streaming(method, req).await
         } else {
             let method = FetchSecretsMethod {
                 service: self.clone(),
                 conn,
+                reader,
             };
-            // Read as a client stream of one message, so that a request
-            // that fails to decode reaches `fetch_secrets` to be logged.
             grpc.client_streaming(method, req).await
         };
         resp.map(|inner| Body::new(WithSlot { inner, slot }))
@@ -156,7 +161,7 @@ impl SdsService {
     pub(crate) fn inbound_error(&self, stream: u64, conn: &Connection, status: &Status) {
         let cfg = self.limits.config();
         let (bound, what) = match status.code() {
-            tonic::Code::OutOfRange => (
+            tonic::Code::ResourceExhausted => (
                 "SDS_MAX_REQUEST_BYTES",
                 format!(
                     "a request larger than SDS_MAX_REQUEST_BYTES={}",
@@ -192,12 +197,12 @@ impl SdsService {
     async fn fetch_secrets(
         &self,
         conn: &Connection,
-        request: Request<Streaming<DiscoveryRequest>>,
+        metadata: &MetadataMap,
+        mut reader: RequestReader,
     ) -> Result<Response<DiscoveryResponse>, Status> {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        let credential =
-            CredentialSource::from_metadata(request.metadata(), self.token_path.as_deref());
-        let req = match request.into_inner().message().await {
+        let credential = CredentialSource::from_metadata(metadata, self.token_path.as_deref());
+        let req = match reader.message::<DiscoveryRequest>().await {
             Ok(Some(req)) => req,
             Ok(None) => {
                 return Err(Status::invalid_argument(
@@ -244,24 +249,27 @@ impl SdsService {
     fn stream_secrets(
         self: &Arc<Self>,
         conn: Arc<Connection>,
-        request: Request<Streaming<DiscoveryRequest>>,
+        metadata: &MetadataMap,
+        reader: RequestReader,
     ) -> Response<BoxStream<DiscoveryResponse>> {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        let credential =
-            CredentialSource::from_metadata(request.metadata(), self.token_path.as_deref());
+        let credential = CredentialSource::from_metadata(metadata, self.token_path.as_deref());
         tracing::debug!(stream = id, connection = conn.id, "SDS stream opened");
         let (tx, rx) = mpsc::channel(2);
         let s = SdsStream::new(id, self.clone(), conn, credential, tx);
-        tokio::spawn(s.run(request.into_inner()));
+        tokio::spawn(s.run(reader));
         Response::new(Box::pin(ReceiverStream::new(rx)))
     }
 }
 
 pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// The methods get the request's metadata from tonic (whose body is empty)
+/// and read the request messages from the agent's own reader.
 struct StreamSecretsMethod {
     service: Arc<SdsService>,
     conn: Arc<Connection>,
+    reader: Option<RequestReader>,
 }
 
 impl StreamingService<DiscoveryRequest> for StreamSecretsMethod {
@@ -270,13 +278,21 @@ impl StreamingService<DiscoveryRequest> for StreamSecretsMethod {
     type Future = futures::future::Ready<Result<Response<Self::ResponseStream>, Status>>;
 
     fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
-        futures::future::ready(Ok(self.service.stream_secrets(self.conn.clone(), request)))
+        let Some(reader) = self.reader.take() else {
+            return futures::future::ready(Err(Status::internal("called twice")));
+        };
+        futures::future::ready(Ok(self.service.stream_secrets(
+            self.conn.clone(),
+            request.metadata(),
+            reader,
+        )))
     }
 }
 
 struct FetchSecretsMethod {
     service: Arc<SdsService>,
     conn: Arc<Connection>,
+    reader: Option<RequestReader>,
 }
 
 impl ClientStreamingService<DiscoveryRequest> for FetchSecretsMethod {
@@ -288,7 +304,13 @@ impl ClientStreamingService<DiscoveryRequest> for FetchSecretsMethod {
     fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
         let service = self.service.clone();
         let conn = self.conn.clone();
-        Box::pin(async move { service.fetch_secrets(&conn, request).await })
+        let reader = self.reader.take();
+        Box::pin(async move {
+            let reader = reader.ok_or_else(|| Status::internal("called twice"))?;
+            service
+                .fetch_secrets(&conn, request.metadata(), reader)
+                .await
+        })
     }
 }
 

@@ -25,10 +25,11 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tokio::sync::{mpsc, watch};
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 use super::connection::{Admission, Connection};
 use super::credential::CredentialSource;
+use super::framing::RequestReader;
 use super::resources::{self, names_for_log, resource_version, shorten, ResourceNames};
 use super::server::{status_for, SdsService};
 use crate::backoff::Backoff;
@@ -116,11 +117,11 @@ impl SdsStream {
     }
 
     /// Serves the stream until Envoy closes it, it fails, or shutdown.
-    pub async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>) {
+    pub async fn run(mut self, mut inbound: RequestReader) {
         let manager = self.service.manager.clone();
         loop {
             let step = tokio::select! {
-                msg = inbound.message() => match msg {
+                msg = inbound.message::<DiscoveryRequest>() => match msg {
                     Ok(Some(req)) => self.on_request(req).await,
                     Ok(None) => {
                         tracing::debug!(stream = self.id, "SDS stream closed by the client");

@@ -91,6 +91,11 @@ impl Agent {
         }
     }
 
+    /// The agent's process id (for /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent running").id()
+    }
+
     /// CPU time (user + system) the agent has used so far, from /proc.
     pub fn cpu_time(&self) -> Duration {
         let pid = self.child.as_ref().unwrap().id();

@@ -1,0 +1,381 @@
+//! Reading gRPC request messages off a stream's HTTP/2 body, with bounded
+//! memory.
+//!
+//! tonic's decoder keeps a stream's buffer at the size of the largest message
+//! it ever received, and an Envoy sends its whole node (every extension it
+//! was built with: about 60 KiB for Envoy 1.40) with every request, ACKs
+//! included. Kept for every open stream, that is most of what a stream
+//! costs. So requests are read here instead:
+//!
+//! - a message's bytes are held only until it decodes, then freed;
+//! - a message larger than `SDS_MAX_REQUEST_BYTES` is refused from its
+//!   header, before its bytes are read (`RESOURCE_EXHAUSTED`);
+//! - bytes of messages not yet complete count against one budget shared by
+//!   every stream (`SDS_MAX_BUFFERED_REQUEST_BYTES`): a stream that would pass
+//!   it waits, and HTTP/2 flow control makes its client wait too;
+//! - a stream's first message must be complete within
+//!   `SDS_FIRST_REQUEST_TIMEOUT` of the stream opening, and any later one
+//!   within it of its first byte (`DEADLINE_EXCEEDED`), so that no client
+//!   holds budget by trickling;
+//! - a message that is not a valid protobuf is `INVALID_ARGUMENT`; a
+//!   compressed one (which node-agent never offers) `UNIMPLEMENTED`.
+//!
+//! Responses are still encoded by tonic: they are small and the agent's own.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body::Body as _;
+use prost::bytes::{Buf, Bytes, BytesMut};
+use prost::Message;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tonic::body::Body;
+use tonic::{Code, Status};
+
+/// gRPC's message prefix: a compression flag and a 4-byte length.
+const PREFIX: usize = 5;
+
+/// Reads the request messages of one stream; see the module documentation.
+/// Cancel-safe: what was read lives in the reader, not in the future.
+pub struct RequestReader {
+    body: Body,
+    buf: BytesMut,
+    /// A chunk taken from the body, waiting for budget.
+    pending: Option<Bytes>,
+    /// Budget permits held for `buf` and `pending`.
+    held: usize,
+    budget: Arc<Semaphore>,
+    max_message: usize,
+    timeout: Duration,
+    /// When the message being read must be complete.
+    deadline: Option<Instant>,
+    ended: bool,
+}
+
+impl RequestReader {
+    /// A reader whose first message is due within `timeout` from now.
+    pub fn new(body: Body, budget: Arc<Semaphore>, max_message: usize, timeout: Duration) -> Self {
+        Self {
+            body,
+            buf: BytesMut::new(),
+            pending: None,
+            held: 0,
+            budget,
+            max_message,
+            timeout,
+            deadline: Some(Instant::now() + timeout),
+            ended: false,
+        }
+    }
+
+    /// The next message, `None` when the client has closed its side.
+    pub async fn message<M: Message + Default>(&mut self) -> Result<Option<M>, Status> {
+        loop {
+            if let Some(msg) = self.decode_buffered()? {
+                return Ok(Some(msg));
+            }
+            if self.ended {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                return Err(Status::invalid_argument(
+                    "the request stream ended in the middle of a message",
+                ));
+            }
+            let chunk = match self.pending.take() {
+                Some(c) => c,
+                None => {
+                    match within(self.deadline, self.timeout, next_frame(&mut self.body)).await? {
+                        None => {
+                            self.ended = true;
+                            continue;
+                        }
+                        // A client resetting its stream is a client leaving.
+                        Some(Err(s)) if s.code() == Code::Cancelled => {
+                            self.ended = true;
+                            self.buf.clear();
+                            continue;
+                        }
+                        Some(Err(s)) => return Err(s),
+                        Some(Ok(frame)) => match frame.into_data() {
+                            Ok(data) if !data.is_empty() => data,
+                            _ => continue, // trailers, or an empty frame
+                        },
+                    }
+                }
+            };
+            if self.deadline.is_none() {
+                // The first byte of a new message.
+                self.deadline = Some(Instant::now() + self.timeout);
+            }
+            self.pending = Some(chunk.clone());
+            let budget = self.budget.clone();
+            let permit = within(
+                self.deadline,
+                self.timeout,
+                budget.acquire_many_owned(chunk.len() as u32),
+            )
+            .await?
+            .map_err(|_| Status::unavailable("the agent is shutting down"))?;
+            permit.forget();
+            self.held += chunk.len();
+            self.pending = None;
+            self.buf.extend_from_slice(&chunk);
+        }
+    }
+
+    /// Decodes the first message in the buffer if it is complete.
+    fn decode_buffered<M: Message + Default>(&mut self) -> Result<Option<M>, Status> {
+        if self.buf.len() < PREFIX {
+            return Ok(None);
+        }
+        match self.buf[0] {
+            0 => {}
+            1 => {
+                return Err(Status::unimplemented(
+                    "compressed requests are not accepted (send without grpc-encoding)",
+                ))
+            }
+            f => {
+                return Err(Status::invalid_argument(format!(
+                    "invalid gRPC message prefix (compression flag {f}); is this gRPC?"
+                )))
+            }
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if len > self.max_message {
+            return Err(Status::resource_exhausted(format!(
+                "the request is {len} bytes, more than SDS_MAX_REQUEST_BYTES={}",
+                self.max_message
+            )));
+        }
+        if self.buf.len() < PREFIX + len {
+            return Ok(None);
+        }
+        let mut message = self.buf.split_to(PREFIX + len);
+        message.advance(PREFIX);
+        self.release(PREFIX + len);
+        let decoded = super::server::decode_request(message.freeze());
+        if self.buf.is_empty() {
+            // Give the allocation back: the next message may be far off.
+            self.buf = BytesMut::new();
+            self.deadline = None;
+        } else {
+            self.deadline = Some(Instant::now() + self.timeout);
+        }
+        decoded.map(Some)
+    }
+
+    fn release(&mut self, n: usize) {
+        let n = n.min(self.held);
+        self.held -= n;
+        self.budget.add_permits(n);
+    }
+}
+
+impl Drop for RequestReader {
+    fn drop(&mut self) {
+        self.budget.add_permits(self.held);
+    }
+}
+
+/// `f`, unless `deadline` comes first.
+async fn within<T>(
+    deadline: Option<Instant>,
+    timeout: Duration,
+    f: impl std::future::Future<Output = T>,
+) -> Result<T, Status> {
+    match deadline {
+        None => Ok(f.await),
+        Some(at) => tokio::time::timeout_at(at, f).await.map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "no complete request within SDS_FIRST_REQUEST_TIMEOUT={timeout:?} (of the stream \
+                 opening, or of the request's first byte); send whole requests promptly"
+            ))
+        }),
+    }
+}
+
+async fn next_frame(body: &mut Body) -> Option<Result<http_body::Frame<Bytes>, Status>> {
+    futures::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use http_body::Frame;
+
+    type Item = Result<Frame<Bytes>, Status>;
+
+    fn reader(
+        max: usize,
+        budget: usize,
+    ) -> (
+        tokio::sync::mpsc::Sender<Item>,
+        RequestReader,
+        Arc<Semaphore>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let body = Body::new(http_body_util::StreamBody::new(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ));
+        let budget = Arc::new(Semaphore::new(budget));
+        let r = RequestReader::new(body, budget.clone(), max, Duration::from_secs(5));
+        (tx, r, budget)
+    }
+
+    fn framed(msg: &DiscoveryRequest) -> Vec<u8> {
+        let body = msg.encode_to_vec();
+        let mut v = vec![0];
+        v.extend((body.len() as u32).to_be_bytes());
+        v.extend(body);
+        v
+    }
+
+    fn data(b: &[u8]) -> Item {
+        Ok(Frame::data(Bytes::copy_from_slice(b)))
+    }
+
+    fn req(names: &[&str]) -> DiscoveryRequest {
+        DiscoveryRequest {
+            resource_names: names.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn messages_split_and_joined_across_frames_and_memory_given_back() {
+        let (tx, mut r, budget) = reader(1024, 4096);
+        let (a, b) = (
+            framed(&req(&["default"])),
+            framed(&req(&["ROOTCA", "default"])),
+        );
+        let mut all = a.clone();
+        all.extend(&b);
+        // One byte at a time for the first, then the rest in one frame.
+        for byte in &all[..a.len()] {
+            tx.send(data(&[*byte])).await.unwrap();
+        }
+        tx.send(data(&all[a.len()..])).await.unwrap();
+        let m: DiscoveryRequest = r.message().await.unwrap().unwrap();
+        assert_eq!(m.resource_names, ["default"]);
+        let m: DiscoveryRequest = r.message().await.unwrap().unwrap();
+        assert_eq!(m.resource_names, ["ROOTCA", "default"]);
+        assert_eq!(r.buf.capacity(), 0, "nothing kept between messages");
+        assert_eq!(budget.available_permits(), 4096);
+        drop(tx);
+        assert!(r.message::<DiscoveryRequest>().await.unwrap().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_oversized_message_is_refused_from_its_header() {
+        let (tx, mut r, _) = reader(100, 4096);
+        let mut prefix = vec![0];
+        prefix.extend(16_000_000u32.to_be_bytes());
+        tx.send(data(&prefix)).await.unwrap();
+        let e = r.message::<DiscoveryRequest>().await.unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted);
+        assert!(e.message().contains("SDS_MAX_REQUEST_BYTES=100"), "{e:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn garbage_is_invalid_argument_and_compression_unimplemented() {
+        let (tx, mut r, _) = reader(100, 4096);
+        tx.send(data(&[0, 0, 0, 0, 3, 0xff, 0xff, 0xff]))
+            .await
+            .unwrap();
+        let e = r.message::<DiscoveryRequest>().await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        let (tx, mut r, _) = reader(100, 4096);
+        tx.send(data(b"GET / HTTP/1.1\r\n")).await.unwrap();
+        assert_eq!(
+            r.message::<DiscoveryRequest>().await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+        let (tx, mut r, _) = reader(100, 4096);
+        tx.send(data(&[1, 0, 0, 0, 1, 0])).await.unwrap();
+        assert_eq!(
+            r.message::<DiscoveryRequest>().await.unwrap_err().code(),
+            Code::Unimplemented
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_for_the_first_message_and_for_a_started_one() {
+        // Nothing at all.
+        let (_tx, mut r, _) = reader(100, 4096);
+        let t = Instant::now();
+        let e = r.message::<DiscoveryRequest>().await.unwrap_err();
+        assert_eq!(e.code(), Code::DeadlineExceeded);
+        assert!(e.message().contains("SDS_FIRST_REQUEST_TIMEOUT"), "{e:?}");
+        assert_eq!(t.elapsed(), Duration::from_secs(5));
+
+        // A first message, then silence (fine), then half a message (not).
+        let (tx, mut r, budget) = reader(100, 4096);
+        tx.send(data(&framed(&req(&["default"])))).await.unwrap();
+        r.message::<DiscoveryRequest>().await.unwrap().unwrap();
+        let quiet =
+            tokio::time::timeout(Duration::from_secs(3600), r.message::<DiscoveryRequest>()).await;
+        assert!(quiet.is_err(), "an idle stream is not cut off");
+        let half = framed(&req(&["default"]));
+        tx.send(data(&half[..4])).await.unwrap();
+        let t = Instant::now();
+        let e = r.message::<DiscoveryRequest>().await.unwrap_err();
+        assert_eq!(e.code(), Code::DeadlineExceeded);
+        assert_eq!(t.elapsed(), Duration::from_secs(5));
+        drop(r);
+        assert_eq!(
+            budget.available_permits(),
+            4096,
+            "a dropped reader gives its budget back"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_shared_budget_makes_readers_wait() {
+        let budget = Arc::new(Semaphore::new(16));
+        let (tx1, rx1) = tokio::sync::mpsc::channel::<Item>(4);
+        let (tx2, rx2) = tokio::sync::mpsc::channel::<Item>(4);
+        let mk = |rx, timeout_s| {
+            RequestReader::new(
+                Body::new(http_body_util::StreamBody::new(
+                    tokio_stream::wrappers::ReceiverStream::new(rx),
+                )),
+                budget.clone(),
+                100,
+                Duration::from_secs(timeout_s),
+            )
+        };
+        let (mut r1, mut r2) = (mk(rx1, 2), mk(rx2, 5));
+        let m = framed(&req(&["default"]));
+        assert_eq!(m.len(), 14, "fits the budget, but not twice");
+        // r1 takes 12 bytes of budget with a partial message.
+        tx1.send(data(&m[..12])).await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), r1.message::<DiscoveryRequest>())
+                .await
+                .is_err()
+        );
+        assert_eq!(budget.available_permits(), 4);
+        // r2's 8 bytes must wait; when r1 times out and is dropped, r2 goes on.
+        tx2.send(data(&m[..8])).await.unwrap();
+        tx2.send(data(&m[8..])).await.unwrap();
+        let r2_read = tokio::spawn(async move { r2.message::<DiscoveryRequest>().await });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!r2_read.is_finished(), "waits for budget");
+        assert_eq!(
+            r1.message::<DiscoveryRequest>().await.unwrap_err().code(),
+            Code::DeadlineExceeded
+        );
+        drop(r1);
+        let got = r2_read
+            .await
+            .unwrap()
+            .expect("served once r1 gave its budget back");
+        assert_eq!(got.unwrap().resource_names, ["default"]);
+        assert_eq!(budget.available_permits(), 16);
+    }
+}
