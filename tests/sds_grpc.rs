@@ -47,15 +47,75 @@ async fn fetch_secrets_returns_the_workload_certificate_and_root() {
         (chain.clone(), key.clone())
     );
 
-    // The key never reaches the log.
-    let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+    // The key never reaches the log: not its secret part (the first 40
+    // characters of a PKCS#8 PEM body are a header every key shares).
+    let log = agent.log();
+    let (secret_b64, secret_hex) = ec_p256_secret(&key);
     assert!(
-        !agent.log().contains(&body[..40]),
+        !log.contains(&secret_b64),
         "private key material in the log"
     );
-    assert!(!agent.log().contains(&jwt), "JWT in the log");
+    assert!(
+        !log.to_ascii_lowercase().contains(&secret_hex),
+        "private key scalar (hex) in the log"
+    );
+    assert!(!log.contains(&jwt), "JWT in the log");
 }
 
+/// The part of an EC P-256 PKCS#8 PEM key unique to it: the base64 of its
+/// private scalar (which follows a 36-byte header every such key shares) as
+/// it appears in the PEM, and the scalar in hex.
+fn ec_p256_secret(pem: &str) -> (String, String) {
+    use base64::Engine;
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(&body)
+        .unwrap();
+    assert_eq!(der.len(), 138, "an EC P-256 PKCS#8 key");
+    let scalar = &der[36..68];
+    // Base64 characters 48..88 encode bytes 36..66: scalar bytes only.
+    let b64 = body[48..88].to_string();
+    let hex = scalar.iter().map(|b| format!("{b:02x}")).collect();
+    (b64, hex)
+}
+
+/// The resource names of a response, in order.
+fn names_of(
+    resp: &envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse,
+) -> Vec<String> {
+    secrets(resp).into_iter().map(|s| s.name).collect()
+}
+
+/// The next response on a stream (a bounded wait, so a hang fails the test).
+async fn next(
+    inbound: &mut tonic::Streaming<
+        envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse,
+    >,
+    what: &str,
+    agent: &Agent,
+) -> envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse {
+    next_within(inbound, Duration::from_secs(10), what, || agent.log())
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e:?}\n{}", agent.log()))
+}
+
+fn nack(
+    names: &[&str],
+    of: &envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse,
+) -> envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest {
+    let mut nack = request(names, Some(of));
+    nack.error_detail = Some(envoy_types::pb::google::rpc::Status {
+        code: 3,
+        message: "Failed to load certificate chain from <inline>".into(),
+        ..Default::default()
+    });
+    nack
+}
+
+/// Requests on a stream are read in order, so a message that must get no
+/// reply is followed by one that must: the next response answering the
+/// second proves the first was read and left unanswered, without waiting
+/// for "nothing".
 #[tokio::test]
 async fn stream_state_machine_acks_nacks_and_stale_nonces() {
     let agent = local_agent();
@@ -64,48 +124,71 @@ async fn stream_state_machine_acks_nacks_and_stale_nonces() {
     let (tx, mut inbound) = open_stream(&mut client, &jwt).await;
 
     tx.send(request(&["default"], None)).await.unwrap();
-    let first = inbound.next().await.unwrap().unwrap();
+    let first = next(&mut inbound, "the first request is answered", &agent).await;
+    assert_eq!(names_of(&first), ["default"]);
     let (chain, key) = tls_certificate(&secrets(&first)[0]);
     assert_eq!(
         leaf_facts(&chain).0,
         ["spiffe://cluster.local/ns/ns1/sa/sa1"]
     );
 
-    // ACK: no reply.
-    tx.send(request(&["default"], Some(&first))).await.unwrap();
-    assert!(quiet(&mut inbound).await, "an ACK must not be answered");
+    // ACK, the name repeated (names are a set): no reply. Then a changed
+    // subscription, which is answered.
+    tx.send(request(&["default", "default"], Some(&first)))
+        .await
+        .unwrap();
+    tx.send(request(&["default", "ROOTCA"], Some(&first)))
+        .await
+        .unwrap();
+    let second = next(&mut inbound, "a changed subscription is answered", &agent).await;
+    assert_eq!(
+        names_of(&second),
+        ["default", "ROOTCA"],
+        "the ACK was not answered: the next response is the change's"
+    );
+    assert_ne!(second.nonce, first.nonce);
 
-    // NACK: logged with Envoy's error_detail, not answered with the same secret.
-    let mut nack = request(&["default"], Some(&first));
-    nack.error_detail = Some(envoy_types::pb::google::rpc::Status {
-        code: 3,
-        message: "Failed to load certificate chain from <inline>".into(),
-        ..Default::default()
-    });
-    tx.send(nack).await.unwrap();
-    assert!(
-        quiet(&mut inbound).await,
-        "a NACK must not be answered with the same secret"
+    // NACK, the same names in another order: logged, not answered with the
+    // same secret. Then a changed subscription, which is answered.
+    tx.send(nack(&["ROOTCA", "default"], &second))
+        .await
+        .unwrap();
+    tx.send(request(&["ROOTCA"], Some(&second))).await.unwrap();
+    let third = next(&mut inbound, "a change after a NACK is answered", &agent).await;
+    assert_eq!(
+        names_of(&third),
+        ["ROOTCA"],
+        "the NACK was not answered: the next response is the change's"
     );
     agent.wait_log(
-        "Failed to load certificate chain from <inline>",
+        "Envoy rejected the SDS response (NACK): Failed to load certificate chain from <inline>",
         Duration::from_secs(5),
     );
 
     // A stale nonce is ignored, even when it asks for something else.
-    let mut stale = request(&["default", "ROOTCA"], Some(&first));
-    stale.response_nonce = "not-a-nonce-we-sent".into();
-    tx.send(stale).await.unwrap();
-    assert!(quiet(&mut inbound).await, "a stale nonce must be ignored");
-
-    // A changed subscription with the current nonce is answered.
-    tx.send(request(&["default", "ROOTCA"], Some(&first)))
+    tx.send(request(&["default", "ROOTCA"], Some(&second)))
         .await
         .unwrap();
-    let second = inbound.next().await.unwrap().unwrap();
-    assert_ne!(second.nonce, first.nonce);
-    let s = secrets(&second);
-    assert_eq!(s.len(), 2);
+    tx.send(request(&["default"], Some(&third))).await.unwrap();
+    let fourth = next(&mut inbound, "a current change is answered", &agent).await;
+    assert_eq!(
+        names_of(&fourth),
+        ["default"],
+        "the stale request was ignored: the next response is the current one's"
+    );
+
+    // A NACK that also changes the names is a new subscription: answered.
+    tx.send(nack(&["default", "ROOTCA"], &fourth))
+        .await
+        .unwrap();
+    let fifth = next(
+        &mut inbound,
+        "a NACK changing the names is answered",
+        &agent,
+    )
+    .await;
+    assert_eq!(names_of(&fifth), ["default", "ROOTCA"]);
+    let s = secrets(&fifth);
     assert_eq!(
         tls_certificate(&s[0]),
         (chain.clone(), key.clone()),
@@ -116,6 +199,107 @@ async fn stream_state_machine_acks_nacks_and_stale_nonces() {
     let mut other = connect(&agent.socket).await;
     let resp = fetch(&mut other, &["default"], &jwt).await.unwrap();
     assert_eq!(tls_certificate(&secrets(&resp)[0]), (chain, key));
+}
+
+/// After a NACK the same secret is never sent again, but the next change is:
+/// the renewal is the next message on the stream.
+#[tokio::test]
+async fn a_nacked_secret_is_not_resent_but_the_next_change_is_pushed() {
+    let agent = Agent::start(&[
+        ("CA_PROVIDER", "LocalCA".into()),
+        ("SECRET_TTL", "4s".into()),
+    ]);
+    let mut client = connect(&agent.socket).await;
+    let (tx, mut inbound) = open_stream(&mut client, &fake_jwt("nack", "me")).await;
+    tx.send(request(&["default", "ROOTCA"], None))
+        .await
+        .unwrap();
+    let first = next(&mut inbound, "the first request is answered", &agent).await;
+    tx.send(nack(&["default", "ROOTCA"], &first)).await.unwrap();
+    // Renewal at half the 4 s lifetime.
+    let pushed = next_within(
+        &mut inbound,
+        Duration::from_secs(6),
+        "the renewal after a NACK is pushed",
+        || agent.log(),
+    )
+    .await
+    .unwrap();
+    assert_ne!(
+        pushed.version_info, first.version_info,
+        "the NACKed version was sent again"
+    );
+    assert_ne!(
+        tls_certificate(&secrets(&pushed)[0]),
+        tls_certificate(&secrets(&first)[0]),
+        "the renewed certificate and key"
+    );
+    assert!(agent.log().contains("renewed workload certificate"));
+}
+
+/// An expired JWT is refused at the edge, before any cache lookup: even when
+/// its identity's certificate is cached.
+#[tokio::test]
+async fn an_expired_jwt_is_refused_even_when_its_identity_is_cached() {
+    let agent = local_agent();
+    let mut client = connect(&agent.socket).await;
+    fetch(&mut client, &["default"], &fake_jwt("exp", "ired"))
+        .await
+        .expect("the identity is served and cached");
+    let expired = jwt_with(r#"{"sub":"system:serviceaccount:exp:ired","exp":1000}"#);
+    let err = fetch(&mut client, &["default"], &expired)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("expired"), "{}", err.message());
+    let (tx, mut inbound) = open_stream(&mut client, &expired).await;
+    tx.send(request(&["ROOTCA"], None)).await.unwrap();
+    let err = inbound.next().await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert_eq!(
+        agent.log().matches("issued workload certificate").count(),
+        1
+    );
+}
+
+/// Duplicate names collapse; too many distinct ones are refused, saying why.
+#[tokio::test]
+async fn duplicate_names_collapse_and_too_many_are_refused() {
+    let agent = local_agent();
+    let mut client = connect(&agent.socket).await;
+    let jwt = fake_jwt("many", "names");
+    let many = vec!["default"; 5000];
+    let resp = fetch(&mut client, &many, &jwt).await.unwrap();
+    assert_eq!(names_of(&resp), ["default"], "one resource, not 5000");
+    let mut dup = vec!["ROOTCA"; 10];
+    dup.extend(["default"; 10]);
+    let resp = fetch(&mut client, &dup, &jwt).await.unwrap();
+    assert_eq!(names_of(&resp), ["ROOTCA", "default"]);
+
+    let distinct: Vec<String> = (0..9).map(|i| format!("name{i}")).collect();
+    let distinct: Vec<&str> = distinct.iter().map(String::as_str).collect();
+    let err = fetch(&mut client, &distinct, &jwt).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .contains("more than 8 distinct resources (SDS_MAX_RESOURCE_NAMES)"),
+        "{}",
+        err.message()
+    );
+    let (tx, mut inbound) = open_stream(&mut client, &jwt).await;
+    tx.send(request(&distinct, None)).await.unwrap();
+    let err = inbound.next().await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+fn jwt_with(payload: &str) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    format!(
+        "{}.{}.c2ln",
+        URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256"}"#),
+        URL_SAFE_NO_PAD.encode(payload)
+    )
 }
 
 #[tokio::test]
@@ -291,13 +475,6 @@ fn invalid_settings_stop_the_agent_naming_them() {
         assert_eq!(st.code(), Some(2), "{var}: {}", a.log());
         assert!(a.log().contains(expect), "{var}: {}", a.log());
     }
-}
-
-/// True when nothing arrives on the stream for a while.
-async fn quiet<T>(inbound: &mut tonic::Streaming<T>) -> bool {
-    tokio::time::timeout(Duration::from_millis(700), inbound.next())
-        .await
-        .is_err()
 }
 
 #[tokio::test]

@@ -13,7 +13,8 @@ use crate::duration::parse_go_duration;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SdsLimits {
     /// `SDS_MAX_CONNECTIONS`: open connections on the socket; past it a new
-    /// connection is closed at once.
+    /// connection is closed at once. Envoy's `google_grpc` opens one
+    /// connection per SDS stream, so two per Envoy.
     pub max_connections: usize,
     /// `SDS_MAX_STREAMS`: open gRPC streams (StreamSecrets and FetchSecrets
     /// calls) over all connections.
@@ -55,14 +56,14 @@ pub struct SdsLimits {
 impl Default for SdsLimits {
     fn default() -> Self {
         Self {
-            max_connections: 512,
+            max_connections: 1024,
             max_streams: 1024,
             connection_max_streams: 16,
             first_request_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             max_request_bytes: 256 * 1024,
-            max_buffered_request_bytes: 16 << 20,
+            max_buffered_request_bytes: 8 << 20,
             max_header_bytes: 16 * 1024,
             max_resource_names: 8,
             connection_max_logins_in_flight: 2,

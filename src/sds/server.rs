@@ -45,11 +45,14 @@ const DELTA_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/Del
 /// few KiB; this only catches a bug (or a CA answering megabytes of roots).
 pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
 
-/// HTTP/2 flow-control windows. What a client can make the agent buffer
-/// before it reads is bounded by these, per stream and per connection; SDS
-/// messages are small, so the protocol's default stream window is plenty.
-const STREAM_WINDOW: u32 = 64 * 1024;
-const CONNECTION_WINDOW: u32 = 256 * 1024;
+/// HTTP/2 flow-control windows: what a client can make the agent hold in
+/// HTTP/2 buffers before the agent reads it is at most a stream window per
+/// open stream, and a connection window per connection. Requests are read
+/// as they arrive (see `framing`), so small windows cost an Envoy's 60 KiB
+/// request only a few window updates on a local socket. The connection
+/// window cannot go below the protocol's initial 64 KiB.
+const STREAM_WINDOW: u32 = 16 * 1024;
+const CONNECTION_WINDOW: u32 = 64 * 1024;
 
 /// The gRPC status a stream ends with for a secret failure.
 pub(crate) fn status_for(e: &SecretError) -> Status {
