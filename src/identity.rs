@@ -312,4 +312,81 @@ mod tests {
         assert!(!shown.contains(c.expose()), "{shown}");
         assert!(!shown.contains("eyJ"), "{shown}");
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn check(c: &Credential) -> Result<(), TestCaseError> {
+            match c.claims() {
+                Ok(claims) => {
+                    let sa = &claims.service_account;
+                    prop_assert!(is_k8s_name(&sa.namespace) && is_k8s_name(&sa.name));
+                    let id = sa.spiffe_id("cluster.local");
+                    prop_assert_eq!(
+                        id.as_str().matches('/').count(),
+                        6,
+                        "{} has exactly ns/<ns>/sa/<name> below the trust domain",
+                        id
+                    );
+                    // Any clock: a typed answer, never a panic or an overflow.
+                    for now in [i64::MIN, -1, 0, unix_now(), i64::MAX] {
+                        match claims.clone().current_at(now) {
+                            Ok(_) => {}
+                            Err(IdentityError::Expired { exp }) => {
+                                prop_assert!(claims.expires_at == Some(exp) && exp <= now)
+                            }
+                            Err(e) => prop_assert!(false, "unexpected {e:?}"),
+                        }
+                    }
+                }
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+            Ok(())
+        }
+
+        proptest! {
+            /// Any text as a credential: claims or a typed error.
+            #[test]
+            fn any_text(s in "\\PC{0,200}") {
+                check(&Credential::new(s))?;
+            }
+
+            /// Three parts, the payload arbitrary bytes.
+            #[test]
+            fn any_payload_bytes(payload in prop::collection::vec(any::<u8>(), 0..300)) {
+                check(&jwt_bytes(&payload))?;
+            }
+
+            /// JSON payloads shaped like service-account tokens, with
+            /// arbitrary values where a Kubernetes name or a time goes.
+            #[test]
+            fn token_shaped_json(
+                ns in "\\PC{0,20}",
+                name in "\\PC{0,20}",
+                exp in prop::option::of(any::<i64>()),
+                legacy in any::<bool>(),
+            ) {
+                let mut v = if legacy {
+                    serde_json::json!({ "sub": format!("system:serviceaccount:{ns}:{name}") })
+                } else {
+                    serde_json::json!({
+                        "kubernetes.io": { "namespace": ns, "serviceaccount": { "name": name } }
+                    })
+                };
+                if let Some(exp) = exp {
+                    v["exp"] = exp.into();
+                }
+                let c = jwt(&v.to_string());
+                check(&c)?;
+                let valid = is_k8s_name(&ns) && is_k8s_name(&name);
+                prop_assert_eq!(c.claims().is_ok(), valid, "{}", v);
+            }
+        }
+
+        fn jwt_bytes(payload: &[u8]) -> Credential {
+            let h = URL_SAFE_NO_PAD.encode(r#"{"alg":"RS256"}"#);
+            Credential::new(format!("{h}.{}.c2ln", URL_SAFE_NO_PAD.encode(payload)))
+        }
+    }
 }

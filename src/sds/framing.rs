@@ -379,3 +379,110 @@ mod tests {
         assert_eq!(budget.available_permits(), 16);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use http_body::Frame;
+    use proptest::prelude::*;
+
+    /// Feeds `chunks` to a reader and collects what it makes of them.
+    fn read_all(chunks: Vec<Vec<u8>>, max: usize) -> Vec<Result<Option<DiscoveryRequest>, Status>> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let frames: Vec<Result<Frame<Bytes>, Status>> = chunks
+                .into_iter()
+                .map(|c| Ok(Frame::data(Bytes::from(c))))
+                .collect();
+            let body = Body::new(http_body_util::StreamBody::new(futures::stream::iter(
+                frames,
+            )));
+            let budget = Arc::new(Semaphore::new(1 << 20));
+            let mut r = RequestReader::new(body, budget.clone(), max, Duration::from_secs(5));
+            let mut out = Vec::new();
+            loop {
+                let m = r.message::<DiscoveryRequest>().await;
+                let done = !matches!(m, Ok(Some(_)));
+                out.push(m);
+                if done {
+                    break;
+                }
+            }
+            drop(r);
+            assert_eq!(budget.available_permits(), 1 << 20, "budget given back");
+            out
+        })
+    }
+
+    fn framed(body: &[u8]) -> Vec<u8> {
+        let mut v = vec![0];
+        v.extend((body.len() as u32).to_be_bytes());
+        v.extend(body);
+        v
+    }
+
+    proptest! {
+        /// Arbitrary bytes, in arbitrary frames: never a panic; every
+        /// outcome is a message, the end, or a status a client can act on.
+        #[test]
+        fn arbitrary_bytes_get_a_typed_answer(
+            chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 0..20),
+            max in 1usize..2048,
+        ) {
+            for r in read_all(chunks, max) {
+                if let Err(s) = r {
+                    prop_assert!(
+                        matches!(
+                            s.code(),
+                            Code::InvalidArgument | Code::ResourceExhausted | Code::Unimplemented
+                        ),
+                        "{s:?}"
+                    );
+                }
+            }
+        }
+
+        /// Well-framed messages of arbitrary content: each decodes or is
+        /// INVALID_ARGUMENT, whatever the framing splits.
+        #[test]
+        fn framed_arbitrary_messages(
+            bodies in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..200), 1..5),
+            split in 1usize..64,
+        ) {
+            let all: Vec<u8> = bodies.iter().flat_map(|b| framed(b)).collect();
+            let chunks: Vec<Vec<u8>> = all.chunks(split).map(<[u8]>::to_vec).collect();
+            let out = read_all(chunks, 4096);
+            for (i, r) in out.iter().enumerate() {
+                match r {
+                    Ok(Some(_)) => prop_assert!(i < bodies.len()),
+                    Ok(None) => prop_assert_eq!(i, bodies.len()),
+                    Err(s) => prop_assert_eq!(s.code(), Code::InvalidArgument),
+                }
+            }
+        }
+
+        /// Real requests of arbitrary content round-trip.
+        #[test]
+        fn real_requests_round_trip(
+            names in prop::collection::vec(".{0,20}", 0..10),
+            nonce in ".{0,20}",
+            split in 1usize..64,
+        ) {
+            let req = DiscoveryRequest {
+                resource_names: names,
+                response_nonce: nonce,
+                ..Default::default()
+            };
+            let all = framed(&req.encode_to_vec());
+            let chunks: Vec<Vec<u8>> = all.chunks(split).map(<[u8]>::to_vec).collect();
+            let out = read_all(chunks, 4096);
+            prop_assert_eq!(out.len(), 2);
+            prop_assert_eq!(out[0].as_ref().unwrap().as_ref().unwrap(), &req);
+        }
+    }
+}

@@ -177,3 +177,69 @@ pub fn response(names: &ResourceNames, snap: &Snapshot<'_>, nonce: String) -> Di
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn v(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn names_collapse_and_are_checked() {
+        let many = vec!["default".to_string(); 300_000];
+        assert_eq!(
+            ResourceNames::parse(&many, 8).unwrap().as_slice(),
+            ["default"]
+        );
+        let n = ResourceNames::parse(&v(&["ROOTCA", "default", "ROOTCA"]), 8).unwrap();
+        assert_eq!(n.as_slice(), ["ROOTCA", "default"]);
+        assert!(n.same_set(&v(&["default", "ROOTCA", "default"])));
+        assert!(!n.same_set(&v(&["default"])));
+        assert_eq!(ResourceNames::parse(&[], 8), Err(NamesError::Empty));
+        let nine: Vec<String> = (0..9).map(|i| format!("n{i}")).collect();
+        assert_eq!(
+            ResourceNames::parse(&nine, 8),
+            Err(NamesError::TooMany { max: 8 })
+        );
+        let e = ResourceNames::parse(&v(&["default", &"x".repeat(100_000)]), 8).unwrap_err();
+        assert!(matches!(e, NamesError::Unknown(_)));
+        assert!(e.to_string().len() < 200, "{e}");
+    }
+
+    proptest! {
+        /// Any list of names gets a result, never a panic; a success is a
+        /// non-empty set of served names equal to the request's; a refusal
+        /// says why in a bounded message.
+        #[test]
+        fn any_names_get_a_typed_answer(
+            names in prop::collection::vec(
+                prop_oneof![
+                    Just("default".to_string()),
+                    Just("ROOTCA".to_string()),
+                    ".{0,80}",
+                ],
+                0..200,
+            ),
+            max in 1usize..10,
+        ) {
+            match ResourceNames::parse(&names, max) {
+                Ok(n) => {
+                    prop_assert!(!n.is_empty() && n.as_slice().len() <= max);
+                    prop_assert!(n.as_slice().iter().all(|x| SERVED.contains(&x.as_str())));
+                    prop_assert!(n.same_set(&names));
+                }
+                Err(e) => prop_assert!(e.to_string().len() < 64 * 8 * 6 + 200),
+            }
+            prop_assert!(names_for_log(&names).len() < 4 * 300 + 40);
+        }
+
+        #[test]
+        fn shorten_never_splits_a_character(s in "\\PC{0,50}", max in 0usize..60) {
+            let out = shorten(&s, max);
+            prop_assert!(out.chars().count() <= max + 3);
+        }
+    }
+}
