@@ -586,3 +586,66 @@ fn the_istio_socket_flag_wins_over_the_environment() {
         assert!(agent.terminate().success());
     }
 }
+
+/// A stream keeps reading requests while its first fetch waits on Vault: a
+/// request is refused, and a changed subscription taken, while Vault (slowed
+/// by a front that counts what it is asked) is still being asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_keeps_reading_while_its_first_fetch_waits_on_vault() {
+    use std::sync::atomic::Ordering;
+    use support::vault_env::VaultEnv;
+    use support::vault_front::{Tamper, VaultFront};
+
+    let env = VaultEnv::start().await;
+    let front = VaultFront::start(
+        env.bao.addr(),
+        env.bao.client().clone(),
+        Tamper::None,
+        Duration::from_secs(2),
+    )
+    .await;
+    let agent = Agent::start(&env.agent_env_with(&[
+        ("VAULT_ADDR", front.url.as_str()),
+        ("CA_ADDR", front.url.as_str()),
+    ]));
+    let in_flight = || front.stats.in_flight.load(Ordering::SeqCst);
+    let mut client = connect(&agent.socket).await;
+    let jwt = env.jwt("default", "httpbin");
+
+    // Stream A asks for `default`; once Vault is being asked, it changes to
+    // `ROOTCA` (a new request, no nonce).
+    let (tx_a, mut inbound_a) = open_stream(&mut client, &jwt).await;
+    tx_a.send(request(&["default"], None)).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while in_flight() == 0 {
+        assert!(std::time::Instant::now() < deadline, "Vault never asked\n{}", agent.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tx_a.send(request(&["ROOTCA"], None)).await.unwrap();
+
+    // Stream B, same JWT, sends a request then a bad one: refused at once.
+    let (tx_b, mut inbound_b) = open_stream(&mut client, &jwt).await;
+    tx_b.send(request(&["default"], None)).await.unwrap();
+    let mut bad = request(&["default"], None);
+    bad.type_url = "type.googleapis.com/not.a.Secret".into();
+    tx_b.send(bad).await.unwrap();
+    let err = next_within(&mut inbound_b, Duration::from_secs(10), "B's refusal", || {
+        agent.log()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        in_flight() > 0,
+        "the refusal came while Vault was still being asked"
+    );
+
+    // A is served once Vault has answered, with the names of its latest request.
+    let first = next(&mut inbound_a, "A is served", &agent).await;
+    assert_eq!(
+        names_of(&first),
+        ["ROOTCA"],
+        "the change was taken while the fetch waited"
+    );
+    assert_eq!(env.count("auth/kubernetes/login"), 1, "one login for both");
+}
