@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod attack;
 pub mod bao;
 pub mod cli;
 pub mod envoy;
