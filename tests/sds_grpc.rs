@@ -618,7 +618,11 @@ async fn a_stream_keeps_reading_while_its_first_fetch_waits_on_vault() {
     tx_a.send(request(&["default"], None)).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while in_flight() == 0 {
-        assert!(std::time::Instant::now() < deadline, "Vault never asked\n{}", agent.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Vault never asked\n{}",
+            agent.log()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tx_a.send(request(&["ROOTCA"], None)).await.unwrap();
@@ -629,9 +633,12 @@ async fn a_stream_keeps_reading_while_its_first_fetch_waits_on_vault() {
     let mut bad = request(&["default"], None);
     bad.type_url = "type.googleapis.com/not.a.Secret".into();
     tx_b.send(bad).await.unwrap();
-    let err = next_within(&mut inbound_b, Duration::from_secs(10), "B's refusal", || {
-        agent.log()
-    })
+    let err = next_within(
+        &mut inbound_b,
+        Duration::from_secs(10),
+        "B's refusal",
+        || agent.log(),
+    )
     .await
     .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");

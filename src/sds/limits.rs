@@ -151,12 +151,12 @@ impl Limits {
         };
         if suppressed > 0 {
             tracing::warn!(
-                limit = bound,
+                limit = %bound,
                 "{message} ({suppressed} more refused for this reason in the last {}s)",
                 WARN_INTERVAL.as_secs()
             );
         } else {
-            tracing::warn!(limit = bound, "{message}");
+            tracing::warn!(limit = %bound, "{message}");
         }
     }
 }
