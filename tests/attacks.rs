@@ -207,8 +207,13 @@ async fn stream_flood_on_one_connection() {
     // ENHANCE_YOUR_CALM, which gRPC reports as RESOURCE_EXHAUSTED), and the
     // streams it had queued then fail as the connection closes.
     let (mut served, mut ours, mut calm, mut closed) = (0, 0, 0, 0);
+    // Streams the agent neither serves nor refuses would wait for ever.
+    let give_up = Instant::now() + Duration::from_secs(120);
     for t in tasks {
-        match t.await.unwrap() {
+        let outcome = tokio::time::timeout_at(give_up.into(), t)
+            .await
+            .unwrap_or_else(|_| panic!("streams neither served nor refused\n{}", agent.log()));
+        match outcome.unwrap() {
             Ok(()) => served += 1,
             Err(e) if e.message().contains("SDS_CONNECTION_MAX_STREAMS=16") => {
                 assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
