@@ -241,6 +241,15 @@ async fn stream_flood_on_one_connection() {
     );
     assert_eq!(served, 16, "SDS_CONNECTION_MAX_STREAMS streams served");
     assert!(ours >= 1000, "the agent refused them, naming the setting");
+    let m = support::metrics::scrape(&agent.status_url("/metrics"), "prometheus").await;
+    let counted = m.get(
+        "node_agent_sds_requests_refused_total",
+        &[("reason", "limits")],
+    );
+    assert!(
+        counted >= ours as f64,
+        "{counted} refusals counted, {ours} seen"
+    );
     let elapsed = started.elapsed();
     check_rss(rss.stop(), "stream flood on one connection");
     legit.stop(&agent).await;

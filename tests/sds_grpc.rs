@@ -656,3 +656,40 @@ async fn a_stream_keeps_reading_while_its_first_fetch_waits_on_vault() {
     );
     assert_eq!(env.count("auth/kubernetes/login"), 1, "one login for both");
 }
+
+/// What the SDS server does is counted: pushes by resource, streams open,
+/// NACKs, refusals by reason.
+#[tokio::test]
+async fn sds_events_are_counted_in_metrics() {
+    use support::metrics::scrape;
+    let agent = local_agent();
+    let mut client = connect(&agent.socket).await;
+    let (tx, mut inbound) = open_stream(&mut client, &fake_jwt("counted", "one")).await;
+    tx.send(request(&["default", "ROOTCA"], None))
+        .await
+        .unwrap();
+    let first = next(&mut inbound, "served", &agent).await;
+    tx.send(nack(&["default", "ROOTCA"], &first)).await.unwrap();
+    tx.send(request(&["ROOTCA"], Some(&first))).await.unwrap();
+    let second = next(&mut inbound, "the change after the NACK", &agent).await;
+    assert_eq!(names_of(&second), ["ROOTCA"]);
+    let err = fetch(&mut client, &["bogus"], &fake_jwt("counted", "one"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = fetch(&mut client, &["default"], "garbage")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    let m = scrape(&agent.status_url("/metrics"), "prometheus").await;
+    assert_eq!(m.get("node_agent_sds_streams_open", &[]), 1.0);
+    let pushes = |r: &str| m.get("node_agent_sds_pushes_total", &[("resource", r)]);
+    assert_eq!((pushes("default"), pushes("ROOTCA")), (1.0, 2.0));
+    assert_eq!(m.get("node_agent_sds_nacks_total", &[]), 1.0);
+    let refused = |r: &str| m.get("node_agent_sds_requests_refused_total", &[("reason", r)]);
+    assert_eq!(refused("invalid_request"), 1.0);
+    assert_eq!(refused("credential"), 1.0);
+    assert_eq!(refused("limits"), 0.0);
+    drop((tx, inbound));
+}

@@ -23,6 +23,7 @@ use tonic::Status;
 use super::connection::Connection;
 use super::framing::RequestReader;
 use crate::config::SdsLimits;
+use crate::metrics::{self, Refusal};
 
 /// At most one warning per bound per this interval.
 pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
@@ -79,6 +80,7 @@ impl Limits {
         let max = self.cfg.max_connections;
         if self.connections.fetch_add(1, Ordering::SeqCst) >= max {
             self.connections.fetch_sub(1, Ordering::SeqCst);
+            metrics::refused(Refusal::Limits);
             self.warn(
                 "SDS_MAX_CONNECTIONS",
                 format!(
@@ -102,6 +104,7 @@ impl Limits {
         let per_conn = self.cfg.connection_max_streams;
         if conn.streams.fetch_add(1, Ordering::SeqCst) >= per_conn {
             conn.streams.fetch_sub(1, Ordering::SeqCst);
+            metrics::refused(Refusal::Limits);
             let msg = format!(
                 "too many streams on one connection: SDS_CONNECTION_MAX_STREAMS={per_conn} are open \
                  (an Envoy needs 2); close one or raise SDS_CONNECTION_MAX_STREAMS"
@@ -116,6 +119,7 @@ impl Limits {
         if self.streams.fetch_add(1, Ordering::SeqCst) >= total {
             self.streams.fetch_sub(1, Ordering::SeqCst);
             conn.streams.fetch_sub(1, Ordering::SeqCst);
+            metrics::refused(Refusal::Limits);
             let msg = format!(
                 "the agent serves too many streams: SDS_MAX_STREAMS={total} are open; \
                  retry later or raise SDS_MAX_STREAMS"

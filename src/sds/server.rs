@@ -33,6 +33,7 @@ use super::limits::{Limits, WithSlot};
 use super::resources::{self, names_for_log, ResourceNames};
 use super::stream::SdsStream;
 use crate::config::SdsLimits;
+use crate::metrics::{self, Refusal};
 use crate::secrets::{SecretError, SecretManager};
 
 /// The service name, the prefix of every route.
@@ -100,6 +101,7 @@ impl SdsService {
     /// interval; a repeat of a rejection the CA gave moments ago (Envoy
     /// reconnecting) is debug; anything else is an error.
     pub(crate) fn log_refusal(&self, stream: u64, what: &str, e: &SecretError) {
+        metrics::refused(Refusal::of(e));
         if let SecretError::LimitReached { setting, .. } = e {
             self.limits
                 .warn(setting, format!("stream {stream}: {what}"));
@@ -163,29 +165,34 @@ impl SdsService {
     /// client that sends them is most likely attacking.
     pub(crate) fn inbound_error(&self, stream: u64, conn: &Connection, status: &Status) {
         let cfg = self.limits.config();
-        let (bound, what) = match status.code() {
+        let (bound, what, reason) = match status.code() {
             tonic::Code::ResourceExhausted => (
                 "SDS_MAX_REQUEST_BYTES",
                 format!(
                     "a request larger than SDS_MAX_REQUEST_BYTES={}",
                     cfg.max_request_bytes
                 ),
+                Refusal::Limits,
             ),
-            tonic::Code::InvalidArgument => {
-                ("malformed request", "a malformed request".to_string())
-            }
+            tonic::Code::InvalidArgument | tonic::Code::Unimplemented => (
+                "malformed request",
+                "a malformed request".to_string(),
+                Refusal::InvalidRequest,
+            ),
             tonic::Code::DeadlineExceeded => (
                 "SDS_FIRST_REQUEST_TIMEOUT",
                 format!(
                     "a stream with no complete request within SDS_FIRST_REQUEST_TIMEOUT={:?}",
                     cfg.first_request_timeout
                 ),
+                Refusal::Limits,
             ),
             _ => {
                 tracing::debug!(stream, connection = conn.id, error = %status, "SDS stream ended with an error");
                 return;
             }
         };
+        metrics::refused(reason);
         self.limits.warn(
             bound,
             format!(
@@ -219,10 +226,12 @@ impl SdsService {
         };
         let names = ResourceNames::parse(&req.resource_names, self.limits.config().max_resource_names)
             .map_err(|e| {
+                metrics::refused(Refusal::InvalidRequest);
                 tracing::warn!(connection = conn.id, resources = %names_for_log(&req.resource_names), "refusing FetchSecrets: {e}");
                 Status::invalid_argument(e.to_string())
             })?;
         let credential = credential.get().inspect_err(|s| {
+            metrics::refused(Refusal::Credential);
             tracing::warn!(connection = conn.id, resources = %names, "refusing FetchSecrets: {}", s.message());
         })?;
         let failed = |e: SecretError| {
@@ -238,6 +247,9 @@ impl SdsService {
             .secret
             .ok_or_else(|| Status::internal("no secret after a successful fetch"))?;
         let roots = state.roots;
+        for name in names.as_slice() {
+            metrics::pushed(name);
+        }
         let snap = resources::Snapshot {
             secret: &secret,
             roots: &roots,
@@ -430,7 +442,14 @@ pub async fn serve(
     token_path: Option<PathBuf>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
-    serve_with_limits(listener, manager, token_path, SdsLimits::default(), shutdown).await
+    serve_with_limits(
+        listener,
+        manager,
+        token_path,
+        SdsLimits::default(),
+        shutdown,
+    )
+    .await
 }
 
 /// Serves SDS on `listener` within `limits` until `shutdown` turns true; then

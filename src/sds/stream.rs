@@ -34,6 +34,7 @@ use super::resources::{self, names_for_log, resource_version, shorten, ResourceN
 use super::server::{status_for, SdsService};
 use crate::backoff::Backoff;
 use crate::identity::Credential;
+use crate::metrics::{self, Refusal, Retry};
 use crate::secrets::{SecretError, SecretManager, Subscription};
 
 pub(super) type Outbound = mpsc::Sender<Result<DiscoveryResponse, Status>>;
@@ -59,6 +60,8 @@ pub(super) struct SdsStream {
     /// A subscription waiting for the CA.
     pending: Option<Pending>,
     shutdown: watch::Receiver<bool>,
+    /// Counts the stream in `node_agent_sds_streams_open` while it lives.
+    _open: metrics::StreamOpen,
 }
 
 struct Current {
@@ -113,6 +116,7 @@ impl SdsStream {
             current: None,
             pending: None,
             shutdown,
+            _open: metrics::stream_opened(),
         }
     }
 
@@ -151,6 +155,7 @@ impl SdsStream {
 
     async fn on_request(&mut self, req: DiscoveryRequest) -> Step {
         if !req.type_url.is_empty() && req.type_url != resources::SECRET_TYPE_URL {
+            metrics::refused(Refusal::InvalidRequest);
             return self
                 .fail(Status::invalid_argument(format!(
                     "unsupported type_url {:?}; this service serves {}",
@@ -176,6 +181,7 @@ impl SdsStream {
                 return Step::Continue;
             }
             (Kind::Nack | Kind::NackAndSubscribe, Some(err)) => {
+                metrics::nack();
                 tracing::warn!(
                     stream = self.id,
                     identity = ?self.current.as_ref().map(|c| c.sub.identity.as_str()),
@@ -202,6 +208,7 @@ impl SdsStream {
         ) {
             Ok(n) => n,
             Err(e) => {
+                metrics::refused(Refusal::InvalidRequest);
                 tracing::warn!(stream = self.id, connection = self.conn.id, resources = %names_for_log(requested), "refusing SDS request: {e}");
                 return self.fail(Status::invalid_argument(e.to_string())).await;
             }
@@ -209,6 +216,7 @@ impl SdsStream {
         let credential = match self.credential.get() {
             Ok(c) => c,
             Err(status) => {
+                metrics::refused(Refusal::Credential);
                 tracing::warn!(stream = self.id, connection = self.conn.id, resources = %names, "refusing SDS request: {}", status.message());
                 return self.fail(status).await;
             }
@@ -265,6 +273,7 @@ impl SdsStream {
                     .expect("a fetch ended, so one was pending");
                 let delay = p.backoff.next_delay();
                 p.attempt = Attempt::Due(tokio::time::Instant::now() + delay);
+                metrics::retry(Retry::FirstFetch);
                 tracing::error!(
                     stream = self.id,
                     "Failed to sign cert for {:?}: {e}; retrying in {:.1}s",
@@ -329,6 +338,9 @@ impl SdsStream {
         );
         self.last_nonce = Some(nonce);
         self.sent_versions = versions;
+        for name in self.names.as_slice() {
+            metrics::pushed(name);
+        }
         if self.out.send(Ok(resp)).await.is_err() {
             return Step::End;
         }
