@@ -258,7 +258,7 @@ async fn stream_flood_on_one_connection() {
     served_after(&agent).await;
 }
 
-/// Streams over many connections up to SDS_MAX_STREAMS (1024): past it a new
+/// Streams over many connections up to SDS_MAX_STREAMS (512): past it a new
 /// stream is refused with RESOURCE_EXHAUSTED, streams already open keep
 /// being served, and once the attacker leaves new streams are served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -276,7 +276,7 @@ async fn streams_over_many_connections_past_the_total_cap() {
     let mut held = Vec::new();
     let mut clients = Vec::new();
     let mut refused = 0;
-    for _ in 0..70 {
+    for _ in 0..40 {
         let mut client = connect(&agent.socket).await;
         for _ in 0..16 {
             let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -296,7 +296,7 @@ async fn streams_over_many_connections_past_the_total_cap() {
                 Err(e) => {
                     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
                     assert!(
-                        e.message().contains("SDS_MAX_STREAMS=1024"),
+                        e.message().contains("SDS_MAX_STREAMS=512"),
                         "{}",
                         e.message()
                     );
@@ -306,8 +306,8 @@ async fn streams_over_many_connections_past_the_total_cap() {
         }
         clients.push(client);
     }
-    assert_eq!(held.len(), 1023, "the cap less the legitimate stream");
-    assert_eq!(refused, 70 * 16 - 1023);
+    assert_eq!(held.len(), 511, "the cap less the legitimate stream");
+    assert_eq!(refused, 40 * 16 - 511);
 
     // During: the open stream is served (a changed subscription answered),
     // and a new stream is refused with the documented status.
@@ -361,12 +361,13 @@ async fn login_flood_with_forged_jwts_is_bounded_per_connection() {
     use support::vault_front::{Tamper, VaultFront};
 
     let env = VaultEnv::start().await;
-    // A front that slows Vault a little and counts what is in flight.
+    // A front that slows Vault (so that logins overlap) and counts what is
+    // in flight.
     let front = VaultFront::start(
         env.bao.addr(),
         env.bao.client().clone(),
         Tamper::None,
-        Duration::from_millis(300),
+        Duration::from_secs(1),
     )
     .await;
     let agent = Agent::start(&env.agent_env_with(&[
@@ -398,6 +399,9 @@ async fn login_flood_with_forged_jwts_is_bounded_per_connection() {
     for b in burst {
         outcomes.push(b.await.unwrap().unwrap_err());
     }
+    // Only the attacker's logins reach Vault meanwhile: the legitimate
+    // workload's certificate and token are cached.
+    let most_at_once = front.stats.max_in_flight.load(Ordering::SeqCst);
     for _ in 0..100 {
         let mut c = client.clone();
         outcomes.push(fetch(&mut c, &["default"], &forged()).await.unwrap_err());
@@ -433,8 +437,8 @@ async fn login_flood_with_forged_jwts_is_bounded_per_connection() {
     );
     assert!(in_flight >= 1, "ten at once pass the logins in flight");
     assert!(
-        front.stats.max_in_flight.load(Ordering::SeqCst) <= 2,
-        "at most SDS_CONNECTION_MAX_LOGINS_IN_FLIGHT at Vault at once"
+        most_at_once <= 2,
+        "{most_at_once} at Vault at once; SDS_CONNECTION_MAX_LOGINS_IN_FLIGHT is 2"
     );
     check_rss(rss.stop(), "login flood");
     legit.stop(&agent).await;
@@ -671,19 +675,17 @@ async fn keepalive_reaps_a_dead_peer() {
         .await
         .unwrap();
     dead.write_all(&h2_open_stream_bytes()).await.unwrap();
-    // The dead peer holds the only place...
+    assert!(
+        stream_one_accepted(&mut dead).await,
+        "the dead peer's stream was accepted"
+    );
+    // From here the peer reads and writes nothing. It holds the only place...
     let mut client = connect(&agent.socket).await;
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let err = fetch(&mut client, &["default"], &fake_jwt("legit", "w"))
-            .await
-            .expect_err("the dead peer's stream holds SDS_MAX_STREAMS=1");
-        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-        if err.message().contains("SDS_MAX_STREAMS=1") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{err:?}");
-    }
+    let err = fetch(&mut client, &["default"], &fake_jwt("legit", "w"))
+        .await
+        .expect_err("the dead peer's stream holds SDS_MAX_STREAMS=1");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("SDS_MAX_STREAMS=1"), "{err:?}");
     // ...until keep-alive finds it dead and closes its connection.
     let started = Instant::now();
     loop {
@@ -718,7 +720,12 @@ async fn connections_past_the_cap_are_closed_at_once() {
     let started = Instant::now();
     let mut held = Vec::new();
     for _ in 0..49 {
-        held.push(connect(&agent.socket).await);
+        let mut c = connect(&agent.socket).await;
+        // Served, so surely accepted before the connections below.
+        fetch(&mut c, &["ROOTCA"], &fake_jwt("held", "one"))
+            .await
+            .unwrap();
+        held.push(c);
     }
     let mut closed = 0;
     for _ in 0..200 {

@@ -56,8 +56,8 @@ pub struct SdsLimits {
 impl Default for SdsLimits {
     fn default() -> Self {
         Self {
-            max_connections: 1024,
-            max_streams: 1024,
+            max_connections: 512,
+            max_streams: 512,
             connection_max_streams: 16,
             first_request_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(30),

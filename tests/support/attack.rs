@@ -215,3 +215,25 @@ pub fn h2_open_stream_bytes() -> Vec<u8> {
     out.extend(block);
     out
 }
+
+/// Reads server frames from a raw HTTP/2 connection until the HEADERS of
+/// stream 1 arrive; true when they open a response (the stream was
+/// accepted), false when they end it at once (refused).
+pub async fn stream_one_accepted(socket: &mut tokio::net::UnixStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let mut head = [0u8; 9];
+        socket.read_exact(&mut head).await.expect("a frame header");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let (kind, flags) = (head[3], head[4]);
+        let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        let mut payload = vec![0u8; len];
+        socket
+            .read_exact(&mut payload)
+            .await
+            .expect("a frame payload");
+        if kind == 0x1 && stream == 1 {
+            return flags & 0x1 == 0; // no END_STREAM: a response begins
+        }
+    }
+}
