@@ -5,7 +5,10 @@
 //! - cold issue: many identities asking for their first certificate at once
 //!   (key generation, CSR, signing, checks, SDS encoding);
 //! - warm fetch: FetchSecrets served from the cache;
-//! - memory: the agent's resident set per cached identity and per open stream.
+//! - memory: the agent's resident set per cached identity, per open stream
+//!   (opened as Envoy opens them: a connection each, every request carrying
+//!   a 60 KiB node) and per idle connection; and from these, the worst case
+//!   under the default SDS caps.
 
 #[path = "../tests/support/sds_client.rs"]
 #[allow(dead_code)]
@@ -40,6 +43,12 @@ fn start_agent(dir: &Path, key_type: &str, max_conc: &str) -> Child {
         .env("CA_MAX_CONCURRENCY", max_conc)
         .env("LOG_LEVEL", "warn")
         .env("STATUS_ADDR", "")
+        // The bench presents thousands of JWTs over 32 connections and opens
+        // thousands of streams: lift the per-connection login rate and the
+        // caps, which are not what is measured.
+        .env("SDS_CONNECTION_NEW_JWT_INTERVAL", "0")
+        .env("SDS_MAX_CONNECTIONS", "8192")
+        .env("SDS_MAX_STREAMS", "8192")
         .stderr(Stdio::null())
         .spawn()
         .expect("start node-agent");
@@ -143,26 +152,63 @@ async fn main() {
             let (lat, wall) = fetch_many(&socket, warm, |i| format!("sa{}", i % n)).await;
             report("warm fetch (cached), ec-p256", &lat, wall);
 
-            // Open streams on one identity and measure what each costs.
-            let rss_before = rss_kib(pid);
-            let mut client = connect(&socket).await;
+            // Streams as Envoy opens them (a connection each, every request
+            // with its ~60 KiB node), all of one identity.
+            let node = envoy_types::pb::envoy::config::core::v3::Node {
+                id: "x".repeat(60 * 1024),
+                ..Default::default()
+            };
             let jwt = fake_jwt("bench", "sa0");
+            let rss_before = rss_kib(pid);
             let mut held = Vec::new();
             let t = Instant::now();
             for _ in 0..streams {
+                let mut client = connect(&socket).await;
                 let (tx, mut inbound) = open_stream(&mut client, &jwt).await;
-                tx.send(request(&["default"], None)).await.unwrap();
+                let mut req = request(&["default"], None);
+                req.node = Some(node.clone());
+                tx.send(req).await.unwrap();
                 inbound.next().await.unwrap().unwrap();
-                held.push((tx, inbound));
+                held.push((client, tx, inbound));
             }
             let elapsed = t.elapsed();
-            let rss_after = rss_kib(pid);
+            let rss_streams = rss_kib(pid);
+            let per_stream = rss_streams.saturating_sub(rss_before) as f64 / streams as f64;
             println!(
-                "{:<34} {streams} streams opened in {:.0} ms; {:.1} KiB per open stream",
-                "streams (one identity)",
+                "{:<34} {streams} opened in {:.0} ms; {per_stream:.1} KiB per open stream with its connection",
+                "streams (Envoy-like)",
                 elapsed.as_secs_f64() * 1e3,
-                (rss_after.saturating_sub(rss_before)) as f64 / streams as f64
             );
+            // Idle connections (no stream).
+            let mut idle = Vec::new();
+            for _ in 0..streams {
+                idle.push(connect(&socket).await);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let per_conn = rss_kib(pid).saturating_sub(rss_streams) as f64 / streams as f64;
+            println!(
+                "{:<34} {per_conn:.1} KiB per idle connection",
+                "connections"
+            );
+            let d = node_agent::config::SdsLimits::default();
+            // Each default stream with its own connection, the connections
+            // left idle, every stream's HTTP/2 window full of unread data,
+            // and the whole budget of partial requests.
+            let stream_alone = (per_stream - per_conn).max(0.0);
+            let worst_kib = rss0 as f64
+                + d.max_connections as f64 * per_conn
+                + d.max_streams as f64 * (stream_alone + 16.0)
+                + (d.max_buffered_request_bytes / 1024) as f64;
+            println!(
+                "{:<34} {:.0} MiB = idle + {} connections + {} streams (+16 KiB unread each) + {} MiB of partial requests; plus {:.1} KiB per cached identity",
+                "worst case, default SDS caps",
+                worst_kib / 1024.0,
+                d.max_connections,
+                d.max_streams,
+                d.max_buffered_request_bytes >> 20,
+                (rss1.saturating_sub(rss0)) as f64 / n as f64,
+            );
+            drop(idle);
             drop(held);
         }
         let _ = agent.kill();
