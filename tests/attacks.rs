@@ -112,6 +112,18 @@ fn assert_one_warning_per_interval(agent: &Agent, limit: &str, elapsed: Duration
     );
 }
 
+/// Lines of the log containing `needle`: at most one per 10 s interval.
+fn assert_throttled(agent: &Agent, needle: &str, elapsed: Duration) {
+    let log = agent.log();
+    let lines = log.lines().filter(|l| l.contains(needle)).count();
+    assert!(lines >= 1, "no line with {needle:?}\n{log}");
+    let allowed = 1 + elapsed.as_secs() as usize / 10;
+    assert!(
+        lines <= allowed,
+        "{lines} lines with {needle:?} in {elapsed:?} (one per 10 s)"
+    );
+}
+
 /// Requests naming `default` tens of thousands of times are answered with
 /// one resource; a request too large to hold is refused from its header; a
 /// request naming too many distinct resources is refused.
@@ -516,10 +528,35 @@ async fn garbage_bytes_http1_and_malformed_messages() {
             assert!(e.message().contains("not a valid protobuf"), "{e:?}");
         }
     }
+    // Requests a client repeats in error (no valid credential, resources
+    // not served, too many names) are refused each time, and logged once
+    // per interval.
+    let mut client = connect(&agent.socket).await;
+    let nine: Vec<String> = (0..9).map(|i| format!("n{i}")).collect();
+    let nine: Vec<&str> = nine.iter().map(String::as_str).collect();
+    for _ in 0..100 {
+        let e = fetch(&mut client, &["default"], "not-a-jwt")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::Unauthenticated);
+        let e = fetch(&mut client, &["bogus"], &jwt).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        let (tx, mut inbound) = open_stream(&mut client, &jwt).await;
+        tx.send(request(&nine, None)).await.unwrap();
+        let e = inbound.next().await.unwrap().unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+    }
     let elapsed = started.elapsed();
     check_rss(rss.stop(), "garbage");
     legit.stop(&agent).await;
     assert_one_warning_per_interval(&agent, "malformed request", elapsed);
+    assert_throttled(&agent, "refusing FetchSecrets: invalid credential", elapsed);
+    assert_throttled(&agent, "refusing FetchSecrets: unknown resource", elapsed);
+    assert_throttled(
+        &agent,
+        "SDS_MAX_RESOURCE_NAMES); this agent serves",
+        elapsed,
+    );
     served_after(&agent).await;
 }
 

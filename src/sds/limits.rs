@@ -136,34 +136,47 @@ impl Limits {
         })
     }
 
-    /// Logs `message` as a warning unless `bound` was warned about less than
-    /// [`WARN_INTERVAL`] ago; then it is only counted, and the count is
-    /// added to the next warning.
+    /// Logs `message` as a warning (with `limit=<bound>`) unless `bound` was
+    /// warned about less than [`WARN_INTERVAL`] ago; then it is only counted,
+    /// and the count is added to the next warning.
     pub fn warn(&self, bound: &'static str, message: String) {
-        let now = Instant::now();
-        let suppressed = {
-            let mut warned = self.warned.lock().expect("warnings lock");
-            let w = warned.entry(bound).or_default();
-            if w.last
-                .is_some_and(|t| now.duration_since(t) < WARN_INTERVAL)
-            {
-                w.suppressed += 1;
-                return;
-            }
-            w.last = Some(now);
-            std::mem::take(&mut w.suppressed)
-        };
-        if suppressed > 0 {
-            tracing::warn!(
-                limit = %bound,
-                "{message} ({suppressed} more refused for this reason in the last {}s)",
-                WARN_INTERVAL.as_secs()
-            );
-        } else {
-            tracing::warn!(limit = %bound, "{message}");
+        if let Some(held_back) = self.throttle(bound) {
+            tracing::warn!(limit = %bound, "{message}{}", more(held_back));
         }
     }
+
+    /// Whether a line about `key` may be logged now: `Some(n)`, with how many
+    /// were held back since the last one, or `None` (and counted) when one
+    /// was logged less than [`WARN_INTERVAL`] ago. A client repeating a
+    /// mistake, or an attacker, cannot flood the log this way.
+    pub fn throttle(&self, key: &'static str) -> Option<u64> {
+        let now = Instant::now();
+        let mut warned = self.warned.lock().expect("warnings lock");
+        let w = warned.entry(key).or_default();
+        if w.last
+            .is_some_and(|t| now.duration_since(t) < WARN_INTERVAL)
+        {
+            w.suppressed += 1;
+            return None;
+        }
+        w.last = Some(now);
+        Some(std::mem::take(&mut w.suppressed))
+    }
 }
+
+/// What a throttled line adds about the ones held back before it.
+pub fn more(held_back: u64) -> String {
+    if held_back == 0 {
+        String::new()
+    } else {
+        format!(
+            " ({held_back} more refused for this reason in the last {}s)",
+            WARN_INTERVAL.as_secs()
+        )
+    }
+}
+
+impl Limits {}
 
 /// A stream's place under `SDS_MAX_STREAMS` and `SDS_CONNECTION_MAX_STREAMS`;
 /// given back when dropped.

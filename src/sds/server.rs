@@ -29,8 +29,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::connection::{incoming, Admission, ConnInfo, Connection};
 use super::credential::CredentialSource;
 use super::framing::RequestReader;
-use super::limits::{Limits, WithSlot};
-use super::resources::{self, names_for_log, ResourceNames};
+use super::limits::{more, Limits, WithSlot};
+use super::resources::{self, names_for_log, NamesError, ResourceNames};
 use super::stream::SdsStream;
 use crate::config::SdsLimits;
 use crate::metrics::{self, Refusal};
@@ -227,12 +227,20 @@ impl SdsService {
         let names = ResourceNames::parse(&req.resource_names, self.limits.config().max_resource_names)
             .map_err(|e| {
                 metrics::refused(Refusal::InvalidRequest);
-                tracing::warn!(connection = conn.id, resources = %names_for_log(&req.resource_names), "refusing FetchSecrets: {e}");
+                let key = match e {
+                    NamesError::TooMany { .. } => "SDS_MAX_RESOURCE_NAMES",
+                    _ => "FetchSecrets: resource names",
+                };
+                if let Some(n) = self.limits.throttle(key) {
+                    tracing::warn!(connection = conn.id, resources = %names_for_log(&req.resource_names), "refusing FetchSecrets: {e}{}", more(n));
+                }
                 Status::invalid_argument(e.to_string())
             })?;
         let credential = credential.get().inspect_err(|s| {
             metrics::refused(Refusal::Credential);
-            tracing::warn!(connection = conn.id, resources = %names, "refusing FetchSecrets: {}", s.message());
+            if let Some(n) = self.limits.throttle("FetchSecrets: credential") {
+                tracing::warn!(connection = conn.id, resources = %names, "refusing FetchSecrets: {}{}", s.message(), more(n));
+            }
         })?;
         let failed = |e: SecretError| {
             let what = format!("Failed to sign cert for {:?}: {e}", names.to_string());

@@ -30,7 +30,8 @@ use tonic::Status;
 use super::connection::{Admission, Connection};
 use super::credential::CredentialSource;
 use super::framing::RequestReader;
-use super::resources::{self, names_for_log, resource_version, shorten, ResourceNames};
+use super::limits::more;
+use super::resources::{self, names_for_log, resource_version, shorten, NamesError, ResourceNames};
 use super::server::{status_for, SdsService};
 use crate::backoff::Backoff;
 use crate::identity::Credential;
@@ -182,15 +183,18 @@ impl SdsStream {
             }
             (Kind::Nack | Kind::NackAndSubscribe, Some(err)) => {
                 metrics::nack();
-                tracing::warn!(
-                    stream = self.id,
-                    identity = ?self.current.as_ref().map(|c| c.sub.identity.as_str()),
-                    resources = %self.names,
-                    version = %shorten(&req.version_info, 128),
-                    code = err.code,
-                    "Envoy rejected the SDS response (NACK): {}; the same secret will not be sent again, the next change will be",
-                    shorten(&err.message, 512)
-                );
+                if let Some(n) = self.service.limits.throttle("NACK") {
+                    tracing::warn!(
+                        stream = self.id,
+                        identity = ?self.current.as_ref().map(|c| c.sub.identity.as_str()),
+                        resources = %self.names,
+                        version = %shorten(&req.version_info, 128),
+                        code = err.code,
+                        "Envoy rejected the SDS response (NACK): {}; the same secret will not be sent again, the next change will be{}",
+                        shorten(&err.message, 512),
+                        more(n)
+                    );
+                }
                 if kind == Kind::Nack {
                     return Step::Continue;
                 }
@@ -209,7 +213,13 @@ impl SdsStream {
             Ok(n) => n,
             Err(e) => {
                 metrics::refused(Refusal::InvalidRequest);
-                tracing::warn!(stream = self.id, connection = self.conn.id, resources = %names_for_log(requested), "refusing SDS request: {e}");
+                let key = match e {
+                    NamesError::TooMany { .. } => "SDS_MAX_RESOURCE_NAMES",
+                    _ => "StreamSecrets: resource names",
+                };
+                if let Some(n) = self.service.limits.throttle(key) {
+                    tracing::warn!(stream = self.id, connection = self.conn.id, resources = %names_for_log(requested), "refusing SDS request: {e}{}", more(n));
+                }
                 return self.fail(Status::invalid_argument(e.to_string())).await;
             }
         };
@@ -217,7 +227,9 @@ impl SdsStream {
             Ok(c) => c,
             Err(status) => {
                 metrics::refused(Refusal::Credential);
-                tracing::warn!(stream = self.id, connection = self.conn.id, resources = %names, "refusing SDS request: {}", status.message());
+                if let Some(n) = self.service.limits.throttle("StreamSecrets: credential") {
+                    tracing::warn!(stream = self.id, connection = self.conn.id, resources = %names, "refusing SDS request: {}{}", status.message(), more(n));
+                }
                 return self.fail(status).await;
             }
         };
