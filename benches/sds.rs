@@ -191,22 +191,26 @@ async fn main() {
                 "connections"
             );
             let d = node_agent::config::SdsLimits::default();
+            let identities = node_agent::secrets::DEFAULT_MAX_IDENTITIES;
+            let per_identity = rss1.saturating_sub(rss0) as f64 / n as f64;
             // Each default stream with its own connection, the connections
             // left idle, every stream's HTTP/2 window full of unread data,
-            // and the whole budget of partial requests.
+            // the whole budget of partial requests, and the identity cache
+            // full.
             let stream_alone = (per_stream - per_conn).max(0.0);
             let worst_kib = rss0 as f64
                 + d.max_connections as f64 * per_conn
                 + d.max_streams as f64 * (stream_alone + 16.0)
-                + (d.max_buffered_request_bytes / 1024) as f64;
+                + (d.max_buffered_request_bytes / 1024) as f64
+                + identities as f64 * per_identity;
             println!(
-                "{:<34} {:.0} MiB = idle + {} connections + {} streams (+16 KiB unread each) + {} MiB of partial requests; plus {:.1} KiB per cached identity",
-                "worst case, default SDS caps",
+                "{:<34} {:.0} MiB = idle + {} connections + {} streams (+16 KiB unread each) + {} MiB of partial requests + {} identities",
+                "worst case, default caps",
                 worst_kib / 1024.0,
                 d.max_connections,
                 d.max_streams,
                 d.max_buffered_request_bytes >> 20,
-                (rss1.saturating_sub(rss0)) as f64 / n as f64,
+                identities,
             );
             drop(idle);
             drop(held);

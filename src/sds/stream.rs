@@ -520,8 +520,11 @@ mod props {
             let (tx, rx) = watch::channel(false);
             let service = rt.block_on(async {
                 let ca = Arc::new(LocalCa::new(None, "cluster.local").unwrap());
+                let trust =
+                    crate::trust::TrustBundle::start(ca.clone(), Default::default()).unwrap();
                 let manager = SecretManager::new(
                     ca,
+                    trust,
                     ManagerOptions::new(
                         "cluster.local",
                         KeyType::EcP256,
