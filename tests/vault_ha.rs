@@ -19,8 +19,10 @@ use support::vault_front::{FrontOptions, VaultFront};
 
 /// Identities fetched while the leader dies.
 const IDENTITIES: usize = 300;
-/// Client connections they are spread over (as Envoys of many pods would be).
-const CONNECTIONS: usize = 10;
+/// Client connections they are spread over: one per workload, as each
+/// Envoy's `google_grpc` SDS stream opens its own (and as node-agent bounds
+/// the streams and new JWTs of one connection).
+const CONNECTIONS: usize = IDENTITIES;
 
 fn agent_env(vault: &str) -> Vec<(&'static str, String)> {
     vec![
