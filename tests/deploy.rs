@@ -15,181 +15,20 @@
 
 mod support;
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::agent::Agent;
 use support::envoy::{free_port, start_backend, validate_config, EnvoyProc};
+use support::manifests::*;
 use support::sds_client::*;
 use support::vault_env::VaultEnv;
 
-/// The Kubernetes version the manifests are validated against.
-const KUBERNETES_VERSION: &str = "1.37.0";
 /// The layouts README documents; each must be among the rendered overlays.
 const LAYOUTS: &[&str] = &["sidecar", "daemonset", "daemonset/workloads"];
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (./test.sh installs the tools)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// Every directory under deploy/ with a kustomization.yaml, relative to deploy/.
-fn overlays() -> Vec<String> {
-    fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                walk(&p, root, out);
-            } else if p.file_name().unwrap() == "kustomization.yaml" {
-                out.push(
-                    p.parent()
-                        .unwrap()
-                        .strip_prefix(root)
-                        .unwrap()
-                        .display()
-                        .to_string(),
-                );
-            }
-        }
-    }
-    let root = repo().join("deploy");
-    let mut out = Vec::new();
-    walk(&root, &root, &mut out);
-    out.sort();
-    out
-}
-
-/// YAML documents as JSON values (PyYAML, beside kubernetes-validate).
-fn yaml_docs(yaml: &str) -> Vec<Value> {
-    let mut child = Command::new("python3")
-        .args([
-            "-c",
-            "import json, sys, yaml\nprint(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d is not None]))",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3 with PyYAML (the peers virtualenv)");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "not YAML:\n{yaml}");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn kustomize(overlay: &str) -> String {
-    run(Command::new("kubectl")
-        .arg("kustomize")
-        .arg(repo().join("deploy").join(overlay)))
-}
-
-fn rendered(overlay: &str) -> Vec<Value> {
-    yaml_docs(&kustomize(overlay))
-}
-
-fn name(obj: &Value) -> String {
-    format!(
-        "{}/{}",
-        obj["kind"].as_str().unwrap(),
-        obj["metadata"]["name"].as_str().unwrap()
-    )
-}
-
-/// The pod templates of the workloads among `objs`.
-fn pod_specs(objs: &[Value]) -> Vec<(String, &Value)> {
-    objs.iter()
-        .filter(|o| {
-            ["Deployment", "DaemonSet", "StatefulSet"].contains(&o["kind"].as_str().unwrap())
-        })
-        .map(|o| (name(o), &o["spec"]["template"]["spec"]))
-        .collect()
-}
-
-fn containers(pod: &Value, key: &str) -> Vec<Value> {
-    pod[key].as_array().cloned().unwrap_or_default()
-}
-
-/// node-agent's containers among `objs` (its image), with their workload.
-fn node_agent_containers(objs: &[Value]) -> Vec<(String, Value)> {
-    pod_specs(objs)
-        .into_iter()
-        .flat_map(|(n, pod)| {
-            containers(pod, "containers")
-                .into_iter()
-                .filter(|c| c["image"].as_str().unwrap().contains("node-agent"))
-                .map(move |c| (n.clone(), c))
-        })
-        .collect()
-}
-
-/// The environment a container gets: `envFrom` ConfigMaps (from the same
-/// render) then `env` values.
-fn container_env(c: &Value, objs: &[Value]) -> BTreeMap<String, String> {
-    let mut env = BTreeMap::new();
-    for from in c["envFrom"].as_array().into_iter().flatten() {
-        let cm = from["configMapRef"]["name"].as_str().expect("configMapRef");
-        let obj = objs
-            .iter()
-            .find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == cm)
-            .unwrap_or_else(|| panic!("envFrom names ConfigMap {cm}, which the overlay lacks"));
-        for (k, v) in obj["data"].as_object().unwrap() {
-            env.insert(k.clone(), v.as_str().unwrap().to_string());
-        }
-    }
-    for e in c["env"].as_array().into_iter().flatten() {
-        let value = e["value"]
-            .as_str()
-            .unwrap_or_else(|| panic!("env {} must have a value", e["name"]));
-        env.insert(e["name"].as_str().unwrap().to_string(), value.to_string());
-    }
-    env
-}
-
-/// The names node-agent's settings parser reads, given `env`: every variable
-/// it looks up, retried without each variable whose value it refuses (e.g. a
-/// file path of the cluster), so that the later ones are read too.
-fn names_read(env: &BTreeMap<String, String>) -> BTreeSet<String> {
-    let mut env = env.clone();
-    let read = RefCell::new(BTreeSet::new());
-    for _ in 0..=env.len() {
-        let lookup = |k: &str| {
-            read.borrow_mut().insert(k.to_string());
-            env.get(k).cloned()
-        };
-        match node_agent::config::Config::from_lookup(lookup, None) {
-            Ok(_) => return read.into_inner(),
-            Err(e) => {
-                assert!(
-                    env.remove(e.var).is_some(),
-                    "the settings parser refuses a setting the manifest does not set: {e}"
-                );
-            }
-        }
-    }
-    panic!("the settings parser never accepted {env:?}");
-}
 
 #[test]
 fn every_overlay_renders_and_validates_strictly() {
@@ -200,31 +39,10 @@ fn every_overlay_renders_and_validates_strictly() {
             "no deploy/{layout} in {found:?}"
         );
     }
-    let dir = tempfile::tempdir().unwrap();
     for overlay in &found {
-        let yaml = kustomize(overlay);
-        let objs = yaml_docs(&yaml);
+        let objs = rendered(overlay);
         assert!(!objs.is_empty(), "deploy/{overlay} renders nothing");
-        let file = dir.path().join("rendered.yaml");
-        std::fs::write(&file, &yaml).unwrap();
-        let out = run(Command::new("kubernetes-validate")
-            .args(["--strict", "-k", KUBERNETES_VERSION])
-            .arg(&file));
-        // One verdict per object, every one a pass: nothing skipped.
-        let passed = out
-            .lines()
-            .filter(|l| l.contains(" passed for resource "))
-            .count();
-        assert_eq!(
-            passed,
-            objs.len(),
-            "deploy/{overlay}: {passed} of {} objects validated:\n{out}",
-            objs.len()
-        );
-        assert!(
-            !out.contains("WARN") && !out.contains("ERROR"),
-            "deploy/{overlay}:\n{out}"
-        );
+        validate_strictly(&format!("deploy/{overlay}"), &objs);
     }
 }
 
@@ -284,51 +102,17 @@ fn layouts_are_locked_down_and_probed() {
 
 #[test]
 fn every_variable_the_manifests_set_is_a_node_agent_setting() {
-    // The agent needs a CA choice to start at all; the local CA reads the fewest.
-    // Vault with only CA_ADDR reads Istio 1.1's fallback for VAULT_ADDR too.
-    let env = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    };
-    let mut known = names_read(&env(&[("CA_PROVIDER", "LocalCA")]));
-    known.extend(names_read(&env(&[
-        ("CA_PROVIDER", "VaultCA"),
-        ("CA_ADDR", "https://vault:8200"),
-        ("VAULT_AUTH_PATH", "auth/kubernetes/login"),
-        ("VAULT_ROLE", "istio-cert"),
-        ("VAULT_SIGN_CSR_PATH", "istio_ca/sign/istio-pki-role"),
-    ])));
     let mut checked = 0;
     for overlay in overlays() {
         let objs = rendered(&overlay);
         for (workload, c) in node_agent_containers(&objs) {
             let env = container_env(&c, &objs);
-            known.extend(names_read(&env));
-            for var in env.keys() {
-                assert!(
-                    known.contains(var),
-                    "deploy/{overlay} {workload} sets {var}, which node-agent does not read; it reads {known:?}"
-                );
-                checked += 1;
-            }
-            // The values parse too, with the file they name standing in for
-            // the ConfigMap the cluster mounts.
-            let dir = tempfile::tempdir().unwrap();
-            let mut env = env.clone();
-            if env.contains_key("VAULT_TLS_ROOT_CERT") {
-                let ca = node_agent::ca::local::LocalCa::new(None, "cluster.local").unwrap();
-                let pem = dir.path().join("ca.crt");
-                std::fs::write(&pem, ca.root_pem()).unwrap();
-                env.insert("VAULT_TLS_ROOT_CERT".into(), pem.display().to_string());
-            }
-            node_agent::config::Config::from_lookup(|k| env.get(k).cloned(), None)
-                .unwrap_or_else(|e| panic!("deploy/{overlay} {workload}: {e}"));
+            checked += check_settings(&format!("deploy/{overlay} {workload}"), &env);
         }
     }
     assert!(checked >= 20, "only {checked} variables checked");
     // The check can fail: a near miss is not a setting.
+    let known = known_settings();
     for typo in ["VAULT_ROLES", "STATUS_PORT", "LOGFORMAT"] {
         assert!(!known.contains(typo), "{typo}");
     }

@@ -7,6 +7,7 @@ pub mod bao;
 pub mod cli;
 pub mod envoy;
 pub mod k8s;
+pub mod manifests;
 pub mod mesh;
 pub mod metrics;
 pub mod ports;
