@@ -358,6 +358,17 @@ impl EnvoyProc {
     /// once the admin API is listening (NOT once secrets arrived: use
     /// [`EnvoyProc::wait_ready`]).
     pub async fn start(config: &Value) -> Result<EnvoyProc> {
+        Self::start_with(config, None).await
+    }
+
+    /// [`EnvoyProc::start`] in working directory `cwd`, as a pod's Envoy runs
+    /// in `/`: relative paths in `config` (Istio's `./var/run/...` pipe) are
+    /// resolved from there.
+    pub async fn start_in(config: &Value, cwd: &Path) -> Result<EnvoyProc> {
+        Self::start_with(config, Some(cwd)).await
+    }
+
+    async fn start_with(config: &Value, cwd: Option<&Path>) -> Result<EnvoyProc> {
         let dir = tempfile::Builder::new().prefix("envoy-test-").tempdir()?;
         let config_path = dir.path().join("envoy.json");
         let log_path = dir.path().join("envoy.log");
@@ -366,7 +377,11 @@ impl EnvoyProc {
         let admin_path = dir.path().join("admin-address");
         std::fs::write(&config_path, serde_json::to_vec_pretty(config)?)?;
 
-        let child = Command::new(envoy_bin())
+        let mut cmd = Command::new(envoy_bin());
+        if let Some(cwd) = cwd {
+            cmd.current_dir(cwd);
+        }
+        let child = cmd
             .arg("-c")
             .arg(&config_path)
             // Hot restart is useless here and would need shared memory keyed by

@@ -6,6 +6,7 @@ pub mod attack;
 pub mod bao;
 pub mod cli;
 pub mod envoy;
+pub mod istio;
 pub mod istio_inject;
 pub mod k8s;
 pub mod manifests;
