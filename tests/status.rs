@@ -148,6 +148,7 @@ async fn ready_only_while_the_sds_socket_serves() {
         StatusState {
             sds_socket: socket.clone(),
             report: manager.clone(),
+            limits: Default::default(),
         },
         rx.clone(),
     )

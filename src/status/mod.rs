@@ -8,10 +8,11 @@
 //! | `/metrics` | Prometheus text (or OpenMetrics when asked for) |
 //! | `/debug/identities` | JSON: every cached identity, without keys or tokens |
 //!
-//! Anyone who can reach the port can ask, so it is bounded: at most
-//! [`MAX_CONNECTIONS`] connections at once (more are closed at once), each
-//! given [`HEADER_TIMEOUT`] to send its request head and [`CONNECTION_LIFETIME`]
-//! in all; only `GET` and `HEAD` are answered and request bodies are never read.
+//! Anyone who can reach the port can ask, so it is bounded ([`StatusLimits`]):
+//! at most `STATUS_MAX_CONNECTIONS` connections at once (more are closed at
+//! once), each given `STATUS_HEADER_TIMEOUT` to send its request head and
+//! `STATUS_CONNECTION_LIFETIME` in all; only `GET` and `HEAD` are answered
+//! and request bodies are never read.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -27,17 +28,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
+pub use crate::config::observe::StatusLimits;
 use crate::metrics::{self, AgentReport, Format};
 
 mod debug;
 pub mod health;
-
-/// Most status connections served at once.
-pub const MAX_CONNECTIONS: usize = 32;
-/// Time a client has to send a request head.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest life of one connection (keep-alive included).
-pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(120);
 
 /// Why the status server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +50,8 @@ pub struct StatusState {
     /// The agent's state, for `/debug/identities` (the metrics read it through
     /// [`metrics::global`]).
     pub report: Arc<dyn AgentReport>,
+    /// The server's bounds.
+    pub limits: StatusLimits,
 }
 
 /// A running status server.
@@ -82,8 +79,9 @@ pub async fn start(
     let local_addr = listener
         .local_addr()
         .map_err(|source| StatusError { addr, source })?;
+    let limits = state.limits;
     let state = Arc::new(state);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let task = tokio::spawn(async move {
         loop {
             let stream = tokio::select! {
@@ -100,7 +98,8 @@ pub async fn start(
             };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 tracing::debug!(
-                    "status server: {MAX_CONNECTIONS} connections open; closing a new one"
+                    "status server: STATUS_MAX_CONNECTIONS={} connections open; closing a new one",
+                    limits.max_connections
                 );
                 continue;
             };
@@ -112,9 +111,9 @@ pub async fn start(
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
+                    .header_read_timeout(limits.header_timeout)
                     .serve_connection(TokioIo::new(stream), service);
-                let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+                let _ = tokio::time::timeout(limits.connection_lifetime, conn).await;
                 drop(slot);
             });
         }
@@ -206,6 +205,7 @@ pub async fn serve_agent(
     let state = StatusState {
         sds_socket: config.workload_uds_path.clone(),
         report,
+        limits: config.observe.status_limits,
     };
     start(addr, state, shutdown).await.map(Some)
 }
