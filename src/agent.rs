@@ -46,7 +46,7 @@ pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CaClient>> {
 
 /// Runs the agent until `shutdown` turns true.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let ca = crate::metrics::MeteredCa::wrap(build_ca(&config)?);
+    let ca = build_ca(&config)?;
     let mut opts = ManagerOptions::new(
         config.trust_domain.clone(),
         config.key_type,

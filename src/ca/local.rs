@@ -27,6 +27,7 @@ use time::OffsetDateTime;
 use super::{Authorization, CaClient, CaError};
 use crate::crypto::{IssuedChain, KeyType, PrivateKey};
 use crate::identity::Credential;
+use crate::metrics::{self, CaKind};
 
 const KEY_FILE: &str = "ca-key.pem";
 const CERT_FILE: &str = "ca-cert.pem";
@@ -293,10 +294,13 @@ impl CaClient for LocalCa {
         csr_pem: &str,
         ttl: Duration,
     ) -> Result<IssuedChain, CaError> {
-        Ok(IssuedChain {
-            chain_pem: vec![self.sign_csr(csr_pem, ttl)?],
-            roots_pem: vec![self.root_pem.clone()],
+        metrics::ca_request(CaKind::Sign, async {
+            Ok(IssuedChain {
+                chain_pem: vec![self.sign_csr(csr_pem, ttl)?],
+                roots_pem: vec![self.root_pem.clone()],
+            })
         })
+        .await
     }
 
     /// The root, and the previous one while it is still valid.
@@ -307,9 +311,8 @@ impl CaClient for LocalCa {
             .iter()
             .filter(|pem| crate::crypto::cert_not_after(pem).is_some_and(|t| t > now))
             .cloned();
-        Ok(std::iter::once(self.root_pem.clone())
-            .chain(previous)
-            .collect())
+        let roots = std::iter::once(self.root_pem.clone()).chain(previous);
+        metrics::ca_request(CaKind::Roots, async { Ok(roots.collect()) }).await
     }
 
     /// Nothing to forget: the local CA accepts every credential.

@@ -1,174 +1,223 @@
-//! [`MeteredCa`]: counts and times the requests any [`CaClient`] sends.
+//! CA requests: `node_agent_ca_requests_total` and
+//! `node_agent_ca_request_duration_seconds`, by kind and outcome.
+//!
+//! A request is counted by the CA provider itself, around the call that
+//! really reaches the CA ([`crate::metrics::ca_request`]), because only the
+//! provider knows whether the CA was asked: a login answered from the
+//! provider's cache, or coalesced with one in flight for the same JWT, a
+//! rejection answered from memory and an expired JWT refused locally are not
+//! requests, and a read of the mount's roots made while signing is a `roots`
+//! request of its own. Wrapping the [`CaClient`](crate::ca::CaClient) trait
+//! instead would count those wrongly; nothing else counts CA requests, so
+//! none is counted twice.
 
-use std::sync::Arc;
+use std::future::Future;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
-use super::{CaKind, CaOutcome, Metrics};
-use crate::ca::{Authorization, CaClient, CaError};
-use crate::crypto::IssuedChain;
-use crate::identity::Credential;
+use crate::ca::CaError;
 
-/// A [`CaClient`] that records every request it passes on in
-/// `node_agent_ca_requests_total` and `node_agent_ca_request_duration_seconds`.
-///
-/// - A login answered from the provider's cache is not a CA request, and is
-///   not counted: the wrapper asks [`CaClient::cached_login`] first.
-/// - A rejection answered from memory ([`CaError::RecentlyRejected`]) did
-///   not reach the CA either, and is not counted.
-///
-/// It forwards every method of the trait. A method added to [`CaClient`]
-/// with a default body must be forwarded here too, or the wrapped
-/// provider's own version would never be called.
-pub struct MeteredCa {
-    inner: Arc<dyn CaClient>,
-    metrics: &'static Metrics,
+/// Which CA request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaKind {
+    /// Proving a workload's credential (Vault: `auth/.../login`).
+    Login,
+    /// Signing a CSR.
+    Sign,
+    /// Reading the CA's roots (Vault: the PKI mount's issuers).
+    Roots,
 }
 
-impl MeteredCa {
-    /// Wraps `inner`, recording into the process's metrics.
-    pub fn wrap(inner: Arc<dyn CaClient>) -> Arc<dyn CaClient> {
-        Arc::new(Self::with_metrics(inner, super::global()))
-    }
-
-    /// Wraps `inner`, recording into `metrics`.
-    pub fn with_metrics(inner: Arc<dyn CaClient>, metrics: &'static Metrics) -> Self {
-        Self { inner, metrics }
-    }
-
-    fn record<T>(&self, kind: CaKind, started: Instant, result: &Result<T, CaError>) {
-        if let Some(outcome) = CaOutcome::of(result) {
-            self.metrics.ca_request(kind, outcome, started.elapsed());
+impl CaKind {
+    pub const ALL: [CaKind; 3] = [CaKind::Login, CaKind::Sign, CaKind::Roots];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaKind::Login => "login",
+            CaKind::Sign => "sign",
+            CaKind::Roots => "roots",
         }
     }
 }
 
-#[async_trait]
-impl CaClient for MeteredCa {
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
+/// How a CA request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaOutcome {
+    Ok,
+    /// The CA refused the credential or the request.
+    Rejected,
+    /// The CA could not be reached, timed out or failed.
+    Unavailable,
+    /// The CA answered something that cannot be used.
+    BadAnswer,
+}
 
-    async fn login(&self, credential: &Credential) -> Result<Authorization, CaError> {
-        if let Some(auth) = self.inner.cached_login(credential).await {
-            return Ok(auth);
+impl CaOutcome {
+    pub const ALL: [CaOutcome; 4] = [
+        CaOutcome::Ok,
+        CaOutcome::Rejected,
+        CaOutcome::Unavailable,
+        CaOutcome::BadAnswer,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaOutcome::Ok => "ok",
+            CaOutcome::Rejected => "rejected",
+            CaOutcome::Unavailable => "unavailable",
+            CaOutcome::BadAnswer => "bad_answer",
         }
-        let started = Instant::now();
-        let result = self.inner.login(credential).await;
-        self.record(CaKind::Login, started, &result);
-        result
     }
 
-    async fn cached_login(&self, credential: &Credential) -> Option<Authorization> {
-        self.inner.cached_login(credential).await
+    /// The outcome of a CA call, or `None` when the CA was not asked: a
+    /// rejection answered from memory, or a credential the agent refused
+    /// by itself.
+    pub fn of<T>(result: &Result<T, CaError>) -> Option<Self> {
+        match result {
+            Ok(_) => Some(CaOutcome::Ok),
+            Err(e) if e.credential_error().is_some() => None,
+            Err(CaError::Rejected(_)) => Some(CaOutcome::Rejected),
+            Err(CaError::RecentlyRejected(_)) => None,
+            Err(CaError::Unavailable(_)) => Some(CaOutcome::Unavailable),
+            Err(CaError::BadAnswer(_)) => Some(CaOutcome::BadAnswer),
+        }
+    }
+}
+
+/// Buckets of the CA latency histogram, in seconds: 5 ms to 20 s (Vault's
+/// request time-out is 15 s by default).
+const CA_LATENCY_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
+];
+
+type Labels = [(&'static str, &'static str); 2];
+
+#[derive(Clone)]
+struct LatencyHistogram;
+
+impl MetricConstructor<Histogram> for LatencyHistogram {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(CA_LATENCY_BUCKETS)
+    }
+}
+
+/// The CA request families.
+pub(super) struct CaMetrics {
+    requests: Family<Labels, Counter>,
+    duration: Family<Labels, Histogram, LatencyHistogram>,
+}
+
+impl CaMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let requests = Family::<Labels, Counter>::default();
+        registry.register(
+            "ca_requests",
+            "Requests that reached the CA, by kind (login, sign, roots) and outcome (ok, rejected, unavailable, bad_answer)",
+            requests.clone(),
+        );
+        let duration = Family::new_with_constructor(LatencyHistogram);
+        registry.register(
+            "ca_request_duration_seconds",
+            "Time a CA request took, by kind and outcome",
+            duration.clone(),
+        );
+        // Every series exists from the start, at zero.
+        for kind in CaKind::ALL {
+            for outcome in CaOutcome::ALL {
+                let _ = requests.get_or_create(&labels(kind, outcome));
+            }
+        }
+        Self { requests, duration }
     }
 
-    async fn sign(
+    pub fn record(&self, kind: CaKind, outcome: CaOutcome, took: Duration) {
+        let labels = labels(kind, outcome);
+        self.requests.get_or_create(&labels).inc();
+        self.duration
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    /// Runs `request`, then counts and times it by its outcome (see
+    /// [`CaOutcome::of`] for what is not counted).
+    pub async fn time<T>(
         &self,
-        auth: &Authorization,
-        csr_pem: &str,
-        ttl: Duration,
-    ) -> Result<IssuedChain, CaError> {
+        kind: CaKind,
+        request: impl Future<Output = Result<T, CaError>>,
+    ) -> Result<T, CaError> {
         let started = Instant::now();
-        let result = self.inner.sign(auth, csr_pem, ttl).await;
-        self.record(CaKind::Sign, started, &result);
+        let result = request.await;
+        if let Some(outcome) = CaOutcome::of(&result) {
+            self.record(kind, outcome, started.elapsed());
+        }
         result
     }
+}
 
-    async fn trust_roots(&self) -> Result<Vec<String>, CaError> {
-        let started = Instant::now();
-        let result = self.inner.trust_roots().await;
-        self.record(CaKind::Roots, started, &result);
-        result
-    }
-
-    fn invalidate(&self, auth: &Authorization) {
-        self.inner.invalidate(auth)
-    }
-
-    async fn release(&self, credential: &Credential) {
-        self.inner.release(credential).await
-    }
-
-    async fn shutdown(&self) {
-        self.inner.shutdown().await
-    }
+fn labels(kind: CaKind, outcome: CaOutcome) -> Labels {
+    [("kind", kind.as_str()), ("outcome", outcome.as_str())]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::LazyLock;
-
-    /// Logs in once per process (then answers from its cache), rejects the
-    /// credential `bad`, and fails every sign.
-    #[derive(Default)]
-    struct Fake {
-        logins: AtomicUsize,
-    }
-
-    #[async_trait]
-    impl CaClient for Fake {
-        fn describe(&self) -> String {
-            "fake".into()
-        }
-        async fn login(&self, c: &Credential) -> Result<Authorization, CaError> {
-            if c.expose() == "bad" {
-                return Err(CaError::Rejected("no".into()));
-            }
-            if self.logins.fetch_add(1, Ordering::SeqCst) > 0 {
-                return Err(CaError::RecentlyRejected("should have been cached".into()));
-            }
-            Ok(Authorization::default())
-        }
-        async fn cached_login(&self, c: &Credential) -> Option<Authorization> {
-            (c.expose() != "bad" && self.logins.load(Ordering::SeqCst) > 0)
-                .then(Authorization::default)
-        }
-        async fn sign(
-            &self,
-            _: &Authorization,
-            _: &str,
-            _: Duration,
-        ) -> Result<IssuedChain, CaError> {
-            Err(CaError::Unavailable("down".into()))
-        }
-        async fn trust_roots(&self) -> Result<Vec<String>, CaError> {
-            Err(CaError::BadAnswer("garbage".into()))
-        }
-        fn invalidate(&self, _: &Authorization) {}
-        async fn release(&self, _: &Credential) {}
-        async fn shutdown(&self) {}
-    }
+    use crate::ca::CaFailure;
+    use crate::identity::IdentityError;
+    use crate::metrics::{Format, Metrics};
 
     #[tokio::test]
-    async fn counts_what_reaches_the_ca() {
-        static M: LazyLock<Metrics> = LazyLock::new(Metrics::new);
-        let ca = MeteredCa::with_metrics(Arc::new(Fake::default()), &M);
-        let good = Credential::new("good");
-        ca.login(&good).await.unwrap();
-        ca.login(&good).await.expect("answered from the cache");
-        assert!(ca.login(&Credential::new("bad")).await.is_err());
-        assert!(ca
-            .sign(&Authorization::default(), "csr", Duration::from_secs(1))
-            .await
-            .is_err());
-        assert!(ca.trust_roots().await.is_err());
-        let text = M.encode(super::super::Format::Prometheus);
+    async fn counts_and_times_what_reached_the_ca_only() {
+        let m = Metrics::new();
+        let ca = &m.ca;
+        ca.time(CaKind::Login, async { Ok(()) }).await.unwrap();
+        let _ = ca
+            .time(CaKind::Login, async {
+                Err::<(), _>(CaError::rejected("permission denied"))
+            })
+            .await;
+        let _ = ca
+            .time(CaKind::Sign, async {
+                Err::<(), _>(CaError::unavailable("down"))
+            })
+            .await;
+        let _ = ca
+            .time(CaKind::Roots, async {
+                Err::<(), _>(CaError::bad_answer("garbage"))
+            })
+            .await;
+        // Not requests: answered from memory, or refused by the agent itself.
+        let _ = ca
+            .time(CaKind::Sign, async {
+                Err::<(), _>(CaError::RecentlyRejected("again".into()))
+            })
+            .await;
+        let _ = ca
+            .time(CaKind::Login, async {
+                Err::<(), _>(CaError::Rejected(CaFailure::credential(
+                    "expired",
+                    IdentityError::Expired { exp: 1 },
+                )))
+            })
+            .await;
+        let text = m.encode(Format::Prometheus);
         for (labels, n) in [
             ("kind=\"login\",outcome=\"ok\"", 1),
             ("kind=\"login\",outcome=\"rejected\"", 1),
             ("kind=\"sign\",outcome=\"unavailable\"", 1),
             ("kind=\"roots\",outcome=\"bad_answer\"", 1),
+            ("kind=\"sign\",outcome=\"rejected\"", 0),
             ("kind=\"sign\",outcome=\"ok\"", 0),
         ] {
             let line = format!("node_agent_ca_requests_total{{{labels}}} {n}\n");
             assert!(text.contains(&line), "missing {line:?} in\n{text}");
         }
         assert!(text.contains(
-            "node_agent_ca_request_duration_seconds_count{kind=\"login\",outcome=\"ok\"} 1"
+            "node_agent_ca_request_duration_seconds_count{kind=\"login\",outcome=\"ok\"} 1\n"
+        ));
+        assert!(!text.contains(
+            "node_agent_ca_request_duration_seconds_count{kind=\"sign\",outcome=\"rejected\"}"
         ));
     }
 }

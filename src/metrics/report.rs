@@ -15,9 +15,10 @@ pub struct IdentityReport {
     /// Serial of the current certificate (hex), if one was issued.
     pub serial: Option<String>,
     pub not_after: Option<SystemTime>,
-    /// When the renewal is scheduled.
+    /// When the next renewal is attempted: the scheduled time, or after a
+    /// failure the time of the retry.
     pub renew_at: Option<SystemTime>,
-    /// SDS streams watching this identity.
+    /// SDS streams (and other watchers) of this identity.
     pub streams_open: usize,
     /// The last failure to issue or renew, until the next success.
     pub last_error: Option<String>,
@@ -25,26 +26,18 @@ pub struct IdentityReport {
 
 /// The agent's state as the status server and the metrics see it.
 pub trait AgentReport: Send + Sync + 'static {
-    /// How many identities are cached.
-    fn identities_cached(&self) -> usize;
-    /// Every cached identity, or `None` when the cache cannot list them.
-    fn identities(&self) -> Option<Vec<IdentityReport>>;
-    /// CA requests waiting for a slot, or `None` when unknown.
-    fn ca_queue_depth(&self) -> Option<usize>;
+    /// Every cached identity.
+    fn identities(&self) -> Vec<IdentityReport>;
+    /// CA requests waiting for a slot.
+    fn ca_queue_depth(&self) -> usize;
 }
 
-// TODO(issue 11, phase 2): list the identities (serial, expiry, renewal time,
-// streams, last error) and the queue depth once the secret manager exposes them.
 impl AgentReport for SecretManager {
-    fn identities_cached(&self) -> usize {
-        self.cached_identities()
+    fn identities(&self) -> Vec<IdentityReport> {
+        SecretManager::identities(self)
     }
 
-    fn identities(&self) -> Option<Vec<IdentityReport>> {
-        None
-    }
-
-    fn ca_queue_depth(&self) -> Option<usize> {
-        None
+    fn ca_queue_depth(&self) -> usize {
+        SecretManager::ca_queue_depth(self)
     }
 }

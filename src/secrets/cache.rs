@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
 
 use tokio::sync::watch;
 
@@ -51,6 +52,17 @@ pub(super) struct Entry {
     state: watch::Sender<IdentityState>,
     /// The JWTs of the identity's streams, for renewals.
     pub jwts: Mutex<Jwts>,
+    /// How its renewals go, for the status page.
+    progress: Mutex<Progress>,
+}
+
+/// How an identity's renewals go: shown on `/debug/identities`.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Progress {
+    /// When the next renewal is attempted.
+    pub renew_at: Option<SystemTime>,
+    /// The last failure to issue or renew, until a certificate is installed.
+    pub last_error: Option<String>,
 }
 
 struct Guarded {
@@ -83,6 +95,29 @@ impl Entry {
 
     pub fn jwts(&self) -> MutexGuard<'_, Jwts> {
         self.jwts.lock().expect("jwts lock")
+    }
+
+    fn progress_lock(&self) -> MutexGuard<'_, Progress> {
+        self.progress.lock().expect("progress lock")
+    }
+
+    pub fn progress(&self) -> Progress {
+        self.progress_lock().clone()
+    }
+
+    /// The next renewal is attempted at `at`.
+    pub fn renews_at(&self, at: SystemTime) {
+        self.progress_lock().renew_at = Some(at);
+    }
+
+    /// Issuing or renewing failed with `error`; the next attempt is at
+    /// `retry_at`, if one is planned.
+    pub fn failed(&self, error: &dyn std::fmt::Display, retry_at: Option<SystemTime>) {
+        let mut p = self.progress_lock();
+        p.last_error = Some(error.to_string());
+        if retry_at.is_some() {
+            p.renew_at = retry_at;
+        }
     }
 }
 
@@ -142,6 +177,11 @@ impl Cache {
         self.map().len()
     }
 
+    /// Every cached entry, now.
+    pub fn entries(&self) -> Vec<Arc<Entry>> {
+        self.map().values().cloned().collect()
+    }
+
     /// The entry of `key`, made (`Initializing`) if there is none, with the
     /// caller counted as subscribing until the returned guard drops. A new
     /// identity past `MAX_IDENTITIES` is refused here, before the CA is asked.
@@ -174,6 +214,7 @@ impl Cache {
                     })
                     .0,
                     jwts: Mutex::new(Jwts::new(self.inner.max_jwts)),
+                    progress: Mutex::default(),
                 });
                 map.insert(key.clone(), entry.clone());
                 entry
@@ -202,6 +243,7 @@ impl Cache {
             CertState::Available(_) => Installed::Replaced,
         };
         g.cert = CertState::Available(secret.clone());
+        entry.progress_lock().last_error = None;
         entry.state.send_modify(|s| {
             s.secret = Some(secret);
             if roots.generation > s.roots.generation {

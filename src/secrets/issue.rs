@@ -129,6 +129,7 @@ impl SecretManager {
                 Err(e) if e.is_token_refused() => {
                     tracing::warn!(identity = %identity, "the CA refused to sign with a cached authorization: {e}; logging in again and retrying once");
                     self.ca.invalidate(&auth);
+                    crate::metrics::retry(crate::metrics::Retry::CaRequest);
                     let auth = self
                         .ca
                         .login(credential)

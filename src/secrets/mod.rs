@@ -245,6 +245,34 @@ impl SecretManager {
         self.cache.len()
     }
 
+    /// Every cached identity as the status page shows it: its certificate's
+    /// serial and expiry, its next renewal, its streams and its last error;
+    /// never its key or a credential.
+    pub fn identities(&self) -> Vec<crate::metrics::IdentityReport> {
+        self.cache
+            .entries()
+            .iter()
+            .map(|e| {
+                let cert = e.current();
+                let progress = e.progress();
+                crate::metrics::IdentityReport {
+                    identity: e.key.identity.to_string(),
+                    key_type: e.key.key_type.to_string(),
+                    serial: cert.as_ref().map(|c| c.leaf.serial_hex.clone()),
+                    not_after: cert.as_ref().map(|c| c.leaf.not_after),
+                    renew_at: cert.and(progress.renew_at),
+                    streams_open: e.watchers(),
+                    last_error: progress.last_error,
+                }
+            })
+            .collect()
+    }
+
+    /// CA requests waiting for a slot of the CA queue (`CA_MAX_CONCURRENCY`).
+    pub fn ca_queue_depth(&self) -> usize {
+        self.queue.waiting()
+    }
+
     /// The identity an unexpired credential names, without contacting the CA.
     pub fn identity_of(&self, credential: &Credential) -> Result<SpiffeId, SecretError> {
         Ok(credential
@@ -275,7 +303,10 @@ impl SecretManager {
             match self.first_fetch(pending.entry(), credential, auth).await {
                 Ok(()) => {}
                 Err(FetchError::Forgotten) => continue,
-                Err(FetchError::Failed(e)) => return Err(e),
+                Err(FetchError::Failed(e)) => {
+                    pending.entry().failed(&e, None);
+                    return Err(e);
+                }
             }
             let Some((secret, lease, displaced)) = self.cache.attach(pending.entry(), credential)
             else {

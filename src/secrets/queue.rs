@@ -87,6 +87,16 @@ impl CaQueue {
             .expect("the queue never drops a waiter without a permit")
     }
 
+    /// Requests waiting for a permit now (waiters that gave up are not counted).
+    pub fn waiting(&self) -> usize {
+        let st = self.inner.lock().expect("queue lock");
+        st.first
+            .iter()
+            .chain(&st.rotation)
+            .filter(|tx| !tx.is_closed())
+            .count()
+    }
+
     /// Most requests that were ever in flight at once.
     pub fn max_in_flight(&self) -> usize {
         self.inner.lock().expect("queue lock").max_seen
@@ -154,10 +164,12 @@ mod tests {
             }));
             tokio::task::yield_now().await;
         }
+        assert_eq!(q.waiting(), 4);
         drop(held);
         for t in tasks {
             t.await.unwrap();
         }
+        assert_eq!(q.waiting(), 0);
         let order: Vec<usize> = order.lock().unwrap().iter().map(|(i, _)| *i).collect();
         assert_eq!(
             order,
@@ -207,5 +219,22 @@ mod tests {
         let b = q.acquire(Priority::Rotation).await;
         let c = q.acquire(Priority::Rotation).await;
         drop((a, b, c));
+    }
+
+    #[tokio::test]
+    async fn waiting_counts_those_still_in_line() {
+        let q = CaQueue::new(1);
+        let held = q.acquire(Priority::FirstFetch).await;
+        assert_eq!(q.waiting(), 0);
+        let mut a = Box::pin(q.acquire(Priority::Rotation));
+        let mut b = Box::pin(q.acquire(Priority::FirstFetch));
+        assert!(futures::poll!(&mut a).is_pending());
+        assert!(futures::poll!(&mut b).is_pending());
+        assert_eq!(q.waiting(), 2);
+        drop(b);
+        assert_eq!(q.waiting(), 1, "a waiter that gave up is not counted");
+        drop(held);
+        let _permit = a.await;
+        assert_eq!(q.waiting(), 0);
     }
 }

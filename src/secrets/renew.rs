@@ -102,6 +102,7 @@ impl SecretManager {
                     tracing::warn!(identity = %identity, "the CA refused to sign with a cached authorization: {e}; logging in again and retrying once");
                     // The same JWT again: its token is gone, so this logs in anew.
                     sign_retried = true;
+                    crate::metrics::retry(crate::metrics::Retry::CaRequest);
                 }
                 Err(e) => return Renewal::Failed(e),
             }

@@ -18,6 +18,7 @@ use super::renew::Renewal;
 use super::SecretManager;
 use crate::backoff::Backoff;
 use crate::clock::rfc3339;
+use crate::metrics::{self, Retry};
 
 /// Longest wait between renewal attempts once the certificate has expired.
 pub(super) const EXPIRED_RETRY: Duration = Duration::from_secs(10);
@@ -50,6 +51,7 @@ impl SecretManager {
                         .renew
                         .renew_at(start, secret.leaf.not_after, rand::random());
                     tracing::debug!(identity = %id, renew_at = %rfc3339(at), "renewal scheduled");
+                    entry.renews_at(at);
                     schedule = Some((secret.leaf.serial_hex.clone(), clock.instant(at)));
                     retry_at = None;
                     clock.instant(at)
@@ -74,8 +76,12 @@ impl SecretManager {
             if Instant::now() < due {
                 continue;
             }
+            if retry_at.is_some() {
+                metrics::retry(Retry::Renewal);
+            }
             match self.renew(&entry, &secret).await {
                 Renewal::Renewed => {
+                    metrics::rotation();
                     backoff.reset();
                     expired_logged = false;
                 }
@@ -88,6 +94,7 @@ impl SecretManager {
                     }
                     // A stream with a live JWT arrived meanwhile: try again soon.
                     retry_at = Some(Instant::now() + self.opts.renew_backoff.0);
+                    entry.failed(&reason, Some(clock.now() + self.opts.renew_backoff.0));
                 }
                 Renewal::Failed(e) => {
                     // Never wait past half of what is left of the current
@@ -101,6 +108,7 @@ impl SecretManager {
                     };
                     let delay = backoff.next_delay().min(limit);
                     retry_at = Some(Instant::now() + delay);
+                    entry.failed(&e, Some(clock.now() + delay));
                     if valid {
                         tracing::error!(
                             identity = %id,

@@ -7,15 +7,16 @@ use serde_json::{json, Value};
 use crate::metrics::{AgentReport, IdentityReport};
 use crate::secrets::rfc3339;
 
-/// The page, or `None` when the cache cannot list its identities.
-pub fn identities_json(report: &dyn AgentReport) -> Option<String> {
-    let mut list = report.identities()?;
+/// The page: the cached identities sorted by SPIFFE ID, and the CA queue.
+pub fn identities_json(report: &dyn AgentReport) -> String {
+    let mut list = report.identities();
     list.sort_by(|a, b| a.identity.cmp(&b.identity));
     let doc = json!({
-        "identities_cached": report.identities_cached(),
+        "identities_cached": list.len(),
+        "ca_queue_depth": report.ca_queue_depth(),
         "identities": list.iter().map(entry).collect::<Vec<_>>(),
     });
-    Some(format!("{doc:#}\n"))
+    format!("{doc:#}\n")
 }
 
 fn entry(i: &IdentityReport) -> Value {
@@ -38,12 +39,9 @@ mod tests {
     struct Two;
 
     impl AgentReport for Two {
-        fn identities_cached(&self) -> usize {
-            2
-        }
-        fn identities(&self) -> Option<Vec<IdentityReport>> {
+        fn identities(&self) -> Vec<IdentityReport> {
             let at = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
-            Some(vec![
+            vec![
                 IdentityReport {
                     identity: "spiffe://td/ns/b/sa/b".into(),
                     key_type: "ec-p256".into(),
@@ -59,23 +57,25 @@ mod tests {
                     streams_open: 2,
                     last_error: None,
                 },
-            ])
+            ]
         }
-        fn ca_queue_depth(&self) -> Option<usize> {
-            None
+        fn ca_queue_depth(&self) -> usize {
+            4
         }
     }
 
     #[test]
     fn every_field_sorted_by_identity() {
-        let doc: Value = serde_json::from_str(&identities_json(&Two).unwrap()).unwrap();
+        let doc: Value = serde_json::from_str(&identities_json(&Two)).unwrap();
         assert_eq!(doc["identities_cached"], 2);
+        assert_eq!(doc["ca_queue_depth"], 4);
         let a = &doc["identities"][0];
         assert_eq!(a["identity"], "spiffe://td/ns/a/sa/a");
         assert_eq!(a["serial"], "0a:1b");
         assert_eq!(a["not_after"], "2033-05-18T03:33:20Z");
         assert_eq!(a["renew_at"], "2033-05-18T03:32:20Z");
         assert_eq!(a["streams_open"], 2);
+        assert_eq!(a["key_type"], "ec-p256");
         assert_eq!(a["last_error"], Value::Null);
         let b = &doc["identities"][1];
         assert_eq!(b["serial"], Value::Null);

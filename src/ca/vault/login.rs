@@ -21,6 +21,7 @@ use zeroize::Zeroizing;
 use super::http::VaultHttp;
 use crate::ca::{Authorization, CaError, CaFailure};
 use crate::identity::{unix_now, Credential, IdentityError};
+use crate::metrics::{self, CaKind};
 
 /// How long a rejection (of a JWT at login, of a token at sign) is answered
 /// from memory before Vault is asked again; also the least time between two
@@ -236,7 +237,8 @@ impl Logins {
         }
 
         let body = json!({ "role": role, "jwt": credential.expose() });
-        let result = http.post_json(auth_path, None, &body).await.and_then(|v| {
+        let result = metrics::ca_request(CaKind::Login, async {
+            let v = http.post_json(auth_path, None, &body).await?;
             let answer: LoginAnswer = serde_json::from_value(v).map_err(|e| {
                 CaError::bad_answer(format!(
                     "the login answer is not a Vault auth response: {e}"
@@ -246,7 +248,8 @@ impl Logins {
                 .auth
                 .filter(|a| !a.client_token.is_empty())
                 .ok_or_else(|| CaError::bad_answer("the login answer has no auth.client_token"))
-        });
+        })
+        .await;
         let now = Instant::now();
         match result {
             Ok(auth) => {

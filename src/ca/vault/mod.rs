@@ -26,6 +26,7 @@ use super::{Authorization, CaClient, CaError, CaFailure};
 use crate::config::VaultConfig;
 use crate::crypto::IssuedChain;
 use crate::identity::Credential;
+use crate::metrics::{self, CaKind};
 
 mod chain;
 mod http;
@@ -151,51 +152,56 @@ impl CaClient for VaultCa {
         if let Some(failure) = self.logins.sign_held_down(auth) {
             return Err(CaError::RecentlyRejected(failure));
         }
-        let body = json!({
-            "csr": csr_pem,
-            "format": "pem",
-            "ttl": format!("{}s", ttl.as_secs().max(1)),
-            "exclude_cn_from_sans": true,
-        });
-        let v = match self
-            .http
-            .post_json(&self.cfg.sign_csr_path, Some(token), &body)
-            .await
-        {
-            Ok(v) => v,
-            Err(CaError::Rejected(f) | CaError::RecentlyRejected(f)) => {
-                let token_refused = f.status() == Some(403);
-                let mut f = f.map_message(|m| format!("Vault at {addr} refused to sign: {m}"));
-                if token_refused {
-                    f = f.token_refused();
+        // What reaches Vault, counted by its outcome (a chain Vault gave
+        // without its root, then unusable, is a bad answer).
+        metrics::ca_request(CaKind::Sign, async {
+            let body = json!({
+                "csr": csr_pem,
+                "format": "pem",
+                "ttl": format!("{}s", ttl.as_secs().max(1)),
+                "exclude_cn_from_sans": true,
+            });
+            let v = match self
+                .http
+                .post_json(&self.cfg.sign_csr_path, Some(token), &body)
+                .await
+            {
+                Ok(v) => v,
+                Err(CaError::Rejected(f) | CaError::RecentlyRejected(f)) => {
+                    let token_refused = f.status() == Some(403);
+                    let mut f = f.map_message(|m| format!("Vault at {addr} refused to sign: {m}"));
+                    if token_refused {
+                        f = f.token_refused();
+                    }
+                    self.logins.note_sign_rejection(auth, &f);
+                    return Err(CaError::Rejected(f));
                 }
-                self.logins.note_sign_rejection(auth, &f);
-                return Err(CaError::Rejected(f));
-            }
-            Err(CaError::Unavailable(f)) => {
-                return Err(CaError::Unavailable(
-                    f.map_message(|m| format!("Vault at {addr} could not sign: {m}")),
-                ))
-            }
-            Err(CaError::BadAnswer(f)) => {
-                return Err(CaError::BadAnswer(f.map_message(|m| {
-                    format!("Vault at {addr} gave an unusable sign answer: {m}")
-                })))
-            }
-        };
-        let bad = |m: String| {
-            CaError::BadAnswer(CaFailure::new(format!(
-                "Vault at {addr} answered the sign request with {m}"
-            )))
-        };
-        let answer: SignAnswer =
-            serde_json::from_value(v).map_err(|e| bad(format!("an unexpected shape: {e}")))?;
-        let data = answer.data.ok_or_else(|| bad("no data".into()))?;
-        let certificate = data
-            .certificate
-            .clone()
-            .ok_or_else(|| bad("no data.certificate".into()))?;
-        self.chain_with_root(&certificate, &data).await.map_err(bad)
+                Err(CaError::Unavailable(f)) => {
+                    return Err(CaError::Unavailable(
+                        f.map_message(|m| format!("Vault at {addr} could not sign: {m}")),
+                    ))
+                }
+                Err(CaError::BadAnswer(f)) => {
+                    return Err(CaError::BadAnswer(f.map_message(|m| {
+                        format!("Vault at {addr} gave an unusable sign answer: {m}")
+                    })))
+                }
+            };
+            let bad = |m: String| {
+                CaError::BadAnswer(CaFailure::new(format!(
+                    "Vault at {addr} answered the sign request with {m}"
+                )))
+            };
+            let answer: SignAnswer =
+                serde_json::from_value(v).map_err(|e| bad(format!("an unexpected shape: {e}")))?;
+            let data = answer.data.ok_or_else(|| bad("no data".into()))?;
+            let certificate = data
+                .certificate
+                .clone()
+                .ok_or_else(|| bad("no data.certificate".into()))?;
+            self.chain_with_root(&certificate, &data).await.map_err(bad)
+        })
+        .await
     }
 
     async fn trust_roots(&self) -> Result<Vec<String>, CaError> {

@@ -16,6 +16,7 @@ use std::time::SystemTime;
 use super::http::VaultHttp;
 use crate::ca::CaError;
 use crate::crypto::{cert_not_after, is_issued_by, is_self_signed, split_pem_certs};
+use crate::metrics::{self, CaKind};
 
 /// Most issuers read from one mount: a mount lists a handful; thousands
 /// would be a mistake or an attack, and each costs a request.
@@ -55,8 +56,14 @@ impl MountRoots {
         &self.mount
     }
 
-    /// Every unexpired self-signed issuer the mount lists now, PEM.
+    /// Every unexpired self-signed issuer the mount lists now, PEM. One
+    /// `roots` CA request in the metrics, whether asked for the trust bundle
+    /// or while signing.
     pub async fn trust_roots(&self, http: &VaultHttp) -> Result<Vec<String>, CaError> {
+        metrics::ca_request(CaKind::Roots, self.read(http)).await
+    }
+
+    async fn read(&self, http: &VaultHttp) -> Result<Vec<String>, CaError> {
         let mount = &self.mount;
         let wrap = |e: CaError| {
             e.map_message(|m| {

@@ -3,11 +3,13 @@
 //! - [`schedule`]: renewal times, back-off, eviction;
 //! - [`fetches`]: first fetches, the identity cap, one push per renewal;
 //! - [`credentials`]: the JWTs renewals use, sign refusals;
-//! - [`races`]: forgets racing subscribers, the CA queue and the fetch lock.
+//! - [`races`]: forgets racing subscribers, the CA queue and the fetch lock;
+//! - [`report`]: what the status page and the metrics read of the cache.
 
 mod credentials;
 mod fetches;
 mod races;
+mod report;
 mod schedule;
 
 pub(super) use std::time::{Duration, SystemTime};

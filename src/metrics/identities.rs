@@ -1,0 +1,161 @@
+//! What the agent holds, read from its [`AgentReport`] at each scrape (so
+//! that it cannot drift from the cache): `node_agent_identities_cached`,
+//! `node_agent_ca_queue_depth`, and per identity
+//! `node_agent_certificate_expiry_timestamp_seconds` and
+//! `node_agent_certificate_expires_in_seconds`.
+//!
+//! `identity` is the only per-workload label: only cached identities carry
+//! it, and the cache holds at most `MAX_IDENTITIES`.
+
+use std::sync::{Arc, RwLock, Weak};
+use std::time::SystemTime;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::gauge::ConstGauge;
+
+use super::AgentReport;
+
+/// The agent state read at scrape time; weak, so that metrics never keep a
+/// stopped agent's cache alive.
+#[derive(Default)]
+pub(super) struct ReportSlot(RwLock<Option<Weak<dyn AgentReport>>>);
+
+impl std::fmt::Debug for ReportSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReportSlot")
+    }
+}
+
+impl ReportSlot {
+    pub fn get(&self) -> Option<Arc<dyn AgentReport>> {
+        self.0.read().ok()?.as_ref()?.upgrade()
+    }
+
+    pub fn set(&self, report: Weak<dyn AgentReport>) {
+        if let Ok(mut slot) = self.0.write() {
+            *slot = Some(report);
+        }
+    }
+}
+
+/// Reads the agent's state at each scrape; nothing while no agent runs.
+#[derive(Debug)]
+pub(super) struct StateCollector(pub Arc<ReportSlot>);
+
+impl Collector for StateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(report) = self.0.get() else {
+            return Ok(());
+        };
+        let identities = report.identities();
+        let gauge = |encoder: &mut DescriptorEncoder, name: &str, help: &str, v: i64| {
+            let g = ConstGauge::new(v);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+        };
+        gauge(
+            &mut encoder,
+            "identities_cached",
+            "Workload identities in the cache (each with its key and certificate), at most MAX_IDENTITIES",
+            identities.len() as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "ca_queue_depth",
+            "CA requests waiting for a slot (CA_MAX_CONCURRENCY)",
+            report.ca_queue_depth() as i64,
+        )?;
+
+        let expiring: Vec<(&str, SystemTime)> = identities
+            .iter()
+            .filter_map(|i| Some((i.identity.as_str(), i.not_after?)))
+            .collect();
+        let now = unix_seconds(SystemTime::now());
+        let gauge_type = ConstGauge::new(0i64).metric_type();
+        for (name, help, value) in [
+            (
+                "certificate_expiry_timestamp_seconds",
+                "When the identity's certificate expires, in seconds since the Unix epoch",
+                (|t: i64, _now: i64| t) as fn(i64, i64) -> i64,
+            ),
+            (
+                "certificate_expires_in_seconds",
+                "Seconds left before the identity's certificate expires (negative once expired)",
+                |t, now| t - now,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, gauge_type)?;
+            for (identity, not_after) in &expiring {
+                let labels = [("identity", *identity)];
+                ConstGauge::new(value(unix_seconds(*not_after), now))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn unix_seconds(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::{Format, IdentityReport, Metrics};
+    use std::time::Duration;
+
+    struct Fixed(Vec<IdentityReport>);
+
+    impl AgentReport for Fixed {
+        fn identities(&self) -> Vec<IdentityReport> {
+            self.0.clone()
+        }
+        fn ca_queue_depth(&self) -> usize {
+            3
+        }
+    }
+
+    #[test]
+    fn state_is_read_at_scrape_time_and_only_while_the_agent_lives() {
+        let m = Metrics::new();
+        assert!(!m.encode(Format::Prometheus).contains("identities_cached"));
+        let in_an_hour = SystemTime::now() + Duration::from_secs(3600);
+        let report: Arc<dyn AgentReport> = Arc::new(Fixed(vec![
+            IdentityReport {
+                identity: "spiffe://td/ns/a/sa/b".into(),
+                not_after: Some(in_an_hour),
+                ..IdentityReport::default()
+            },
+            IdentityReport {
+                identity: "spiffe://td/ns/a/sa/first-fetch-running".into(),
+                ..IdentityReport::default()
+            },
+        ]));
+        m.set_report(Arc::downgrade(&report));
+        let text = m.encode(Format::Prometheus);
+        assert!(text.contains("node_agent_identities_cached 2\n"), "{text}");
+        assert!(text.contains("node_agent_ca_queue_depth 3\n"), "{text}");
+        let ts = format!(
+            "node_agent_certificate_expiry_timestamp_seconds{{identity=\"spiffe://td/ns/a/sa/b\"}} {}\n",
+            unix_seconds(in_an_hour)
+        );
+        assert!(text.contains(&ts), "{text}");
+        let left = text
+            .lines()
+            .find_map(|l| l.strip_prefix("node_agent_certificate_expires_in_seconds{identity=\"spiffe://td/ns/a/sa/b\"} "))
+            .expect("seconds left");
+        let left: i64 = left.parse().unwrap();
+        assert!((3590..=3600).contains(&left), "{left}");
+        assert!(
+            !text.contains("first-fetch-running"),
+            "no expiry without a certificate: {text}"
+        );
+        drop(report);
+        let text = m.encode(Format::Prometheus);
+        assert!(!text.contains("identities_cached"), "{text}");
+    }
+}
