@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use zeroize::Zeroizing;
 
 use super::http::VaultHttp;
+use super::revoke::{revoke_in_background, Revocable};
 use crate::ca::{Authorization, CaError, CaFailure};
 use crate::identity::{unix_now, Credential, IdentityError};
 use crate::metrics::{self, CaKind};
@@ -31,11 +32,6 @@ pub const REJECTION_HOLD_DOWN: Duration = Duration::from_secs(5);
 const TOKEN_REFRESH_FRACTION: f64 = 0.1;
 /// Lease assumed for a token Vault gives without one (lease 0: no expiry).
 const UNBOUNDED_LEASE: Duration = Duration::from_secs(24 * 3600);
-/// Revocations at shutdown run at most this many at once ...
-const REVOKE_CONCURRENCY: usize = 16;
-/// ... and stop after this long: shutdown is not held up by a slow Vault
-/// (the tokens left then end with their lease).
-pub const SHUTDOWN_REVOKE_BUDGET: Duration = Duration::from_secs(2);
 
 type Key = [u8; 32];
 
@@ -109,9 +105,6 @@ impl SlotState {
         }
     }
 }
-
-/// A token to revoke, with nothing else of its slot.
-pub(super) struct Revocable(Arc<Zeroizing<String>>);
 
 #[derive(Deserialize)]
 struct LoginAnswer {
@@ -412,198 +405,6 @@ fn authorization(token: &Arc<Zeroizing<String>>, key: Key) -> Authorization {
     }
 }
 
-/// Revokes `token` with `auth/token/revoke-self`. Best-effort: a failure is
-/// logged (without the token) and the token ends with its lease.
-pub(super) async fn revoke(http: &VaultHttp, token: Revocable) -> Result<(), CaError> {
-    http.call(
-        reqwest::Method::POST,
-        "auth/token/revoke-self",
-        Some(&token.0),
-        Some(&json!({})),
-    )
-    .await
-    .map(drop)
-}
-
-fn revoke_in_background(http: &VaultHttp, tokens: Vec<Revocable>) {
-    if tokens.is_empty() {
-        return;
-    }
-    let Ok(rt) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    let http = http.clone();
-    rt.spawn(async move {
-        let n = tokens.len();
-        let failed = revoke_all(&http, tokens).await;
-        tracing::debug!(
-            revoked = n - failed,
-            failed,
-            "revoked Vault tokens that are no longer used"
-        );
-    });
-}
-
-/// Revokes `tokens`, some at once; returns how many failed.
-pub(super) async fn revoke_all(http: &VaultHttp, tokens: Vec<Revocable>) -> usize {
-    use futures::StreamExt;
-    futures::stream::iter(tokens)
-        .map(|t| revoke(http, t))
-        .buffer_unordered(REVOKE_CONCURRENCY)
-        .filter(|r| std::future::ready(r.is_err()))
-        .inspect(|r| {
-            if let Err(e) = r {
-                tracing::debug!("revoking a Vault token failed: {}", e.message());
-            }
-        })
-        .count()
-        .await
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn auth_answer(token: &str, token_type: Option<&str>) -> LoginAuth {
-        LoginAuth {
-            client_token: token.into(),
-            lease_duration: 60,
-            token_type: token_type.map(String::from),
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_token_is_cached_until_the_earlier_of_90_percent_of_its_lease_and_the_jwt_exp() {
-        let now = Instant::now();
-        let hour = Duration::from_secs(3600);
-        // The JWT outlives the lease: 90% of the lease.
-        assert_eq!(
-            cache_until(now, hour, Some((10_000, 0))),
-            now + hour.mul_f64(0.9)
-        );
-        assert_eq!(cache_until(now, hour, None), now + hour.mul_f64(0.9));
-        // The JWT expires first: its exp.
-        assert_eq!(
-            cache_until(now, hour, Some((1_000_060, 1_000_000))),
-            now + Duration::from_secs(60)
-        );
-        // Already expired: not cached at all.
-        assert_eq!(cache_until(now, hour, Some((5, 10))), now);
-    }
-
-    #[test]
-    fn batch_tokens_are_told_by_type_or_prefix() {
-        assert!(auth_answer("s.x", Some("batch")).is_batch());
-        assert!(!auth_answer("b.x", Some("service")).is_batch());
-        assert!(auth_answer("hvb.x", None).is_batch());
-        assert!(auth_answer("b.x", None).is_batch());
-        assert!(!auth_answer("hvs.x", None).is_batch());
-        assert!(!auth_answer("s.x", None).is_batch());
-    }
-
-    fn cached(until_in: Duration) -> CachedToken {
-        let now = Instant::now();
-        CachedToken {
-            token: Arc::new(Zeroizing::new("s.t".into())),
-            until: now + until_in,
-            lease_end: now + until_in * 2,
-            batch: false,
-            sign_rejected: None,
-        }
-    }
-
-    fn install(logins: &Logins, key: Key, t: CachedToken) -> Authorization {
-        let (slot, _) = logins.slot(key);
-        let auth = authorization(&t.token, key);
-        lock(&slot.state).token = Some(t);
-        auth
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_sign_rejection_is_held_down_for_its_token_only() {
-        let logins = Logins::default();
-        let auth = install(&logins, [1; 32], cached(Duration::from_secs(600)));
-        assert!(logins.sign_held_down(&auth).is_none());
-        logins.note_sign_rejection(&auth, &CaFailure::http("refused", 403, vec![]));
-        let held = logins.sign_held_down(&auth).expect("held down");
-        assert_eq!(held.message(), "refused");
-        // Another token of the same JWT is not held down by it.
-        let other = install(&logins, [1; 32], cached(Duration::from_secs(600)));
-        assert!(logins.sign_held_down(&other).is_none());
-        logins.note_sign_rejection(&other, &CaFailure::new("refused"));
-        tokio::time::advance(REJECTION_HOLD_DOWN - Duration::from_millis(10)).await;
-        assert!(logins.sign_held_down(&other).is_some());
-        tokio::time::advance(Duration::from_millis(20)).await;
-        assert!(
-            logins.sign_held_down(&other).is_none(),
-            "asked again after the hold-down"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn invalidate_forces_one_relogin_per_hold_down() {
-        let logins = Logins::default();
-        let key = [2; 32];
-        let first = install(&logins, key, cached(Duration::from_secs(600)));
-        logins.invalidate(&first);
-        let slot = logins.existing(&key).unwrap();
-        assert!(lock(&slot.state).token.is_none(), "dropped");
-
-        // The re-login's token is refused too, at once: kept (hold-down).
-        let second = install(&logins, key, cached(Duration::from_secs(600)));
-        logins.invalidate(&second);
-        assert!(
-            lock(&slot.state).token.is_some(),
-            "kept within the hold-down"
-        );
-        // An authorization of a token no longer cached changes nothing.
-        logins.invalidate(&first);
-        assert!(lock(&slot.state).token.is_some());
-
-        tokio::time::advance(REJECTION_HOLD_DOWN).await;
-        logins.invalidate(&second);
-        assert!(
-            lock(&slot.state).token.is_none(),
-            "dropped after the hold-down"
-        );
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn lapsed_slots_are_swept_and_their_service_tokens_returned_for_revocation() {
-        let logins = Logins::default();
-        for i in 0..64u8 {
-            let mut t = cached(Duration::from_secs(10));
-            t.batch = i % 2 == 1;
-            install(&logins, [i; 32], t);
-        }
-        tokio::time::advance(Duration::from_secs(11)).await;
-        let (_, lapsed) = logins.slot([200; 32]);
-        assert_eq!(lapsed.len(), 32, "the service tokens, not the batch ones");
-        assert_eq!(lock(&logins.slots).map.len(), 1);
-    }
-
-    #[test]
-    fn release_and_take_all_skip_batch_tokens() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let logins = Logins::default();
-            let jwt = Credential::new("a.b.c");
-            let mut t = cached(Duration::from_secs(60));
-            t.batch = true;
-            install(&logins, key_of(&jwt), t);
-            assert!(
-                logins.release(&jwt).is_none(),
-                "a batch token is not revoked"
-            );
-            assert!(logins.existing(&key_of(&jwt)).is_none(), "released");
-
-            install(&logins, [3; 32], cached(Duration::from_secs(60)));
-            install(&logins, [4; 32], cached(Duration::from_secs(60)));
-            assert_eq!(logins.take_all().len(), 2);
-            assert!(logins.take_all().is_empty());
-        });
-    }
-}
+#[path = "login_tests.rs"]
+mod tests;

@@ -31,11 +31,13 @@ use crate::metrics::{self, CaKind};
 mod chain;
 mod http;
 mod login;
+mod revoke;
 mod roots;
 
 pub use chain::chain_from_sign_answer;
 pub use http::{VaultSetupError, MAX_REDIRECTS};
-pub use login::{REJECTION_HOLD_DOWN, SHUTDOWN_REVOKE_BUDGET};
+pub use login::REJECTION_HOLD_DOWN;
+pub use revoke::SHUTDOWN_REVOKE_BUDGET;
 pub use roots::MAX_ISSUERS;
 
 use http::VaultHttp;
@@ -214,7 +216,7 @@ impl CaClient for VaultCa {
 
     async fn release(&self, credential: &Credential) {
         if let Some(token) = self.logins.release(credential) {
-            match login::revoke(&self.http, token).await {
+            match revoke::revoke(&self.http, token).await {
                 Ok(()) => tracing::debug!(credential = ?credential, "revoked the Vault token of a credential no longer used"),
                 Err(e) => tracing::debug!(
                     "revoking the Vault token of a credential no longer used failed (it ends with its lease): {}",
@@ -232,7 +234,7 @@ impl CaClient for VaultCa {
         let n = tokens.len();
         match tokio::time::timeout(
             SHUTDOWN_REVOKE_BUDGET,
-            login::revoke_all(&self.http, tokens),
+            revoke::revoke_all(&self.http, tokens),
         )
         .await
         {
