@@ -14,11 +14,13 @@
 //!   buffer (a malformed one is `INVALID_ARGUMENT`).
 //! - [`server`]: the gRPC routes, the HTTP/2 settings, `FetchSecrets`.
 //! - [`stream`]: one `StreamSecrets` stream, the xDS state machine.
+//! - [`delta`]: one `DeltaSecrets` stream, incremental xDS.
 //! - [`credential`]: where a request's JWT comes from.
 //! - [`resources`]: the two resources served, and the checks on names.
 
 pub mod connection;
 pub mod credential;
+mod delta;
 pub mod framing;
 pub mod limits;
 pub mod resources;

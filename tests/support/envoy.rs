@@ -87,6 +87,8 @@ pub enum SdsSource {
     },
     /// Envoy's own gRPC client via a static HTTP/2 cluster; sends no token.
     EnvoyGrpc { uds_path: PathBuf },
+    /// The inner source with `api_type: DELTA_GRPC` (Envoy calls `DeltaSecrets`).
+    Delta(Box<SdsSource>),
 }
 
 impl SdsSource {
@@ -96,6 +98,11 @@ impl SdsSource {
     /// `/ready == LIVE` means "secrets delivered" (see module docs).
     fn config_source(&self) -> Value {
         let grpc_service = match self {
+            SdsSource::Delta(inner) => {
+                let mut cs = inner.config_source();
+                cs["api_config_source"]["api_type"] = json!("DELTA_GRPC");
+                return cs;
+            }
             SdsSource::GoogleGrpc {
                 uds_path,
                 token_file,
@@ -137,6 +144,7 @@ impl SdsSource {
     /// Extra static clusters this source needs (the HTTP/2 UDS cluster for EnvoyGrpc).
     fn clusters(&self) -> Vec<Value> {
         match self {
+            SdsSource::Delta(inner) => inner.clusters(),
             SdsSource::GoogleGrpc { .. } => Vec::new(),
             SdsSource::EnvoyGrpc { uds_path } => vec![json!({
                 "name": SDS_CLUSTER,

@@ -41,24 +41,30 @@ impl Mesh {
                 token_file: token,
             }
         };
+        let server_sds = sds("server-token", server_jwt);
+        let client_sds = sds("client-token", client_jwt);
+        let mut mesh = Self::start_with(server_sds, client_sds, body, agent_log).await;
+        mesh._dir = dir;
+        mesh
+    }
+
+    /// Starts both Envoys on the given SDS sources and waits until both have
+    /// their secrets.
+    pub async fn start_with(
+        server_sds: SdsSource,
+        client_sds: SdsSource,
+        body: &'static str,
+        agent_log: impl Fn() -> String,
+    ) -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
         let (backend, server_port, client_port) = (free_port(), free_port(), free_port());
         let _backend = start_backend(backend, body).await;
-        let server = start_server_envoy(
-            sds("server-token", server_jwt),
-            server_port,
-            backend,
-            CLIENT_ID,
-        )
-        .await
-        .unwrap();
-        let client = start_client_envoy(
-            sds("client-token", client_jwt),
-            client_port,
-            server_port,
-            SERVER_ID,
-        )
-        .await
-        .unwrap();
+        let server = start_server_envoy(server_sds, server_port, backend, CLIENT_ID)
+            .await
+            .unwrap();
+        let client = start_client_envoy(client_sds, client_port, server_port, SERVER_ID)
+            .await
+            .unwrap();
         for envoy in [&server, &client] {
             envoy
                 .wait_ready(READY)

@@ -1,0 +1,475 @@
+//! Delta SDS (`DeltaSecrets`): the protocol rules seen from a Rust client,
+//! and real Envoys on `api_type: DELTA_GRPC` sources (`envoy_grpc` and
+//! `google_grpc`) doing mTLS through rotations and an agent restart.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use prost::Message;
+use support::agent::Agent;
+use support::envoy::*;
+use support::mesh::{Mesh, CLIENT_ID, SERVER_ID};
+use support::sds_client::*;
+use support::vault_env::VaultEnv;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tonic::Code;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A delta request: subscribe, unsubscribe, and optionally (N)ACK `nonce`.
+fn delta(subscribe: &[&str], unsubscribe: &[&str], nonce: Option<&str>) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: SECRET_TYPE.into(),
+        resource_names_subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+        resource_names_unsubscribe: unsubscribe.iter().map(|s| s.to_string()).collect(),
+        response_nonce: nonce.unwrap_or_default().to_string(),
+        ..Default::default()
+    }
+}
+
+fn nack(nonce: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        error_detail: Some(RpcStatus {
+            code: 3,
+            message: "test NACK".into(),
+            ..Default::default()
+        }),
+        ..delta(&[], &[], Some(nonce))
+    }
+}
+
+struct DeltaStream {
+    tx: mpsc::Sender<DeltaDiscoveryRequest>,
+    rx: tonic::Streaming<DeltaDiscoveryResponse>,
+}
+
+impl DeltaStream {
+    async fn open(client: &mut SecretDiscoveryServiceClient<Channel>, jwt: Option<&str>) -> Self {
+        let (tx, rx) = mpsc::channel(8);
+        let body = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let req = match jwt {
+            Some(jwt) => with_jwt(body, jwt),
+            None => tonic::Request::new(body),
+        };
+        let rx = client
+            .delta_secrets(req)
+            .await
+            .expect("open DeltaSecrets")
+            .into_inner();
+        Self { tx, rx }
+    }
+
+    async fn send(&self, req: DeltaDiscoveryRequest) {
+        self.tx.send(req).await.expect("stream open");
+    }
+
+    /// The next message, or a panic naming `what` with the agent's log.
+    async fn next(
+        &mut self,
+        what: &str,
+        agent: &Agent,
+    ) -> Result<DeltaDiscoveryResponse, tonic::Status> {
+        match tokio::time::timeout(WAIT, self.rx.next()).await {
+            Ok(Some(item)) => item,
+            Ok(None) => panic!("{what}: the stream ended without a status\n{}", agent.log()),
+            Err(_) => panic!("{what}: nothing within {WAIT:?}\n{}", agent.log()),
+        }
+    }
+
+    async fn next_ok(&mut self, what: &str, agent: &Agent) -> DeltaDiscoveryResponse {
+        self.next(what, agent)
+            .await
+            .unwrap_or_else(|s| panic!("{what}: {s:?}\n{}", agent.log()))
+    }
+}
+
+/// (name, version) of each resource in a response, checking each decodes as
+/// the Secret of that name.
+fn carried(resp: &DeltaDiscoveryResponse) -> Vec<(String, String)> {
+    assert_eq!(resp.type_url, SECRET_TYPE);
+    resp.resources
+        .iter()
+        .map(|r| {
+            let any = r.resource.as_ref().expect("resource body");
+            assert_eq!(any.type_url, SECRET_TYPE);
+            let secret = Secret::decode(any.value.as_slice()).unwrap();
+            assert_eq!(secret.name, r.name, "resource and secret names agree");
+            assert!(!r.version.is_empty(), "every resource has a version");
+            (r.name.clone(), r.version.clone())
+        })
+        .collect()
+}
+
+fn secret_of(resp: &DeltaDiscoveryResponse, name: &str) -> Secret {
+    let r = resp
+        .resources
+        .iter()
+        .find(|r| r.name == name)
+        .unwrap_or_else(|| panic!("no {name} in {resp:?}"));
+    Secret::decode(r.resource.as_ref().unwrap().value.as_slice()).unwrap()
+}
+
+fn names(resp: &DeltaDiscoveryResponse) -> Vec<String> {
+    carried(resp).into_iter().map(|(n, _)| n).collect()
+}
+
+#[tokio::test]
+async fn delta_protocol_subscribe_ack_nack_removed_and_stale_nonces() {
+    let agent = Agent::start(&[
+        ("CA_PROVIDER", "LocalCA".into()),
+        ("SECRET_TTL", "6s".into()),
+        ("SECRET_GRACE_PERIOD_RATIO_JITTER", "0".into()),
+    ]);
+    let mut client = connect(&agent.socket).await;
+    let jwt = fake_jwt("default", "httpbin");
+    let mut nonces = HashSet::new();
+    let mut unique = |r: &DeltaDiscoveryResponse| {
+        assert!(!r.nonce.is_empty(), "every response has a nonce");
+        assert!(nonces.insert(r.nonce.clone()), "nonce {} reused", r.nonce);
+    };
+
+    // Subscribe (with a duplicate): one resource per name, each named and versioned.
+    let mut a = DeltaStream::open(&mut client, Some(&jwt)).await;
+    a.send(delta(&["default", "ROOTCA", "default"], &[], None))
+        .await;
+    let first = a.next_ok("first subscribe", &agent).await;
+    unique(&first);
+    let versions: HashMap<String, String> = carried(&first).into_iter().collect();
+    assert_eq!(names(&first), ["default", "ROOTCA"], "{first:?}");
+    assert!(first.removed_resources.is_empty());
+    let (chain, key) = tls_certificate(&secret_of(&first, "default"));
+    assert_eq!(
+        leaf_facts(&chain).0,
+        ["spiffe://cluster.local/ns/default/sa/httpbin"]
+    );
+    assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"));
+    assert!(trusted_ca(&secret_of(&first, "ROOTCA")).contains("BEGIN CERTIFICATE"));
+
+    // An ACK is not answered: the next message on the stream is the answer to
+    // the request after it (responses are in order), removing an unknown name.
+    a.send(delta(&[], &[], Some(&first.nonce))).await;
+    a.send(delta(&["no-such-secret"], &[], None)).await;
+    let removed = a.next_ok("unknown name", &agent).await;
+    unique(&removed);
+    assert!(removed.resources.is_empty(), "{removed:?}");
+    assert_eq!(removed.removed_resources, ["no-such-secret"]);
+
+    // Unsubscribe then subscribe again: answered although nothing changed.
+    a.send(delta(&[], &["ROOTCA"], Some(&removed.nonce))).await;
+    a.send(delta(&["ROOTCA"], &[], None)).await;
+    let again = a.next_ok("re-subscribe", &agent).await;
+    unique(&again);
+    assert_eq!(
+        carried(&again),
+        [("ROOTCA".to_string(), versions["ROOTCA"].clone())]
+    );
+
+    // A NACK is not answered, and the NACKed version is not sent again...
+    a.send(nack(&again.nonce)).await;
+    a.send(delta(&["other-unknown"], &[], None)).await;
+    let after_nack = a.next_ok("after NACK", &agent).await;
+    unique(&after_nack);
+    assert_eq!(after_nack.removed_resources, ["other-unknown"]);
+    // ...but the next change is: the rotation (SECRET_TTL=6s, renewed at half
+    // life) brings only the changed `default`, not the unchanged ROOTCA.
+    let started = Instant::now();
+    let rotated = a.next_ok("rotation push", &agent).await;
+    unique(&rotated);
+    let got = carried(&rotated);
+    assert_eq!(got.len(), 1, "only the changed resource: {got:?}");
+    assert_eq!(got[0].0, "default");
+    assert_ne!(got[0].1, versions["default"], "a new certificate version");
+    assert!(started.elapsed() < Duration::from_secs(6));
+
+    // A second stream of the same identity whose initial_resource_versions
+    // claim the current versions (a reconnect) is still answered in full, with
+    // a stale nonce from "a previous stream" tolerated; it shares the cache:
+    // the same certificate as the first stream.
+    let mut b = DeltaStream::open(&mut client, Some(&jwt)).await;
+    let current: HashMap<String, String> = [
+        ("default".to_string(), got[0].1.clone()),
+        ("ROOTCA".to_string(), versions["ROOTCA"].clone()),
+    ]
+    .into();
+    b.send(DeltaDiscoveryRequest {
+        initial_resource_versions: current.clone(),
+        ..delta(&["default", "ROOTCA"], &[], Some("deadbeef-1-1"))
+    })
+    .await;
+    let reconnect = b.next_ok("reconnect with current versions", &agent).await;
+    unique(&reconnect);
+    let got: HashMap<String, String> = carried(&reconnect).into_iter().collect();
+    assert_eq!(got, current, "answered with exactly the current versions");
+    assert_eq!(
+        tls_certificate(&secret_of(&reconnect, "default")),
+        tls_certificate(&secret_of(&rotated, "default")),
+        "one cache: the same certificate and key on both streams"
+    );
+
+    // StreamSecrets of the same identity gets the very same certificate.
+    let sotw = fetch(&mut client, &["default"], &jwt).await.unwrap();
+    assert_eq!(
+        tls_certificate(&secrets(&sotw)[0]),
+        tls_certificate(&secret_of(&reconnect, "default"))
+    );
+    let log = agent.log();
+    assert_eq!(
+        log.matches("issued workload certificate").count(),
+        1,
+        "one issue for the identity whatever the protocol:\n{log}"
+    );
+    assert!(
+        log.contains("Envoy rejected the SDS delta response (NACK)"),
+        "{log}"
+    );
+    assert!(!log.contains(&jwt), "JWT in the log");
+    let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(!log.contains(&body[..40]), "key material in the log");
+}
+
+#[tokio::test]
+async fn delta_refusals_carry_the_documented_status() {
+    let agent = Agent::start(&[("CA_PROVIDER", "LocalCA".into())]);
+    let mut client = connect(&agent.socket).await;
+    let jwt = fake_jwt("default", "sleep");
+
+    let mut s = DeltaStream::open(&mut client, None).await;
+    s.send(delta(&["default"], &[], None)).await;
+    let err = s.next("no credential", &agent).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("WORKLOAD_TOKEN_PATH"), "{err:?}");
+
+    let mut s = DeltaStream::open(&mut client, Some(&jwt)).await;
+    s.send(DeltaDiscoveryRequest {
+        type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+        ..delta(&["default"], &[], None)
+    })
+    .await;
+    let err = s.next("wrong type", &agent).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    let many: Vec<String> = (0..20).map(|i| format!("n{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let mut s = DeltaStream::open(&mut client, Some(&jwt)).await;
+    s.send(delta(&many, &[], None)).await;
+    let err = s.next("too many names", &agent).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("at most"), "{err:?}");
+
+    // Positive control on the same connection: a valid stream is served.
+    let mut s = DeltaStream::open(&mut client, Some(&jwt)).await;
+    s.send(delta(&["default"], &[], None)).await;
+    assert_eq!(names(&s.next_ok("valid", &agent).await), ["default"]);
+}
+
+/// Sends requests through the mesh for `how_long`, each on a new connection
+/// (a new mTLS handshake), recording failures and the leaf serials both
+/// Envoys hold.
+async fn drive(mesh: &Mesh, how_long: Duration) -> (usize, Vec<String>, Vec<BTreeMap<String, ()>>) {
+    let mut seen = vec![BTreeMap::new(), BTreeMap::new()];
+    let (mut total, mut failures) = (0, Vec::new());
+    let end = Instant::now() + how_long;
+    while Instant::now() < end {
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(0)
+            .build()
+            .unwrap();
+        total += 1;
+        match http
+            .get(format!("http://127.0.0.1:{}/", mesh.client_port))
+            .header("connection", "close")
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        {
+            Ok(r) if r.status() == 200 => {}
+            Ok(r) => failures.push(format!("status {}", r.status())),
+            Err(e) => failures.push(e.to_string()),
+        }
+        for (i, (envoy, id)) in [(&mesh.server, SERVER_ID), (&mesh.client, CLIENT_ID)]
+            .into_iter()
+            .enumerate()
+        {
+            for (uri, serial, _) in leaf_certs(&envoy.certs().await) {
+                if uri == id {
+                    seen[i].insert(serial, ());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    (total, failures, seen)
+}
+
+/// Both Envoys: no rejected update on either secret, and updates happened.
+async fn assert_no_rejections(mesh: &Mesh) {
+    for envoy in [&mesh.server, &mesh.client] {
+        for name in ["default", "ROOTCA"] {
+            let rejected = envoy.stat(&format!("sds.{name}.update_rejected")).await;
+            let success = envoy.stat(&format!("sds.{name}.update_success")).await;
+            assert_eq!(
+                rejected,
+                Some(0),
+                "sds.{name}.update_rejected\n{}",
+                envoy.log_tail()
+            );
+            assert!(
+                success.unwrap_or(0) >= 1,
+                "sds.{name}.update_success = {success:?}"
+            );
+        }
+    }
+}
+
+/// The mesh on delta sources: mTLS, two rotations seen by both Envoys with
+/// every request served, then an agent restart (Envoy reconnects, reports
+/// the versions it holds, and gets a new certificate from the new agent).
+async fn rotations_and_restart(mesh: &Mesh, agents: &mut [Agent], restart: impl Fn(&mut [Agent])) {
+    let resp = mesh.get().await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()[HDR_SERVER_SAW_CLIENT_URI].to_str().unwrap(),
+        CLIENT_ID
+    );
+    assert_eq!(
+        resp.headers()[HDR_CLIENT_SAW_SERVER_URI].to_str().unwrap(),
+        SERVER_ID
+    );
+
+    // SECRET_TTL=20s renews at about 10 s: two rotations within ~25 s.
+    let logs = |agents: &[Agent]| {
+        agents
+            .iter()
+            .map(Agent::log)
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    let (total, failures, seen) = drive(mesh, Duration::from_secs(25)).await;
+    assert!(
+        failures.is_empty(),
+        "{} of {total} failed: {failures:?}\n{}",
+        failures.len(),
+        logs(agents)
+    );
+    for (i, s) in seen.iter().enumerate() {
+        assert!(
+            s.len() >= 3,
+            "Envoy {i} saw two rotations: {s:?}\n{}",
+            logs(agents)
+        );
+    }
+    assert_no_rejections(mesh).await;
+    let all = logs(agents);
+    assert!(all.contains("SDS delta: push"), "{all}");
+    assert!(
+        !all.contains("SDS: push"),
+        "Envoy used state-of-the-world SDS:\n{all}"
+    );
+
+    // Restart the agent(s): Envoy keeps serving on what it has, reconnects
+    // and is answered although it reports the versions it holds.
+    let before = seen.clone();
+    // The restart waits on processes: off the runtime's worker, so that the
+    // backend keeps answering meanwhile.
+    tokio::task::block_in_place(|| restart(agents));
+    let (total, failures, seen) = drive(mesh, Duration::from_secs(8)).await;
+    assert!(
+        failures.is_empty(),
+        "{} of {total} failed across the restart: {failures:?}\n{}",
+        failures.len(),
+        logs(agents)
+    );
+    for (i, s) in seen.iter().enumerate() {
+        assert!(
+            s.keys().any(|serial| !before[i].contains_key(serial)),
+            "Envoy {i} got a certificate from the restarted agent: before {:?}, after {s:?}\n{}",
+            before[i],
+            logs(agents)
+        );
+    }
+    assert_no_rejections(mesh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_delta_google_grpc_mtls_rotation_and_agent_restart() {
+    let env = VaultEnv::start().await;
+    let vars = env.agent_env_with(&[("SECRET_TTL", "20s")]);
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("sds").join("uds_path");
+    let first = Agent::start_at(&socket, dir.path(), &vars);
+    let tokens = tempfile::tempdir().unwrap();
+    let source = |name: &str, jwt: String| {
+        let token = tokens.path().join(name);
+        std::fs::write(&token, jwt).unwrap();
+        SdsSource::Delta(Box::new(SdsSource::GoogleGrpc {
+            uds_path: socket.clone(),
+            token_file: token,
+        }))
+    };
+    let mut agents = vec![first];
+    let mesh = Mesh::start_with(
+        source("server", env.jwt("default", "httpbin")),
+        source("client", env.jwt("default", "sleep")),
+        "ok",
+        || agents[0].log(),
+    )
+    .await;
+    rotations_and_restart(&mesh, &mut agents, |agents| {
+        let st = agents[0].terminate();
+        assert!(st.success(), "{}", agents[0].log());
+        agents[0] = Agent::start_at(&socket, dir.path(), &vars);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_delta_envoy_grpc_per_pod_agents_mtls_rotation_and_restart() {
+    let env = VaultEnv::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pod = |name: &str, sa: &str| {
+        let token = dir.path().join(format!("{name}-token"));
+        std::fs::write(&token, env.jwt("default", sa)).unwrap();
+        let socket = dir.path().join(name).join("uds_path");
+        let vars = env.agent_env_with(&[
+            ("SECRET_TTL", "20s"),
+            ("WORKLOAD_TOKEN_PATH", &token.display().to_string()),
+        ]);
+        (socket, vars)
+    };
+    let pods = [pod("server", "httpbin"), pod("client", "sleep")];
+    let mut agents: Vec<Agent> = pods
+        .iter()
+        .map(|(socket, vars)| Agent::start_at(socket, dir.path(), vars))
+        .collect();
+    let source = |i: usize| {
+        SdsSource::Delta(Box::new(SdsSource::EnvoyGrpc {
+            uds_path: pods[i].0.clone(),
+        }))
+    };
+    let mesh = Mesh::start_with(source(0), source(1), "ok", || {
+        agents
+            .iter()
+            .map(Agent::log)
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    })
+    .await;
+    rotations_and_restart(&mesh, &mut agents, |agents| {
+        for (i, (socket, vars)) in pods.iter().enumerate() {
+            let st = agents[i].terminate();
+            assert!(st.success(), "{}", agents[i].log());
+            agents[i] = Agent::start_at(socket, dir.path(), vars);
+        }
+    })
+    .await;
+}
