@@ -73,6 +73,12 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     let manager = SecretManager::new(ca.clone(), trust, opts);
     let _status = crate::status::serve_agent(&config, &manager, shutdown.clone()).await?;
     let listener = crate::sds::uds::bind(&config.workload_uds_path)?;
+    // The surfaces beside SDS (off unless configured), from the same manager.
+    let surfaces = [
+        crate::workload_api::start(&config, &manager, &shutdown)?,
+        crate::output::start(&config, &manager, &shutdown),
+    ];
+    let stopping = shutdown.clone();
     tracing::info!(
         "SDS gRPC server start, listen {:?}",
         config.workload_uds_path.display().to_string()
@@ -89,6 +95,13 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     if let Err(e) = std::fs::remove_file(&config.workload_uds_path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!(path = %config.workload_uds_path.display(), "cannot remove the SDS socket: {e}");
+        }
+    }
+    for task in surfaces.into_iter().flatten() {
+        if *stopping.borrow() {
+            let _ = task.await;
+        } else {
+            task.abort();
         }
     }
     // Revoke the CA tokens the agent holds (best-effort, time-bounded).

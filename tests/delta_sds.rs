@@ -115,8 +115,21 @@ fn secret_of(resp: &DeltaDiscoveryResponse, name: &str) -> Secret {
         .resources
         .iter()
         .find(|r| r.name == name)
-        .unwrap_or_else(|| panic!("no {name} in {resp:?}"));
+        .unwrap_or_else(|| panic!("no {name} in {}", summary(resp)));
     Secret::decode(r.resource.as_ref().unwrap().value.as_slice()).unwrap()
+}
+
+/// A short description of a response for assertion messages (no key bytes).
+fn summary(resp: &DeltaDiscoveryResponse) -> String {
+    let carried: Vec<(&str, &str)> = resp
+        .resources
+        .iter()
+        .map(|r| (r.name.as_str(), r.version.as_str()))
+        .collect();
+    format!(
+        "resources {carried:?}, removed {:?}, nonce {}",
+        resp.removed_resources, resp.nonce
+    )
 }
 
 fn names(resp: &DeltaDiscoveryResponse) -> Vec<String> {
@@ -145,7 +158,7 @@ async fn delta_protocol_subscribe_ack_nack_removed_and_stale_nonces() {
     let first = a.next_ok("first subscribe", &agent).await;
     unique(&first);
     let versions: HashMap<String, String> = carried(&first).into_iter().collect();
-    assert_eq!(names(&first), ["default", "ROOTCA"], "{first:?}");
+    assert_eq!(names(&first), ["default", "ROOTCA"], "{}", summary(&first));
     assert!(first.removed_resources.is_empty());
     let (chain, key) = tls_certificate(&secret_of(&first, "default"));
     assert_eq!(
@@ -161,7 +174,7 @@ async fn delta_protocol_subscribe_ack_nack_removed_and_stale_nonces() {
     a.send(delta(&["no-such-secret"], &[], None)).await;
     let removed = a.next_ok("unknown name", &agent).await;
     unique(&removed);
-    assert!(removed.resources.is_empty(), "{removed:?}");
+    assert!(removed.resources.is_empty(), "{}", summary(&removed));
     assert_eq!(removed.removed_resources, ["no-such-secret"]);
 
     // Unsubscribe then subscribe again: answered although nothing changed.
@@ -179,7 +192,12 @@ async fn delta_protocol_subscribe_ack_nack_removed_and_stale_nonces() {
     a.send(delta(&["other-unknown"], &[], None)).await;
     let after_nack = a.next_ok("after NACK", &agent).await;
     unique(&after_nack);
-    assert_eq!(after_nack.removed_resources, ["other-unknown"]);
+    assert_eq!(
+        after_nack.removed_resources,
+        ["other-unknown"],
+        "{}",
+        summary(&after_nack)
+    );
     // ...but the next change is: the rotation (SECRET_TTL=6s, renewed at half
     // life) brings only the changed `default`, not the unchanged ROOTCA.
     let started = Instant::now();

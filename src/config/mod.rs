@@ -36,10 +36,13 @@ impl ConfigError {
 
 mod limits;
 pub mod observe;
+mod surfaces;
 mod vault;
 use limits::limits_from_lookup;
 pub use limits::SdsLimits;
 pub use observe::ObserveConfig;
+use surfaces::surfaces_from_lookup;
+pub use surfaces::SurfacesConfig;
 use vault::vault_from_lookup;
 pub use vault::VaultConfig;
 mod trust;
@@ -86,6 +89,8 @@ pub struct Config {
     pub secret_limits: SecretLimits,
     /// `SDS_*`: the SDS server's bounds (connections, streams, sizes, logins).
     pub sds: SdsLimits,
+    /// The Workload API socket and the certificate files.
+    pub surfaces: SurfacesConfig,
 }
 
 impl Config {
@@ -197,6 +202,8 @@ impl Config {
         let trust = trust::trust_from_lookup(&get)?;
         let secret_limits = secrets::secret_limits_from_lookup(&get)?;
         let sds = limits_from_lookup(&get)?;
+        let surfaces =
+            surfaces_from_lookup(&get, &workload_uds_path, workload_token_path.as_deref())?;
 
         Ok(Self {
             workload_uds_path,
@@ -213,6 +220,7 @@ impl Config {
             trust,
             secret_limits,
             sds,
+            surfaces,
         })
     }
 

@@ -18,12 +18,12 @@ pub enum SocketError {
         #[source]
         source: std::io::Error,
     },
+    #[error("another agent is already serving on {0}; stop it or choose another {1}")]
+    InUse(PathBuf, &'static str),
     #[error(
-        "another agent is already serving on {0}; stop it or choose another WORKLOAD_UDS_PATH"
+        "{0} exists and is not a socket; refusing to replace it (remove it or choose another {1})"
     )]
-    InUse(PathBuf),
-    #[error("{0} exists and is not a socket; refusing to replace it (remove it or choose another WORKLOAD_UDS_PATH)")]
-    NotASocket(PathBuf),
+    NotASocket(PathBuf, &'static str),
     #[error("cannot remove the stale socket {path}: {source}")]
     RemoveStale {
         path: PathBuf,
@@ -40,6 +40,12 @@ pub enum SocketError {
 
 /// Binds the SDS socket at `path` with mode 0666.
 pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+    bind_for(path, "WORKLOAD_UDS_PATH")
+}
+
+/// Binds a socket of the agent at `path` (given by the setting `setting`,
+/// named in errors) with mode 0666.
+pub fn bind_for(path: &Path, setting: &'static str) -> Result<UnixListener, SocketError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).map_err(|source| SocketError::CreateDir {
             dir: dir.to_path_buf(),
@@ -50,9 +56,9 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
         Ok(meta) if meta.file_type().is_socket() => {
             // A live agent answers; a dead one's file refuses the connection.
             match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => return Err(SocketError::InUse(path.to_path_buf())),
+                Ok(_) => return Err(SocketError::InUse(path.to_path_buf(), setting)),
                 Err(_) => {
-                    tracing::info!(path = %path.display(), "removing stale SDS socket left by a previous agent");
+                    tracing::info!(path = %path.display(), "removing stale socket left by a previous agent");
                     fs::remove_file(path).map_err(|source| SocketError::RemoveStale {
                         path: path.to_path_buf(),
                         source,
@@ -60,7 +66,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
                 }
             }
         }
-        Ok(_) => return Err(SocketError::NotASocket(path.to_path_buf())),
+        Ok(_) => return Err(SocketError::NotASocket(path.to_path_buf(), setting)),
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(source) => {
             return Err(SocketError::Bind {
@@ -89,14 +95,14 @@ mod tests {
         let live = bind(&path).unwrap();
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o666);
-        assert!(matches!(bind(&path), Err(SocketError::InUse(_))));
+        assert!(matches!(bind(&path), Err(SocketError::InUse(..))));
         drop(live); // the file stays, like a crashed agent's
         assert!(path.exists());
         let _again = bind(&path).expect("a stale socket is replaced");
 
         let file = dir.path().join("plain");
         fs::write(&file, "x").unwrap();
-        assert!(matches!(bind(&file), Err(SocketError::NotASocket(_))));
+        assert!(matches!(bind(&file), Err(SocketError::NotASocket(..))));
         assert_eq!(fs::read_to_string(&file).unwrap(), "x");
     }
 }

@@ -1,0 +1,295 @@
+//! The SPIFFE Workload API (`WORKLOAD_API_SOCKET`) seen by two third-party
+//! clients, the crates.io `spiffe` crate and py-spiffe (PyPI `spiffe`): an
+//! SVID whose SPIFFE ID and chain verify against the bundle, from the same
+//! cache as SDS; rotations and root changes pushed on the open stream; and
+//! the documented errors without the header, without a token file, and for
+//! the JWT-SVID methods.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use node_agent::workload_api::pb::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use node_agent::workload_api::pb::X509svidRequest;
+use rcgen::PublicKeyData;
+use spiffe::{TrustDomain, WorkloadApiClient, WorkloadApiError, X509BundleSet, X509Svid};
+use support::agent::Agent;
+use support::sds_client::{self, fake_jwt};
+use tokio_stream::StreamExt;
+use x509_parser::prelude::*;
+
+const SPIFFE_ID: &str = "spiffe://cluster.local/ns/default/sa/httpbin";
+
+/// An agent in one-workload mode (token file) serving the Workload API, or
+/// without a token file when `token` is false.
+struct ApiAgent {
+    agent: Agent,
+    api_socket: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn api_agent(token: bool, extra: &[(&'static str, String)]) -> ApiAgent {
+    let dir = tempfile::tempdir().unwrap();
+    let api_socket = dir.path().join("workload-api").join("socket");
+    let mut env = vec![
+        ("CA_PROVIDER", "LocalCA".to_string()),
+        ("WORKLOAD_API_SOCKET", api_socket.display().to_string()),
+    ];
+    if token {
+        let path = dir.path().join("token");
+        std::fs::write(&path, fake_jwt("default", "httpbin")).unwrap();
+        env.push(("WORKLOAD_TOKEN_PATH", path.display().to_string()));
+    }
+    env.extend(extra.iter().cloned());
+    let agent = Agent::start_at(&dir.path().join("sds").join("uds_path"), dir.path(), &env);
+    agent.wait_log("SPIFFE Workload API server start", Duration::from_secs(10));
+    ApiAgent {
+        agent,
+        api_socket,
+        _dir: dir,
+    }
+}
+
+fn endpoint(socket: &Path) -> String {
+    format!("unix:{}", socket.display())
+}
+
+/// The SVID names `SPIFFE_ID`, its key is its leaf's, and its chain verifies
+/// up to a self-signed authority of its trust domain's bundle. Returns the
+/// leaf serial.
+fn verify(svid: &X509Svid, bundles: &X509BundleSet) -> String {
+    assert_eq!(svid.spiffe_id().to_string(), SPIFFE_ID);
+    let chain: Vec<X509Certificate> = svid
+        .cert_chain()
+        .iter()
+        .map(|c| X509Certificate::from_der(c.as_bytes()).unwrap().1)
+        .collect();
+    let leaf = &chain[0];
+    let key = rcgen::KeyPair::try_from(svid.private_key().as_bytes()).expect("PKCS#8 key");
+    assert_eq!(
+        key.subject_public_key_info(),
+        leaf.public_key().raw,
+        "the key is the leaf's"
+    );
+    for pair in chain.windows(2) {
+        pair[0]
+            .verify_signature(Some(pair[1].public_key()))
+            .expect("each certificate is signed by the next");
+    }
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let bundle = bundles
+        .get(&td)
+        .expect("a bundle for the SVID's trust domain");
+    let last = chain.last().unwrap();
+    let root = bundle
+        .authorities()
+        .iter()
+        .map(|a| X509Certificate::from_der(a.as_bytes()).unwrap().1)
+        .find(|root| last.verify_signature(Some(root.public_key())).is_ok())
+        .expect("the chain verifies against an authority of the bundle");
+    root.verify_signature(None).expect("a self-signed root");
+    assert!(leaf.validity().is_valid());
+    leaf.raw_serial_as_string()
+}
+
+#[tokio::test]
+async fn spiffe_crate_gets_a_verified_svid_then_a_rotation_on_the_same_stream() {
+    let a = api_agent(
+        true,
+        &[
+            ("SECRET_TTL", "6s".into()),
+            ("SECRET_GRACE_PERIOD_RATIO_JITTER", "0".into()),
+        ],
+    );
+    let client = WorkloadApiClient::connect_to(endpoint(&a.api_socket))
+        .await
+        .unwrap();
+    let svid = client.fetch_x509_svid().await.unwrap();
+    let bundles = client.fetch_x509_bundles().await.unwrap();
+    let serial = verify(&svid, &bundles);
+
+    // One cache: SDS serves this workload the very same certificate.
+    let mut sds = sds_client::connect(&a.agent.socket).await;
+    let resp = sds_client::fetch(&mut sds, &["default"], &fake_jwt("default", "httpbin"))
+        .await
+        .unwrap();
+    let (chain, _) = sds_client::tls_certificate(&sds_client::secrets(&resp)[0]);
+    assert_eq!(sds_client::leaf_facts(&chain).1, serial);
+
+    // The stream pushes the renewed SVID (6 s lifetime, renewed at 3 s).
+    let mut stream = client.stream_x509_contexts().await.unwrap();
+    let mut serials = vec![];
+    while serials.len() < 2 {
+        let ctx = tokio::time::timeout(Duration::from_secs(15), stream.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no rotation within 15 s; saw {serials:?}\n{}",
+                    a.agent.log()
+                )
+            })
+            .expect("the stream stays open")
+            .unwrap();
+        let svid = ctx.default_svid().unwrap();
+        let s = verify(svid, ctx.bundle_set());
+        if !serials.contains(&s) {
+            serials.push(s);
+        }
+    }
+    assert!(a.agent.log().contains("Workload API: FetchX509SVID sent"));
+
+    // The JWT-SVID profile is refused with a reason.
+    for err in [
+        client
+            .fetch_jwt_svid(&["audience"], None)
+            .await
+            .map(|_| ())
+            .unwrap_err(),
+        client.fetch_jwt_bundles().await.map(|_| ()).unwrap_err(),
+    ] {
+        let msg = err.to_string();
+        assert!(
+            msg.contains("Unimplemented")
+                || msg.contains("UNIMPLEMENTED")
+                || msg.contains("unimplemented"),
+            "{msg}"
+        );
+        assert!(msg.contains("X.509 certificates only"), "{msg}");
+    }
+    let body = String::from_utf8_lossy(svid.private_key().as_bytes()).to_string();
+    assert!(!a.agent.log().contains(&body), "key in the log");
+}
+
+#[tokio::test]
+async fn calls_without_the_header_or_without_a_token_file_are_refused() {
+    let a = api_agent(true, &[]);
+
+    // The spiffe crate always adds the header, so a plain gRPC client
+    // (generated from the same proto) calls without it.
+    let path = a.api_socket.clone();
+    let channel = tonic::transport::Endpoint::try_from("http://[::1]:1")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap();
+    let mut raw = SpiffeWorkloadApiClient::new(channel);
+    let err = raw
+        .fetch_x509svid(X509svidRequest {})
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(err.message(), "security header missing from request");
+    // Positive control: the same client with the header is served.
+    let mut req = tonic::Request::new(X509svidRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let mut s = raw.fetch_x509svid(req).await.unwrap().into_inner();
+    let first = s.next().await.unwrap().unwrap();
+    assert_eq!(first.svids[0].spiffe_id, SPIFFE_ID);
+
+    // Without WORKLOAD_TOKEN_PATH every X.509 call is PERMISSION_DENIED.
+    let node = api_agent(false, &[]);
+    let client = WorkloadApiClient::connect_to(endpoint(&node.api_socket))
+        .await
+        .unwrap();
+    for err in [
+        client.fetch_x509_svid().await.map(|_| ()).unwrap_err(),
+        client.fetch_x509_bundles().await.map(|_| ()).unwrap_err(),
+    ] {
+        match &err {
+            WorkloadApiError::PermissionDenied(msg) => {
+                assert!(msg.contains("node-wide attestation"), "{msg}");
+                assert!(msg.contains("WORKLOAD_TOKEN_PATH"), "{msg}");
+            }
+            other => panic!("expected PermissionDenied, got {other:?}"),
+        }
+    }
+    assert!(
+        node.agent
+            .log()
+            .contains("every Workload API call will be refused"),
+        "{}",
+        node.agent.log()
+    );
+}
+
+/// Runs tests/pyspiffe/check.py with the `python3` on PATH (test.sh puts the
+/// peers' virtualenv, which has py-spiffe, first) and returns its JSON line.
+fn py_spiffe(args: &[&str], agent: &Agent) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pyspiffe/check.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(args)
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "py-spiffe check {args:?} failed ({}):\n{stdout}\n{}\nagent log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        agent.log()
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn py_spiffe_gets_a_verified_svid_sees_a_rotation_and_the_errors() {
+    let a = api_agent(
+        true,
+        &[
+            ("SECRET_TTL", "6s".into()),
+            ("SECRET_GRACE_PERIOD_RATIO_JITTER", "0".into()),
+        ],
+    );
+    let node = api_agent(false, &[]);
+    let socket = a.api_socket.display().to_string();
+    let node_socket = node.api_socket.display().to_string();
+    let agent_log = &a.agent;
+
+    let (svid, no_header, denied) = tokio::task::block_in_place(|| {
+        (
+            py_spiffe(&["svid", &socket, SPIFFE_ID, "2", "20"], agent_log),
+            py_spiffe(&["no-header", &socket], agent_log),
+            py_spiffe(&["denied", &node_socket], &node.agent),
+        )
+    });
+    // py-spiffe verified the SVID against the bundle and saw two serials.
+    let serials = svid["serials"].as_array().unwrap();
+    assert_eq!(serials.len(), 2, "{svid}");
+    assert!(svid["bundle_authorities"].as_u64().unwrap() >= 1, "{svid}");
+    assert!(svid["fetch_jwt_svid"]
+        .as_str()
+        .unwrap()
+        .contains("UNIMPLEMENTED"));
+    // The first serial is the agent's certificate (the agent logs it
+    // with colons; py-spiffe prints hex without leading zeros).
+    let log = a.agent.log();
+    let first = svid["first_serial"].as_str().unwrap();
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("Workload API: FetchX509SVID sent"))
+            .any(|l| l.replace(':', "").to_lowercase().contains(first)),
+        "{first} not in\n{log}"
+    );
+
+    assert_eq!(no_header["code"], "INVALID_ARGUMENT", "{no_header}");
+    assert_eq!(no_header["details"], "security header missing from request");
+    let denied = denied["error"].as_str().unwrap();
+    assert!(denied.contains("PERMISSION_DENIED"), "{denied}");
+    assert!(
+        denied.contains("node-wide attestation is not supported"),
+        "{denied}"
+    );
+}
