@@ -1,7 +1,7 @@
 // Generated from proto/spiffe/workloadapi.proto (SPIFFE Workload API,
 // spiffe/spiffe standards/workloadapi.proto, Apache-2.0, see
 // proto/spiffe/LICENSE) by tonic-prost-build 0.14.9 / prost-build 0.14.6
-// with protoc 3.21.12: `tonic_prost_build::configure().out_dir(DIR)
+// with protoc 3.21.12, then `cargo fmt`: `tonic_prost_build::configure().out_dir(DIR)
 // .compile_protos(&["proto/spiffe/workloadapi.proto"], &["proto/spiffe"])`.
 // Not edited by hand: regenerate it the same way when the proto changes.
 
