@@ -214,6 +214,17 @@ impl<T> ApiStream<T> {
                 };
                 let v = version(&snap);
                 if sent.as_ref() != Some(&v) {
+                    let problem = (self.method == "FetchX509SVID")
+                        .then(|| x509::svid_problem(&snap))
+                        .flatten();
+                    if let Some(problem) = problem {
+                        tracing::warn!(
+                            stream = self.id,
+                            identity = %sub.identity,
+                            serial = %secret.leaf.serial_hex,
+                            "Workload API: the certificate is not a valid X509-SVID and SPIFFE clients will refuse it: {problem}"
+                        );
+                    }
                     let msg = build(&snap);
                     let failed = msg.is_err();
                     if let Err(s) = &msg {
