@@ -46,3 +46,53 @@ pub(super) fn surfaces_from_lookup(
         output_certs,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+
+    use crate::config::Config;
+
+    fn cfg(vars: &[(&str, &str)]) -> Result<Config, crate::config::ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned(), None)
+    }
+
+    #[test]
+    fn off_unless_set_and_checked_against_the_other_settings() {
+        let local = ("CA_PROVIDER", "LocalCA");
+        let c = cfg(&[local]).unwrap();
+        assert_eq!(c.surfaces.workload_api_socket, None);
+        assert_eq!(c.surfaces.output_certs, None);
+
+        // The Workload API without a token file is allowed (and refuses calls).
+        let c = cfg(&[local, ("WORKLOAD_API_SOCKET", "/run/spire/api.sock")]).unwrap();
+        assert_eq!(
+            c.surfaces.workload_api_socket,
+            Some(PathBuf::from("/run/spire/api.sock"))
+        );
+        let e = cfg(&[
+            local,
+            ("WORKLOAD_UDS_PATH", "/run/sds"),
+            ("WORKLOAD_API_SOCKET", "/run/sds"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.var, "WORKLOAD_API_SOCKET");
+
+        // Files need one-workload mode.
+        let e = cfg(&[local, ("OUTPUT_CERTS", "/etc/certs")]).unwrap_err();
+        assert_eq!(e.var, "OUTPUT_CERTS");
+        assert!(e.to_string().contains("WORKLOAD_TOKEN_PATH"), "{e}");
+        let c = cfg(&[
+            local,
+            ("OUTPUT_CERTS", "/etc/certs"),
+            ("WORKLOAD_TOKEN_PATH", "/var/run/secrets/token"),
+        ])
+        .unwrap();
+        assert_eq!(c.surfaces.output_certs, Some(PathBuf::from("/etc/certs")));
+    }
+}

@@ -82,7 +82,8 @@ def svid(socket, spiffe_id, serials, timeout):
     changed = threading.Event()
     with X509Source(socket_path="unix://" + socket, timeout_in_seconds=timeout) as source:
         def note():
-            serial = verify_svid(source.svid, source.get_x509_context().x509_bundle_set, spiffe_id)
+            ctx = source.get_x509_context()
+            serial = verify_svid(ctx.default_svid, ctx.x509_bundle_set, spiffe_id)
             if serial not in seen:
                 seen.append(serial)
             if len(seen) >= serials:
