@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use node_agent::workload_api::pb::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use node_agent::workload_api::pb::X509svidRequest;
+use node_agent::workload_api::pb::{X509BundlesRequest, X509svidRequest};
 use rcgen::PublicKeyData;
 use spiffe::{TrustDomain, WorkloadApiClient, WorkloadApiError, X509BundleSet, X509Svid};
 use support::agent::Agent;
@@ -197,6 +197,17 @@ async fn calls_without_the_header_or_without_a_token_file_are_refused() {
     let mut s = raw.fetch_x509svid(req).await.unwrap().into_inner();
     let first = s.next().await.unwrap().unwrap();
     assert_eq!(first.svids[0].spiffe_id, SPIFFE_ID);
+    // Bundles are keyed by the trust domain's SPIFFE ID, as the spec says.
+    let mut req = tonic::Request::new(X509BundlesRequest {});
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    let mut s = raw.fetch_x509_bundles(req).await.unwrap().into_inner();
+    let bundles = s.next().await.unwrap().unwrap().bundles;
+    assert_eq!(
+        bundles.keys().collect::<Vec<_>>(),
+        ["spiffe://cluster.local"]
+    );
+    assert_eq!(bundles["spiffe://cluster.local"], first.svids[0].bundle);
 
     // Without WORKLOAD_TOKEN_PATH every X.509 call is PERMISSION_DENIED.
     let node = api_agent(false, &[]);
