@@ -73,9 +73,12 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     let manager = SecretManager::new(ca.clone(), trust, opts);
     let _status = crate::status::serve_agent(&config, &manager, shutdown.clone()).await?;
     let listener = crate::sds::uds::bind(&config.workload_uds_path)?;
+    // The bounds of both sockets: the Workload API's connections and streams
+    // count against the SDS caps, so the worst case stays the same.
+    let limits = crate::sds::limits::Limits::new(config.sds.clone());
     // The surfaces beside SDS (off unless configured), from the same manager.
     let surfaces = [
-        crate::workload_api::start(&config, &manager, &shutdown)?,
+        crate::workload_api::start(&config, &manager, &limits, &shutdown)?,
         crate::output::start(&config, &manager, &shutdown),
     ];
     let stopping = shutdown.clone();
@@ -83,11 +86,11 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         "SDS gRPC server start, listen {:?}",
         config.workload_uds_path.display().to_string()
     );
-    let result = crate::sds::serve_with_limits(
+    let result = crate::sds::serve_within(
         listener,
         manager,
         config.workload_token_path.clone(),
-        config.sds.clone(),
+        limits,
         shutdown,
     )
     .await;

@@ -30,7 +30,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
-use crate::sds::{log_refusal, CredentialSource};
+use crate::sds::credential::CredentialSource;
 use crate::secrets::{rfc3339, SecretManager, Subscription};
 
 /// The certificate chain, leaf first (no root).
@@ -204,22 +204,20 @@ async fn serve(
         Ok(c) => c,
         Err(status) => return status.message().to_string(),
     };
+    // Held while the files are kept current: it keeps the workload's JWT
+    // among those its identity is renewed with.
     let mut sub: Subscription = match manager.subscribe(&credential).await {
         Ok(s) => s,
-        Err(e) => {
-            let what = format!("cannot get the certificate: {e}");
-            log_refusal(0, &what, &e);
-            return what;
-        }
+        Err(e) => return format!("cannot get the certificate: {e}"),
     };
     let mut written: Option<(String, String)> = None;
     loop {
-        let state = sub.secret.borrow().clone();
+        let state = sub.secret.borrow_and_update().clone();
         if let Some(reason) = state.closed {
             return reason;
         }
         if let Some(secret) = state.secret {
-            let roots = sub.roots.borrow().clone();
+            let roots = state.roots.clone();
             let version = (secret.cert_version(), roots.version());
             if written.as_ref() != Some(&version) {
                 let (d, s, r) = (dir.to_path_buf(), secret.clone(), roots.clone());
@@ -255,9 +253,8 @@ async fn serve(
                 }
             }
         }
-        tokio::select! {
-            r = sub.secret.changed() => if r.is_err() { return "the identity was dropped".into() },
-            r = sub.roots.changed() => if r.is_err() { return "the trust bundle was dropped".into() },
+        if sub.secret.changed().await.is_err() {
+            return "the identity was dropped".into();
         }
     }
 }

@@ -1,5 +1,5 @@
 //! One `DeltaSecrets` stream: Envoy's incremental (delta) xDS, served from
-//! the same secret manager as `StreamSecrets`.
+//! the same secret manager as `StreamSecrets`, under the same bounds.
 //!
 //! The rules, from Envoy's `discovery.proto` and `xds_protocol.rst`:
 //! - `resource_names_subscribe` adds names, `resource_names_unsubscribe`
@@ -17,59 +17,60 @@
 //! - `removed_resources` names only what cannot be served (unknown names).
 //! - A nonce this stream never sent (a previous stream's, or a previous
 //!   agent's) is ignored, not treated as an error.
+//!
+//! The bounds are `StreamSecrets`' own, from the same code: the stream's
+//! place under the stream caps and its requests' size and deadlines are
+//! taken by the router ([`super::server`]) and the request reader
+//! ([`super::framing`]); a request naming more than `SDS_MAX_RESOURCE_NAMES`
+//! distinct names (to subscribe, or to unsubscribe) is refused with
+//! `INVALID_ARGUMENT`; a fetch needs the connection's login budget
+//! ([`FirstFetch::admit`]); refusals are logged once per interval.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::metadata::MetadataMap;
+use tonic::{Response, Status};
 
-use super::resources::{self, encode, resource_version, Snapshot, SECRET_TYPE_URL, SERVED};
-use super::{log_refusal, status_for, BoxStream, CredentialSource, SdsService};
-use crate::backoff::Backoff;
+use super::connection::Connection;
+use super::credential::CredentialSource;
+use super::framing::RequestReader;
+use super::limits::more;
+use super::resources::{
+    self, distinct, encode, names_for_log, resource_version, shorten, Snapshot, SECRET_TYPE_URL,
+    SERVED,
+};
+use super::server::{BoxStream, SdsService};
+use super::serving::{shutting_down, wait_changed, Current, FirstFetch};
+use crate::metrics::{self, Refusal};
 use crate::secrets::{SecretError, SecretManager, Subscription};
 
 pub(super) type Outbound = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
-
-/// Most distinct names one request may subscribe to. SDS serves two; a few
-/// more are tolerated (and answered as removed) before the request is refused.
-pub const MAX_NAMES_PER_REQUEST: usize = 8;
 
 /// Responses remembered for matching ACKs and NACKs; older nonces are
 /// treated as unknown (ignored).
 const NONCES_KEPT: usize = 8;
 
-/// Back-off of a first fetch that failed for a transient reason.
-const FIRST_FETCH_RETRY: (Duration, Duration) =
-    (Duration::from_millis(500), Duration::from_secs(10));
-
-/// Opens a `DeltaSecrets` stream (called by [`SdsService`]).
+/// Opens a `DeltaSecrets` stream (called by the router once the stream has
+/// its place under the caps).
 pub(super) fn open(
-    service: &SdsService,
-    request: Request<Streaming<DeltaDiscoveryRequest>>,
-) -> Result<Response<BoxStream<DeltaDiscoveryResponse>>, Status> {
-    let id = service.next_stream.fetch_add(1, Ordering::Relaxed);
-    let credential =
-        CredentialSource::from_metadata(request.metadata(), service.token_path.as_deref());
-    tracing::debug!(stream = id, "SDS delta stream opened");
-    let (tx, rx) = mpsc::channel(4);
-    let stream = DeltaStream::new(
-        id,
-        service.manager.clone(),
-        credential,
-        tx,
-        service.shutdown.clone(),
-    );
-    tokio::spawn(stream.run(request.into_inner()));
-    Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    service: &Arc<SdsService>,
+    conn: Arc<Connection>,
+    metadata: &MetadataMap,
+    reader: RequestReader,
+) -> Response<BoxStream<DeltaDiscoveryResponse>> {
+    let id = service.next_stream_id();
+    let credential = CredentialSource::from_metadata(metadata, service.token_path.as_deref());
+    tracing::debug!(stream = id, connection = conn.id, "SDS delta stream opened");
+    let (tx, rx) = mpsc::channel(2);
+    let stream = DeltaStream::new(id, service.clone(), conn, credential, tx);
+    tokio::spawn(stream.run(reader));
+    Response::new(Box::pin(ReceiverStream::new(rx)))
 }
 
 /// A random tag of this agent process, in every nonce, so that a nonce from
@@ -77,23 +78,6 @@ pub(super) fn open(
 fn process_tag() -> u32 {
     static TAG: OnceLock<u32> = OnceLock::new();
     *TAG.get_or_init(rand::random)
-}
-
-type FetchFuture = Pin<Box<dyn Future<Output = Result<Subscription, SecretError>> + Send>>;
-
-/// Where the stream's first fetch stands.
-enum Fetch {
-    /// Not needed (subscribed) or not started.
-    Idle,
-    /// Waiting for the secret manager.
-    Running(FetchFuture),
-    /// Failed for a transient reason; tried again at the instant.
-    Waiting(tokio::time::Instant),
-}
-
-enum FetchEvent {
-    Done(Result<Subscription, SecretError>),
-    RetryDue,
 }
 
 enum Step {
@@ -104,10 +88,10 @@ enum Step {
 /// State of one delta stream.
 pub(super) struct DeltaStream {
     id: u64,
-    manager: Arc<SecretManager>,
+    service: Arc<SdsService>,
+    conn: Arc<Connection>,
     credential: CredentialSource,
     out: Outbound,
-    shutdown: watch::Receiver<bool>,
     /// Served names the client is subscribed to, in `SERVED` order.
     subscribed: Vec<&'static str>,
     /// The version last sent for each subscribed name; a name without one is
@@ -116,58 +100,62 @@ pub(super) struct DeltaStream {
     /// Recent responses: nonce and the (name, version) pairs they carried.
     unacked: VecDeque<(String, Vec<(&'static str, String)>)>,
     nonce_counter: u64,
-    sub: Option<Subscription>,
-    fetch: Fetch,
-    backoff: Backoff,
+    /// The identity being served, and the credential that proved it.
+    current: Option<Current>,
+    /// A subscription waiting for the CA.
+    pending: Option<FirstFetch>,
+    shutdown: watch::Receiver<bool>,
+    /// Counts the stream in `node_agent_sds_streams_open` while it lives.
+    _open: metrics::StreamOpen,
 }
 
 impl DeltaStream {
     fn new(
         id: u64,
-        manager: Arc<SecretManager>,
+        service: Arc<SdsService>,
+        conn: Arc<Connection>,
         credential: CredentialSource,
         out: Outbound,
-        shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let shutdown = service.shutdown.clone();
         Self {
             id,
-            manager,
+            service,
+            conn,
             credential,
             out,
-            shutdown,
             subscribed: Vec::new(),
             sent: HashMap::new(),
             unacked: VecDeque::new(),
             nonce_counter: 0,
-            sub: None,
-            fetch: Fetch::Idle,
-            backoff: Backoff::new(FIRST_FETCH_RETRY.0, FIRST_FETCH_RETRY.1),
+            current: None,
+            pending: None,
+            shutdown,
+            _open: metrics::stream_opened(),
         }
     }
 
     /// Serves the stream until Envoy closes it, it fails, or shutdown.
-    /// Requests keep being read while the first fetch waits on the CA.
-    async fn run(mut self, mut inbound: Streaming<DeltaDiscoveryRequest>) {
+    /// Requests keep being read while a fetch waits on the CA.
+    async fn run(mut self, mut inbound: RequestReader) {
+        let manager = self.service.manager.clone();
         loop {
             let step = tokio::select! {
-                msg = inbound.message() => match msg {
+                msg = inbound.message::<DeltaDiscoveryRequest>() => match msg {
                     Ok(Some(req)) => self.on_request(req).await,
                     Ok(None) => {
                         tracing::debug!(stream = self.id, "SDS delta stream closed by the client");
                         Step::End
                     }
                     Err(status) => {
-                        tracing::debug!(stream = self.id, error = %status, "SDS delta stream ended with an error");
-                        Step::End
+                        self.service.inbound_error(self.id, &self.conn, &status);
+                        self.fail(status).await
                     }
                 },
-                event = fetch_event(&mut self.fetch) => match event {
-                    FetchEvent::Done(result) => self.on_fetched(result).await,
-                    FetchEvent::RetryDue => self.start_fetch().await,
-                },
-                changed = wait_changed(&mut self.sub) => {
+                changed = wait_changed(&mut self.current) => {
                     if changed { self.send_changed().await } else { Step::End }
                 }
+                result = progress(&mut self.pending, &manager) => self.on_fetched(result).await,
                 _ = shutting_down(&mut self.shutdown) => Step::End,
             };
             if let Step::End = step {
@@ -176,57 +164,67 @@ impl DeltaStream {
         }
         tracing::debug!(
             stream = self.id,
-            identity = ?self.sub.as_ref().map(|s| s.identity.as_str()),
+            identity = ?self.current.as_ref().map(|c| c.sub.identity.as_str()),
             "SDS delta stream done"
         );
     }
 
     async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Step {
         if !req.type_url.is_empty() && req.type_url != SECRET_TYPE_URL {
+            metrics::refused(Refusal::InvalidRequest);
             return self
                 .fail(Status::invalid_argument(format!(
                     "unsupported type_url {:?}; this service serves {SECRET_TYPE_URL}",
-                    req.type_url
+                    shorten(&req.type_url, 128),
                 )))
                 .await;
         }
+        // The names are checked before anything changes.
+        let max = self.service.limits.config().max_resource_names;
+        let lists = distinct(&req.resource_names_subscribe, max).and_then(|subscribe| {
+            distinct(&req.resource_names_unsubscribe, max)
+                .map(|unsubscribe| (subscribe, unsubscribe))
+        });
+        let (subscribe, unsubscribe) = match lists {
+            Ok(lists) => lists,
+            Err(e) => {
+                metrics::refused(Refusal::InvalidRequest);
+                if let Some(n) = self.service.limits.throttle("SDS_MAX_RESOURCE_NAMES") {
+                    tracing::warn!(
+                        stream = self.id,
+                        connection = self.conn.id,
+                        subscribe = %names_for_log(&req.resource_names_subscribe),
+                        unsubscribe = %names_for_log(&req.resource_names_unsubscribe),
+                        "refusing SDS delta request: {e}{}",
+                        more(n)
+                    );
+                }
+                return self.fail(Status::invalid_argument(e.to_string())).await;
+            }
+        };
         if !req.response_nonce.is_empty() {
             self.on_ack(&req);
         }
-        for name in &req.resource_names_unsubscribe {
+        for name in unsubscribe {
             if let Some(i) = self.subscribed.iter().position(|n| n == name) {
                 let name = self.subscribed.remove(i);
                 self.sent.remove(name);
                 tracing::debug!(stream = self.id, resource = name, "SDS delta: unsubscribed");
             }
         }
-        let mut wanted: Vec<&str> = Vec::new();
-        for name in &req.resource_names_subscribe {
-            if !wanted.contains(&name.as_str()) {
-                wanted.push(name);
-            }
-        }
-        if wanted.len() > MAX_NAMES_PER_REQUEST {
-            let msg = format!(
-                "the request subscribes to {} distinct resources; at most {MAX_NAMES_PER_REQUEST} are accepted \
-                 and this agent serves {}",
-                wanted.len(),
-                SERVED.join(", ")
-            );
-            tracing::warn!(stream = self.id, "refusing SDS delta request: {msg}");
-            return self.fail(Status::invalid_argument(msg)).await;
-        }
         if !req.initial_resource_versions.is_empty() {
             tracing::debug!(
                 stream = self.id,
-                versions = ?req.initial_resource_versions,
+                versions = req.initial_resource_versions.len(),
                 "SDS delta: the client reports versions it holds; every subscribed resource is sent anyway"
             );
         }
         let mut unknown = Vec::new();
-        for name in wanted {
-            match SERVED.iter().find(|s| **s == name) {
+        let mut served_subscribe = false;
+        for name in subscribe {
+            match SERVED.iter().find(|s| **s == name.as_str()) {
                 Some(served) => {
+                    served_subscribe = true;
                     if !self.subscribed.contains(served) {
                         self.subscribed.push(served);
                         self.subscribed
@@ -235,45 +233,94 @@ impl DeltaStream {
                     // Always answered, whatever the client claims to hold.
                     self.sent.remove(served);
                 }
-                // The wildcard means "everything"; SDS clients name their secrets.
-                None if name == "*" => {
-                    tracing::debug!(stream = self.id, "SDS delta: wildcard subscription ignored")
-                }
-                None => unknown.push(name.to_string()),
+                None => unknown.push(name.clone()),
             }
         }
-        if !unknown.is_empty() {
-            tracing::warn!(
-                stream = self.id,
-                resources = ?unknown,
-                "SDS delta: subscription to unknown secret(s), answered as removed; this agent serves {}",
-                SERVED.join(", ")
-            );
-            let nonce = self.next_nonce();
-            let resp = DeltaDiscoveryResponse {
-                type_url: SECRET_TYPE_URL.to_string(),
-                removed_resources: unknown,
-                nonce: nonce.clone(),
-                ..Default::default()
-            };
-            self.remember(nonce, Vec::new());
-            if self.out.send(Ok(resp)).await.is_err() {
-                return Step::End;
-            }
+        if !unknown.is_empty() && matches!(self.remove(unknown).await, Step::End) {
+            return Step::End;
         }
         if self.subscribed.is_empty() {
             // Nothing left to serve: stop watching the identity.
-            self.sub = None;
-            self.fetch = Fetch::Idle;
+            self.current = None;
+            self.pending = None;
             return Step::Continue;
         }
-        if self.sub.is_some() {
-            self.send_changed().await
-        } else if matches!(self.fetch, Fetch::Idle) {
-            self.start_fetch().await
-        } else {
-            // A fetch is under way; its result is sent when it arrives.
-            Step::Continue
+        if !served_subscribe {
+            return Step::Continue;
+        }
+        self.serve().await
+    }
+
+    /// Answers subscriptions to names this agent does not serve with
+    /// `removed_resources`.
+    async fn remove(&mut self, unknown: Vec<String>) -> Step {
+        metrics::refused(Refusal::InvalidRequest);
+        if let Some(n) = self.service.limits.throttle("DeltaSecrets: resource names") {
+            tracing::warn!(
+                stream = self.id,
+                connection = self.conn.id,
+                resources = %names_for_log(&unknown),
+                "SDS delta: subscription to unknown secret(s), answered as removed; this agent serves {}{}",
+                SERVED.join(", "),
+                more(n)
+            );
+        }
+        let nonce = self.next_nonce();
+        let resp = DeltaDiscoveryResponse {
+            type_url: SECRET_TYPE_URL.to_string(),
+            removed_resources: unknown,
+            nonce: nonce.clone(),
+            ..Default::default()
+        };
+        self.remember(nonce, Vec::new());
+        if self.out.send(Ok(resp)).await.is_err() {
+            return Step::End;
+        }
+        Step::Continue
+    }
+
+    /// Serves the subscribed names from the identity the stream's credential
+    /// proves: at once if it is the one being served, else after a fetch.
+    async fn serve(&mut self) -> Step {
+        let credential = match self.credential.get() {
+            Ok(c) => c,
+            Err(status) => {
+                metrics::refused(Refusal::Credential);
+                if let Some(n) = self.service.limits.throttle("DeltaSecrets: credential") {
+                    tracing::warn!(
+                        stream = self.id,
+                        connection = self.conn.id,
+                        resources = %self.subscribed.join(","),
+                        "refusing SDS delta request: {}{}",
+                        status.message(),
+                        more(n)
+                    );
+                }
+                return self.fail(status).await;
+            }
+        };
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.credential == credential)
+        {
+            self.pending = None;
+            return self.send_changed().await;
+        }
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| *p.credential() == credential)
+        {
+            // Its result serves every name subscribed by then.
+            return Step::Continue;
+        }
+        match FirstFetch::admit(&self.conn, credential) {
+            Ok(fetch) => {
+                self.pending = Some(fetch);
+                Step::Continue
+            }
+            Err(e) => self.refuse(e).await,
         }
     }
 
@@ -287,89 +334,90 @@ impl DeltaStream {
         else {
             tracing::debug!(
                 stream = self.id,
-                nonce = %req.response_nonce,
+                nonce = %shorten(&req.response_nonce, 64),
                 "SDS delta: ignoring a nonce this stream did not send or no longer tracks"
             );
             return;
         };
         let (_, carried) = self.unacked.remove(pos).expect("position is in range");
         match &req.error_detail {
-            Some(err) => tracing::warn!(
-                stream = self.id,
-                identity = ?self.sub.as_ref().map(|s| s.identity.as_str()),
-                resources = ?carried,
-                code = err.code,
-                "Envoy rejected the SDS delta response (NACK): {}; the same version will not be sent again, the next change will be",
-                err.message
-            ),
+            Some(err) => {
+                metrics::nack();
+                if let Some(n) = self.service.limits.throttle("NACK") {
+                    tracing::warn!(
+                        stream = self.id,
+                        identity = ?self.current.as_ref().map(|c| c.sub.identity.as_str()),
+                        resources = ?carried,
+                        code = err.code,
+                        "Envoy rejected the SDS delta response (NACK): {}; the same version will not be sent again, the next change will be{}",
+                        shorten(&err.message, 512),
+                        more(n)
+                    );
+                }
+            }
             None => tracing::debug!(stream = self.id, resources = ?carried, "SDS delta ACK"),
         }
     }
 
-    async fn start_fetch(&mut self) -> Step {
-        let credential = match self.credential.get() {
-            Ok(c) => c,
-            Err(status) => {
-                tracing::warn!(stream = self.id, resources = ?self.subscribed, "refusing SDS delta request: {}", status.message());
-                return self.fail(status).await;
-            }
-        };
-        let manager = self.manager.clone();
-        self.fetch = Fetch::Running(Box::pin(
-            async move { manager.subscribe(&credential).await },
-        ));
-        Step::Continue
-    }
-
+    /// A fetch ended.
     async fn on_fetched(&mut self, result: Result<Subscription, SecretError>) -> Step {
         match result {
             Ok(sub) => {
-                self.fetch = Fetch::Idle;
-                self.backoff.reset();
-                self.sub = Some(sub);
+                let fetch = self
+                    .pending
+                    .take()
+                    .expect("a fetch ended, so one was pending");
+                self.current = Some(Current {
+                    credential: fetch.into_credential(),
+                    sub,
+                });
                 self.send_changed().await
             }
-            Err(e) => {
-                let what = format!(
-                    "Failed to sign cert for {:?}: {e}",
-                    self.subscribed.join(",")
+            Err(e) if e.is_transient() => {
+                let fetch = self
+                    .pending
+                    .as_mut()
+                    .expect("a fetch ended, so one was pending");
+                let delay = fetch.retry_later();
+                tracing::error!(
+                    stream = self.id,
+                    "Failed to sign cert for {:?}: {e}; retrying in {:.1}s",
+                    self.subscribed.join(","),
+                    delay.as_secs_f64()
                 );
-                if e.is_transient() {
-                    let delay = self.backoff.next_delay();
-                    self.fetch = Fetch::Waiting(tokio::time::Instant::now() + delay);
-                    tracing::error!(
-                        stream = self.id,
-                        "{what}; retrying in {:.1}s",
-                        delay.as_secs_f64()
-                    );
-                    Step::Continue
-                } else {
-                    self.fetch = Fetch::Idle;
-                    log_refusal(self.id, &what, &e);
-                    let status = status_for(&e);
-                    self.fail(Status::new(status.code(), what)).await
-                }
+                Step::Continue
+            }
+            Err(e) => {
+                self.pending = None;
+                self.refuse(e).await
             }
         }
+    }
+
+    /// Ends the stream for a secret failure, logged as such.
+    async fn refuse(&mut self, e: SecretError) -> Step {
+        let status = self
+            .service
+            .refusal(self.id, &self.subscribed.join(","), &e);
+        self.fail(status).await
     }
 
     /// Sends every subscribed resource whose version differs from the one
     /// last sent (or that was never sent), one resource per name.
     async fn send_changed(&mut self) -> Step {
-        let Some(sub) = self.sub.as_ref() else {
+        let Some(current) = self.current.as_ref() else {
             return Step::Continue;
         };
-        let state = sub.secret.borrow().clone();
+        let state = current.sub.secret.borrow().clone();
         if let Some(reason) = state.closed {
             return self.fail(Status::unavailable(reason)).await;
         }
         let Some(secret) = state.secret else {
             return Step::Continue;
         };
-        let roots = sub.roots.borrow().clone();
         let snap = Snapshot {
             secret: &secret,
-            roots: &roots,
+            roots: &state.roots,
         };
         let changed: Vec<(&'static str, String)> = self
             .subscribed
@@ -403,6 +451,7 @@ impl DeltaStream {
         );
         for (name, version) in &changed {
             self.sent.insert(name, version.clone());
+            metrics::pushed(name);
         }
         self.remember(nonce.clone(), changed);
         let resp = DeltaDiscoveryResponse {
@@ -436,31 +485,14 @@ impl DeltaStream {
     }
 }
 
-/// The next event of the first fetch; pending forever when there is none.
-async fn fetch_event(fetch: &mut Fetch) -> FetchEvent {
-    match fetch {
-        Fetch::Idle => std::future::pending().await,
-        Fetch::Running(f) => FetchEvent::Done(f.as_mut().await),
-        Fetch::Waiting(at) => {
-            tokio::time::sleep_until(*at).await;
-            FetchEvent::RetryDue
-        }
-    }
-}
-
-/// Waits for the identity's secret or the trust bundle to change; pending
-/// forever without a subscription. Returns false when the manager dropped it.
-async fn wait_changed(sub: &mut Option<Subscription>) -> bool {
-    match sub {
-        Some(sub) => tokio::select! {
-            r = sub.secret.changed() => r.is_ok(),
-            r = sub.roots.changed() => r.is_ok(),
-        },
+/// Drives the pending fetch (see [`FirstFetch::result`]); pending forever
+/// when there is none.
+async fn progress(
+    pending: &mut Option<FirstFetch>,
+    manager: &Arc<SecretManager>,
+) -> Result<Subscription, SecretError> {
+    match pending {
+        Some(fetch) => fetch.result(manager).await,
         None => std::future::pending().await,
     }
-}
-
-/// Resolves once the agent is shutting down.
-async fn shutting_down(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|v| *v).await;
 }

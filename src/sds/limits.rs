@@ -22,8 +22,10 @@ use tonic::Status;
 
 use super::connection::Connection;
 use super::framing::RequestReader;
+use super::resources;
 use crate::config::SdsLimits;
 use crate::metrics::{self, Refusal};
+use crate::secrets::SecretError;
 
 /// At most one warning per bound per this interval.
 pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
@@ -176,7 +178,65 @@ pub fn more(held_back: u64) -> String {
     }
 }
 
-impl Limits {}
+impl Limits {
+    /// Logs why a request was refused, and counts it: a bound reached is one
+    /// warning per interval; a repeat of a rejection the CA gave moments ago
+    /// (Envoy reconnecting) is debug; anything else is an error.
+    pub(crate) fn log_refusal(&self, stream: u64, what: &str, e: &SecretError) {
+        metrics::refused(Refusal::of(e));
+        if let SecretError::LimitReached { setting, .. } = e {
+            self.warn(setting, format!("stream {stream}: {what}"));
+        } else if e.is_repeat() {
+            tracing::debug!(stream, "{what}");
+        } else {
+            tracing::error!(stream, "{what}");
+        }
+    }
+
+    /// Logs why a stream's request could not be read (too large, not
+    /// protobuf, too late): one warning per interval for each reason, as a
+    /// client that sends them is most likely attacking.
+    pub(crate) fn inbound_error(&self, stream: u64, conn: &Connection, status: &Status) {
+        let cfg = self.config();
+        let (bound, what, reason) = match status.code() {
+            tonic::Code::ResourceExhausted => (
+                "SDS_MAX_REQUEST_BYTES",
+                format!(
+                    "a request larger than SDS_MAX_REQUEST_BYTES={}",
+                    cfg.max_request_bytes
+                ),
+                Refusal::Limits,
+            ),
+            tonic::Code::InvalidArgument | tonic::Code::Unimplemented => (
+                "malformed request",
+                "a malformed request".to_string(),
+                Refusal::InvalidRequest,
+            ),
+            tonic::Code::DeadlineExceeded => (
+                "SDS_FIRST_REQUEST_TIMEOUT",
+                format!(
+                    "a stream with no complete request within SDS_FIRST_REQUEST_TIMEOUT={:?}",
+                    cfg.first_request_timeout
+                ),
+                Refusal::Limits,
+            ),
+            _ => {
+                tracing::debug!(stream, connection = conn.id, error = %status, "SDS stream ended with an error");
+                return;
+            }
+        };
+        metrics::refused(reason);
+        self.warn(
+            bound,
+            format!(
+                "connection {}: refusing {what} with {:?}: {}",
+                conn.id,
+                status.code(),
+                resources::shorten(status.message(), 256)
+            ),
+        );
+    }
+}
 
 /// A stream's place under `SDS_MAX_STREAMS` and `SDS_CONNECTION_MAX_STREAMS`;
 /// given back when dropped.

@@ -15,6 +15,8 @@
 //! - [`server`]: the gRPC routes, the HTTP/2 settings, `FetchSecrets`.
 //! - [`stream`]: one `StreamSecrets` stream, the xDS state machine.
 //! - [`delta`]: one `DeltaSecrets` stream, incremental xDS.
+//! - [`serving`]: what a stream of either protocol holds of its identity:
+//!   its subscription, and the fetch of a new one under the login budget.
 //! - [`credential`]: where a request's JWT comes from.
 //! - [`resources`]: the two resources served, and the checks on names.
 
@@ -25,8 +27,9 @@ pub mod framing;
 pub mod limits;
 pub mod resources;
 pub mod server;
+pub(crate) mod serving;
 mod stream;
 pub mod uds;
 
 pub use credential::{CREDENTIAL_HEADER, CREDENTIAL_HEADER_1_1};
-pub use server::{serve, serve_with_limits};
+pub use server::{serve, serve_with_limits, serve_within};

@@ -49,16 +49,7 @@ impl ResourceNames {
     /// one served. Stops reading at the first name past `max` distinct ones,
     /// so a huge request costs no more than a small one.
     pub fn parse(names: &[String], max: usize) -> Result<Self, NamesError> {
-        let mut distinct: Vec<String> = Vec::new();
-        for n in names {
-            if distinct.iter().any(|d| d == n) {
-                continue;
-            }
-            if distinct.len() == max {
-                return Err(NamesError::TooMany { max });
-            }
-            distinct.push(n.clone());
-        }
+        let distinct: Vec<String> = distinct(names, max)?.into_iter().cloned().collect();
         if distinct.is_empty() {
             return Err(NamesError::Empty);
         }
@@ -92,6 +83,24 @@ impl std::fmt::Display for ResourceNames {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0.join(","))
     }
+}
+
+/// The distinct names of `names`, in the order first named, or
+/// [`NamesError::TooMany`] past `max` of them. Stops reading at the first
+/// name past `max` distinct ones, so a huge list costs no more than a small
+/// one.
+pub fn distinct(names: &[String], max: usize) -> Result<Vec<&String>, NamesError> {
+    let mut distinct: Vec<&String> = Vec::new();
+    for n in names {
+        if distinct.contains(&n) {
+            continue;
+        }
+        if distinct.len() == max {
+            return Err(NamesError::TooMany { max });
+        }
+        distinct.push(n);
+    }
+    Ok(distinct)
 }
 
 /// Names as a client sent them, for a log line: at most a few, each cut short.

@@ -14,7 +14,9 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
 use futures::Stream;
 use prost::Message;
 use tokio::sync::{mpsc, watch};
@@ -28,6 +30,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::connection::{incoming, Admission, ConnInfo, Connection};
 use super::credential::CredentialSource;
+use super::delta;
 use super::framing::RequestReader;
 use super::limits::{more, Limits, WithSlot};
 use super::resources::{self, names_for_log, NamesError, ResourceNames};
@@ -97,19 +100,22 @@ impl SdsService {
         })
     }
 
-    /// Logs why a request was refused: a bound reached is one warning per
-    /// interval; a repeat of a rejection the CA gave moments ago (Envoy
-    /// reconnecting) is debug; anything else is an error.
+    /// A new stream's id, for the log (and its nonces).
+    pub(crate) fn next_stream_id(&self) -> u64 {
+        self.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Logs why a request was refused (see [`Limits::log_refusal`]).
     pub(crate) fn log_refusal(&self, stream: u64, what: &str, e: &SecretError) {
-        metrics::refused(Refusal::of(e));
-        if let SecretError::LimitReached { setting, .. } = e {
-            self.limits
-                .warn(setting, format!("stream {stream}: {what}"));
-        } else if e.is_repeat() {
-            tracing::debug!(stream, "{what}");
-        } else {
-            tracing::error!(stream, "{what}");
-        }
+        self.limits.log_refusal(stream, what, e);
+    }
+
+    /// Logs and counts a secret failure that ends a stream serving `names`;
+    /// the status to end it with.
+    pub(crate) fn refusal(&self, stream: u64, names: &str, e: &SecretError) -> Status {
+        let what = format!("Failed to sign cert for {names:?}: {e}");
+        self.log_refusal(stream, &what, e);
+        Status::new(status_for(e).code(), what)
     }
 
     /// Routes one HTTP/2 stream: takes its place under the stream caps (or
@@ -117,13 +123,7 @@ impl SdsService {
     async fn route(self: Arc<Self>, req: http::Request<Body>) -> http::Response<Body> {
         let path = req.uri().path().to_string();
         let path = path.as_str();
-        if path == DELTA_SECRETS {
-            return Status::unimplemented(
-                "DeltaSecrets is not supported; use StreamSecrets (state of the world)",
-            )
-            .into_http();
-        }
-        if path != STREAM_SECRETS && path != FETCH_SECRETS {
+        if ![STREAM_SECRETS, DELTA_SECRETS, FETCH_SECRETS].contains(&path) {
             return Status::unimplemented(format!("no method {}", resources::shorten(path, 128)))
                 .into_http();
         }
@@ -140,68 +140,49 @@ impl SdsService {
         let (parts, body) = req.into_parts();
         let reader = Some(self.limits.reader(body));
         let req = http::Request::from_parts(parts, Body::empty());
-        let mut grpc = Grpc::new(SdsCodec::<DiscoveryResponse, DiscoveryRequest>::default())
-            .apply_max_message_size_config(None, Some(MAX_RESPONSE_BYTES));
-        let resp = if path == STREAM_SECRETS {
-            let method = StreamSecretsMethod {
-                service: self.clone(),
-                conn,
-                reader,
-            };
-            grpc.streaming(method, req).await
-        } else {
-            let method = FetchSecretsMethod {
-                service: self.clone(),
-                conn,
-                reader,
-            };
-            grpc.client_streaming(method, req).await
+        let resp = match path {
+            STREAM_SECRETS => {
+                let method = StreamingMethod::<DiscoveryRequest, _> {
+                    service: self.clone(),
+                    conn,
+                    reader,
+                    open: SdsService::stream_secrets,
+                    _request: PhantomData,
+                };
+                grpc_for::<DiscoveryResponse, DiscoveryRequest>()
+                    .streaming(method, req)
+                    .await
+            }
+            DELTA_SECRETS => {
+                let method = StreamingMethod::<DeltaDiscoveryRequest, _> {
+                    service: self.clone(),
+                    conn,
+                    reader,
+                    open: delta::open,
+                    _request: PhantomData,
+                };
+                grpc_for::<DeltaDiscoveryResponse, DeltaDiscoveryRequest>()
+                    .streaming(method, req)
+                    .await
+            }
+            _ => {
+                let method = FetchSecretsMethod {
+                    service: self.clone(),
+                    conn,
+                    reader,
+                };
+                grpc_for::<DiscoveryResponse, DiscoveryRequest>()
+                    .client_streaming(method, req)
+                    .await
+            }
         };
         resp.map(|inner| Body::new(WithSlot { inner, slot }))
     }
 
-    /// Logs why a stream's request could not be read (too large, not
-    /// protobuf, too late): one warning per interval for each reason, as a
-    /// client that sends them is most likely attacking.
+    /// Logs why a stream's request could not be read (see
+    /// [`Limits::inbound_error`]).
     pub(crate) fn inbound_error(&self, stream: u64, conn: &Connection, status: &Status) {
-        let cfg = self.limits.config();
-        let (bound, what, reason) = match status.code() {
-            tonic::Code::ResourceExhausted => (
-                "SDS_MAX_REQUEST_BYTES",
-                format!(
-                    "a request larger than SDS_MAX_REQUEST_BYTES={}",
-                    cfg.max_request_bytes
-                ),
-                Refusal::Limits,
-            ),
-            tonic::Code::InvalidArgument | tonic::Code::Unimplemented => (
-                "malformed request",
-                "a malformed request".to_string(),
-                Refusal::InvalidRequest,
-            ),
-            tonic::Code::DeadlineExceeded => (
-                "SDS_FIRST_REQUEST_TIMEOUT",
-                format!(
-                    "a stream with no complete request within SDS_FIRST_REQUEST_TIMEOUT={:?}",
-                    cfg.first_request_timeout
-                ),
-                Refusal::Limits,
-            ),
-            _ => {
-                tracing::debug!(stream, connection = conn.id, error = %status, "SDS stream ended with an error");
-                return;
-            }
-        };
-        metrics::refused(reason);
-        self.limits.warn(
-            bound,
-            format!(
-                "connection {}: refusing {what} with {:?}: {}",
-                conn.id,
-                status.code(),
-                resources::shorten(status.message(), 256)
-            ),
-        );
+        self.limits.inbound_error(stream, conn, status);
     }
 
     async fn fetch_secrets(
@@ -210,7 +191,7 @@ impl SdsService {
         metadata: &MetadataMap,
         mut reader: RequestReader,
     ) -> Result<Response<DiscoveryResponse>, Status> {
-        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_stream_id();
         let credential = CredentialSource::from_metadata(metadata, self.token_path.as_deref());
         let req = match reader.message::<DiscoveryRequest>().await {
             Ok(Some(req)) => req,
@@ -242,11 +223,7 @@ impl SdsService {
                 tracing::warn!(connection = conn.id, resources = %names, "refusing FetchSecrets: {}{}", s.message(), more(n));
             }
         })?;
-        let failed = |e: SecretError| {
-            let what = format!("Failed to sign cert for {:?}: {e}", names.to_string());
-            self.log_refusal(id, &what, &e);
-            Status::new(status_for(&e).code(), what)
-        };
+        let failed = |e: SecretError| self.refusal(id, &names.to_string(), &e);
         let admission: Admission = conn.admit(&credential).map_err(failed)?;
         let sub = self.manager.subscribe(&credential).await.map_err(failed)?;
         drop(admission);
@@ -275,7 +252,7 @@ impl SdsService {
         metadata: &MetadataMap,
         reader: RequestReader,
     ) -> Response<BoxStream<DiscoveryResponse>> {
-        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_stream_id();
         let credential = CredentialSource::from_metadata(metadata, self.token_path.as_deref());
         tracing::debug!(stream = id, connection = conn.id, "SDS stream opened");
         let (tx, rx) = mpsc::channel(2);
@@ -287,24 +264,46 @@ impl SdsService {
 
 pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
+/// tonic's server side of one method: responses encoded with the agent's
+/// codec, at most [`MAX_RESPONSE_BYTES`] each.
+pub(crate) fn grpc_for<E, D>() -> Grpc<SdsCodec<E, D>>
+where
+    E: Message + Send + 'static,
+    D: Message + Default + Send + 'static,
+{
+    Grpc::new(SdsCodec::<E, D>::default())
+        .apply_max_message_size_config(None, Some(MAX_RESPONSE_BYTES))
+}
+
+/// Opens one stream of a streaming method (`StreamSecrets`, `DeltaSecrets`).
+type OpenStream<Resp> =
+    fn(&Arc<SdsService>, Arc<Connection>, &MetadataMap, RequestReader) -> Response<BoxStream<Resp>>;
+
 /// The methods get the request's metadata from tonic (whose body is empty)
 /// and read the request messages from the agent's own reader.
-struct StreamSecretsMethod {
+struct StreamingMethod<Req, Resp> {
     service: Arc<SdsService>,
     conn: Arc<Connection>,
     reader: Option<RequestReader>,
+    open: OpenStream<Resp>,
+    _request: PhantomData<fn(Req)>,
 }
 
-impl StreamingService<DiscoveryRequest> for StreamSecretsMethod {
-    type Response = DiscoveryResponse;
-    type ResponseStream = BoxStream<DiscoveryResponse>;
+impl<Req, Resp> StreamingService<Req> for StreamingMethod<Req, Resp>
+where
+    Req: Send + 'static,
+    Resp: Send + 'static,
+{
+    type Response = Resp;
+    type ResponseStream = BoxStream<Resp>;
     type Future = futures::future::Ready<Result<Response<Self::ResponseStream>, Status>>;
 
-    fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
+    fn call(&mut self, request: Request<Streaming<Req>>) -> Self::Future {
         let Some(reader) = self.reader.take() else {
             return futures::future::ready(Err(Status::internal("called twice")));
         };
-        futures::future::ready(Ok(self.service.stream_secrets(
+        futures::future::ready(Ok((self.open)(
+            &self.service,
             self.conn.clone(),
             request.metadata(),
             reader,
@@ -468,14 +467,34 @@ pub async fn serve_with_limits(
     manager: Arc<SecretManager>,
     token_path: Option<PathBuf>,
     limits: SdsLimits,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    serve_within(listener, manager, token_path, Limits::new(limits), shutdown).await
+}
+
+/// [`serve_with_limits`] under bounds shared with another server of the
+/// agent (the Workload API's): its connections and streams count against
+/// the same caps.
+pub async fn serve_within(
+    listener: tokio::net::UnixListener,
+    manager: Arc<SecretManager>,
+    token_path: Option<PathBuf>,
+    limits: Arc<Limits>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
-    let limits = Limits::new(limits);
-    let cfg = limits.config().clone();
     let service = SdsService::new(manager, token_path, shutdown.clone(), limits.clone());
     let signal = async move {
         let _ = shutdown.wait_for(|v| *v).await;
     };
+    http2_server(limits.config())
+        .add_service(SdsRouter(service))
+        .serve_with_incoming_shutdown(incoming(listener, limits), signal)
+        .await
+}
+
+/// A gRPC server with the HTTP/2 settings of the agent's bounds: keep-alive,
+/// header list size, streams per connection, flow-control windows.
+pub(crate) fn http2_server(cfg: &SdsLimits) -> tonic::transport::Server {
     // The protocol's own cap on streams per connection is above ours, so
     // that a stream past ours reaches the agent and gets RESOURCE_EXHAUSTED
     // naming the setting (a client at the protocol cap only queues, silently).
@@ -493,7 +512,4 @@ pub async fn serve_with_limits(
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(16 * 1024)
-        .add_service(SdsRouter(service))
-        .serve_with_incoming_shutdown(incoming(listener, limits), signal)
-        .await
 }

@@ -12,37 +12,27 @@
 //! - When the identity's secret or the trust bundle changes, the resources
 //!   that changed are pushed.
 //!
-//! The stream keeps reading requests while a fetch waits on the CA: the
-//! fetch is a future the stream's loop polls beside its requests, so an ACK,
-//! a changed subscription or the client leaving are handled at once, and
-//! leaving cancels the fetch.
+//! The stream keeps reading requests while a fetch waits on the CA (see
+//! [`super::serving`]).
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
-use super::connection::{Admission, Connection};
+use super::connection::Connection;
 use super::credential::CredentialSource;
 use super::framing::RequestReader;
 use super::limits::more;
 use super::resources::{self, names_for_log, resource_version, shorten, NamesError, ResourceNames};
-use super::server::{status_for, SdsService};
-use crate::backoff::Backoff;
-use crate::identity::Credential;
-use crate::metrics::{self, Refusal, Retry};
+use super::server::SdsService;
+use super::serving::{shutting_down, wait_changed, Current, FirstFetch};
+use crate::metrics::{self, Refusal};
 use crate::secrets::{SecretError, SecretManager, Subscription};
 
 pub(super) type Outbound = mpsc::Sender<Result<DiscoveryResponse, Status>>;
-
-/// Back-off of a waiting first fetch: from 500 ms, capped at 10 s.
-const FIRST_FETCH_RETRY: (Duration, Duration) =
-    (Duration::from_millis(500), Duration::from_secs(10));
 
 /// State of one stream.
 pub(super) struct SdsStream {
@@ -65,29 +55,10 @@ pub(super) struct SdsStream {
     _open: metrics::StreamOpen,
 }
 
-struct Current {
-    credential: Credential,
-    sub: Subscription,
-}
-
-/// A subscription not served yet: its fetch is running, or waiting to be
-/// retried after a transient failure (with back-off, while the stream stays
-/// open, so the workload is served as soon as the CA answers).
+/// A subscription not served yet, and the names it will serve.
 struct Pending {
     names: ResourceNames,
-    credential: Credential,
-    backoff: Backoff,
-    /// Held until the fetch has ended: its place among the connection's
-    /// logins in flight.
-    _admission: Admission,
-    attempt: Attempt,
-}
-
-type Fetch = Pin<Box<dyn Future<Output = Result<Subscription, SecretError>> + Send>>;
-
-enum Attempt {
-    Due(tokio::time::Instant),
-    Running(Fetch),
+    fetch: FirstFetch,
 }
 
 enum Step {
@@ -245,22 +216,21 @@ impl SdsStream {
             return self.send_current(true).await;
         }
         // Its fetch is already under way: it will serve these names.
-        if let Some(p) = self.pending.as_mut().filter(|p| p.credential == credential) {
+        if let Some(p) = self
+            .pending
+            .as_mut()
+            .filter(|p| *p.fetch.credential() == credential)
+        {
             p.names = names;
             return Step::Continue;
         }
-        let admission = match self.conn.admit(&credential) {
-            Ok(a) => a,
-            Err(e) => return self.refuse(&names, e).await,
-        };
-        self.pending = Some(Pending {
-            names,
-            credential,
-            backoff: Backoff::new(FIRST_FETCH_RETRY.0, FIRST_FETCH_RETRY.1),
-            _admission: admission,
-            attempt: Attempt::Due(tokio::time::Instant::now()),
-        });
-        Step::Continue
+        match FirstFetch::admit(&self.conn, credential) {
+            Ok(fetch) => {
+                self.pending = Some(Pending { names, fetch });
+                Step::Continue
+            }
+            Err(e) => self.refuse(&names, e).await,
+        }
     }
 
     /// A fetch ended.
@@ -273,7 +243,7 @@ impl SdsStream {
                     .expect("a fetch ended, so one was pending");
                 self.names = p.names;
                 self.current = Some(Current {
-                    credential: p.credential,
+                    credential: p.fetch.into_credential(),
                     sub,
                 });
                 self.send_current(true).await
@@ -283,9 +253,7 @@ impl SdsStream {
                     .pending
                     .as_mut()
                     .expect("a fetch ended, so one was pending");
-                let delay = p.backoff.next_delay();
-                p.attempt = Attempt::Due(tokio::time::Instant::now() + delay);
-                metrics::retry(Retry::FirstFetch);
+                let delay = p.fetch.retry_later();
                 tracing::error!(
                     stream = self.id,
                     "Failed to sign cert for {:?}: {e}; retrying in {:.1}s",
@@ -306,10 +274,8 @@ impl SdsStream {
 
     /// Ends the stream for a secret failure, logged as such.
     async fn refuse(&mut self, names: &ResourceNames, e: SecretError) -> Step {
-        let what = format!("Failed to sign cert for {:?}: {e}", names.to_string());
-        self.service.log_refusal(self.id, &what, &e);
-        let status = status_for(&e);
-        self.fail(Status::new(status.code(), what)).await
+        let status = self.service.refusal(self.id, &names.to_string(), &e);
+        self.fail(status).await
     }
 
     /// Sends the subscribed resources if any changed since last sent (or always).
@@ -402,45 +368,16 @@ pub(crate) fn classify(
     }
 }
 
-/// Drives a pending subscription: waits until its attempt is due, starts the
-/// fetch, and returns its result. Pending forever when there is none.
-/// Cancel-safe: the running fetch lives in `pending`, not in this future.
+/// Drives a pending subscription's fetch (see [`FirstFetch::result`]);
+/// pending forever when there is none.
 async fn progress(
     pending: &mut Option<Pending>,
     manager: &Arc<SecretManager>,
 ) -> Result<Subscription, SecretError> {
-    let Some(p) = pending.as_mut() else {
-        return std::future::pending().await;
-    };
-    loop {
-        match &mut p.attempt {
-            Attempt::Due(at) => {
-                tokio::time::sleep_until(*at).await;
-                let manager = manager.clone();
-                let credential = p.credential.clone();
-                p.attempt =
-                    Attempt::Running(Box::pin(
-                        async move { manager.subscribe(&credential).await },
-                    ));
-            }
-            Attempt::Running(fetch) => return fetch.await,
-        }
-    }
-}
-
-/// Waits for the identity's state (secret and trust bundle) to change;
-/// pending forever without a subscription. Returns false when the manager
-/// dropped it.
-async fn wait_changed(current: &mut Option<Current>) -> bool {
-    match current {
-        Some(c) => c.sub.secret.changed().await.is_ok(),
+    match pending {
+        Some(p) => p.fetch.result(manager).await,
         None => std::future::pending().await,
     }
-}
-
-/// Resolves once the agent is shutting down.
-async fn shutting_down(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|v| *v).await;
 }
 
 #[cfg(test)]
@@ -487,11 +424,13 @@ mod props {
     use crate::ca::local::LocalCa;
     use crate::config::SdsLimits;
     use crate::crypto::KeyType;
+    use crate::identity::Credential;
     use crate::sds::limits::Limits;
     use crate::secrets::ManagerOptions;
     use envoy_types::pb::google::rpc::Status as RpcStatus;
     use proptest::prelude::*;
     use std::sync::OnceLock;
+    use std::time::Duration;
 
     fn jwt() -> Credential {
         use base64::engine::general_purpose::URL_SAFE_NO_PAD;

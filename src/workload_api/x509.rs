@@ -7,14 +7,17 @@ use tonic::Status;
 use zeroize::Zeroizing;
 
 use super::pb::{X509BundlesResponse, X509svid, X509svidResponse};
-use crate::secrets::roots::RootBundle;
 use crate::secrets::WorkloadSecret;
+use crate::trust::RootBundle;
 
 /// What one message is built from.
 pub(super) struct Snapshot<'a> {
     pub secret: &'a WorkloadSecret,
     pub roots: &'a RootBundle,
 }
+
+/// Builds one method's message.
+pub(super) type Build<T> = fn(&Snapshot<'_>) -> Result<T, Status>;
 
 /// Changes whenever the certificate or the bundle does.
 pub(super) fn svid_version(s: &Snapshot<'_>) -> String {
