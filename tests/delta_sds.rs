@@ -55,18 +55,24 @@ struct DeltaStream {
 
 impl DeltaStream {
     async fn open(client: &mut SecretDiscoveryServiceClient<Channel>, jwt: Option<&str>) -> Self {
+        Self::try_open(client, jwt)
+            .await
+            .expect("open DeltaSecrets")
+    }
+
+    /// Opens a stream, or the status it was refused with.
+    async fn try_open(
+        client: &mut SecretDiscoveryServiceClient<Channel>,
+        jwt: Option<&str>,
+    ) -> Result<Self, tonic::Status> {
         let (tx, rx) = mpsc::channel(8);
         let body = tokio_stream::wrappers::ReceiverStream::new(rx);
         let req = match jwt {
             Some(jwt) => with_jwt(body, jwt),
             None => tonic::Request::new(body),
         };
-        let rx = client
-            .delta_secrets(req)
-            .await
-            .expect("open DeltaSecrets")
-            .into_inner();
-        Self { tx, rx }
+        let rx = client.delta_secrets(req).await?.into_inner();
+        Ok(Self { tx, rx })
     }
 
     async fn send(&self, req: DeltaDiscoveryRequest) {
@@ -83,6 +89,18 @@ impl DeltaStream {
             Ok(Some(item)) => item,
             Ok(None) => panic!("{what}: the stream ended without a status\n{}", agent.log()),
             Err(_) => panic!("{what}: nothing within {WAIT:?}\n{}", agent.log()),
+        }
+    }
+
+    /// The status the stream ends with next, or a panic naming `what`.
+    async fn next_err(&mut self, what: &str, agent: &Agent) -> tonic::Status {
+        match self.next(what, agent).await {
+            Err(status) => status,
+            Ok(resp) => panic!(
+                "{what}: answered {}\n{}",
+                summary(&shorten_names(resp)),
+                agent.log()
+            ),
         }
     }
 
@@ -130,6 +148,14 @@ fn summary(resp: &DeltaDiscoveryResponse) -> String {
         "resources {carried:?}, removed {:?}, nonce {}",
         resp.removed_resources, resp.nonce
     )
+}
+
+/// A response with the names it carries cut short, for a panic message.
+fn shorten_names(mut resp: DeltaDiscoveryResponse) -> DeltaDiscoveryResponse {
+    for n in &mut resp.removed_resources {
+        n.truncate(40);
+    }
+    resp
 }
 
 fn names(resp: &DeltaDiscoveryResponse) -> Vec<String> {
@@ -276,18 +302,177 @@ async fn delta_refusals_carry_the_documented_status() {
     let err = s.next("wrong type", &agent).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 
-    let many: Vec<String> = (0..20).map(|i| format!("n{i}")).collect();
-    let many: Vec<&str> = many.iter().map(String::as_str).collect();
-    let mut s = DeltaStream::open(&mut client, Some(&jwt)).await;
-    s.send(delta(&many, &[], None)).await;
-    let err = s.next("too many names", &agent).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("at most"), "{err:?}");
-
     // Positive control on the same connection: a valid stream is served.
     let mut s = DeltaStream::open(&mut client, Some(&jwt)).await;
     s.send(delta(&["default"], &[], None)).await;
     assert_eq!(names(&s.next_ok("valid", &agent).await), ["default"]);
+}
+
+/// A stream that should be served: its first response carries `default`.
+async fn served(
+    client: &mut SecretDiscoveryServiceClient<Channel>,
+    jwt: &str,
+    agent: &Agent,
+) -> DeltaStream {
+    let mut s = DeltaStream::open(client, Some(jwt)).await;
+    s.send(delta(&["default"], &[], None)).await;
+    assert_eq!(
+        names(&s.next_ok("a stream within the bounds", agent).await),
+        ["default"]
+    );
+    s
+}
+
+/// The refusal of a stream past a cap, or a panic.
+async fn refused(
+    client: &mut SecretDiscoveryServiceClient<Channel>,
+    jwt: &str,
+    agent: &Agent,
+) -> tonic::Status {
+    match DeltaStream::try_open(client, Some(jwt)).await {
+        Err(status) => status,
+        Ok(mut s) => {
+            s.send(delta(&["default"], &[], None)).await;
+            s.next_err("a stream past a cap", agent).await
+        }
+    }
+}
+
+/// `DeltaSecrets` streams are held to every bound `StreamSecrets` streams
+/// are (issue 7's), by the same code: streams per connection and in total,
+/// names per request, request size, the first-request deadline, and the
+/// connection's budget of new JWTs. Each refusal names its setting; each
+/// check has a positive control just inside the bound.
+#[tokio::test]
+async fn delta_streams_obey_the_sds_bounds() {
+    let agent = Agent::start(&[
+        ("CA_PROVIDER", "LocalCA".into()),
+        ("SDS_CONNECTION_MAX_STREAMS", "3".into()),
+        ("SDS_MAX_STREAMS", "5".into()),
+        ("SDS_MAX_RESOURCE_NAMES", "4".into()),
+        ("SDS_MAX_REQUEST_BYTES", "16KiB".into()),
+        ("SDS_FIRST_REQUEST_TIMEOUT", "1s".into()),
+        ("SDS_CONNECTION_NEW_JWT_BURST", "2".into()),
+        ("SDS_CONNECTION_NEW_JWT_INTERVAL", "1h".into()),
+    ]);
+    let jwt = fake_jwt("bounds", "delta");
+
+    // SDS_CONNECTION_MAX_STREAMS: three delta streams on one connection are
+    // served, the fourth is refused.
+    let mut one = connect(&agent.socket).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(served(&mut one, &jwt, &agent).await);
+    }
+    let e = refused(&mut one, &jwt, &agent).await;
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("SDS_CONNECTION_MAX_STREAMS=3"),
+        "{e:?}"
+    );
+
+    // SDS_MAX_STREAMS: two more on another connection make five; the sixth
+    // is refused, and served once a place is given back.
+    let mut two = connect(&agent.socket).await;
+    held.push(served(&mut two, &jwt, &agent).await);
+    held.push(served(&mut two, &jwt, &agent).await);
+    let mut three = connect(&agent.socket).await;
+    let e = refused(&mut three, &jwt, &agent).await;
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("SDS_MAX_STREAMS=5"), "{e:?}");
+    drop(held);
+    let deadline = Instant::now() + WAIT;
+    let s = loop {
+        match DeltaStream::try_open(&mut three, Some(&jwt)).await {
+            Ok(mut s) => {
+                s.send(delta(&["default"], &[], None)).await;
+                let resp = s.next_ok("after the streams closed", &agent).await;
+                assert_eq!(names(&resp), ["default"]);
+                break s;
+            }
+            Err(e) if e.code() == Code::ResourceExhausted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("places not given back: {e:?}\n{}", agent.log()),
+        }
+    };
+    drop(s);
+
+    // SDS_MAX_RESOURCE_NAMES: four distinct names are answered (two served,
+    // two removed); five, to subscribe or to unsubscribe, are refused.
+    let mut four = connect(&agent.socket).await;
+    let mut s = DeltaStream::open(&mut four, Some(&jwt)).await;
+    s.send(delta(
+        &["default", "ROOTCA", "x1", "x2", "default"],
+        &[],
+        None,
+    ))
+    .await;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let resp = s.next_ok("four distinct names", &agent).await;
+        got.extend(names(&resp));
+        got.extend(resp.removed_resources);
+    }
+    got.sort();
+    assert_eq!(got, ["ROOTCA", "default", "x1", "x2"]);
+    drop(s);
+    let five = ["default", "ROOTCA", "x1", "x2", "x3"];
+    for (sub, unsub) in [(&five[..], &[][..]), (&["default"][..], &five[..])] {
+        let mut s = DeltaStream::open(&mut four, Some(&jwt)).await;
+        s.send(delta(sub, unsub, None)).await;
+        let e = s.next_err("five distinct names", &agent).await;
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message()
+                .contains("more than 4 distinct resources (SDS_MAX_RESOURCE_NAMES)"),
+            "{e:?}"
+        );
+    }
+
+    // SDS_MAX_REQUEST_BYTES: a 20 KiB request is refused from its header; a
+    // 12 KiB one is read (its unknown name answered as removed).
+    let mut s = DeltaStream::open(&mut four, Some(&jwt)).await;
+    let small = "s".repeat(12 << 10);
+    s.send(delta(&[&small], &[], None)).await;
+    let resp = s
+        .next_ok("a request under SDS_MAX_REQUEST_BYTES", &agent)
+        .await;
+    assert_eq!(resp.removed_resources, [small]);
+    let big = "b".repeat(20 << 10);
+    s.send(delta(&[&big], &[], None)).await;
+    let e = s
+        .next_err("a request over SDS_MAX_REQUEST_BYTES", &agent)
+        .await;
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message()
+            .contains("more than SDS_MAX_REQUEST_BYTES=16384"),
+        "{e:?}"
+    );
+
+    // SDS_FIRST_REQUEST_TIMEOUT: a stream that sends nothing is closed.
+    let started = Instant::now();
+    let mut s = DeltaStream::open(&mut four, Some(&jwt)).await;
+    let e = s.next_err("a silent stream", &agent).await;
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(
+        e.message().contains("SDS_FIRST_REQUEST_TIMEOUT=1s"),
+        "{e:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(1));
+
+    // SDS_CONNECTION_NEW_JWT_BURST: a connection's two new JWTs are served,
+    // its third is refused without reaching the CA.
+    let mut five_conn = connect(&agent.socket).await;
+    let _a = served(&mut five_conn, &fake_jwt("burst", "a"), &agent).await;
+    let _b = served(&mut five_conn, &fake_jwt("burst", "b"), &agent).await;
+    let e = refused(&mut five_conn, &fake_jwt("burst", "c"), &agent).await;
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("SDS_CONNECTION_NEW_JWT_BURST=2"),
+        "{e:?}"
+    );
 }
 
 /// Sends requests through the mesh for `how_long`, each on a new connection
