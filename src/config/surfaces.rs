@@ -1,18 +1,41 @@
 //! Settings of the surfaces beside SDS: the SPIFFE Workload API socket
-//! (`WORKLOAD_API_SOCKET`) and the certificate files (`OUTPUT_CERTS`).
+//! (`WORKLOAD_API_SOCKET`) and its own caps (`WORKLOAD_API_MAX_*`), and the
+//! certificate files (`OUTPUT_CERTS`).
 
 use std::path::{Path, PathBuf};
 
 use super::ConfigError;
 
 /// Where else the workload's identity is served. Both are off when unset.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SurfacesConfig {
     /// `WORKLOAD_API_SOCKET`: the Unix socket of the SPIFFE Workload API.
     pub workload_api_socket: Option<PathBuf>,
+    /// `WORKLOAD_API_MAX_CONNECTIONS`: open connections on the Workload API
+    /// socket; past it a new one is closed at once. They also count under
+    /// `SDS_MAX_CONNECTIONS`, which both sockets share: this cap keeps the
+    /// Workload API from taking the SDS socket's connections.
+    pub workload_api_max_connections: usize,
+    /// `WORKLOAD_API_MAX_STREAMS`: open Workload API streams (each holds the
+    /// workload's subscription); past it a new one is `RESOURCE_EXHAUSTED`.
+    /// They also count under `SDS_MAX_STREAMS`.
+    pub workload_api_max_streams: usize,
     /// `OUTPUT_CERTS`: the directory the workload's `cert-chain.pem`,
     /// `key.pem` and `root-cert.pem` are written to (one-workload mode).
     pub output_certs: Option<PathBuf>,
+}
+
+impl Default for SurfacesConfig {
+    fn default() -> Self {
+        Self {
+            workload_api_socket: None,
+            // One workload's processes: a SPIFFE library opens one
+            // connection with one or two streams.
+            workload_api_max_connections: 32,
+            workload_api_max_streams: 64,
+            output_certs: None,
+        }
+    }
 }
 
 pub(super) fn surfaces_from_lookup(
@@ -30,6 +53,23 @@ pub(super) fn surfaces_from_lookup(
             ));
         }
     }
+    let d = SurfacesConfig::default();
+    let count = |var: &'static str, default: usize| match get(var) {
+        None => Ok(default),
+        Some(v) => match v.trim().parse::<usize>() {
+            Ok(n) if (1..=1 << 20).contains(&n) => Ok(n),
+            _ => Err(ConfigError::new(
+                var,
+                v,
+                format!("must be a whole number from 1 to {}", 1 << 20),
+            )),
+        },
+    };
+    let workload_api_max_connections = count(
+        "WORKLOAD_API_MAX_CONNECTIONS",
+        d.workload_api_max_connections,
+    )?;
+    let workload_api_max_streams = count("WORKLOAD_API_MAX_STREAMS", d.workload_api_max_streams)?;
     let output_certs = get("OUTPUT_CERTS").map(PathBuf::from);
     if let Some(dir) = &output_certs {
         if token_path.is_none() {
@@ -43,6 +83,8 @@ pub(super) fn surfaces_from_lookup(
     }
     Ok(SurfacesConfig {
         workload_api_socket,
+        workload_api_max_connections,
+        workload_api_max_streams,
         output_certs,
     })
 }
@@ -94,5 +136,38 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.surfaces.output_certs, Some(PathBuf::from("/etc/certs")));
+    }
+
+    #[test]
+    fn workload_api_caps_have_defaults_and_are_checked() {
+        let local = ("CA_PROVIDER", "LocalCA");
+        let c = cfg(&[local]).unwrap();
+        assert_eq!(
+            (
+                c.surfaces.workload_api_max_connections,
+                c.surfaces.workload_api_max_streams
+            ),
+            (32, 64)
+        );
+        let c = cfg(&[
+            local,
+            ("WORKLOAD_API_MAX_CONNECTIONS", "2"),
+            ("WORKLOAD_API_MAX_STREAMS", "3"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                c.surfaces.workload_api_max_connections,
+                c.surfaces.workload_api_max_streams
+            ),
+            (2, 3)
+        );
+        for var in ["WORKLOAD_API_MAX_CONNECTIONS", "WORKLOAD_API_MAX_STREAMS"] {
+            for bad in ["0", "many", "-1"] {
+                let e = cfg(&[local, (var, bad)]).unwrap_err();
+                assert_eq!(e.var, var);
+                assert!(e.to_string().contains("whole number"), "{e}");
+            }
+        }
     }
 }

@@ -22,6 +22,9 @@
 //! `SDS_FIRST_REQUEST_TIMEOUT`, read by the same [`RequestReader`]), the
 //! header list, HTTP/2 keep-alive, and the connection's login budget. So the
 //! agent's worst case under its caps is the same with the Workload API on.
+//! Its own caps, `WORKLOAD_API_MAX_CONNECTIONS` and
+//! `WORKLOAD_API_MAX_STREAMS` ([`caps`]), are taken first, so that a client
+//! of the Workload API cannot take the places Envoy needs on the SDS socket.
 //!
 //! [`Limits`]: crate::sds::limits::Limits
 //! [`RequestReader`]: crate::sds::framing::RequestReader
@@ -33,6 +36,7 @@ use tokio::sync::watch;
 use crate::sds::limits::Limits;
 use crate::secrets::SecretManager;
 
+mod caps;
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod pb;
 mod server;
@@ -71,6 +75,7 @@ pub fn start(
         manager.clone(),
         config.workload_token_path.clone(),
         limits.clone(),
+        caps::ApiCaps::new(&config.surfaces),
         shutdown.clone(),
     );
     let shutdown = shutdown.clone();

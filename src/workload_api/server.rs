@@ -20,10 +20,11 @@ use tonic::codegen::http;
 use tonic::server::{NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::caps::{incoming_within, ApiCaps};
 use super::pb::{X509BundlesRequest, X509BundlesResponse, X509svidRequest, X509svidResponse};
 use super::stream::{ApiStream, Kind};
 use super::x509;
-use crate::sds::connection::{incoming, ConnInfo, Connection};
+use crate::sds::connection::{ConnInfo, Connection};
 use crate::sds::framing::RequestReader;
 use crate::sds::limits::{more, Limits, WithSlot};
 use crate::sds::resources::shorten;
@@ -58,6 +59,7 @@ pub struct WorkloadApiService {
     pub(super) manager: Arc<SecretManager>,
     token_path: Option<PathBuf>,
     pub(super) limits: Arc<Limits>,
+    caps: Arc<ApiCaps>,
     pub(super) shutdown: watch::Receiver<bool>,
     next_stream: AtomicU64,
 }
@@ -67,12 +69,14 @@ impl WorkloadApiService {
         manager: Arc<SecretManager>,
         token_path: Option<PathBuf>,
         limits: Arc<Limits>,
+        caps: Arc<ApiCaps>,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Self> {
         Arc::new(Self {
             manager,
             token_path,
             limits,
+            caps,
             shutdown,
             next_stream: AtomicU64::new(1),
         })
@@ -126,6 +130,11 @@ impl WorkloadApiService {
             tracing::error!("a Workload API request without connection state; refusing it");
             return Status::internal("no connection state").into_http();
         };
+        // Its own cap first, so that it cannot take the SDS socket's places.
+        let place = match self.caps.open_stream(&self.limits) {
+            Ok(p) => p,
+            Err(status) => return status.into_http(),
+        };
         let slot = match self.limits.open_stream(&conn) {
             Ok(s) => s,
             Err(status) => return status.into_http(),
@@ -163,7 +172,15 @@ impl WorkloadApiService {
                     .await
             }
         };
-        resp.map(|inner| Body::new(WithSlot { inner, slot }))
+        resp.map(|inner| {
+            Body::new(WithSlot {
+                inner: WithPlace {
+                    inner,
+                    _place: place,
+                },
+                slot,
+            })
+        })
     }
 }
 
@@ -249,12 +266,39 @@ pub async fn serve(
     service: Arc<WorkloadApiService>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
-    let limits = service.limits.clone();
+    let (limits, caps) = (service.limits.clone(), service.caps.clone());
     let signal = async move {
         let _ = shutdown.wait_for(|v| *v).await;
     };
     http2_server(limits.config())
         .add_service(WorkloadApiRouter(service))
-        .serve_with_incoming_shutdown(incoming(listener, limits), signal)
+        .serve_with_incoming_shutdown(incoming_within(listener, limits, caps), signal)
         .await
+}
+
+/// A response body that holds its stream's place under
+/// `WORKLOAD_API_MAX_STREAMS` until hyper drops it.
+struct WithPlace {
+    inner: Body,
+    _place: super::caps::ApiStreamPlace,
+}
+
+impl http_body::Body for WithPlace {
+    type Data = <Body as http_body::Body>::Data;
+    type Error = <Body as http_body::Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
