@@ -236,6 +236,18 @@ async fn vault_binds_the_identity_in(f: &Fixture, method: &str, trust_domain: &s
         uris_of(own["data"]["certificate"].as_str().unwrap()),
         [server_id]
     );
+    // An X509-SVID: basicConstraints with cA=false, which SPIFFE clients of
+    // the Workload API require of a leaf.
+    let pem =
+        x509_parser::pem::parse_x509_pem(own["data"]["certificate"].as_str().unwrap().as_bytes())
+            .unwrap()
+            .1;
+    let (_, leaf) = x509_parser::parse_x509_certificate(&pem.contents).unwrap();
+    let bc = leaf
+        .basic_constraints()
+        .unwrap()
+        .expect("the leaf carries basicConstraints (basic_constraints_valid_for_non_ca)");
+    assert!(!bc.value.ca, "a leaf, not a CA");
 
     let (status, other) = f.sign(&token, sign_body(csr(client_id))).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{other}");

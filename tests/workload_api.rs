@@ -485,6 +485,22 @@ async fn a_vault_root_change_reaches_the_open_stream_and_the_files() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, env.jwt("default", "httpbin")).unwrap();
+    // A PKI role written without basic_constraints_valid_for_non_ca (as
+    // Istio's Vault tutorial writes it, and roles made before vault-setup
+    // set it) has Vault leave basicConstraints out of leaves.
+    let path = format!("{PKI_MOUNT}/roles/{PKI_ROLE}");
+    let set_basic_constraints = |on: bool| {
+        let (bao, path) = (&env.bao, path.clone());
+        async move {
+            let mut role =
+                bao.root(reqwest::Method::GET, &path, None).await.unwrap()["data"].take();
+            role["basic_constraints_valid_for_non_ca"] = serde_json::json!(on);
+            bao.root(reqwest::Method::POST, &path, Some(role))
+                .await
+                .unwrap();
+        }
+    };
+    set_basic_constraints(false).await;
     let api_socket = dir.path().join("api.sock");
     let out = dir.path().join("certs");
     let vars = env.agent_env_with(&[
@@ -499,8 +515,8 @@ async fn a_vault_root_change_reaches_the_open_stream_and_the_files() {
         .await
         .unwrap();
 
-    // The tutorial's PKI role leaves basicConstraints out of leaves, which
-    // SPIFFE clients refuse; the agent says so and names the role setting.
+    // SPIFFE clients refuse such a leaf; the agent says so and names the
+    // role setting.
     let err = client.fetch_x509_svid().await.map(|_| ()).unwrap_err();
     assert!(
         format!("{err:?}").contains("2.5.29.19"),
@@ -512,18 +528,7 @@ async fn a_vault_root_change_reaches_the_open_stream_and_the_files() {
     );
     // With the role fixed, the next certificate (10 s lifetime, renewed at
     // about 5 s) is a valid X509-SVID.
-    let path = format!("{PKI_MOUNT}/roles/{PKI_ROLE}");
-    let mut role = env
-        .bao
-        .root(reqwest::Method::GET, &path, None)
-        .await
-        .unwrap()["data"]
-        .take();
-    role["basic_constraints_valid_for_non_ca"] = serde_json::json!(true);
-    env.bao
-        .root(reqwest::Method::POST, &path, Some(role))
-        .await
-        .unwrap();
+    set_basic_constraints(true).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         match client.fetch_x509_svid().await {

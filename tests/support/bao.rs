@@ -476,6 +476,9 @@ pub async fn setup_tutorial_with(
             "use_csr_common_name": false,
             "enforce_hostnames": false,
             "key_type": "any",
+            // Leaves with basicConstraints (cA=false): X509-SVIDs, which
+            // SPIFFE clients of the Workload API require.
+            "basic_constraints_valid_for_non_ca": true,
             "ttl": o.cert_ttl,
             "max_ttl": o.cert_max_ttl,
             "no_store": o.no_store,
@@ -726,6 +729,7 @@ pub async fn setup_intermediate(
             "use_csr_common_name": false,
             "enforce_hostnames": false,
             "key_type": "any",
+            "basic_constraints_valid_for_non_ca": true,
             "ttl": "1h",
         })),
     )

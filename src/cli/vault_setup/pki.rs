@@ -405,6 +405,9 @@ pub async fn ensure_role(
         .bool("use_csr_common_name", false)
         .bool("use_csr_sans", true)
         .str("key_type", "any")
+        // Leaves carry basicConstraints (cA=false), as an X509-SVID must:
+        // SPIFFE clients (the Workload API's) refuse a leaf without it.
+        .bool("basic_constraints_valid_for_non_ca", true)
         .bool("server_flag", true)
         .bool("client_flag", true)
         .bool("no_store", true)
