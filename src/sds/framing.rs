@@ -157,7 +157,7 @@ impl RequestReader {
         let mut message = self.buf.split_to(PREFIX + len);
         message.advance(PREFIX);
         self.release(PREFIX + len);
-        let decoded = super::server::decode_request(message.freeze());
+        let decoded = super::codec::decode_request(message.freeze());
         if self.buf.is_empty() {
             // Give the allocation back: the next message may be far off.
             self.buf = BytesMut::new();

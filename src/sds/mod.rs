@@ -13,6 +13,7 @@
 //! - [`framing`]: reading request messages with bounded size, time and
 //!   buffer (a malformed one is `INVALID_ARGUMENT`).
 //! - [`server`]: the gRPC routes, the HTTP/2 settings, `FetchSecrets`.
+//! - [`codec`]: protobuf in and out, a malformed request `INVALID_ARGUMENT`.
 //! - [`stream`]: one `StreamSecrets` stream, the xDS state machine.
 //! - [`delta`]: one `DeltaSecrets` stream, incremental xDS.
 //! - [`serving`]: what a stream of either protocol holds of its identity:
@@ -20,6 +21,7 @@
 //! - [`credential`]: where a request's JWT comes from.
 //! - [`resources`]: the two resources served, and the checks on names.
 
+pub mod codec;
 pub mod connection;
 pub mod credential;
 mod delta;

@@ -1,5 +1,5 @@
 //! The gRPC side of the SDS server: HTTP/2 settings, routes, message size
-//! limits, the codec, and `FetchSecrets`.
+//! limits, and `FetchSecrets` (the codec is [`super::codec`]).
 //!
 //! The routes are written here rather than taken from the generated
 //! `SecretDiscoveryServiceServer` for two reasons: a stream's place under
@@ -18,16 +18,15 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use futures::Stream;
-use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::body::Body;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
-use tonic::server::{ClientStreamingService, Grpc, NamedService, StreamingService};
+use tonic::server::{ClientStreamingService, NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::codec::grpc_for;
 use super::connection::{incoming, Admission, ConnInfo, Connection};
 use super::credential::CredentialSource;
 use super::delta;
@@ -264,17 +263,6 @@ impl SdsService {
 
 pub(crate) type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// tonic's server side of one method: responses encoded with the agent's
-/// codec, at most [`MAX_RESPONSE_BYTES`] each.
-pub(crate) fn grpc_for<E, D>() -> Grpc<SdsCodec<E, D>>
-where
-    E: Message + Send + 'static,
-    D: Message + Default + Send + 'static,
-{
-    Grpc::new(SdsCodec::<E, D>::default())
-        .apply_max_message_size_config(None, Some(MAX_RESPONSE_BYTES))
-}
-
 /// Opens one stream of a streaming method (`StreamSecrets`, `DeltaSecrets`).
 type OpenStream<Resp> =
     fn(&Arc<SdsService>, Arc<Connection>, &MetadataMap, RequestReader) -> Response<BoxStream<Resp>>;
@@ -361,85 +349,6 @@ impl tonic::codegen::Service<http::Request<Body>> for SdsRouter {
 
 impl NamedService for SdsRouter {
     const NAME: &'static str = SERVICE_NAME;
-}
-
-/// Protobuf in and out, like tonic-prost's codec, except that a message that
-/// does not decode is the client's error: `INVALID_ARGUMENT`, not `INTERNAL`.
-/// Buffers start small: most SDS messages are a few KiB, and every open
-/// stream holds one of each.
-pub struct SdsCodec<E, D>(PhantomData<(E, D)>);
-
-impl<E, D> Default for SdsCodec<E, D> {
-    fn default() -> Self {
-        Self(PhantomData)
-    }
-}
-
-fn buffers() -> BufferSettings {
-    BufferSettings::new(2048, 32 * 1024)
-}
-
-impl<E, D> Codec for SdsCodec<E, D>
-where
-    E: Message + Send + 'static,
-    D: Message + Default + Send + 'static,
-{
-    type Encode = E;
-    type Decode = D;
-    type Encoder = SdsEncoder<E>;
-    type Decoder = SdsDecoder<D>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        SdsEncoder(PhantomData)
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        SdsDecoder(PhantomData)
-    }
-}
-
-pub struct SdsEncoder<E>(PhantomData<E>);
-
-impl<E: Message> Encoder for SdsEncoder<E> {
-    type Item = E;
-    type Error = Status;
-
-    fn encode(&mut self, item: E, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        item.encode(buf)
-            .map_err(|e| Status::internal(format!("cannot encode the response: {e}")))
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        buffers()
-    }
-}
-
-pub struct SdsDecoder<D>(PhantomData<D>);
-
-impl<D: Message + Default> Decoder for SdsDecoder<D> {
-    type Item = D;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<D>, Status> {
-        decode_request(buf).map(Some)
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        buffers()
-    }
-}
-
-/// Decodes one request message; a malformed one is `INVALID_ARGUMENT`.
-pub fn decode_request<D: Message + Default>(buf: impl prost::bytes::Buf) -> Result<D, Status> {
-    D::decode(buf).map_err(|e| {
-        Status::invalid_argument(format!(
-            "the request is not a valid protobuf {}: {e}",
-            std::any::type_name::<D>()
-                .rsplit("::")
-                .next()
-                .unwrap_or("message")
-        ))
-    })
 }
 
 /// [`serve_with_limits`] with the default bounds.

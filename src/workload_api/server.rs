@@ -24,11 +24,12 @@ use super::caps::{incoming_within, ApiCaps};
 use super::pb::{X509BundlesRequest, X509BundlesResponse, X509svidRequest, X509svidResponse};
 use super::stream::{ApiStream, Kind};
 use super::x509;
+use crate::sds::codec::grpc_for;
 use crate::sds::connection::{ConnInfo, Connection};
 use crate::sds::framing::RequestReader;
 use crate::sds::limits::{more, Limits, WithSlot};
 use crate::sds::resources::shorten;
-use crate::sds::server::{grpc_for, http2_server, BoxStream};
+use crate::sds::server::{http2_server, BoxStream};
 use crate::secrets::SecretManager;
 
 /// The metadata every Workload API call must carry, with the value `true`.
