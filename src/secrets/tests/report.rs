@@ -40,7 +40,7 @@ async fn each_identity_with_its_certificate_schedule_streams_and_last_error() {
     assert_eq!(r.not_after, Some(not_after));
     // Half of the real lifetime (no jitter), as the schedule computes it.
     let start = not_before.max(received);
-    let half = not_after - not_after.duration_since(start).unwrap() / 2;
+    let half = not_after - not_after.duration_since(start).unwrap().mul_f64(0.5);
     assert_eq!(r.renew_at, Some(half));
     assert_eq!(r.streams_open, 1);
     assert_eq!(r.last_error, None);
