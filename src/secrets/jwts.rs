@@ -9,11 +9,17 @@
 //!   displaces an idle one, else the live one that expires first (if the new
 //!   one expires later); a displaced JWT is handed back to be released at
 //!   the CA (its Vault token revoked).
+//! - A JWT the CA rejects at renewal is forgotten, and its number is
+//!   remembered (the last [`REJECTED_MEMORY`]), so that the streams opened
+//!   with it learn that it no longer proves their identity and end
+//!   ([`JwtLease::rejected`]), rather than keep receiving the certificates
+//!   other pods' JWTs renew.
 //! - A JWT is live while a stream holds it. When its last stream ends it
 //!   leaves the renewal set but is kept, idle, so that a reconnect with the
 //!   same JWT reuses its CA login; it is released when displaced, when it
 //!   expires, or when the identity leaves the cache.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
 
 use super::cache::Entry;
@@ -26,7 +32,12 @@ pub(super) struct Jwts {
     /// Numbers each remembered JWT, so that a lease of a JWT that was
     /// displaced and remembered again does not count for the new one.
     next_epoch: u64,
+    /// Epochs of the JWTs the CA rejected, newest last, bounded.
+    rejected: VecDeque<u64>,
 }
+
+/// How many rejected JWTs an identity remembers for its streams to see.
+pub const REJECTED_MEMORY: usize = 64;
 
 struct Held {
     credential: Credential,
@@ -42,6 +53,7 @@ impl Jwts {
             cap: cap.max(1),
             held: Vec::new(),
             next_epoch: 0,
+            rejected: VecDeque::new(),
         }
     }
 
@@ -117,7 +129,17 @@ impl Jwts {
     /// Forgets a JWT the CA rejected; returns it if it was remembered.
     pub fn forget(&mut self, credential: &Credential) -> Option<Credential> {
         let i = self.held.iter().position(|h| h.credential == *credential)?;
-        Some(self.held.swap_remove(i).credential)
+        let held = self.held.swap_remove(i);
+        if self.rejected.len() >= REJECTED_MEMORY {
+            self.rejected.pop_front();
+        }
+        self.rejected.push_back(held.epoch);
+        Some(held.credential)
+    }
+
+    /// True when the JWT remembered as `epoch` was rejected by the CA.
+    fn was_rejected(&self, epoch: u64) -> bool {
+        self.rejected.contains(&epoch)
     }
 
     /// Forgets and returns the JWTs expired at `now_unix`.
@@ -170,6 +192,19 @@ impl JwtLease {
     }
 }
 
+impl JwtLease {
+    /// True when the CA rejected this lease's JWT at a renewal of its
+    /// identity: the stream holding it no longer proves the identity. (A
+    /// JWT never remembered, because the identity was full of JWTs that
+    /// outlive it, is not tracked: its stream ends when it expires.)
+    pub fn rejected(&self) -> bool {
+        match (self.entry.upgrade(), &self.held) {
+            (Some(entry), Some((_, epoch))) => entry.jwts().was_rejected(*epoch),
+            _ => false,
+        }
+    }
+}
+
 impl std::fmt::Debug for JwtLease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("JwtLease")
@@ -213,6 +248,28 @@ mod tests {
         assert_eq!(j.forget(&c), Some(c.clone()));
         assert!(!j.has_live());
         assert_eq!(j.take_all(), [b]);
+    }
+
+    #[test]
+    fn a_rejected_jwt_is_remembered_by_epoch_and_boundedly() {
+        let mut j = Jwts::new(2);
+        let (a, b) = (jwt("x", Some(100)), jwt("x", Some(200)));
+        let (ea, _) = j.hold(&a);
+        let (eb, _) = j.hold(&b);
+        assert_eq!(j.forget(&a), Some(a.clone()));
+        assert!(j.was_rejected(ea.unwrap()));
+        assert!(!j.was_rejected(eb.unwrap()), "b was not rejected");
+        // Remembered again, a is a new JWT with a new epoch: not rejected.
+        let (ea2, _) = j.hold(&a);
+        assert!(!j.was_rejected(ea2.unwrap()));
+        // The memory is bounded: the oldest rejection is dropped first.
+        for i in 0..REJECTED_MEMORY {
+            let c = jwt(&format!("c{i}"), Some(300));
+            j.hold(&c);
+            j.forget(&c);
+        }
+        assert!(!j.was_rejected(ea.unwrap()), "pushed out");
+        assert!(j.rejected.len() == REJECTED_MEMORY);
     }
 
     #[test]

@@ -155,7 +155,17 @@ pub type SecretWatch = watch::Receiver<IdentityState>;
 pub struct Subscription {
     pub identity: SpiffeId,
     pub secret: SecretWatch,
-    _jwt: JwtLease,
+    jwt: JwtLease,
+}
+
+impl Subscription {
+    /// True once the CA has rejected, at a renewal of the identity, the JWT
+    /// this subscription was made with: the stream no longer proves the
+    /// identity and should end (`PERMISSION_DENIED`), though the identity
+    /// may still be renewed with other streams' JWTs.
+    pub fn credential_rejected(&self) -> bool {
+        self.jwt.rejected()
+    }
 }
 
 /// How the manager behaves.
@@ -316,7 +326,7 @@ impl SecretManager {
             return Ok(Subscription {
                 identity,
                 secret,
-                _jwt: lease,
+                jwt: lease,
             });
         }
         Err(SecretError::Internal(format!(

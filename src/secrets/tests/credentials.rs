@@ -10,13 +10,17 @@ async fn a_renewal_uses_another_live_jwt_when_the_ca_rejects_one() {
         jwt("x", Some(h.unix(20_000))),
     );
     let mut sub_a = h.m.subscribe(&a).await.unwrap();
-    let _sub_b = h.m.subscribe(&b).await.unwrap();
+    let sub_b = h.m.subscribe(&b).await.unwrap();
+    assert!(!sub_b.credential_rejected());
     // b's pod is deleted: its token is gone and Vault now refuses its JWT.
     h.ca.drop_tokens();
     h.ca.reject(&b);
     let before = serial(&sub_a);
     next_cert(&mut sub_a, &before, Duration::from_secs(60)).await;
     assert!(sub_a.secret.borrow().closed.is_none(), "renewed, not ended");
+    // b's stream learns that its JWT no longer proves the identity; a's not.
+    assert!(sub_b.credential_rejected(), "b was rejected");
+    assert!(!sub_a.credential_rejected(), "a still proves it");
     let logins: Vec<Call> =
         h.ca.calls()
             .into_iter()
