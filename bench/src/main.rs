@@ -51,6 +51,9 @@ use vault::VaultBench;
 const CA_MAX_CONCURRENCY: usize = 16;
 const LOG_LEVEL: &str = "info";
 
+/// `--agent-env` settings, added to every agent's.
+static EXTRA_ENV: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLock::new();
+
 #[derive(Parser, Debug)]
 #[command(
     about = "node-agent benchmark: storm vs floor, cached serving, memory, Vault load, bao agent"
@@ -83,6 +86,14 @@ struct Args {
     /// Where report.json and the run's logs go [default: target/bench].
     #[arg(long)]
     out: Option<PathBuf>,
+    /// An extra setting for every agent started (repeatable), e.g. to try
+    /// MALLOC_ARENA_MAX=2.
+    #[arg(long = "agent-env", value_name = "KEY=VALUE")]
+    agent_env: Vec<String>,
+    /// Only the memory points (idle, M × 1 and × 2 at both sizes, once) and
+    /// their fit, printed; no report.json. For work on memory.
+    #[arg(long)]
+    memory_only: bool,
 }
 
 fn workspace_root() -> PathBuf {
@@ -137,6 +148,14 @@ async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
     if s.large == s.m {
         bail!("--large must differ from --identities (two sizes are needed to fit memory)");
     }
+    let mut extra = Vec::new();
+    for kv in &args.agent_env {
+        let Some((k, v)) = kv.split_once('=') else {
+            bail!("--agent-env {kv:?}: expected KEY=VALUE");
+        };
+        extra.push((k.to_string(), v.to_string()));
+    }
+    let _ = EXTRA_ENV.set(extra);
     let load_before = load_average();
     let out = args
         .out
@@ -157,6 +176,9 @@ async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
     );
 
     let v = VaultBench::start(&work).await?;
+    if args.memory_only {
+        return memory_only(&v, &bin, &work, &s).await;
+    }
     let openbao = v
         .bao
         .call(reqwest::Method::GET, "sys/seal-status", None, None)
@@ -371,7 +393,35 @@ fn agent_env(v: &VaultBench, key: KeyType, max_identities: usize) -> Vec<(String
     ] {
         env.push((k.to_string(), val));
     }
+    env.extend(EXTRA_ENV.get().into_iter().flatten().cloned());
     env
+}
+
+async fn memory_only(v: &VaultBench, bin: &Path, work: &Path, s: &Sizes) -> anyhow::Result<()> {
+    let mut points = vec![idle_memory(v, bin, work).await?];
+    for size in [s.m, s.large] {
+        let (.., p, _) = storm(v, bin, work, 0, size, KeyType::EcP256).await?;
+        points.extend(p);
+    }
+    let f = report::fit(&points);
+    println!("| identities | streams | settled RSS | peak RSS |\n|---|---|---|---|");
+    for p in &points {
+        println!(
+            "| {} | {} | {:.1} MiB | {:.1} MiB |",
+            p.identities,
+            p.streams,
+            p.settled_rss_kib as f64 / 1024.0,
+            p.peak_rss_kib as f64 / 1024.0
+        );
+    }
+    println!(
+        "fit: {:.1} KiB per identity, {:.1} KiB per stream, base {:.1} MiB (worst residual {:.0} KiB)",
+        f.per_identity_kib,
+        f.per_stream_kib,
+        f.base_kib / 1024.0,
+        f.max_residual_kib
+    );
+    Ok(())
 }
 
 async fn idle_memory(v: &VaultBench, bin: &Path, work: &Path) -> anyhow::Result<MemPoint> {
