@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use base64::Engine;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +29,8 @@ pub struct Serving {
     pub concurrency: usize,
     pub connections: usize,
     pub streams_per_connection: usize,
+    /// gRPC request body size (Envoy's requests carry its node).
+    pub request_bytes: u64,
     pub duration_s: f64,
     pub requests: u64,
     pub req_per_s: f64,
@@ -51,14 +54,9 @@ pub fn version() -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// Writes the gRPC request body (5-byte prefix and a `DiscoveryRequest` for
-/// `default`) to `path`.
-pub fn write_body(path: &Path) -> anyhow::Result<()> {
-    let msg = crate::sds::request(
-        "default",
-        "sidecar~10.0.0.1~h2load.bench~bench.svc.cluster.local",
-    )
-    .encode_to_vec();
+/// Writes a gRPC request body (the 5-byte prefix and `req`) to `path`.
+pub fn write_body(path: &Path, req: DiscoveryRequest) -> anyhow::Result<()> {
+    let msg = req.encode_to_vec();
     let mut body = vec![0u8];
     body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
     body.extend_from_slice(&msg);
@@ -69,7 +67,6 @@ pub fn write_body(path: &Path) -> anyhow::Result<()> {
 pub struct Run<'a> {
     pub socket: &'a Path,
     pub jwt: &'a str,
-    pub body: &'a Path,
     pub work: &'a Path,
     pub agent_pid: u32,
     pub duration: Duration,
@@ -80,6 +77,7 @@ impl Run<'_> {
     pub async fn run(
         &self,
         path: &str,
+        body: &Path,
         connections: usize,
         streams: usize,
     ) -> anyhow::Result<Serving> {
@@ -98,7 +96,7 @@ impl Run<'_> {
             .args(["--warm-up-time", &format!("{}ms", self.warm_up.as_millis())])
             .arg(format!("--log-file={}", log.display()))
             .arg("-d")
-            .arg(self.body)
+            .arg(body)
             .args(["-H", "content-type: application/grpc"])
             .args(["-H", "te: trailers"])
             .args(["-H", &format!("{}: {jwt}", crate::sds::HEADER)])
@@ -142,6 +140,7 @@ impl Run<'_> {
             concurrency: connections * streams,
             connections,
             streams_per_connection: streams,
+            request_bytes: std::fs::metadata(body)?.len(),
             // h2load's "finished in" includes the warm-up; its req/s does not.
             duration_s: self.duration.as_secs_f64(),
             requests: parsed.done,

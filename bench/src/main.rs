@@ -24,6 +24,7 @@
 //! ```
 
 mod audit;
+mod envoy_node;
 mod h2load;
 mod peer;
 mod procs;
@@ -175,6 +176,12 @@ async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
         s.m, s.large, s.rsa, s.reps, load_before
     );
 
+    // The node a real Envoy sends goes into every request the generators send.
+    let (node, envoy_version) = envoy_node::capture(&work).await?;
+    let envoy_node_bytes = prost::Message::encoded_len(&node);
+    let _ = sds::ENVOY_NODE.set(node);
+    eprintln!("bench: {envoy_version}: its node is {envoy_node_bytes} bytes in every request");
+
     let v = VaultBench::start(&work).await?;
     if args.memory_only {
         return memory_only(&v, &bin, &work, &s).await;
@@ -300,8 +307,9 @@ async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
             ca_max_concurrency: CA_MAX_CONCURRENCY,
             storm_generator: format!(
                 "Rust tonic client on the harness's own {cores}-thread runtime: one HTTP/2 connection per identity, \
-                 StreamSecrets default then ROOTCA, each response ACKed"
+                 StreamSecrets default then ROOTCA, each response ACKed, every request with the node Envoy sends"
             ),
+            envoy_node_bytes,
             cached_generator: format!("{h2load_version}, one thread"),
             agent_log_level: LOG_LEVEL.into(),
             duration_s: started.elapsed().as_secs_f64(),
@@ -321,6 +329,7 @@ async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
             openbao: format!("OpenBao {openbao}"),
             bao_agent: peer::bao_version(&bao_bin),
             h2load: h2load_version.clone(),
+            envoy: envoy_version,
         },
         storms,
         floors,
@@ -570,12 +579,21 @@ async fn cached_serving(
         .into_inner();
     anyhow::ensure!(sds::served_identity(&resp)? == vault::spiffe_id("cached"));
     drop(client);
-    let body = work.join("request.bin");
-    h2load::write_body(&body)?;
+    // FetchSecrets as a small client asks (names only); a new stream as
+    // Envoy opens one (with its node).
+    let small = work.join("fetch-request.bin");
+    h2load::write_body(&small, sds::request_without_node("default"))?;
+    let envoy_like = work.join("stream-request.bin");
+    h2load::write_body(
+        &envoy_like,
+        sds::request(
+            "default",
+            "sidecar~10.0.0.1~h2load.bench~bench.svc.cluster.local",
+        ),
+    )?;
     let run = h2load::Run {
         socket: &agent.socket,
         jwt: &jwt,
-        body: &body,
         work,
         agent_pid: agent.pid(),
         duration: s.serve,
@@ -584,7 +602,7 @@ async fn cached_serving(
     let mut fetch = Vec::new();
     let mut streams = Vec::new();
     for (conns, per) in [(1, 1), (10, 10), (100, 10)] {
-        let f = run.run(h2load::FETCH, conns, per).await?;
+        let f = run.run(h2load::FETCH, &small, conns, per).await?;
         eprintln!(
             "bench: FetchSecrets {:>4} streams: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms",
             f.concurrency,
@@ -593,7 +611,7 @@ async fn cached_serving(
             f.p99_us / 1e3
         );
         fetch.push(f);
-        let n = run.run(h2load::STREAM, conns, per).await?;
+        let n = run.run(h2load::STREAM, &envoy_like, conns, per).await?;
         eprintln!(
             "bench: new stream   {:>4} streams: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms",
             n.concurrency,

@@ -40,6 +40,8 @@ pub struct Harness {
     /// `CA_MAX_CONCURRENCY` of the agent and the floor's workers.
     pub ca_max_concurrency: usize,
     pub storm_generator: String,
+    /// Size of the `node` Envoy puts in each request (captured from a real Envoy).
+    pub envoy_node_bytes: usize,
     pub cached_generator: String,
     pub agent_log_level: String,
     pub duration_s: f64,
@@ -65,6 +67,7 @@ pub struct Versions {
     pub openbao: String,
     pub bao_agent: String,
     pub h2load: String,
+    pub envoy: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -404,8 +407,14 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "\nmode {}: {} repetition(s), medians shown; CA_MAX_CONCURRENCY {}; storm generator: {}",
-            self.harness.mode, self.harness.repetitions, self.harness.ca_max_concurrency, self.harness.storm_generator
+            "\nmode {}: {} repetition(s), medians shown; CA_MAX_CONCURRENCY {}; storm generator: {}; \
+             Envoy's node ({}) is {} bytes",
+            self.harness.mode,
+            self.harness.repetitions,
+            self.harness.ca_max_concurrency,
+            self.harness.storm_generator,
+            self.versions.envoy.split_whitespace().last().unwrap_or_default(),
+            self.harness.envoy_node_bytes
         );
         let _ = writeln!(s, "\n| storm (all ask at once) | M | all hold a certificate | p50 | p99 | floor (login+sign straight to OpenBao) | storm / floor |");
         let _ = writeln!(s, "|---|---|---|---|---|---|---|");
@@ -430,8 +439,8 @@ impl Report {
                 ratio.map_or("–".into(), |r| format!("{:.2}", r.storm_over_floor)),
             );
         }
-        let _ = writeln!(s, "\n| cached serving ({}) | streams | req/s | mean | p50 | p99 | p99.9 | CPU agent / h2load |", self.cached.generator);
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "\n| cached serving ({}) | streams | request | req/s | mean | p50 | p99 | p99.9 | CPU agent / h2load |", self.cached.generator);
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
         for r in self
             .cached
             .fetch_secrets
@@ -445,10 +454,11 @@ impl Report {
             };
             let _ = writeln!(
                 s,
-                "| {what} | {} ({}×{}) | {:.0} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {:.1} s / {:.1} s of {:.0} s |",
+                "| {what} | {} ({}×{}) | {} B | {:.0} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {:.1} s / {:.1} s of {:.0} s |",
                 r.concurrency,
                 r.connections,
                 r.streams_per_connection,
+                r.request_bytes,
                 r.req_per_s,
                 r.mean_us / 1e3,
                 r.p50_us / 1e3,
@@ -628,6 +638,7 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
         ("versions.openbao", &r.versions.openbao),
         ("versions.bao_agent", &r.versions.bao_agent),
         ("versions.h2load", &r.versions.h2load),
+        ("versions.envoy", &r.versions.envoy),
         ("versions.rustc", &r.versions.rustc),
     ] {
         if v.trim().is_empty() {

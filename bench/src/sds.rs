@@ -50,23 +50,40 @@ pub async fn connect(socket: &Path) -> anyhow::Result<Client> {
     }
 }
 
+/// The node a real Envoy sends (see `envoy_node`), set once at start.
+pub static ENVOY_NODE: std::sync::OnceLock<Node> = std::sync::OnceLock::new();
+
+/// Envoy's node with this workload's id, as every request carries it.
+pub fn node(node_id: &str) -> Node {
+    let mut node = ENVOY_NODE.get().cloned().unwrap_or_default();
+    node.id = node_id.to_string();
+    node.cluster = "bench".into();
+    node
+}
+
 /// The request Envoy sends first on a stream for `name`.
 pub fn request(name: &str, node_id: &str) -> DiscoveryRequest {
     DiscoveryRequest {
-        node: Some(Node {
-            id: node_id.to_string(),
-            cluster: "bench".into(),
-            ..Default::default()
-        }),
+        node: Some(node(node_id)),
         resource_names: vec![name.to_string()],
         type_url: SECRET_TYPE.into(),
         ..Default::default()
     }
 }
 
-/// The ACK Envoy sends for `resp`.
-pub fn ack(name: &str, resp: &DiscoveryResponse) -> DiscoveryRequest {
+/// A request as a minimal client sends it: names and type, no node.
+pub fn request_without_node(name: &str) -> DiscoveryRequest {
     DiscoveryRequest {
+        resource_names: vec![name.to_string()],
+        type_url: SECRET_TYPE.into(),
+        ..Default::default()
+    }
+}
+
+/// The ACK Envoy sends for `resp` (with its node again).
+pub fn ack(name: &str, node_id: &str, resp: &DiscoveryResponse) -> DiscoveryRequest {
+    DiscoveryRequest {
+        node: Some(node(node_id)),
         resource_names: vec![name.to_string()],
         type_url: SECRET_TYPE.into(),
         version_info: resp.version_info.clone(),

@@ -191,7 +191,7 @@ pub async fn open_all(
                 let mut s = sds::open(&mut w.client, &w.jwt, resource, &node).await?;
                 let resp = s.next().await?;
                 let at = Instant::now();
-                let _ = s.tx.try_send(sds::ack(resource, &resp));
+                let _ = s.tx.try_send(sds::ack(resource, &node, &resp));
                 Ok::<_, anyhow::Error>((s, resp, at))
             }
             .await;

@@ -1,10 +1,12 @@
 //! The integration tests' real-peer helpers, shared verbatim: the TokenReview
 //! stand-in that really verifies service-account JWTs, OpenBao set up like the
-//! Istio tutorial, and the loopback port allocator.
+//! Istio tutorial, real Envoy processes, and the loopback port allocator.
 #![allow(dead_code)]
 
 #[path = "../../tests/support/bao.rs"]
 pub mod bao;
+#[path = "../../tests/support/envoy.rs"]
+pub mod envoy;
 #[path = "../../tests/support/k8s.rs"]
 pub mod k8s;
 #[path = "../../tests/support/ports.rs"]
