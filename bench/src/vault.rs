@@ -141,7 +141,8 @@ impl VaultBench {
         self.bao.audit_log_path()
     }
 
-    /// The agent's settings, as the tutorial gives them.
+    /// The agent's settings, as the tutorial gives them (each call names a
+    /// fresh status port).
     pub fn agent_env(&self) -> Vec<(String, String)> {
         [
             ("CA_PROVIDER", "VaultCA".to_string()),
@@ -156,6 +157,12 @@ impl VaultBench {
             ),
             ("TRUST_DOMAIN", TRUST_DOMAIN.into()),
             ("SECRET_TTL", "1h".into()),
+            // The status server stays on, as users run it, on a port of its
+            // own (the default 15020 may be another agent's on this machine).
+            (
+                "STATUS_ADDR",
+                format!("127.0.0.1:{}", crate::support::ports::free_port()),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
