@@ -5,17 +5,19 @@
 //! `cargo bench -p node-agent-bench --bench micro` (add a name to filter, e.g.
 //! `-- keygen`).
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use prost::Message;
 
 use node_agent::ca::local::LocalCa;
+use node_agent::ca::CaClient;
 use node_agent::crypto::{verify_issued, IssuedChain, KeyType, PrivateKey};
-use node_agent::identity::SpiffeId;
+use node_agent::identity::{Credential, SpiffeId};
 use node_agent::sds::resources;
-use node_agent::secrets::roots::RootBundle;
-use node_agent::secrets::WorkloadSecret;
+use node_agent::secrets::{ManagerOptions, SecretManager};
+use node_agent::trust::{TrustBundle, TrustOptions};
 
 fn id() -> SpiffeId {
     SpiffeId("spiffe://cluster.local/ns/default/sa/httpbin".into())
@@ -69,30 +71,48 @@ fn verify(c: &mut Criterion) {
     g.finish();
 }
 
+/// A workload's JWT as the local CA reads it (it does not check signatures).
+fn jwt() -> Credential {
+    use base64::Engine;
+    let b64 = |t: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(t);
+    Credential::new(format!(
+        "{}.{}.c2ln",
+        b64(r#"{"alg":"RS256"}"#),
+        b64(r#"{"sub":"system:serviceaccount:default:httpbin","exp":4102444800}"#)
+    ))
+}
+
 fn encode(c: &mut Criterion) {
-    let ca = LocalCa::new(None, "cluster.local").expect("local CA");
-    let key = PrivateKey::generate(KeyType::EcP256).expect("keygen");
-    let chain = issued(&ca, &key);
-    let leaf =
-        verify_issued(&chain, &key.public_key_der(), &id(), SystemTime::now()).expect("valid");
-    let secret = WorkloadSecret {
-        identity: id(),
-        key,
-        chain_pem: chain.chain_pem.concat(),
-        roots: vec![(ca.root_pem().to_string(), leaf.not_after)],
-        leaf,
-        received: SystemTime::now(),
-    };
-    let roots = RootBundle {
-        pems: vec![ca.root_pem().to_string()],
-    };
+    // A cached secret and trust bundle as the agent serves them: a secret
+    // manager over the local CA, one identity subscribed.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let (state, _keep) = rt.block_on(async {
+        let ca: Arc<dyn CaClient> =
+            Arc::new(LocalCa::new(None, "cluster.local").expect("local CA"));
+        let trust = TrustBundle::start(ca.clone(), TrustOptions::default()).expect("trust bundle");
+        let manager = SecretManager::new(
+            ca,
+            trust,
+            ManagerOptions::new("cluster.local", KeyType::EcP256, Duration::from_secs(3600)),
+        );
+        let mut sub = manager.subscribe(&jwt()).await.expect("subscribe");
+        let state = sub
+            .secret
+            .wait_for(|s| s.secret.is_some() && !s.roots.pems.is_empty())
+            .await
+            .expect("a secret and roots")
+            .clone();
+        (state, (manager, sub))
+    });
+    let secret = state.secret.expect("secret");
     let snap = resources::Snapshot {
         secret: &secret,
-        roots: &roots,
+        roots: &state.roots,
     };
     let mut g = c.benchmark_group("sds_response");
-    for names in [vec!["default".to_string()], vec!["ROOTCA".to_string()]] {
-        g.bench_function(format!("{}+encode", names[0]), |b| {
+    for name in ["default", "ROOTCA"] {
+        let names = resources::ResourceNames::parse(&[name.to_string()], 1).expect("one name");
+        g.bench_function(format!("{name}+encode"), |b| {
             b.iter(|| resources::response(&names, &snap, "nonce-1".into()).encode_to_vec())
         });
     }
