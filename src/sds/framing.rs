@@ -12,7 +12,11 @@
 //!   header, before its bytes are read (`RESOURCE_EXHAUSTED`);
 //! - bytes of messages not yet complete count against one budget shared by
 //!   every stream (`SDS_MAX_BUFFERED_REQUEST_BYTES`): a stream that would pass
-//!   it waits, and HTTP/2 flow control makes its client wait too;
+//!   it waits, and HTTP/2 flow control makes its client wait too. A message
+//!   takes its whole size from the budget at once, when its prefix arrives,
+//!   so that no stream waits for budget while holding part of it (streams
+//!   each holding half a message would wait on each other until their
+//!   deadlines: a storm of Envoys, each sending ~60 KiB, did);
 //! - a stream's first message must be complete within
 //!   `SDS_FIRST_REQUEST_TIMEOUT` of the stream opening, and any later one
 //!   within it of its first byte (`DEADLINE_EXCEEDED`), so that no client
@@ -42,9 +46,10 @@ const PREFIX: usize = 5;
 pub struct RequestReader {
     body: Body,
     buf: BytesMut,
-    /// A chunk taken from the body, waiting for budget.
+    /// Bytes taken from the body and not yet in `buf`: waiting for budget,
+    /// or the start of the next message.
     pending: Option<Bytes>,
-    /// Budget permits held for `buf` and `pending`.
+    /// Budget permits held: the whole size of the message in `buf`.
     held: usize,
     budget: Arc<Semaphore>,
     max_message: usize,
@@ -111,19 +116,47 @@ impl RequestReader {
                 self.deadline = Some(Instant::now() + self.timeout);
             }
             self.pending = Some(chunk.clone());
-            let budget = self.budget.clone();
-            let permit = within(
-                self.deadline,
-                self.timeout,
-                budget.acquire_many_owned(chunk.len() as u32),
-            )
-            .await?
-            .map_err(|_| Status::unavailable("the agent is shutting down"))?;
-            permit.forget();
-            self.held += chunk.len();
-            self.pending = None;
-            self.buf.extend_from_slice(&chunk);
+            let (take, size) = self.message_bounds(&chunk);
+            if size > self.held {
+                let budget = self.budget.clone();
+                let permit = within(
+                    self.deadline,
+                    self.timeout,
+                    budget.acquire_many_owned((size - self.held) as u32),
+                )
+                .await?
+                .map_err(|_| Status::unavailable("the agent is shutting down"))?;
+                permit.forget();
+                self.held = size;
+            }
+            self.buf.extend_from_slice(&chunk[..take]);
+            self.pending = (take < chunk.len()).then(|| chunk.slice(take..));
         }
+    }
+
+    /// How many bytes of `chunk` belong to the message being read (the rest
+    /// start the next one), and the budget that message needs: its whole
+    /// size once its prefix is known, else what is buffered so far.
+    fn message_bounds(&self, chunk: &Bytes) -> (usize, usize) {
+        let have = self.buf.len();
+        if have + chunk.len() < PREFIX {
+            return (chunk.len(), have + chunk.len());
+        }
+        let byte = |i: usize| {
+            if i < have {
+                self.buf[i]
+            } else {
+                chunk[i - have]
+            }
+        };
+        let len = u32::from_be_bytes([byte(1), byte(2), byte(3), byte(4)]) as usize;
+        if byte(0) != 0 || len > self.max_message {
+            // Refused from its prefix (see `decode_buffered`): read no further.
+            let take = PREFIX.saturating_sub(have);
+            return (take, have + take);
+        }
+        let size = PREFIX + len;
+        (chunk.len().min(size - have), size)
     }
 
     /// Decodes the first message in the buffer if it is complete.
@@ -352,14 +385,14 @@ mod tests {
         let (mut r1, mut r2) = (mk(rx1, 2), mk(rx2, 5));
         let m = framed(&req(&["default"]));
         assert_eq!(m.len(), 14, "fits the budget, but not twice");
-        // r1 takes 12 bytes of budget with a partial message.
+        // r1 takes its whole message's 14 bytes of budget with the first 12.
         tx1.send(data(&m[..12])).await.unwrap();
         assert!(
             tokio::time::timeout(Duration::from_secs(1), r1.message::<DiscoveryRequest>())
                 .await
                 .is_err()
         );
-        assert_eq!(budget.available_permits(), 4);
+        assert_eq!(budget.available_permits(), 2);
         // r2's 8 bytes must wait; when r1 times out and is dropped, r2 goes on.
         tx2.send(data(&m[..8])).await.unwrap();
         tx2.send(data(&m[8..])).await.unwrap();
@@ -377,6 +410,51 @@ mod tests {
             .expect("served once r1 gave its budget back");
         assert_eq!(got.unwrap().resource_names, ["default"]);
         assert_eq!(budget.available_permits(), 16);
+    }
+
+    /// Readers that each have half a message never wait on each other: the
+    /// first to see its prefix takes the whole message's budget, the other
+    /// waits holding nothing. (Taken a chunk at a time, both held half the
+    /// budget and waited for the other's half until their deadlines.)
+    #[tokio::test(start_paused = true)]
+    async fn readers_with_half_a_message_each_all_finish() {
+        let m = framed(&req(&["default"]));
+        assert_eq!(m.len(), 14);
+        let budget = Arc::new(Semaphore::new(20));
+        let mut readers = Vec::new();
+        let mut senders = Vec::new();
+        for _ in 0..3 {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Item>(4);
+            readers.push(RequestReader::new(
+                Body::new(http_body_util::StreamBody::new(
+                    tokio_stream::wrappers::ReceiverStream::new(rx),
+                )),
+                budget.clone(),
+                100,
+                Duration::from_secs(5),
+            ));
+            tx.send(data(&m[..8])).await.unwrap();
+            senders.push(tx);
+        }
+        let start = Instant::now();
+        let tasks: Vec<_> = readers
+            .into_iter()
+            .map(|mut r| tokio::spawn(async move { r.message::<DiscoveryRequest>().await }))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        for tx in &senders {
+            tx.send(data(&m[8..])).await.unwrap();
+        }
+        for t in tasks {
+            let got = t.await.unwrap().expect("read before any deadline");
+            assert_eq!(got.unwrap().resource_names, ["default"]);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(budget.available_permits(), 20);
     }
 }
 
