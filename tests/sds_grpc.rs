@@ -693,3 +693,34 @@ async fn sds_events_are_counted_in_metrics() {
     assert_eq!(refused("limits"), 0.0);
     drop((tx, inbound));
 }
+
+/// A client that sends its request and half-closes (as grpcurl or a one-shot
+/// fetcher does) is answered before the stream ends: a half-close says "no
+/// more requests", not "cancel".
+#[tokio::test]
+async fn a_half_closed_stream_is_answered_then_ended() {
+    let agent = local_agent();
+    let mut client = connect(&agent.socket).await;
+    let jwt = fake_jwt("default", "half-closed");
+    let mut inbound = client
+        .stream_secrets(with_jwt(
+            tokio_stream::iter(vec![request(&["default"], None)]),
+            &jwt,
+        ))
+        .await
+        .expect("open StreamSecrets")
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+        .await
+        .expect("an answer within 10 s")
+        .expect("no error status")
+        .expect("a response before the stream ends");
+    assert_eq!(
+        served_uris(&first),
+        ["spiffe://cluster.local/ns/default/sa/half-closed"]
+    );
+    let end = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+        .await
+        .expect("the stream ends once answered");
+    assert!(matches!(end, Ok(None)), "{end:?}");
+}

@@ -93,12 +93,21 @@ impl SdsStream {
     }
 
     /// Serves the stream until Envoy closes it, it fails, or shutdown.
+    ///
+    /// A client that half-closes (sends no more requests) is not cancelling:
+    /// what it asked for is still answered, then the stream ends.
     pub async fn run(mut self, mut inbound: RequestReader) {
         let manager = self.service.manager.clone();
+        let mut half_closed = false;
         loop {
             let step = tokio::select! {
-                msg = inbound.message::<DiscoveryRequest>() => match msg {
+                msg = inbound.message::<DiscoveryRequest>(), if !half_closed => match msg {
                     Ok(Some(req)) => self.on_request(req).await,
+                    Ok(None) if self.pending.is_some() => {
+                        tracing::debug!(stream = self.id, "SDS stream half-closed by the client; answering its request first");
+                        half_closed = true;
+                        Step::Continue
+                    }
                     Ok(None) => {
                         tracing::debug!(stream = self.id, "SDS stream closed by the client");
                         Step::End
@@ -111,7 +120,10 @@ impl SdsStream {
                 changed = wait_changed(&mut self.current) => {
                     if changed { self.send_current(false).await } else { Step::End }
                 }
-                result = progress(&mut self.pending, &manager) => self.on_fetched(result).await,
+                result = progress(&mut self.pending, &manager) => match self.on_fetched(result).await {
+                    Step::Continue if half_closed && self.pending.is_none() => Step::End,
+                    step => step,
+                },
                 _ = shutting_down(&mut self.shutdown) => Step::End,
             };
             if let Step::End = step {
