@@ -31,21 +31,23 @@ pub enum IdentityError {
 }
 
 /// A workload's JWT. Its text never appears in `Debug` output or logs.
+/// Clones share the text (a JWT is ~1 KiB, and every stream, cache entry and
+/// login slot of an identity holds one), which is wiped when the last goes.
 #[derive(Clone)]
 pub struct Credential {
-    jwt: Zeroizing<String>,
+    jwt: std::sync::Arc<Zeroizing<String>>,
 }
 
 impl Credential {
     pub fn new(jwt: impl Into<String>) -> Self {
         Self {
-            jwt: Zeroizing::new(jwt.into().trim().to_string()),
+            jwt: std::sync::Arc::new(Zeroizing::new(jwt.into().trim().to_string())),
         }
     }
 
     /// The raw token, for sending to the CA only.
     pub fn expose(&self) -> &str {
-        &self.jwt
+        self.jwt.as_str()
     }
 
     /// A stable, non-reversible handle for this exact token (cache keys, logs).
@@ -108,7 +110,7 @@ impl fmt::Debug for Credential {
 
 impl PartialEq for Credential {
     fn eq(&self, other: &Self) -> bool {
-        *self.jwt == *other.jwt
+        self.jwt.as_str() == other.jwt.as_str()
     }
 }
 impl Eq for Credential {}

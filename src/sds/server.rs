@@ -257,7 +257,10 @@ impl SdsService {
         let (tx, rx) = mpsc::channel(2);
         let s = SdsStream::new(id, self.clone(), conn, credential, tx);
         tokio::spawn(s.run(reader));
-        Response::new(Box::pin(ReceiverStream::new(rx)))
+        Response::new(Box::pin(tokio_stream::StreamExt::map(
+            ReceiverStream::new(rx),
+            |item| *item,
+        )))
     }
 }
 

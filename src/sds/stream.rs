@@ -32,7 +32,10 @@ use super::serving::{shutting_down, wait_changed, Current, FirstFetch};
 use crate::metrics::{self, Refusal};
 use crate::secrets::{SecretError, SecretManager, Subscription};
 
-pub(super) type Outbound = mpsc::Sender<Result<DiscoveryResponse, Status>>;
+/// Where a stream's responses go. Boxed: a channel allocates its slots 32 at a
+/// time whatever its bound, and an unboxed `Result<DiscoveryResponse, Status>`
+/// slot is ~150 bytes, which made ~5 KiB per open stream.
+pub(super) type Outbound = mpsc::Sender<Box<Result<DiscoveryResponse, Status>>>;
 
 /// State of one stream.
 pub(super) struct SdsStream {
@@ -96,13 +99,17 @@ impl SdsStream {
     ///
     /// A client that half-closes (sends no more requests) is not cancelling:
     /// what it asked for is still answered, then the stream ends.
+    ///
+    /// The handlers are boxed: inline, their futures (a CA call among them)
+    /// would be part of every open stream's resting task, ~4 KiB each; boxed,
+    /// they take memory only while they run.
     pub async fn run(mut self, mut inbound: RequestReader) {
         let manager = self.service.manager.clone();
         let mut half_closed = false;
         loop {
             let step = tokio::select! {
                 msg = inbound.message::<DiscoveryRequest>(), if !half_closed => match msg {
-                    Ok(Some(req)) => self.on_request(req).await,
+                    Ok(Some(req)) => Box::pin(self.on_request(req)).await,
                     Ok(None) if self.pending.is_some() => {
                         tracing::debug!(stream = self.id, "SDS stream half-closed by the client; answering its request first");
                         half_closed = true;
@@ -118,9 +125,9 @@ impl SdsStream {
                     }
                 },
                 changed = wait_changed(&mut self.current) => {
-                    if changed { self.send_current(false).await } else { Step::End }
+                    if changed { Box::pin(self.send_current(false)).await } else { Step::End }
                 }
-                result = progress(&mut self.pending, &manager) => match self.on_fetched(result).await {
+                result = progress(&mut self.pending, &manager) => match Box::pin(self.on_fetched(result)).await {
                     Step::Continue if half_closed && self.pending.is_none() => Step::End,
                     step => step,
                 },
@@ -331,14 +338,14 @@ impl SdsStream {
         for name in self.names.as_slice() {
             metrics::pushed(name);
         }
-        if self.out.send(Ok(resp)).await.is_err() {
+        if self.out.send(Box::new(Ok(resp))).await.is_err() {
             return Step::End;
         }
         Step::Continue
     }
 
     async fn fail(&mut self, status: Status) -> Step {
-        let _ = self.out.send(Err(status)).await;
+        let _ = self.out.send(Box::new(Err(status))).await;
         Step::End
     }
 }
@@ -568,7 +575,7 @@ mod props {
                 }
                 drop(s);
                 while let Some(item) = rx.recv().await {
-                    if let Err(status) = item {
+                    if let Err(status) = *item {
                         prop_assert!(
                             matches!(status.code(), tonic::Code::InvalidArgument),
                             "{status:?}"
