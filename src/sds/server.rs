@@ -192,7 +192,11 @@ impl SdsService {
     ) -> Result<Response<DiscoveryResponse>, Status> {
         let id = self.next_stream_id();
         let credential = CredentialSource::from_metadata(metadata, self.token_path.as_deref());
-        let req = match reader.message::<DiscoveryRequest>().await {
+        let req = match reader
+            .message::<super::framing::RequestWithoutNode>()
+            .await
+            .map(|m| m.map(DiscoveryRequest::from))
+        {
             Ok(Some(req)) => req,
             Ok(None) => {
                 return Err(Status::invalid_argument(

@@ -108,7 +108,7 @@ impl SdsStream {
         let mut half_closed = false;
         loop {
             let step = tokio::select! {
-                msg = inbound.message::<DiscoveryRequest>(), if !half_closed => match msg {
+                msg = inbound.message::<super::framing::RequestWithoutNode>(), if !half_closed => match msg.map(|m| m.map(DiscoveryRequest::from)) {
                     Ok(Some(req)) => Box::pin(self.on_request(req)).await,
                     Ok(None) if self.pending.is_some() => {
                         tracing::debug!(stream = self.id, "SDS stream half-closed by the client; answering its request first");
