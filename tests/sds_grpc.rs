@@ -724,3 +724,45 @@ async fn a_half_closed_stream_is_answered_then_ended() {
         .expect("the stream ends once answered");
     assert!(matches!(end, Ok(None)), "{end:?}");
 }
+
+/// Streams of one connection, each sending an Envoy-sized request (60 KiB)
+/// while the buffered-request budget holds one such request at a time, are
+/// all answered. Streams waiting for budget hold what their client sent them
+/// (a stream window each) in HTTP/2's buffers; with a connection window of
+/// 64 KiB, four of them left the stream holding the budget no window for the
+/// rest of its request, and every stream ended with DEADLINE_EXCEEDED
+/// (h2load's 100 connections of 10 streams did, in the benchmark).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_waiting_for_request_budget_leave_their_connection_window() {
+    let agent = Agent::start(&[
+        ("CA_PROVIDER", "LocalCA".into()),
+        ("SDS_MAX_REQUEST_BYTES", "65536".into()),
+        ("SDS_MAX_BUFFERED_REQUEST_BYTES", "70000".into()),
+        ("SDS_FIRST_REQUEST_TIMEOUT", "5s".into()),
+    ]);
+    let client = connect(&agent.socket).await;
+    let jwt = fake_jwt("default", "big-requests");
+    let mut req = request(&["default"], None);
+    req.node = Some(envoy_types::pb::envoy::config::core::v3::Node {
+        id: "x".repeat(60 * 1024),
+        ..Default::default()
+    });
+    // 12 streams on one connection (under SDS_CONNECTION_MAX_STREAMS=16).
+    let calls: Vec<_> = (0..12)
+        .map(|_| {
+            let mut c = client.clone();
+            let r = with_jwt(req.clone(), &jwt);
+            tokio::spawn(async move { c.fetch_secrets(r).await })
+        })
+        .collect();
+    for c in calls {
+        let resp = c
+            .await
+            .unwrap()
+            .expect("every stream is served (none ends with DEADLINE_EXCEEDED)");
+        assert_eq!(
+            served_uris(resp.get_ref()),
+            ["spiffe://cluster.local/ns/default/sa/big-requests"]
+        );
+    }
+}

@@ -50,12 +50,23 @@ pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
 
 /// HTTP/2 flow-control windows: what a client can make the agent hold in
 /// HTTP/2 buffers before the agent reads it is at most a stream window per
-/// open stream, and a connection window per connection. Requests are read
-/// as they arrive (see `framing`), so small windows cost an Envoy's 60 KiB
-/// request only a few window updates on a local socket. The connection
-/// window cannot go below the protocol's initial 64 KiB.
+/// open stream. Requests are read as they arrive (see `framing`), so small
+/// windows cost an Envoy's 60 KiB request only a few window updates on a
+/// local socket.
 const STREAM_WINDOW: u32 = 16 * 1024;
-const CONNECTION_WINDOW: u32 = 64 * 1024;
+
+/// The connection window holds a stream window for every stream HTTP/2
+/// admits on the connection, and one more: streams waiting for the
+/// buffered-request budget (see `framing`) leave their stream window's worth
+/// unread, and the stream that holds the budget must still get the rest of
+/// its request. (At 64 KiB, four waiting streams stalled their connection
+/// until `SDS_FIRST_REQUEST_TIMEOUT`.) It adds nothing to what a client can
+/// make the agent hold: that is still a stream window per stream.
+fn connection_window(h2_streams: u32) -> u32 {
+    STREAM_WINDOW
+        .saturating_mul(h2_streams.saturating_add(1))
+        .clamp(64 * 1024, (1 << 31) - 1)
+}
 
 /// The gRPC status a stream ends with for a secret failure.
 pub(crate) fn status_for(e: &SecretError) -> Status {
@@ -426,6 +437,6 @@ pub(crate) fn http2_server(cfg: &SdsLimits) -> tonic::transport::Server {
         .http2_max_header_list_size(cfg.max_header_bytes)
         .max_concurrent_streams(h2_streams)
         .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(connection_window(h2_streams))
         .max_frame_size(16 * 1024)
 }
