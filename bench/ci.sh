@@ -7,7 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/peers.sh
 if ! command -v h2load >/dev/null; then
-  apt-get update -qq && apt-get install -y -qq nghttp2-client
+  echo "error: h2load not found; install Debian's nghttp2-client (.ci/run installs it, pinned)" >&2
+  exit 1
 fi
 cargo run --locked --release -p node-agent-bench -- --quick
 cargo run --locked --release -p node-agent-bench -- --check target/bench/report.json
