@@ -361,6 +361,103 @@ async fn streams_over_many_connections_past_the_total_cap() {
     served_after(&agent).await;
 }
 
+/// Workloads past MAX_IDENTITIES (here 2), each with a valid JWT of its
+/// own: a new identity's stream and fetch are refused with
+/// RESOURCE_EXHAUSTED naming the setting, the CA is not asked, the two
+/// identities already cached keep being served on their open streams and on
+/// new ones, and the refusals are logged once per interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_past_max_identities_are_refused() {
+    let agent = local_agent(&[("MAX_IDENTITIES", "2")]);
+    // The two identities the agent holds, each on a stream of its own.
+    let mut held = Vec::new();
+    for sa in ["one", "two"] {
+        let jwt = fake_jwt("held", sa);
+        let mut client = connect(&agent.socket).await;
+        let (tx, mut inbound) = open_stream(&mut client, &jwt).await;
+        tx.send(request(&["default"], None)).await.unwrap();
+        let first = next_within(&mut inbound, Duration::from_secs(10), "held stream", || {
+            agent.log()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{sa} was not served: {e:?}\n{}", agent.log()));
+        assert_eq!(
+            served_uris(&first),
+            [format!("spiffe://cluster.local/ns/held/sa/{sa}")]
+        );
+        held.push((client, jwt, tx, inbound, first));
+    }
+    let m = support::metrics::scrape(&agent.status_url("/metrics"), "prometheus").await;
+    let sign_ok = [("kind", "sign"), ("outcome", "ok")];
+    let signed_before = m.get("node_agent_ca_requests_total", &sign_ok);
+    assert_eq!(signed_before, 2.0);
+
+    let rss = RssSampler::start(agent.pid());
+    let started = Instant::now();
+    // A third identity, again and again: on new streams and by FetchSecrets.
+    let third = fake_jwt("attacker", "third");
+    let mut client = connect(&agent.socket).await;
+    for _ in 0..50 {
+        let (tx, mut inbound) = open_stream(&mut client, &third).await;
+        tx.send(request(&["default"], None)).await.unwrap();
+        let e = next_within(
+            &mut inbound,
+            Duration::from_secs(10),
+            "third identity",
+            || agent.log(),
+        )
+        .await
+        .expect_err("a third identity is refused on a stream");
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert!(
+            e.message()
+                .contains("this agent already serves 2 identities (MAX_IDENTITIES)"),
+            "{e:?}"
+        );
+        let e = fetch(&mut client, &["default"], &third)
+            .await
+            .expect_err("a third identity is refused by FetchSecrets");
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert!(e.message().contains("(MAX_IDENTITIES)"), "{e:?}");
+    }
+    let elapsed = started.elapsed();
+
+    // The two held identities are served: on their open streams (a changed
+    // subscription answered) and on new connections.
+    for (_, jwt, tx, inbound, first) in &mut held {
+        tx.send(request(&["default", "ROOTCA"], Some(first)))
+            .await
+            .unwrap();
+        let resp = next_within(inbound, Duration::from_secs(10), "held stream", || {
+            agent.log()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("an open stream was not served: {e:?}\n{}", agent.log()));
+        assert_eq!(secrets(&resp).len(), 2);
+        let mut fresh = connect(&agent.socket).await;
+        let resp = fetch(&mut fresh, &["default"], jwt)
+            .await
+            .unwrap_or_else(|e| panic!("a held identity was not served: {e:?}\n{}", agent.log()));
+        assert_eq!(served_uris(&resp), served_uris(first));
+    }
+    // The CA signed nothing for the third; the cache holds two.
+    let m = support::metrics::scrape(&agent.status_url("/metrics"), "prometheus").await;
+    assert_eq!(
+        m.get("node_agent_ca_requests_total", &sign_ok),
+        signed_before,
+        "the CA was not asked for the third identity"
+    );
+    assert_eq!(m.get("node_agent_identities_cached", &[]), 2.0);
+    assert!(
+        m.get(
+            "node_agent_sds_requests_refused_total",
+            &[("reason", "limits")]
+        ) >= 100.0
+    );
+    check_rss(rss.stop(), "identities past MAX_IDENTITIES");
+    assert_one_warning_per_interval(&agent, "MAX_IDENTITIES", elapsed);
+}
+
 /// One connection presents forged JWTs, each new (a Vault login and a
 /// TokenReview each, were they all passed on), ten at once and then a
 /// hundred in a row. Counted at OpenBao: only the connection's budget
