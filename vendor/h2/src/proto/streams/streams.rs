@@ -652,10 +652,17 @@ impl Inner {
             let sz = frame.flow_controlled_len();
             let is_end_stream = frame.is_end_stream();
             let payload_len = frame.payload().len();
+            // node-agent patch: a frame `recv_data` drops at once (the stream
+            // was released by the application, or reset locally) is not
+            // buffered, so it is not charged: charged, it was never given
+            // back, and a server that answers streams before reading their
+            // bodies (refusals) ran out of budget and closed the connection,
+            // with every stream on it (GOAWAY ENHANCE_YOUR_CALM).
+            let buffered = stream.is_recv && !stream.state.is_local_error();
             let mut res = actions.recv.recv_data(frame, stream);
             // A stream can receive at most one final DATA frame, so it cannot
             // be used to create unbounded framing overhead on that stream.
-            if res.is_ok() && !is_end_stream {
+            if res.is_ok() && !is_end_stream && (buffered || payload_len == 0) {
                 res = counts.record_data_frame(payload_len).map_err(|_| {
                     tracing::debug!("too many small DATA frames");
                     Error::library_go_away_data(Reason::ENHANCE_YOUR_CALM, "too_many_data_frames")
