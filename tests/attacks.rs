@@ -206,18 +206,19 @@ async fn stream_flood_on_one_connection() {
             match opened {
                 Ok(resp) => {
                     let mut inbound = resp.into_inner();
-                    let first = inbound.next().await.unwrap();
-                    held.lock().await.push((tx, inbound));
-                    first.map(|_| ())
+                    let first = inbound.next().await.unwrap()?;
+                    held.lock().await.push((tx, inbound, first));
+                    Ok(())
                 }
                 Err(e) => Err(e),
             }
         }));
     }
-    // Past the setting, the agent refuses each stream, naming it. HTTP/2's
-    // own flood guards may also close the attacker's connection (GOAWAY
-    // ENHANCE_YOUR_CALM, which gRPC reports as RESOURCE_EXHAUSTED), and the
-    // streams it had queued then fail as the connection closes.
+    // Past the setting, the agent refuses each stream, naming it. HTTP/2
+    // itself refuses a few (REFUSED_STREAM) that the client opened before it
+    // saw others end. Were HTTP/2's flood guards to close the connection
+    // (GOAWAY ENHANCE_YOUR_CALM, which gRPC reports as RESOURCE_EXHAUSTED),
+    // its queued streams would fail, and so would the held ones below.
     let (mut served, mut ours, mut calm, mut closed) = (0, 0, 0, 0);
     // Streams the agent neither serves nor refuses would wait for ever.
     let give_up = Instant::now() + Duration::from_secs(120);
@@ -262,6 +263,26 @@ async fn stream_flood_on_one_connection() {
         counted >= ours as f64,
         "{counted} refusals counted, {ours} seen"
     );
+    // The streams the connection holds are still served after the flood
+    // was refused: each gets an answer to a changed subscription.
+    let mut held = std::mem::take(&mut *held.lock().await);
+    assert_eq!(held.len(), 16);
+    for (tx, inbound, first) in &mut held {
+        tx.send(request(&["default", "ROOTCA"], Some(first)))
+            .await
+            .unwrap_or_else(|_| panic!("a held stream was closed\n{}", agent.log()));
+        let resp = next_within(inbound, Duration::from_secs(10), "held stream", || {
+            agent.log()
+        })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "a stream held through the flood was not served: {e:?}\n{}",
+                agent.log()
+            )
+        });
+        assert_eq!(secrets(&resp).len(), 2);
+    }
     let elapsed = started.elapsed();
     check_rss(rss.stop(), "stream flood on one connection");
     legit.stop(&agent).await;
