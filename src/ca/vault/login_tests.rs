@@ -144,3 +144,36 @@ fn release_and_take_all_skip_batch_tokens() {
         assert!(logins.take_all().is_empty());
     });
 }
+
+/// `cached_login` while a login with the same JWT is in flight waits for it
+/// and returns its token: a busy slot is not "no credential".
+#[tokio::test(start_paused = true)]
+async fn cached_waits_for_a_login_in_flight_with_the_same_jwt() {
+    let logins = Arc::new(Logins::default());
+    let jwt = Credential::new("a.b.c");
+    let key = key_of(&jwt);
+    // A login in flight: it holds the slot's lock, as `login` does while
+    // Vault answers, and then caches the token Vault gave.
+    let (slot, _) = logins.slot(key);
+    let (locked, is_locked) = tokio::sync::oneshot::channel();
+    let login = tokio::spawn(async move {
+        let _login = slot.login.lock().await;
+        locked.send(()).unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        lock(&slot.state).token = Some(cached(Duration::from_secs(600)));
+    });
+    is_locked.await.unwrap();
+    let asked = tokio::spawn({
+        let (logins, jwt) = (logins.clone(), jwt.clone());
+        async move { logins.cached(&jwt).await }
+    });
+    let auth = asked
+        .await
+        .unwrap()
+        .expect("the token of the login in flight");
+    assert_eq!(auth.token.as_deref().map(|t| t.as_str()), Some("s.t"));
+    assert_eq!(auth.slot, Some(key));
+    login.await.unwrap();
+    // Without a login in flight or a token, there is none.
+    assert!(logins.cached(&Credential::new("x.y.z")).await.is_none());
+}
