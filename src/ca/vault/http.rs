@@ -295,7 +295,11 @@ async fn read_bounded(resp: &mut reqwest::Response) -> Result<String, String> {
     String::from_utf8(buf).map_err(|_| "the answer is not UTF-8 text".to_string())
 }
 
-fn parse_json(answer: &Answer, method: &str, url: &str) -> Result<serde_json::Value, CaError> {
+pub(super) fn parse_json(
+    answer: &Answer,
+    method: &str,
+    url: &str,
+) -> Result<serde_json::Value, CaError> {
     if answer.status == 204 || answer.body.trim().is_empty() {
         return Ok(serde_json::Value::Null);
     }

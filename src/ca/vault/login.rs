@@ -32,6 +32,9 @@ pub const REJECTION_HOLD_DOWN: Duration = Duration::from_secs(5);
 const TOKEN_REFRESH_FRACTION: f64 = 0.1;
 /// Lease assumed for a token Vault gives without one (lease 0: no expiry).
 const UNBOUNDED_LEASE: Duration = Duration::from_secs(24 * 3600);
+/// Longest lease believed: Vault bounds leases by its `max_lease_ttl` (32
+/// days unless set); an answer with a longer one is not a Vault answer.
+pub(super) const MAX_LEASE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 type Key = [u8; 32];
 
@@ -112,18 +115,53 @@ struct LoginAnswer {
 }
 
 #[derive(Deserialize)]
-struct LoginAuth {
-    client_token: String,
+pub(super) struct LoginAuth {
+    pub(super) client_token: String,
     #[serde(default)]
     lease_duration: u64,
     #[serde(default)]
     token_type: Option<String>,
 }
 
+/// The auth of a login answer, checked: a token that can be sent back as
+/// a header, and a lease Vault could give.
+pub(super) fn login_answer(v: serde_json::Value) -> Result<LoginAuth, CaError> {
+    let answer: LoginAnswer = serde_json::from_value(v).map_err(|e| {
+        CaError::bad_answer(format!(
+            "the login answer is not a Vault auth response: {e}"
+        ))
+    })?;
+    let auth = answer
+        .auth
+        .filter(|a| !a.client_token.is_empty())
+        .ok_or_else(|| CaError::bad_answer("the login answer has no auth.client_token"))?;
+    if reqwest::header::HeaderValue::from_str(&auth.client_token).is_err() {
+        return Err(CaError::bad_answer(
+            "the login answer's auth.client_token is not a token (it has characters a header cannot carry)",
+        ));
+    }
+    if auth.lease_duration > MAX_LEASE.as_secs() {
+        return Err(CaError::bad_answer(format!(
+            "the login answer's auth.lease_duration, {}s, is longer than any Vault lease",
+            auth.lease_duration
+        )));
+    }
+    Ok(auth)
+}
+
 impl LoginAuth {
+    /// The token's lease ([`UNBOUNDED_LEASE`] when Vault gives none).
+    pub(super) fn lease(&self) -> Duration {
+        if self.lease_duration == 0 {
+            UNBOUNDED_LEASE
+        } else {
+            Duration::from_secs(self.lease_duration)
+        }
+    }
+
     /// Batch tokens say so (`token_type`), or by their prefix on servers that
     /// do not (`hvb.` on Vault, `b.` on OpenBao).
-    fn is_batch(&self) -> bool {
+    pub(super) fn is_batch(&self) -> bool {
         match self.token_type.as_deref() {
             Some(t) => t == "batch",
             None => self.client_token.starts_with("hvb.") || self.client_token.starts_with("b."),
@@ -141,12 +179,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Until when a token with `lease` is used: 90% of the lease, and never past
 /// the JWT's `exp` (given with the Unix time of `now`).
-fn cache_until(now: Instant, lease: Duration, exp_and_unix_now: Option<(i64, i64)>) -> Instant {
+pub(super) fn cache_until(
+    now: Instant,
+    lease: Duration,
+    exp_and_unix_now: Option<(i64, i64)>,
+) -> Instant {
     let by_lease = now + lease.mul_f64(1.0 - TOKEN_REFRESH_FRACTION);
     match exp_and_unix_now {
         Some((exp, unix_now)) => {
             let left = exp.saturating_sub(unix_now).max(0) as u64;
-            by_lease.min(now + Duration::from_secs(left))
+            // An `exp` too far off to add to an instant bounds nothing.
+            now.checked_add(Duration::from_secs(left))
+                .map_or(by_lease, |by_exp| by_lease.min(by_exp))
         }
         None => by_lease,
     }
@@ -231,26 +275,13 @@ impl Logins {
 
         let body = json!({ "role": role, "jwt": credential.expose() });
         let result = metrics::ca_request(CaKind::Login, async {
-            let v = http.post_json(auth_path, None, &body).await?;
-            let answer: LoginAnswer = serde_json::from_value(v).map_err(|e| {
-                CaError::bad_answer(format!(
-                    "the login answer is not a Vault auth response: {e}"
-                ))
-            })?;
-            answer
-                .auth
-                .filter(|a| !a.client_token.is_empty())
-                .ok_or_else(|| CaError::bad_answer("the login answer has no auth.client_token"))
+            login_answer(http.post_json(auth_path, None, &body).await?)
         })
         .await;
         let now = Instant::now();
         match result {
             Ok(auth) => {
-                let lease = if auth.lease_duration == 0 {
-                    UNBOUNDED_LEASE
-                } else {
-                    Duration::from_secs(auth.lease_duration)
-                };
+                let lease = auth.lease();
                 let until = cache_until(now, lease, exp.map(|e| (e, unix_now())));
                 let batch = auth.is_batch();
                 let token = Arc::new(Zeroizing::new(auth.client_token));

@@ -27,6 +27,11 @@ async fn a_token_is_cached_until_the_earlier_of_90_percent_of_its_lease_and_the_
     );
     // Already expired: not cached at all.
     assert_eq!(cache_until(now, hour, Some((5, 10))), now);
+    // An exp too far off to add to an instant: the lease.
+    assert_eq!(
+        cache_until(now, hour, Some((i64::MAX, 0))),
+        now + hour.mul_f64(0.9)
+    );
 }
 
 #[test]

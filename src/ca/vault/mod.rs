@@ -65,6 +65,25 @@ struct SignData {
     ca_chain: Option<Vec<String>>,
 }
 
+/// The certificate and the rest of a sign answer (`data.certificate`,
+/// `data.issuing_ca`, `data.ca_chain`), or what is missing, as Vault at
+/// `addr` answered.
+fn sign_answer(v: serde_json::Value, addr: &str) -> Result<(String, SignData), CaError> {
+    let bad = |m: String| {
+        CaError::BadAnswer(CaFailure::new(format!(
+            "Vault at {addr} answered the sign request with {m}"
+        )))
+    };
+    let answer: SignAnswer =
+        serde_json::from_value(v).map_err(|e| bad(format!("an unexpected shape: {e}")))?;
+    let data = answer.data.ok_or_else(|| bad("no data".into()))?;
+    let certificate = data
+        .certificate
+        .clone()
+        .ok_or_else(|| bad("no data.certificate".into()))?;
+    Ok((certificate, data))
+}
+
 impl VaultCa {
     pub fn new(cfg: VaultConfig) -> Result<Self, VaultSetupError> {
         let http = VaultHttp::new(&cfg)?;
@@ -194,13 +213,7 @@ impl CaClient for VaultCa {
                     "Vault at {addr} answered the sign request with {m}"
                 )))
             };
-            let answer: SignAnswer =
-                serde_json::from_value(v).map_err(|e| bad(format!("an unexpected shape: {e}")))?;
-            let data = answer.data.ok_or_else(|| bad("no data".into()))?;
-            let certificate = data
-                .certificate
-                .clone()
-                .ok_or_else(|| bad("no data.certificate".into()))?;
+            let (certificate, data) = sign_answer(v, addr)?;
             self.chain_with_root(&certificate, &data).await.map_err(bad)
         })
         .await

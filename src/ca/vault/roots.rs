@@ -74,7 +74,7 @@ impl MountRoots {
             })
         };
         let ids = match http.get_json(&format!("{mount}/issuers?list=true")).await {
-            Ok(v) => issuer_ids(&v).map_err(|m| wrap(CaError::bad_answer(m)))?,
+            Ok(v) => issuer_ids(&v).map_err(wrap)?,
             // Vault answers a LIST of nothing with 404 and no errors.
             Err(e) if e.status() == Some(404) && e.vault_errors().is_empty() => Vec::new(),
             Err(e) => return Err(wrap(e)),
@@ -141,7 +141,11 @@ impl MountRoots {
 
 /// The issuer IDs of a LIST answer, checked: a bounded number of plain IDs
 /// (they become URL path segments).
-fn issuer_ids(v: &serde_json::Value) -> Result<Vec<String>, String> {
+pub(super) fn issuer_ids(v: &serde_json::Value) -> Result<Vec<String>, CaError> {
+    issuer_ids_or(v).map_err(CaError::bad_answer)
+}
+
+fn issuer_ids_or(v: &serde_json::Value) -> Result<Vec<String>, String> {
     let keys = v["data"]["keys"]
         .as_array()
         .ok_or("the issuer list has no data.keys")?;
@@ -193,6 +197,7 @@ mod tests {
         assert!(issuer_ids(&json!({"data": {"keys": ["a?b"]}})).is_err());
         let many: Vec<String> = (0..=MAX_ISSUERS).map(|i| format!("id{i}")).collect();
         let err = issuer_ids(&json!({"data": {"keys": many}})).unwrap_err();
-        assert!(err.contains("more than"), "{err}");
+        assert!(matches!(err, CaError::BadAnswer(_)), "{err:?}");
+        assert!(err.message().contains("more than"), "{err:?}");
     }
 }
