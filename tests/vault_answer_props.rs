@@ -2,6 +2,8 @@
 //! (`chain_from_sign_answer`) and checks what it would serve
 //! (`verify_issued`): whatever Vault (or something posing as it) answers,
 //! the agent gets a chain or an error saying what is wrong, never a panic.
+//! The raw answers (login, sign, issuer list) are fuzzed from their text in
+//! src/ca/vault/answer_props.rs.
 
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};

@@ -28,6 +28,8 @@ use crate::crypto::IssuedChain;
 use crate::identity::Credential;
 use crate::metrics::{self, CaKind};
 
+#[cfg(test)]
+mod answer_props;
 mod chain;
 mod http;
 mod login;
