@@ -1,7 +1,8 @@
 //! `node-agent fetch` against a running agent, with the local CA and with a
 //! real OpenBao: every output shows what the agent serves an Envoy (checked
 //! against the same secrets fetched over the SDS API), every failure is one
-//! line with a non-zero exit, and `--watch` shows a rotation.
+//! line with a non-zero exit, and `--watch` shows a rotation and, against
+//! OpenBao, a root change.
 
 mod support;
 
@@ -426,4 +427,78 @@ async fn watch_prints_each_rotation() {
     }
     assert_ne!(serials[0], serials[1], "the second push is a rotation");
     watch.interrupt().await;
+}
+
+/// `--watch` against OpenBao shows a root change: the PKI mount's root
+/// rotated (`root/rotate/internal`, then made the default issuer), the
+/// agent's next trust refresh pushes ROOTCA with the new root, and the push
+/// line says so, listing the new root; and a rotation of the certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_prints_a_root_change_against_openbao() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = VaultEnv::start().await;
+    // A certificate renewed every 4 s; the mount's roots read every second.
+    let agent = Agent::start(&env.agent_env_with(&[
+        ("SECRET_TTL", "8s"),
+        ("SECRET_GRACE_PERIOD_RATIO", "0.5"),
+        ("SECRET_GRACE_PERIOD_RATIO_JITTER", "0"),
+        ("TRUST_REFRESH_INTERVAL", "1s"),
+    ]));
+    let token = write(dir.path(), "token.jwt", &env.jwt("default", "httpbin"));
+    let socket = agent.socket.display().to_string();
+    let mut watch = Watch::start(
+        &[
+            "fetch",
+            "--workload-uds-path",
+            &socket,
+            "--token",
+            &token,
+            "--watch",
+        ],
+        &[],
+    );
+    watch
+        .until(Duration::from_secs(20), |l| l.starts_with("--- push 1 at "))
+        .await;
+    watch
+        .until(Duration::from_secs(5), |l| {
+            l.starts_with("ROOTCA: 1 trusted root(s)")
+        })
+        .await;
+    // A rotation on the old root.
+    let rotated = watch
+        .until(Duration::from_secs(20), |l| {
+            l.contains("default: rotated, serial ")
+        })
+        .await;
+    assert!(rotated.starts_with("--- push "), "{rotated}");
+    assert!(
+        !watch.seen.iter().any(|l| l.contains("root(s) added")),
+        "no root change before the rotation of the root:\n{}",
+        watch.seen.join("\n")
+    );
+
+    let new_root = support::bao::rotate_root(&env.bao).await.unwrap();
+    let (_, new_serial) = leaf_facts(&new_root);
+    let changed = watch
+        .until(Duration::from_secs(20), |l| {
+            l.contains("ROOTCA: 1 root(s) added, 0 removed")
+        })
+        .await;
+    assert!(
+        changed.starts_with("--- push "),
+        "{changed}\nagent:\n{}",
+        agent.log()
+    );
+    watch
+        .until(Duration::from_secs(5), |l| {
+            l.starts_with("ROOTCA: 2 trusted root(s)")
+        })
+        .await;
+    watch
+        .until(Duration::from_secs(5), |l| {
+            l.trim_start() == format!("serial:     {new_serial}")
+        })
+        .await;
+    assert_eq!(watch.interrupt().await, 0, "Ctrl-C ends --watch cleanly");
 }
