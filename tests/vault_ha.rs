@@ -194,12 +194,34 @@ async fn every_workload_is_served_when_the_leader_dies_mid_fetch() {
         &failures[..failures.len().min(5)],
         agent.log()
     );
+    // The agent met the failover: Vault requests failed as the leader died
+    // and were retried (a kill after every fetch would show none).
+    let m = support::metrics::scrape(&agent.status_url("/metrics"), "prometheus").await;
+    let unavailable: f64 = m
+        .matching(
+            "node_agent_ca_requests_total",
+            &[("outcome", "unavailable")],
+        )
+        .map(|s| s.value)
+        .sum();
+    let retries: f64 = m
+        .matching("node_agent_retries_total", &[])
+        .map(|s| s.value)
+        .sum();
+    let logged = agent.log().matches("retrying in").count();
+    eprintln!(
+        "the agent met the failover: {unavailable} CA requests unavailable, {retries} retries, \
+         {logged} retry lines logged"
+    );
+    assert!(
+        unavailable >= 1.0 && retries >= 1.0 && logged >= 1,
+        "the agent never met the failover ({unavailable} CA requests unavailable, {retries} \
+         retries, {logged} retry lines): the leader died after the fetches\nagent:\n{}",
+        agent.log()
+    );
     assert!(
         served_at_kill < IDENTITIES * 2 / 3,
         "the leader died with {served_at_kill} of {IDENTITIES} served: most fetches were still waiting"
     );
     assert_ne!(new_leader, leader);
-    // For the record: how often the agent met the failover (retried).
-    let retries = agent.log().matches("retrying in").count();
-    eprintln!("the agent retried {retries} times during the failover");
 }
