@@ -23,13 +23,17 @@
 #
 # It ends with `node-agent fetch`, showing what the sleep Envoy was given.
 # The Envoy configs are templates in scripts/quickstart/*.yaml.
+#
+# NODE_AGENT_BIN and DEV_K8S_BIN, when both set, are run instead of building
+# release binaries (tests/quickstart.rs runs the quickstart with the test
+# suite's debug builds).
 set -euo pipefail
 
 KEEP=0
 for arg in "$@"; do
   case "$arg" in
     --keep) KEEP=1 ;;
-    -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -51,11 +55,20 @@ info "$(envoy --version 2>&1 | grep -o 'version: [^ ]*' | head -1 | sed 's|/RELE
 info "$(bao version | head -1)"
 
 # ---------------------------------------------------------------------------
+if [ -n "${NODE_AGENT_BIN:-}" ] && [ -n "${DEV_K8S_BIN:-}" ]; then
+step "2/8 Using the given node-agent and dev_k8s helper"
+# ---------------------------------------------------------------------------
+AGENT="$NODE_AGENT_BIN"
+DEV_K8S="$DEV_K8S_BIN"
+info "NODE_AGENT_BIN=$AGENT"
+info "DEV_K8S_BIN=$DEV_K8S"
+else
 step "2/8 Building node-agent and the dev_k8s helper (release; a few minutes the first time)"
 # ---------------------------------------------------------------------------
 cargo build --release --bin node-agent --example dev_k8s
 AGENT="$REPO/target/release/node-agent"
 DEV_K8S="$REPO/target/release/examples/dev_k8s"
+fi
 
 # Everything from here on lives in a temp dir. Every process we start is
 # recorded in PIDS; on exit (normal, failure or Ctrl-C) they are stopped and
