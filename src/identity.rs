@@ -72,6 +72,7 @@ impl Credential {
         Ok(Claims {
             service_account: raw.service_account()?,
             expires_at: raw.exp,
+            issued_at: raw.iat,
         })
     }
 }
@@ -121,6 +122,8 @@ pub struct Claims {
     pub service_account: ServiceAccount,
     /// `exp`, seconds since the Unix epoch, when the token has one.
     pub expires_at: Option<i64>,
+    /// `iat`, seconds since the Unix epoch, when the token has one.
+    pub issued_at: Option<i64>,
 }
 
 /// A Kubernetes service account.
@@ -160,6 +163,7 @@ impl fmt::Display for SpiffeId {
 struct RawClaims {
     sub: Option<String>,
     exp: Option<i64>,
+    iat: Option<i64>,
     #[serde(rename = "kubernetes.io")]
     kubernetes: Option<KubernetesClaim>,
 }

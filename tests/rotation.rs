@@ -1,6 +1,7 @@
 //! Rotation against a real OpenBao and real Envoys: renewals pushed before
 //! expiry while traffic flows, one sign per rotation, a bounded CA queue,
-//! Vault down during a rotation, a CA root change, and expired JWTs.
+//! Vault down during a rotation, a CA root change, and an unrenewed
+//! certificate. (Streams whose JWT expires: tests/credential_lifetime.rs.)
 
 mod support;
 
@@ -15,7 +16,6 @@ use support::sds_client::*;
 use support::vault_env::VaultEnv;
 use support::vault_front::{Tamper, VaultFront};
 use tokio_stream::StreamExt;
-use tonic::Code;
 
 const READY: Duration = Duration::from_secs(60);
 
@@ -359,39 +359,6 @@ fn signed_by(chain_pem: &str, root_pem: &str) -> bool {
     let (leaf, root) = (der(chain_pem), der(root_pem));
     let (leaf, root) = (leaf.parse_x509().unwrap(), root.parse_x509().unwrap());
     leaf.verify_signature(Some(root.public_key())).is_ok()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_end_with_unavailable_when_every_jwt_has_expired() {
-    // Vault tokens live 4 s, the JWT 8 s, certificates 20 s: at the first
-    // renewal (~10 s) neither the token nor the JWT can be used.
-    let env = VaultEnv::start_opts(|o| o.token_ttl = "4s".into()).await;
-    let agent = Agent::start(&env.agent_env_with(&[("SECRET_TTL", "20s")]));
-    let jwt = env
-        .issuer
-        .mint("default", "httpbin", Duration::from_secs(8));
-    let mut client = connect(&agent.socket).await;
-    let (tx, mut inbound) = open_stream(&mut client, &jwt).await;
-    tx.send(request(&["default"], None)).await.unwrap();
-    let first = inbound.next().await.unwrap().unwrap();
-    tx.send(request(&["default"], Some(&first))).await.unwrap();
-    let end = next_within(
-        &mut inbound,
-        Duration::from_secs(25),
-        "the stream was not ended",
-        || agent.log(),
-    )
-    .await;
-    let err = end.expect_err("the stream ends with a status");
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(
-        err.message().contains(
-            "every JWT known for spiffe://cluster.local/ns/default/sa/httpbin has expired"
-        ),
-        "{}",
-        err.message()
-    );
-    assert!(agent.log().contains("every JWT known for"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

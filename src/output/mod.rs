@@ -31,6 +31,9 @@ use tokio::sync::watch;
 
 use crate::backoff::Backoff;
 use crate::sds::credential::CredentialSource;
+use crate::sds::serving::{
+    expired_status, next_event, token_file_update, CredentialDue, Current, Event,
+};
 use crate::secrets::{rfc3339, SecretManager, Subscription};
 
 /// The certificate chain, leaf first (no root).
@@ -206,13 +209,21 @@ async fn serve(
     };
     // Held while the files are kept current: it keeps the workload's JWT
     // among those its identity is renewed with.
-    let mut sub: Subscription = match manager.subscribe(&credential).await {
+    let sub: Subscription = match manager.subscribe(&credential).await {
         Ok(s) => s,
         Err(e) => return format!("cannot get the certificate: {e}"),
     };
+    let source = CredentialSource::TokenFile(token_path.to_path_buf());
+    let mut current = Some(Current::new(credential, sub));
     let mut written: Option<(String, String)> = None;
     loop {
-        let state = sub.secret.borrow_and_update().clone();
+        let Some(c) = current.as_mut() else {
+            return "no subscription".into();
+        };
+        if let Some(status) = c.rejection() {
+            return status.message().to_string();
+        }
+        let state = c.sub.secret.borrow_and_update().clone();
         if let Some(reason) = state.closed {
             return reason;
         }
@@ -253,8 +264,22 @@ async fn serve(
                 }
             }
         }
-        if sub.secret.changed().await.is_err() {
-            return "the identity was dropped".into();
+        match next_event(&mut current, true).await {
+            Event::Changed => {}
+            Event::Dropped => return "the identity was dropped".into(),
+            Event::Credential(CredentialDue::Expired(exp)) => {
+                return expired_status(exp, &source).message().to_string()
+            }
+            Event::Credential(CredentialDue::Refresh) => {
+                // kubelet replaced the token: the new one is proven, then
+                // the files are kept from its subscription.
+                if let Some(new) = token_file_update(&current, &source) {
+                    match manager.subscribe(&new).await {
+                        Ok(sub) => current = Some(Current::new(new, sub)),
+                        Err(e) => return format!("cannot prove the new token: {e}"),
+                    }
+                }
+            }
         }
     }
 }

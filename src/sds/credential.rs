@@ -51,6 +51,11 @@ impl CredentialSource {
         }
     }
 
+    /// True when the credential is read from `WORKLOAD_TOKEN_PATH`.
+    pub(crate) fn is_token_file(&self) -> bool {
+        matches!(self, Self::TokenFile(_))
+    }
+
     /// The credential, or `UNAUTHENTICATED` saying what is wrong with it:
     /// missing, not a service-account JWT, or expired.
     pub(crate) fn get(&self) -> Result<Credential, Status> {

@@ -46,7 +46,10 @@ use super::resources::{
     SERVED,
 };
 use super::server::{BoxStream, SdsService};
-use super::serving::{shutting_down, wait_changed, Current, FirstFetch};
+use super::serving::{
+    expired_status, next_event, shutting_down, token_file_update, CredentialDue, Current, Event,
+    FirstFetch,
+};
 use crate::metrics::{self, Refusal};
 use crate::secrets::{SecretError, SecretManager, Subscription};
 
@@ -152,9 +155,11 @@ impl DeltaStream {
                         self.fail(status).await
                     }
                 },
-                changed = wait_changed(&mut self.current) => {
-                    if changed { self.send_changed().await } else { Step::End }
-                }
+                event = next_event(&mut self.current, self.credential.is_token_file()) => match event {
+                    Event::Changed => self.on_changed().await,
+                    Event::Dropped => Step::End,
+                    Event::Credential(due) => self.on_credential_due(due).await,
+                },
                 result = progress(&mut self.pending, &manager) => self.on_fetched(result).await,
                 _ = shutting_down(&mut self.shutdown) => Step::End,
             };
@@ -367,10 +372,7 @@ impl DeltaStream {
                     .pending
                     .take()
                     .expect("a fetch ended, so one was pending");
-                self.current = Some(Current {
-                    credential: fetch.into_credential(),
-                    sub,
-                });
+                self.current = Some(Current::new(fetch.into_credential(), sub));
                 self.send_changed().await
             }
             Err(e) if e.is_transient() => {
@@ -390,6 +392,51 @@ impl DeltaStream {
             Err(e) => {
                 self.pending = None;
                 self.refuse(e).await
+            }
+        }
+    }
+
+    /// The identity's state changed: what changed is sent, unless the CA
+    /// has meanwhile rejected the JWT this stream proved it with.
+    async fn on_changed(&mut self) -> Step {
+        if let Some(status) = self.current.as_ref().and_then(Current::rejection) {
+            self.service.credential_ended(self.id, &status);
+            return self.fail(status).await;
+        }
+        self.send_changed().await
+    }
+
+    /// The stream's JWT expired (the stream ends), or a token file may hold
+    /// a new one (it is proven, and served from, while the old one still
+    /// serves).
+    async fn on_credential_due(&mut self, due: CredentialDue) -> Step {
+        match due {
+            CredentialDue::Expired(exp) => {
+                let status = expired_status(exp, &self.credential);
+                self.service.credential_ended(self.id, &status);
+                self.fail(status).await
+            }
+            CredentialDue::Refresh => {
+                let Some(credential) = token_file_update(&self.current, &self.credential) else {
+                    return Step::Continue;
+                };
+                if self.pending.is_some() {
+                    return Step::Continue;
+                }
+                match FirstFetch::admit(&self.conn, credential) {
+                    Ok(fetch) => {
+                        tracing::debug!(
+                            stream = self.id,
+                            "SDS delta: proving the new token of WORKLOAD_TOKEN_PATH"
+                        );
+                        self.pending = Some(fetch);
+                    }
+                    Err(e) => tracing::debug!(
+                        stream = self.id,
+                        "SDS delta: the new token of WORKLOAD_TOKEN_PATH waits: {e}"
+                    ),
+                }
+                Step::Continue
             }
         }
     }

@@ -193,6 +193,17 @@ impl Limits {
         }
     }
 
+    /// Logs (at most one line per interval) and counts a stream ended
+    /// because its credential no longer holds: its JWT expired, or the CA
+    /// rejected it at a renewal. Expected once per token lifetime for a
+    /// stream kept open that long, so info, not a warning.
+    pub(crate) fn credential_ended(&self, stream: u64, status: &Status) {
+        metrics::refused(Refusal::Credential);
+        if let Some(n) = self.throttle("credential ended") {
+            tracing::info!(stream, code = ?status.code(), "ending the stream: {}{}", status.message(), more(n));
+        }
+    }
+
     /// Logs why a stream's request could not be read (too large, not
     /// protobuf, too late): one warning per interval for each reason, as a
     /// client that sends them is most likely attacking.

@@ -189,6 +189,12 @@ impl SdsService {
         resp.map(|inner| Body::new(WithSlot { inner, slot }))
     }
 
+    /// Logs a stream ended for its credential (see
+    /// [`Limits::credential_ended`]).
+    pub(crate) fn credential_ended(&self, stream: u64, status: &Status) {
+        self.limits.credential_ended(stream, status);
+    }
+
     /// Logs why a stream's request could not be read (see
     /// [`Limits::inbound_error`]).
     pub(crate) fn inbound_error(&self, stream: u64, conn: &Connection, status: &Status) {

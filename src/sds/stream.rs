@@ -28,7 +28,10 @@ use super::framing::RequestReader;
 use super::limits::more;
 use super::resources::{self, names_for_log, resource_version, shorten, NamesError, ResourceNames};
 use super::server::SdsService;
-use super::serving::{shutting_down, wait_changed, Current, FirstFetch};
+use super::serving::{
+    expired_status, next_event, shutting_down, token_file_update, CredentialDue, Current, Event,
+    FirstFetch,
+};
 use crate::metrics::{self, Refusal};
 use crate::secrets::{SecretError, SecretManager, Subscription};
 
@@ -124,9 +127,11 @@ impl SdsStream {
                         self.fail(status).await
                     }
                 },
-                changed = wait_changed(&mut self.current) => {
-                    if changed { Box::pin(self.send_current(false)).await } else { Step::End }
-                }
+                event = next_event(&mut self.current, self.credential.is_token_file()) => match event {
+                    Event::Changed => Box::pin(self.on_changed()).await,
+                    Event::Dropped => Step::End,
+                    Event::Credential(due) => Box::pin(self.on_credential_due(due)).await,
+                },
                 result = progress(&mut self.pending, &manager) => match Box::pin(self.on_fetched(result)).await {
                     Step::Continue if half_closed && self.pending.is_none() => Step::End,
                     step => step,
@@ -261,11 +266,14 @@ impl SdsStream {
                     .take()
                     .expect("a fetch ended, so one was pending");
                 self.names = p.names;
-                self.current = Some(Current {
-                    credential: p.fetch.into_credential(),
-                    sub,
-                });
-                self.send_current(true).await
+                // A token file's new token for the identity being served
+                // changes nothing the client sees: only what changed is sent.
+                let same = self
+                    .current
+                    .as_ref()
+                    .is_some_and(|c| c.sub.identity == sub.identity);
+                self.current = Some(Current::new(p.fetch.into_credential(), sub));
+                self.send_current(!same).await
             }
             Err(e) if e.is_transient() => {
                 let p = self
@@ -287,6 +295,54 @@ impl SdsStream {
                     .take()
                     .expect("a fetch ended, so one was pending");
                 self.refuse(&p.names, e).await
+            }
+        }
+    }
+
+    /// The identity's state changed: sent, unless the CA has meanwhile
+    /// rejected the JWT this stream proved it with.
+    async fn on_changed(&mut self) -> Step {
+        if let Some(status) = self.current.as_ref().and_then(Current::rejection) {
+            self.service.credential_ended(self.id, &status);
+            return self.fail(status).await;
+        }
+        self.send_current(false).await
+    }
+
+    /// The stream's JWT expired (the stream ends), or a token file may hold
+    /// a new one (it is proven, and served from, while the old one still
+    /// serves).
+    async fn on_credential_due(&mut self, due: CredentialDue) -> Step {
+        match due {
+            CredentialDue::Expired(exp) => {
+                let status = expired_status(exp, &self.credential);
+                self.service.credential_ended(self.id, &status);
+                self.fail(status).await
+            }
+            CredentialDue::Refresh => {
+                let Some(credential) = token_file_update(&self.current, &self.credential) else {
+                    return Step::Continue;
+                };
+                if self.pending.is_some() {
+                    return Step::Continue;
+                }
+                match FirstFetch::admit(&self.conn, credential) {
+                    Ok(fetch) => {
+                        tracing::debug!(
+                            stream = self.id,
+                            "SDS: proving the new token of WORKLOAD_TOKEN_PATH"
+                        );
+                        self.pending = Some(Pending {
+                            names: self.names.clone(),
+                            fetch,
+                        });
+                    }
+                    Err(e) => tracing::debug!(
+                        stream = self.id,
+                        "SDS: the new token of WORKLOAD_TOKEN_PATH waits: {e}"
+                    ),
+                }
+                Step::Continue
             }
         }
     }

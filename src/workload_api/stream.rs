@@ -3,7 +3,7 @@
 //! proven to the CA under the connection's login budget, and a message is
 //! sent now and again whenever what it carries changes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use prost::Message;
@@ -18,8 +18,9 @@ use crate::sds::credential::CredentialSource;
 use crate::sds::framing::RequestReader;
 use crate::sds::limits::more;
 use crate::sds::server::status_for;
-use crate::sds::serving::shutting_down;
-use crate::secrets::Subscription;
+use crate::sds::serving::{
+    expired_status, next_event, shutting_down, token_file_update, CredentialDue, Current, Event,
+};
 
 /// Which X.509 method a stream serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,10 +86,10 @@ impl<T> ApiStream<T> {
                 return self.fail(status).await;
             }
         }
-        let Some(sub) = self.subscribe(token_path).await else {
+        let Some(current) = self.subscribe(&token_path).await else {
             return;
         };
-        self.serve(sub, build).await;
+        self.serve(current, &token_path, build).await;
         tracing::debug!(
             stream = self.id,
             method = self.kind.method(),
@@ -99,9 +100,9 @@ impl<T> ApiStream<T> {
     /// Proves the workload's token to the CA (under the connection's login
     /// budget) and subscribes to its identity; `None` when refused (the
     /// status is sent) or the client left.
-    async fn subscribe(&mut self, token_path: PathBuf) -> Option<Subscription> {
+    async fn subscribe(&mut self, token_path: &Path) -> Option<Current> {
         let method = self.kind.method();
-        let credential = match CredentialSource::TokenFile(token_path).get() {
+        let credential = match CredentialSource::TokenFile(token_path.to_path_buf()).get() {
             Ok(c) => c,
             Err(status) => {
                 metrics::refused(Refusal::Credential);
@@ -133,7 +134,7 @@ impl<T> ApiStream<T> {
         };
         let manager = self.service.manager.clone();
         let result = tokio::select! {
-            r = manager.subscribe(&credential) => r,
+            r = manager.subscribe(&credential) => r.map(|sub| Current::new(credential.clone(), sub)),
             _ = self.out.closed() => return None,
             _ = shutting_down(&mut self.shutdown) => return None,
         };
@@ -149,13 +150,23 @@ impl<T> ApiStream<T> {
     }
 
     /// Sends `build(state)` now and whenever its version changes. The
-    /// subscription is held as long as the stream lives.
-    async fn serve(&mut self, sub: Subscription, build: Build<T>) {
-        let mut watch = sub.secret.clone();
-        tracing::debug!(stream = self.id, identity = %sub.identity, method = self.kind.method(), "Workload API stream opened");
+    /// subscription is held as long as the stream lives, and moves to the
+    /// token file's new token before the old one expires; the stream ends
+    /// when its token expires unreplaced or the CA rejects it.
+    async fn serve(&mut self, current: Current, token_path: &Path, build: Build<T>) {
+        let source = CredentialSource::TokenFile(token_path.to_path_buf());
+        let mut current = Some(current);
+        tracing::debug!(stream = self.id, identity = %current.as_ref().map(|c| c.sub.identity.as_str()).unwrap_or_default(), method = self.kind.method(), "Workload API stream opened");
         let mut sent: Option<String> = None;
         loop {
-            let state = watch.borrow_and_update().clone();
+            let Some(c) = current.as_mut() else { return };
+            if let Some(status) = c.rejection() {
+                self.service.limits.credential_ended(self.id, &status);
+                self.fail(status).await;
+                return;
+            }
+            let sub = &mut c.sub;
+            let state = sub.secret.borrow_and_update().clone();
             if let Some(reason) = state.closed {
                 self.fail(Status::unavailable(reason)).await;
                 return;
@@ -198,12 +209,32 @@ impl<T> ApiStream<T> {
                     sent = Some(v);
                 }
             }
-            tokio::select! {
-                r = watch.changed() => if r.is_err() { return },
+            let event = tokio::select! {
+                e = next_event(&mut current, true) => e,
                 _ = self.out.closed() => return,
                 _ = shutting_down(&mut self.shutdown) => {
                     self.fail(Status::unavailable("node-agent is shutting down")).await;
                     return;
+                }
+            };
+            match event {
+                Event::Changed => {}
+                Event::Dropped => return,
+                Event::Credential(CredentialDue::Expired(exp)) => {
+                    let status = expired_status(exp, &source);
+                    self.service.limits.credential_ended(self.id, &status);
+                    self.fail(status).await;
+                    return;
+                }
+                Event::Credential(CredentialDue::Refresh) => {
+                    if token_file_update(&current, &source).is_some() {
+                        // The new token is proven, then served from; the
+                        // old subscription goes when the new one is held.
+                        match self.subscribe(token_path).await {
+                            Some(next) => current = Some(next),
+                            None => return,
+                        }
+                    }
                 }
             }
         }

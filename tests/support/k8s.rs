@@ -269,6 +269,9 @@ pub struct ReviewStats {
     pub authenticated: AtomicU64,
     /// When set, answers 503 like an unreachable API server.
     pub fail: AtomicBool,
+    /// Tokens whose pod was deleted: reviewed as not authenticated, as the
+    /// API server does for a token bound to an object that is gone.
+    pub revoked: std::sync::Mutex<Vec<String>>,
 }
 
 /// Running TokenReview server; stops when dropped.
@@ -300,6 +303,12 @@ impl TokenReviewHandle {
     /// Makes the server answer 503 (true) or review normally (false).
     pub fn set_failing(&self, fail: bool) {
         self.stats.fail.store(fail, Ordering::SeqCst);
+    }
+
+    /// From now on `token` is refused, as when the pod it is bound to is
+    /// deleted.
+    pub fn revoke(&self, token: &str) {
+        self.stats.revoked.lock().unwrap().push(token.to_string());
     }
 }
 
@@ -451,7 +460,15 @@ fn route(
         // No audiences asked for: the API server checks its own.
         _ => vec![DEFAULT_AUDIENCE.to_string()],
     };
-    let status = match review(token, &requested, key) {
+    let revoked = stats.revoked.lock().unwrap().iter().any(|t| t == token);
+    let reviewed = if revoked {
+        Err(anyhow::anyhow!(
+            "the pod this token is bound to no longer exists"
+        ))
+    } else {
+        review(token, &requested, key)
+    };
+    let status = match reviewed {
         Ok(status) => {
             stats.authenticated.fetch_add(1, Ordering::SeqCst);
             status
