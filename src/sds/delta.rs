@@ -47,7 +47,7 @@ use super::resources::{
 };
 use super::server::{BoxStream, SdsService};
 use super::serving::{
-    expired_status, next_event, shutting_down, token_file_update, CredentialDue, Current, Event,
+    expired_status, next_event, refresh_fetch, shutting_down, CredentialDue, Current, Event,
     FirstFetch,
 };
 use crate::metrics::{self, Refusal};
@@ -417,24 +417,15 @@ impl DeltaStream {
                 self.fail(status).await
             }
             CredentialDue::Refresh => {
-                let Some(credential) = token_file_update(&self.current, &self.credential) else {
-                    return Step::Continue;
-                };
-                if self.pending.is_some() {
-                    return Step::Continue;
-                }
-                match FirstFetch::admit(&self.conn, credential) {
-                    Ok(fetch) => {
-                        tracing::debug!(
-                            stream = self.id,
-                            "SDS delta: proving the new token of WORKLOAD_TOKEN_PATH"
-                        );
-                        self.pending = Some(fetch);
-                    }
-                    Err(e) => tracing::debug!(
-                        stream = self.id,
-                        "SDS delta: the new token of WORKLOAD_TOKEN_PATH waits: {e}"
-                    ),
+                let fetching = self.pending.is_some();
+                if let Some(fetch) = refresh_fetch(
+                    &self.conn,
+                    &self.current,
+                    &self.credential,
+                    fetching,
+                    self.id,
+                ) {
+                    self.pending = Some(fetch);
                 }
                 Step::Continue
             }

@@ -165,6 +165,32 @@ pub(crate) fn token_file_update(
     (new != current.credential).then_some(new)
 }
 
+/// On [`CredentialDue::Refresh`]: a fetch proving the token file's new
+/// token, when it holds one and no fetch is under way (`fetching`); it runs
+/// under the connection's login budget while the old token still serves.
+pub(super) fn refresh_fetch(
+    conn: &Connection,
+    current: &Option<Current>,
+    source: &CredentialSource,
+    fetching: bool,
+    stream: u64,
+) -> Option<FirstFetch> {
+    if fetching {
+        return None;
+    }
+    let credential = token_file_update(current, source)?;
+    match FirstFetch::admit(conn, credential) {
+        Ok(fetch) => {
+            tracing::debug!(stream, "proving the new token of WORKLOAD_TOKEN_PATH");
+            Some(fetch)
+        }
+        Err(e) => {
+            tracing::debug!(stream, "the new token of WORKLOAD_TOKEN_PATH waits: {e}");
+            None
+        }
+    }
+}
+
 /// The status a stream ends with when its JWT expired at `exp`.
 pub(crate) fn expired_status(exp: i64, source: &CredentialSource) -> Status {
     match source {
