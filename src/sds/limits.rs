@@ -210,6 +210,19 @@ impl Limits {
     pub(crate) fn inbound_error(&self, stream: u64, conn: &Connection, status: &Status) {
         let cfg = self.config();
         let (bound, what, reason) = match status.code() {
+            // Not the request size: HTTP/2's own flood guards closed the
+            // connection (GOAWAY ENHANCE_YOUR_CALM), failing the body reads
+            // of its streams.
+            tonic::Code::ResourceExhausted
+                if !status.message().contains("SDS_MAX_REQUEST_BYTES") =>
+            {
+                (
+                    "HTTP/2 flood guard",
+                    "a stream of a connection HTTP/2 closed for flooding (GOAWAY ENHANCE_YOUR_CALM)"
+                        .to_string(),
+                    Refusal::Limits,
+                )
+            }
             tonic::Code::ResourceExhausted => (
                 "SDS_MAX_REQUEST_BYTES",
                 format!(
