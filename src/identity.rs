@@ -7,6 +7,7 @@
 //! token claims, to key its cache and to build the CSR.
 
 use std::fmt;
+use std::sync::OnceLock;
 
 use base64::Engine;
 use serde::Deserialize;
@@ -33,48 +34,94 @@ pub enum IdentityError {
 /// A workload's JWT. Its text never appears in `Debug` output or logs.
 /// Clones share the text (a JWT is ~1 KiB, and every stream, cache entry and
 /// login slot of an identity holds one), which is wiped when the last goes.
+///
+/// What is read from the text (its claims, its digest) is computed once per
+/// credential and shared by its clones: a request's checks read the claims
+/// several times (expiry, identity, JWT bookkeeping), and parsing them was a
+/// tenth of a cached `FetchSecrets`. Only the pure functions of the text are
+/// kept; whether the token has expired is decided against the clock at each
+/// call ([`Credential::current_claims`]).
 #[derive(Clone)]
 pub struct Credential {
-    jwt: std::sync::Arc<Zeroizing<String>>,
+    inner: std::sync::Arc<Inner>,
+}
+
+struct Inner {
+    jwt: Zeroizing<String>,
+    claims: OnceLock<Result<Claims, IdentityError>>,
+    sha256: OnceLock<[u8; 32]>,
 }
 
 impl Credential {
     pub fn new(jwt: impl Into<String>) -> Self {
+        let mut jwt = Zeroizing::new(jwt.into());
+        let trimmed = jwt.trim();
+        if trimmed.len() != jwt.len() {
+            jwt = Zeroizing::new(trimmed.to_string());
+        }
         Self {
-            jwt: std::sync::Arc::new(Zeroizing::new(jwt.into().trim().to_string())),
+            inner: std::sync::Arc::new(Inner {
+                jwt,
+                claims: OnceLock::new(),
+                sha256: OnceLock::new(),
+            }),
         }
     }
 
     /// The raw token, for sending to the CA only.
     pub fn expose(&self) -> &str {
-        self.jwt.as_str()
+        self.inner.jwt.as_str()
+    }
+
+    /// SHA-256 of the token (keys of the maps that remember tokens).
+    pub fn sha256(&self) -> [u8; 32] {
+        *self
+            .inner
+            .sha256
+            .get_or_init(|| Sha256::digest(self.inner.jwt.as_bytes()).into())
     }
 
     /// A stable, non-reversible handle for this exact token (cache keys, logs).
     pub fn fingerprint(&self) -> String {
-        let digest = Sha256::digest(self.jwt.as_bytes());
-        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+        self.sha256()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// The claims the agent reads from the token.
     pub fn claims(&self) -> Result<Claims, IdentityError> {
-        let mut parts = self.jwt.split('.');
-        let (Some(_header), Some(payload), Some(_sig), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(IdentityError::NotAJwt);
-        };
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload.trim_end_matches('='))
-            .map_err(|_| IdentityError::BadPayload)?;
-        let raw: RawClaims =
-            serde_json::from_slice(&bytes).map_err(|_| IdentityError::BadPayload)?;
-        Ok(Claims {
-            service_account: raw.service_account()?,
-            expires_at: raw.exp,
-            issued_at: raw.iat,
-        })
+        self.inner
+            .claims
+            .get_or_init(|| parse_claims(&self.inner.jwt))
+            .clone()
     }
+
+    /// The token's `exp`, if it is a readable JWT that has one.
+    pub fn expires_at(&self) -> Option<i64> {
+        match self.inner.claims.get_or_init(|| parse_claims(&self.inner.jwt)) {
+            Ok(c) => c.expires_at,
+            Err(_) => None,
+        }
+    }
+}
+
+fn parse_claims(jwt: &str) -> Result<Claims, IdentityError> {
+    let mut parts = jwt.split('.');
+    let (Some(_header), Some(payload), Some(_sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(IdentityError::NotAJwt);
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .map_err(|_| IdentityError::BadPayload)?;
+    let raw: RawClaims = serde_json::from_slice(&bytes).map_err(|_| IdentityError::BadPayload)?;
+    Ok(Claims {
+        service_account: raw.service_account()?,
+        expires_at: raw.exp,
+        issued_at: raw.iat,
+    })
 }
 
 impl Claims {
@@ -111,7 +158,7 @@ impl fmt::Debug for Credential {
 
 impl PartialEq for Credential {
     fn eq(&self, other: &Self) -> bool {
-        self.jwt.as_str() == other.jwt.as_str()
+        std::sync::Arc::ptr_eq(&self.inner, &other.inner) || self.expose() == other.expose()
     }
 }
 impl Eq for Credential {}

@@ -99,6 +99,11 @@ struct Args {
     /// their fit, printed; no report.json. For work on memory.
     #[arg(long)]
     memory_only: bool,
+    /// Only the cached-serving runs (h2load), printed; no report.json. For
+    /// work on the serving path (e.g. with `--agent-bin` a script that
+    /// records the agent with perf).
+    #[arg(long)]
+    serving_only: bool,
 }
 
 fn workspace_root() -> PathBuf {
@@ -195,6 +200,26 @@ async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
     let v = VaultBench::start(&work).await?;
     if args.memory_only {
         return memory_only(&v, &bin, &work, &s).await;
+    }
+    if args.serving_only {
+        let (fetch, streams) = cached_serving(&v, &bin, &work, &s).await?;
+        println!("| method | streams | req/s | mean | p50 | p99 | p99.9 | agent CPU per request |\n|---|---|---|---|---|---|---|---|");
+        for r in fetch.iter().chain(&streams) {
+            println!(
+                "| {} | {} | {:.0} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {:.1} us |",
+                r.method,
+                r.concurrency,
+                r.req_per_s,
+                r.mean_us / 1e3,
+                r.p50_us / 1e3,
+                r.p99_us / 1e3,
+                r.p999_us / 1e3,
+                // The CPU figure spans the warm-up too; h2load's rate does not.
+                r.agent_cpu_s * 1e6
+                    / (r.req_per_s * (s.serve + s.warm_up).as_secs_f64()).max(1.0)
+            );
+        }
+        return Ok(());
     }
     let openbao = v
         .bao

@@ -26,13 +26,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
-use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tonic::transport::server::Connected;
 
+use super::credential::LastCredential;
 use super::limits::Limits;
 use crate::config::SdsLimits;
 use crate::identity::Credential;
@@ -49,6 +49,8 @@ pub struct Connection {
     /// Streams open on this connection (see [`super::limits`]).
     pub(crate) streams: AtomicUsize,
     logins: LoginGate,
+    /// The credential header its requests last carried (see [`LastCredential`]).
+    pub(crate) last_credential: LastCredential,
 }
 
 impl Connection {
@@ -57,6 +59,7 @@ impl Connection {
             id,
             streams: AtomicUsize::new(0),
             logins: LoginGate::new(limits),
+            last_credential: LastCredential::default(),
         }
     }
 
@@ -126,7 +129,7 @@ impl LoginGate {
     }
 
     fn admit(&self, credential: &Credential) -> Result<Admission, SecretError> {
-        let key: [u8; 32] = Sha256::digest(credential.expose().as_bytes()).into();
+        let key = credential.sha256();
         let mut state = self.state.lock().expect("login gate lock");
         if state.known.contains(&key) {
             return Ok(Admission::Known);

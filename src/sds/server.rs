@@ -208,7 +208,11 @@ impl SdsService {
         mut reader: RequestReader,
     ) -> Result<Response<DiscoveryResponse>, Status> {
         let id = self.next_stream_id();
-        let credential = CredentialSource::from_metadata(metadata, self.token_path.as_deref());
+        let credential = CredentialSource::from_metadata_on(
+            metadata,
+            self.token_path.as_deref(),
+            Some(&conn.last_credential),
+        );
         let req = match reader
             .message::<super::framing::RequestWithoutNode>()
             .await
@@ -273,7 +277,11 @@ impl SdsService {
         reader: RequestReader,
     ) -> Response<BoxStream<DiscoveryResponse>> {
         let id = self.next_stream_id();
-        let credential = CredentialSource::from_metadata(metadata, self.token_path.as_deref());
+        let credential = CredentialSource::from_metadata_on(
+            metadata,
+            self.token_path.as_deref(),
+            Some(&conn.last_credential),
+        );
         tracing::debug!(stream = id, connection = conn.id, "SDS stream opened");
         let (tx, rx) = mpsc::channel(2);
         let s = SdsStream::new(id, self.clone(), conn, credential, tx);

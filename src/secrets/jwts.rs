@@ -166,11 +166,7 @@ impl Jwts {
 }
 
 fn expiry(credential: &Credential) -> i64 {
-    credential
-        .claims()
-        .ok()
-        .and_then(|c| c.expires_at)
-        .unwrap_or(i64::MAX)
+    credential.expires_at().unwrap_or(i64::MAX)
 }
 
 /// One stream's hold on its JWT; dropped when the stream ends.

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
@@ -170,7 +169,7 @@ impl LoginAuth {
 }
 
 fn key_of(credential: &Credential) -> Key {
-    Sha256::digest(credential.expose().as_bytes()).into()
+    credential.sha256()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
