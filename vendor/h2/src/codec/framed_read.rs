@@ -15,6 +15,10 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use tokio::io::AsyncRead;
+
+/// node-agent patch: the read buffer an idle connection keeps (see
+/// `poll_next`).
+const IDLE_READ_BUFFER: usize = 1_024;
 use tokio_util::codec::FramedRead as InnerFramedRead;
 use tokio_util::codec::{LengthDelimitedCodec, LengthDelimitedCodecError};
 
@@ -421,10 +425,21 @@ where
         let _e = span.enter();
         loop {
             tracing::trace!("poll");
-            let bytes = match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
-                Some(Ok(bytes)) => bytes,
-                Some(Err(e)) => return Poll::Ready(Some(Err(map_err(e)))),
-                None => return Poll::Ready(None),
+            let bytes = match Pin::new(&mut self.inner).poll_next(cx) {
+                Poll::Pending => {
+                    // node-agent patch: a connection waiting for data with an
+                    // empty read buffer gives back what reading a big frame
+                    // grew it to (16 KiB frames of a 60 KiB request left every
+                    // idle Envoy connection holding tens of KiB).
+                    let buf = self.inner.read_buffer_mut();
+                    if buf.is_empty() && buf.capacity() > IDLE_READ_BUFFER {
+                        *buf = BytesMut::with_capacity(IDLE_READ_BUFFER);
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Some(Ok(bytes))) => bytes,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(map_err(e)))),
+                Poll::Ready(None) => return Poll::Ready(None),
             };
 
             tracing::trace!(read.bytes = bytes.len());
