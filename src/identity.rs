@@ -99,7 +99,11 @@ impl Credential {
 
     /// The token's `exp`, if it is a readable JWT that has one.
     pub fn expires_at(&self) -> Option<i64> {
-        match self.inner.claims.get_or_init(|| parse_claims(&self.inner.jwt)) {
+        match self
+            .inner
+            .claims
+            .get_or_init(|| parse_claims(&self.inner.jwt))
+        {
             Ok(c) => c.expires_at,
             Err(_) => None,
         }

@@ -215,8 +215,7 @@ async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
                 r.p99_us / 1e3,
                 r.p999_us / 1e3,
                 // The CPU figure spans the warm-up too; h2load's rate does not.
-                r.agent_cpu_s * 1e6
-                    / (r.req_per_s * (s.serve + s.warm_up).as_secs_f64()).max(1.0)
+                r.agent_cpu_s * 1e6 / (r.req_per_s * (s.serve + s.warm_up).as_secs_f64()).max(1.0)
             );
         }
         return Ok(());

@@ -169,6 +169,31 @@ mod tests {
     }
 
     #[test]
+    fn a_remembered_header_is_still_checked_and_a_new_one_is_read_afresh() {
+        let last = LastCredential::default();
+        let get = |v: &str| CredentialSource::from_metadata_on(&with_header(v), None, Some(&last));
+        let live = jwt(r#"{"sub":"system:serviceaccount:a:b","exp":99999999999}"#);
+        let other = jwt(r#"{"sub":"system:serviceaccount:c:d","exp":99999999999}"#);
+        let expired = jwt(r#"{"sub":"system:serviceaccount:a:b","exp":1000}"#);
+        for _ in 0..2 {
+            let c = get(&live).get().unwrap();
+            assert_eq!(c.expose(), live);
+            // Another header on the same connection is that header's credential.
+            let c = get(&other).get().unwrap();
+            assert_eq!(c.expose(), other);
+            assert_eq!(c.claims().unwrap().service_account.namespace, "c");
+            // Remembered or not, an expired JWT is refused at each request.
+            let err = get(&expired).get().unwrap_err();
+            assert!(
+                err.message().contains("expired at 1000"),
+                "{}",
+                err.message()
+            );
+            assert!(matches!(&*last.lock(), Some((_, c)) if c.expose() == expired));
+        }
+    }
+
+    #[test]
     fn a_short_or_odd_authorization_header_is_not_a_bearer_token() {
         for v in ["Bearer", "bearer x", "Bearerx y", "Basic abc"] {
             let mut md = MetadataMap::new();
