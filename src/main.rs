@@ -13,7 +13,7 @@ use node_agent::config::observe::{parse_status_addr, LogFormat, LogSettings};
 use node_agent::config::{Config, ConfigError};
 
 /// Serves Envoy's SDS with workload certificates signed by Vault/OpenBao or a
-/// local CA. Every setting is an environment variable; see README.md.
+/// local CA. Every setting is an environment variable; see docs/settings.md.
 /// Without a subcommand it runs the agent.
 #[derive(Parser, Debug)]
 #[command(
@@ -36,7 +36,7 @@ use node_agent::config::{Config, ConfigError};
         SDS_KEEPALIVE_TIMEOUT, SDS_MAX_REQUEST_BYTES, SDS_MAX_BUFFERED_REQUEST_BYTES,\n  \
         SDS_MAX_HEADER_BYTES, SDS_MAX_RESOURCE_NAMES, SDS_CONNECTION_MAX_LOGINS_IN_FLIGHT,\n  \
         SDS_CONNECTION_NEW_JWT_BURST, SDS_CONNECTION_NEW_JWT_INTERVAL.\n\
-        See README.md for their meaning and defaults."
+        See docs/settings.md for their meaning and defaults."
 )]
 struct Args {
     /// SDS Unix socket path [env: WORKLOAD_UDS_PATH] [default: /var/run/sds/uds_path]

@@ -2,7 +2,7 @@
 //! socket may be hostile, so connections, streams, request sizes, resource
 //! names and the Vault logins one connection can cause are all capped. Each
 //! bound is a setting with a default sized for a node of Envoys (two streams
-//! each); README's settings table lists them.
+//! each); the settings table of docs/settings.md lists them.
 
 use std::time::Duration;
 

@@ -36,7 +36,7 @@ pub enum SetupError {
     #[error(
         "the token in VAULT_TOKEN may not {method} /v1/{path} (Vault answered {status}: {errors}); \
          vault-setup needs a token that manages secrets engines, auth methods and ACL policies: \
-         a root token, or one with the policy in README.md (\"node-agent vault-setup\")"
+         a root token, or one with the policy in docs/vault-setup.md"
     )]
     Forbidden {
         method: Method,
@@ -374,6 +374,6 @@ mod tests {
             errors: "permission denied".into(),
         };
         assert_eq!((e.exit_code(), e.status()), (1, Some(403)));
-        assert!(e.to_string().contains("README"), "{e}");
+        assert!(e.to_string().contains("docs/vault-setup.md"), "{e}");
     }
 }

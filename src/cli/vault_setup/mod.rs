@@ -81,7 +81,7 @@ impl AuthMethod {
     after_help = "Progress goes to stderr; the node-agent settings go to stdout:\n  \
     node-agent vault-setup --kubernetes-host https://10.0.0.1:443 --kubernetes-ca-cert ca.crt \\\n    \
     --bound-namespaces default --bound-service-accounts httpbin,sleep > node-agent.env\n\
-    Running it again changes only what differs. See README.md."
+    Running it again changes only what differs. See docs/vault-setup.md."
 )]
 pub struct Args {
     /// Print every request instead of changing anything (reads are still made)
@@ -151,7 +151,7 @@ pub struct Args {
     #[arg(long, default_value = "1h", value_parser = parse_duration, value_name = "DURATION")]
     pub token_ttl: Duration,
 
-    /// Type of the Vault token a login gives (see README for the measurements behind the default)
+    /// Type of the Vault token a login gives (see docs/vault-setup.md for the measurements behind the default)
     #[arg(long, value_enum, default_value_t = TokenType::Batch)]
     pub token_type: TokenType,
 
