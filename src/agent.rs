@@ -6,23 +6,24 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::ca::local::LocalCa;
+use crate::ca::queue::CaQueue;
 use crate::ca::vault::VaultCa;
 use crate::ca::CaClient;
+use crate::clock::Clock;
 use crate::config::{CaProvider, Config};
-use crate::secrets::queue::CaQueue;
 use crate::secrets::schedule::RenewPolicy;
 use crate::secrets::{ManagerOptions, SecretManager};
 use crate::trust::{TrustBundle, TrustOptions};
 
-/// Builds the configured CA client.
-pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CaClient>> {
+/// Builds the configured CA client, reading time from `clock`.
+pub fn build_ca(config: &Config, clock: Clock) -> anyhow::Result<Arc<dyn CaClient>> {
     match &config.ca {
         CaProvider::Local { dir } => {
             tracing::warn!(
                 "CA_PROVIDER=LocalCA: the in-process local CA issues any identity a connection asks for; it is for \
                  development only — set CA_PROVIDER=VaultCA for production"
             );
-            let ca = LocalCa::new(dir.as_deref(), &config.trust_domain)?;
+            let ca = LocalCa::new(dir.as_deref(), &config.trust_domain)?.with_clock(clock);
             match dir {
                 Some(d) => tracing::info!(dir = %d.display(), "local CA ready (root persisted)"),
                 None => tracing::info!("local CA ready (new in-memory root; set LOCAL_CA_DIR to keep it across restarts)"),
@@ -30,7 +31,7 @@ pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CaClient>> {
             Ok(Arc::new(ca))
         }
         CaProvider::Vault(v) => {
-            let ca = VaultCa::new(v.clone())?;
+            let ca = VaultCa::new(v.clone())?.with_clock(clock);
             tracing::info!(
                 vault = %v.addr,
                 auth_path = %v.auth_path,
@@ -46,7 +47,10 @@ pub fn build_ca(config: &Config) -> anyhow::Result<Arc<dyn CaClient>> {
 
 /// Runs the agent until `shutdown` turns true.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let ca = build_ca(&config)?;
+    // The time every decision reads: JWT expiry, certificate validity,
+    // renewals, root retention, the CA client's token cache.
+    let clock = Clock::system();
+    let ca = build_ca(&config, clock)?;
     let mut opts = ManagerOptions::new(
         config.trust_domain.clone(),
         config.key_type,
@@ -57,6 +61,11 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         jitter: config.grace_jitter,
     };
     opts.max_concurrency = config.ca_max_concurrency;
+    opts.clock = clock;
+    // One CA queue for every CA request: the manager's, and the trust
+    // bundle's reads of the CA's roots (from its first, at start).
+    let queue = CaQueue::new(config.ca_max_concurrency);
+    opts.queue = Some(queue.clone());
     opts.eviction = config.eviction_period;
     opts.max_identities = config.secret_limits.max_identities;
     opts.max_jwts_per_identity = config.secret_limits.max_jwts_per_identity;
@@ -66,8 +75,8 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
             refresh: config.trust.refresh_interval,
             retention: config.trust.root_retention,
             extra_roots: config.trust.extra_roots.clone(),
-            queue: Some(CaQueue::new(config.ca_max_concurrency)),
-            ..TrustOptions::default()
+            clock,
+            queue: Some(queue),
         },
     )?;
     let manager = SecretManager::new(ca.clone(), trust, opts);

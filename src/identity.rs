@@ -14,6 +14,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use crate::clock::Clock;
+
 /// Why a credential does not name an identity.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {
@@ -40,7 +42,7 @@ pub enum IdentityError {
 /// several times (expiry, identity, JWT bookkeeping), and parsing them was a
 /// tenth of a cached `FetchSecrets`. Only the pure functions of the text are
 /// kept; whether the token has expired is decided against the clock at each
-/// call ([`Credential::current_claims`]).
+/// call, by the agent's clock ([`Credential::current_claims_by`]).
 #[derive(Clone)]
 pub struct Credential {
     inner: std::sync::Arc<Inner>,
@@ -140,18 +142,20 @@ impl Claims {
 }
 
 impl Credential {
-    /// The claims of a token that has not expired now.
+    /// The claims of a token that has not expired by `clock`.
+    pub fn current_claims_by(&self, clock: &Clock) -> Result<Claims, IdentityError> {
+        self.claims()?.current_at(clock.unix_now())
+    }
+
+    /// The claims of a token that has not expired by the system clock.
     pub fn current_claims(&self) -> Result<Claims, IdentityError> {
-        self.claims()?.current_at(unix_now())
+        self.current_claims_by(&Clock::system())
     }
 }
 
-/// Seconds since the Unix epoch, now.
+/// Seconds since the Unix epoch, now, by the system clock.
 pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    Clock::system().unix_now()
 }
 
 impl fmt::Debug for Credential {
@@ -313,6 +317,10 @@ mod tests {
             claims.clone().current_at(1000),
             Err(IdentityError::Expired { exp: 1000 })
         );
+        let at =
+            |secs| Clock::paused_at(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs));
+        assert!(c.current_claims_by(&at(999)).is_ok());
+        assert!(c.current_claims_by(&at(1000)).is_err());
         assert!(
             c.current_claims().is_err(),
             "1000 s after the epoch is past"
@@ -387,7 +395,7 @@ mod tests {
                         id
                     );
                     // Any clock: a typed answer, never a panic or an overflow.
-                    for now in [i64::MIN, -1, 0, unix_now(), i64::MAX] {
+                    for now in [i64::MIN, -1, 0, Clock::system().unix_now(), i64::MAX] {
                         match claims.clone().current_at(now) {
                             Ok(_) => {}
                             Err(IdentityError::Expired { exp }) => {

@@ -25,6 +25,7 @@ use rcgen::{
 use time::OffsetDateTime;
 
 use super::{Authorization, CaClient, CaError};
+use crate::clock::Clock;
 use crate::crypto::{IssuedChain, KeyType, PrivateKey};
 use crate::identity::Credential;
 use crate::metrics::{self, CaKind};
@@ -57,6 +58,8 @@ pub struct LocalCa {
     root_pem: String,
     /// The root before the last rotation (`previous-ca-cert.pem`).
     previous_root_pem: Option<String>,
+    /// When certificates are signed, and which roots are still valid.
+    clock: Clock,
 }
 
 impl std::fmt::Debug for LocalCa {
@@ -77,6 +80,13 @@ impl LocalCa {
                 Ok(ca)
             }
         }
+    }
+
+    /// The same CA, reading time from `clock` instead of the system clock:
+    /// its certificates' validity starts at the clock's now, and the
+    /// previous root is trusted until it expires by it.
+    pub fn with_clock(self, clock: Clock) -> Self {
+        Self { clock, ..self }
     }
 
     /// Rotates the root kept in `dir` (the agent must be stopped): the
@@ -157,6 +167,7 @@ impl LocalCa {
             root_pem: cert.pem(),
             issuer: Issuer::new(params, owned_key_pair(&key).map_err(|e| create(&e))?),
             previous_root_pem: None,
+            clock: Clock::system(),
         };
         Ok((ca, key))
     }
@@ -212,6 +223,7 @@ impl LocalCa {
                     issuer,
                     root_pem: cert_pem,
                     previous_root_pem: None,
+                    clock: Clock::system(),
                 })
             }
             (false, false) => {
@@ -240,7 +252,7 @@ impl LocalCa {
     pub fn sign_csr(&self, csr_pem: &str, ttl: Duration) -> Result<String, CaError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::rejected(format!("local CA: invalid CSR: {e}")))?;
-        let now = OffsetDateTime::now_utc();
+        let now = OffsetDateTime::from(self.clock.now());
         let p = &mut csr.params;
         p.not_before = now - time::Duration::minutes(1);
         p.not_after = now + ttl;
@@ -305,7 +317,7 @@ impl CaClient for LocalCa {
 
     /// The root, and the previous one while it is still valid.
     async fn trust_roots(&self) -> Result<Vec<String>, CaError> {
-        let now = std::time::SystemTime::now();
+        let now = self.clock.now();
         let previous = self
             .previous_root_pem
             .iter()

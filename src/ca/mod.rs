@@ -8,8 +8,10 @@ use zeroize::Zeroizing;
 
 use crate::crypto::IssuedChain;
 use crate::identity::{Credential, IdentityError};
+use crate::metrics::{CaOutcome, ErrorOutcome};
 
 pub mod local;
+pub mod queue;
 pub mod vault;
 
 /// Why a CA call failed. The variant decides how the caller retries; the
@@ -207,6 +209,21 @@ impl CaError {
     }
 }
 
+/// The outcome label of a failed CA request in the metrics.
+impl ErrorOutcome for CaError {
+    fn outcome(&self) -> Option<CaOutcome> {
+        match self {
+            // Refused by the agent itself: the CA was not asked.
+            e if e.credential_error().is_some() => None,
+            CaError::Rejected(_) => Some(CaOutcome::Rejected),
+            // Answered from memory: the CA was not asked.
+            CaError::RecentlyRejected(_) => None,
+            CaError::Unavailable(_) => Some(CaOutcome::Unavailable),
+            CaError::BadAnswer(_) => Some(CaOutcome::BadAnswer),
+        }
+    }
+}
+
 /// Proof that the CA accepted a workload's credential: what the CA needs to
 /// sign on that workload's behalf (e.g. a Vault token). Never printed.
 #[derive(Clone, Default)]
@@ -309,6 +326,32 @@ mod tests {
         assert_eq!(
             e.credential_error(),
             Some(&IdentityError::Expired { exp: 5 })
+        );
+    }
+
+    #[test]
+    fn the_metrics_count_only_what_reached_the_ca() {
+        let outcome = |e: CaError| e.outcome();
+        assert_eq!(
+            outcome(CaError::rejected("permission denied")),
+            Some(CaOutcome::Rejected)
+        );
+        assert_eq!(
+            outcome(CaError::unavailable("down")),
+            Some(CaOutcome::Unavailable)
+        );
+        assert_eq!(
+            outcome(CaError::bad_answer("garbage")),
+            Some(CaOutcome::BadAnswer)
+        );
+        // Not requests: answered from memory, or refused by the agent itself.
+        assert_eq!(outcome(CaError::RecentlyRejected("again".into())), None);
+        assert_eq!(
+            outcome(CaError::Rejected(CaFailure::credential(
+                "expired",
+                IdentityError::Expired { exp: 1 },
+            ))),
+            None
         );
     }
 }

@@ -7,9 +7,12 @@
 //! provider's cache, or coalesced with one in flight for the same JWT, a
 //! rejection answered from memory and an expired JWT refused locally are not
 //! requests, and a read of the mount's roots made while signing is a `roots`
-//! request of its own. Wrapping the [`CaClient`](crate::ca::CaClient) trait
-//! instead would count those wrongly; nothing else counts CA requests, so
-//! none is counted twice.
+//! request of its own. Wrapping the CA client trait instead would count
+//! those wrongly; nothing else counts CA requests, so none is counted twice.
+//!
+//! The outcome label comes from the request's error ([`ErrorOutcome`],
+//! implemented by the CA clients' error type), so this module knows nothing
+//! of the CA clients.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -18,8 +21,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-
-use crate::ca::CaError;
 
 /// Which CA request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,19 +72,21 @@ impl CaOutcome {
         }
     }
 
-    /// The outcome of a CA call, or `None` when the CA was not asked: a
-    /// rejection answered from memory, or a credential the agent refused
-    /// by itself.
-    pub fn of<T>(result: &Result<T, CaError>) -> Option<Self> {
+    /// The outcome of a CA call, or `None` when the CA was not asked.
+    pub fn of<T, E: ErrorOutcome>(result: &Result<T, E>) -> Option<Self> {
         match result {
             Ok(_) => Some(CaOutcome::Ok),
-            Err(e) if e.credential_error().is_some() => None,
-            Err(CaError::Rejected(_)) => Some(CaOutcome::Rejected),
-            Err(CaError::RecentlyRejected(_)) => None,
-            Err(CaError::Unavailable(_)) => Some(CaOutcome::Unavailable),
-            Err(CaError::BadAnswer(_)) => Some(CaOutcome::BadAnswer),
+            Err(e) => e.outcome(),
         }
     }
+}
+
+/// How a failed CA request ended, as its error tells.
+pub trait ErrorOutcome {
+    /// The outcome, or `None` when the CA was not asked (a rejection
+    /// answered from memory, a credential the agent refused by itself): such
+    /// a call is not counted.
+    fn outcome(&self) -> Option<CaOutcome>;
 }
 
 /// Buckets of the CA latency histogram, in seconds: 5 ms to 20 s (Vault's
@@ -142,11 +145,11 @@ impl CaMetrics {
 
     /// Runs `request`, then counts and times it by its outcome (see
     /// [`CaOutcome::of`] for what is not counted).
-    pub async fn time<T>(
+    pub async fn time<T, E: ErrorOutcome>(
         &self,
         kind: CaKind,
-        request: impl Future<Output = Result<T, CaError>>,
-    ) -> Result<T, CaError> {
+        request: impl Future<Output = Result<T, E>>,
+    ) -> Result<T, E> {
         let started = Instant::now();
         let result = request.await;
         if let Some(outcome) = CaOutcome::of(&result) {
@@ -163,44 +166,37 @@ fn labels(kind: CaKind, outcome: CaOutcome) -> Labels {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ca::CaFailure;
-    use crate::identity::IdentityError;
     use crate::metrics::{Format, Metrics};
+
+    /// A CA error as the CA clients classify theirs.
+    struct Failed(Option<CaOutcome>);
+
+    impl ErrorOutcome for Failed {
+        fn outcome(&self) -> Option<CaOutcome> {
+            self.0
+        }
+    }
 
     #[tokio::test]
     async fn counts_and_times_what_reached_the_ca_only() {
         let m = Metrics::new();
         let ca = &m.ca;
-        ca.time(CaKind::Login, async { Ok(()) }).await.unwrap();
+        let fail = |outcome| async move { Err::<(), _>(Failed(outcome)) };
+        ca.time(CaKind::Login, async { Ok::<_, Failed>(()) })
+            .await
+            .ok();
         let _ = ca
-            .time(CaKind::Login, async {
-                Err::<(), _>(CaError::rejected("permission denied"))
-            })
+            .time(CaKind::Login, fail(Some(CaOutcome::Rejected)))
             .await;
         let _ = ca
-            .time(CaKind::Sign, async {
-                Err::<(), _>(CaError::unavailable("down"))
-            })
+            .time(CaKind::Sign, fail(Some(CaOutcome::Unavailable)))
             .await;
         let _ = ca
-            .time(CaKind::Roots, async {
-                Err::<(), _>(CaError::bad_answer("garbage"))
-            })
+            .time(CaKind::Roots, fail(Some(CaOutcome::BadAnswer)))
             .await;
-        // Not requests: answered from memory, or refused by the agent itself.
-        let _ = ca
-            .time(CaKind::Sign, async {
-                Err::<(), _>(CaError::RecentlyRejected("again".into()))
-            })
-            .await;
-        let _ = ca
-            .time(CaKind::Login, async {
-                Err::<(), _>(CaError::Rejected(CaFailure::credential(
-                    "expired",
-                    IdentityError::Expired { exp: 1 },
-                )))
-            })
-            .await;
+        // Not requests: the CA was not asked.
+        let _ = ca.time(CaKind::Sign, fail(None)).await;
+        let _ = ca.time(CaKind::Login, fail(None)).await;
         let text = m.encode(Format::Prometheus);
         for (labels, n) in [
             ("kind=\"login\",outcome=\"ok\"", 1),

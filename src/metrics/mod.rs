@@ -35,8 +35,6 @@ use std::sync::{Arc, LazyLock, Weak};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
-use crate::ca::CaError;
-
 mod ca;
 mod format;
 mod identities;
@@ -44,7 +42,7 @@ mod renewal;
 mod report;
 mod sds;
 
-pub use ca::{CaKind, CaOutcome};
+pub use ca::{CaKind, CaOutcome, ErrorOutcome};
 pub use format::Format;
 pub use renewal::Retry;
 pub use report::{AgentReport, IdentityReport};
@@ -120,10 +118,10 @@ pub fn global() -> &'static Metrics {
 /// `node_agent_ca_requests_total` and `node_agent_ca_request_duration_seconds`
 /// by its outcome. Only CA providers call this, around what really reaches
 /// the CA (see `ca.rs`: nothing else counts CA requests).
-pub async fn ca_request<T>(
+pub async fn ca_request<T, E: ErrorOutcome>(
     kind: CaKind,
-    request: impl Future<Output = Result<T, CaError>>,
-) -> Result<T, CaError> {
+    request: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
     global().ca.time(kind, request).await
 }
 

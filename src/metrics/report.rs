@@ -3,8 +3,6 @@
 
 use std::time::SystemTime;
 
-use crate::secrets::SecretManager;
-
 /// One cached identity, without anything secret (no key, no token, no JWT).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IdentityReport {
@@ -30,14 +28,7 @@ pub trait AgentReport: Send + Sync + 'static {
     fn identities(&self) -> Vec<IdentityReport>;
     /// CA requests waiting for a slot.
     fn ca_queue_depth(&self) -> usize;
-}
-
-impl AgentReport for SecretManager {
-    fn identities(&self) -> Vec<IdentityReport> {
-        SecretManager::identities(self)
-    }
-
-    fn ca_queue_depth(&self) -> usize {
-        SecretManager::ca_queue_depth(self)
-    }
+    /// Now, by the agent's clock: what the seconds left before each
+    /// certificate's expiry are counted from.
+    fn now(&self) -> SystemTime;
 }

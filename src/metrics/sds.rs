@@ -1,14 +1,12 @@
 //! What the SDS server does: `node_agent_sds_pushes_total` by resource,
 //! `node_agent_sds_streams_open`, `node_agent_sds_nacks_total` and
-//! `node_agent_sds_requests_refused_total` by reason. Recorded by src/sds.
+//! `node_agent_sds_requests_refused_total` by reason. Recorded by the SDS
+//! and Workload API servers.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-
-use crate::sds::resources::{DEFAULT, ROOTCA};
-use crate::secrets::SecretError;
 
 /// Why an SDS request was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,33 +40,19 @@ impl Refusal {
             Refusal::Failure => "failure",
         }
     }
-
-    /// The reason a [`SecretError`] refuses a request. Transient CA failures
-    /// do not refuse (the stream waits), but are mapped for completeness.
-    pub fn of(e: &SecretError) -> Self {
-        match e {
-            SecretError::Credential(_) => Refusal::Credential,
-            SecretError::Login(err) | SecretError::Sign { error: err, .. } => {
-                if err.is_rejection() {
-                    Refusal::Rejected
-                } else {
-                    Refusal::Failure
-                }
-            }
-            SecretError::LimitReached { .. } => Refusal::Limits,
-            SecretError::Internal(_) => Refusal::Failure,
-        }
-    }
 }
 
-/// SDS resource label: the two names served, anything else as `other`
-/// (never a name a client chose, so the label stays bounded).
+/// The values of the `resource` label: the names of the two SDS resources
+/// the agent serves (the workload's certificate and the trust bundle).
+const RESOURCES: [&str; 2] = ["default", "ROOTCA"];
+
+/// SDS resource label: a name served, anything else as `other` (never a
+/// name a client chose, so the label stays bounded).
 fn resource_label(name: &str) -> &'static str {
-    match name {
-        DEFAULT => DEFAULT,
-        ROOTCA => ROOTCA,
-        _ => "other",
-    }
+    RESOURCES
+        .into_iter()
+        .find(|r| *r == name)
+        .unwrap_or("other")
 }
 
 type Labels = [(&'static str, &'static str); 1];
@@ -108,7 +92,7 @@ impl SdsMetrics {
             refused.clone(),
         );
         // Every series exists from the start, at zero.
-        for r in [DEFAULT, ROOTCA] {
+        for r in RESOURCES {
             let _ = pushes.get_or_create(&[("resource", r)]);
         }
         for r in Refusal::ALL {
@@ -175,12 +159,9 @@ mod tests {
     #[test]
     fn a_clients_name_never_becomes_a_label() {
         let m = Metrics::new();
-        m.sds.pushed(DEFAULT);
+        m.sds.pushed("default");
         m.sds.pushed("attacker-chosen-name");
-        m.sds.refused(Refusal::of(&SecretError::LimitReached {
-            setting: "X",
-            message: "full".into(),
-        }));
+        m.sds.refused(Refusal::Limits);
         let text = m.encode(Format::Prometheus);
         for line in [
             "node_agent_sds_pushes_total{resource=\"default\"} 1\n",

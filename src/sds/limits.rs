@@ -183,7 +183,7 @@ impl Limits {
     /// warning per interval; a repeat of a rejection the CA gave moments ago
     /// (Envoy reconnecting) is debug; anything else is an error.
     pub(crate) fn log_refusal(&self, stream: u64, what: &str, e: &SecretError) {
-        metrics::refused(Refusal::of(e));
+        metrics::refused(e.refusal());
         if let SecretError::LimitReached { setting, .. } = e {
             self.warn(setting, format!("stream {stream}: {what}"));
         } else if e.is_repeat() {

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use super::cache::{Entry, Installed};
-use super::queue::Priority;
 use super::{SecretError, SecretManager, WorkloadSecret};
+use crate::ca::queue::Priority;
 use crate::ca::{Authorization, CaError};
 use crate::clock::rfc3339;
 use crate::crypto::{verify_issued, CryptoError, IssuedChain, KeyType, LeafInfo, PrivateKey};

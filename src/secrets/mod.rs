@@ -10,8 +10,12 @@
 //! - [`rotation`] and [`renew`]: the renewal schedule and one renewal;
 //! - [`jwts`]: the bounded JWTs of an identity's live streams;
 //! - [`eviction`]: identities nobody watches leave, their tokens released;
-//! - [`queue`]: the bounded CA queue, first fetches ahead of renewals;
-//! - [`schedule`]: when a certificate is renewed.
+//! - [`schedule`]: when a certificate is renewed;
+//! - `report`: what the status server and the metrics read of the cache.
+//!
+//! Every CA request waits in the bounded CA queue
+//! ([`crate::ca::queue`]), first fetches ahead of renewals; the trust
+//! bundle's reads of the CA's roots wait in the same one.
 //!
 //! The trust bundle (`ROOTCA`) is [`crate::trust`]; the manager only
 //! registers the roots of the certificates it installs and forwards the
@@ -25,19 +29,21 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
+use crate::ca::queue::{CaQueue, Priority};
 use crate::ca::{CaClient, CaError};
 pub use crate::clock::rfc3339;
 use crate::clock::Clock;
 use crate::crypto::{KeyType, LeafInfo, PrivateKey};
 use crate::identity::{Credential, IdentityError, SpiffeId};
+use crate::metrics::Refusal;
 use crate::trust::{RootBundle, RootsInUse, TrustBundle};
 
 mod cache;
 mod eviction;
 mod issue;
 mod jwts;
-pub mod queue;
 mod renew;
+mod report;
 mod rotation;
 pub mod schedule;
 #[cfg(test)]
@@ -48,7 +54,6 @@ mod tests;
 use cache::{Cache, CacheKey};
 use issue::FetchError;
 use jwts::JwtLease;
-use queue::{CaQueue, Priority};
 use schedule::RenewPolicy;
 
 /// Why a workload could not be given its secret.
@@ -91,6 +96,23 @@ impl SecretError {
         match self {
             SecretError::Login(e) | SecretError::Sign { error: e, .. } => e.is_transient(),
             _ => false,
+        }
+    }
+
+    /// Why this error refuses a request, as the metrics count it. Transient
+    /// CA failures do not refuse (the stream waits), but are mapped too.
+    pub fn refusal(&self) -> Refusal {
+        match self {
+            SecretError::Credential(_) => Refusal::Credential,
+            SecretError::Login(err) | SecretError::Sign { error: err, .. } => {
+                if err.is_rejection() {
+                    Refusal::Rejected
+                } else {
+                    Refusal::Failure
+                }
+            }
+            SecretError::LimitReached { .. } => Refusal::Limits,
+            SecretError::Internal(_) => Refusal::Failure,
         }
     }
 
@@ -176,8 +198,13 @@ pub struct ManagerOptions {
     /// Requested certificate lifetime (`SECRET_TTL`).
     pub ttl: Duration,
     pub renew: RenewPolicy,
-    /// Most CA requests in flight at once (`CA_MAX_CONCURRENCY`).
+    /// Most CA requests in flight at once (`CA_MAX_CONCURRENCY`): the size
+    /// of the manager's own CA queue when [`ManagerOptions::queue`] is `None`.
     pub max_concurrency: usize,
+    /// The CA queue every CA request waits in, shared with the trust
+    /// bundle's reads of the CA's roots; `None`: a queue of
+    /// `max_concurrency` of the manager's own.
+    pub queue: Option<CaQueue>,
     /// How long an identity nobody watches stays cached (`SECRET_EVICTION_PERIOD`).
     pub eviction: Duration,
     /// Back-off of failed renewals (first step, cap).
@@ -202,6 +229,7 @@ impl ManagerOptions {
             ttl,
             renew: RenewPolicy::default(),
             max_concurrency: 16,
+            queue: None,
             eviction: Duration::from_secs(3600),
             renew_backoff: (Duration::from_millis(500), Duration::from_secs(300)),
             max_identities: DEFAULT_MAX_IDENTITIES,
@@ -227,9 +255,10 @@ const SUBSCRIBE_ATTEMPTS: usize = 3;
 impl SecretManager {
     /// A manager whose certificates come from `ca` and whose `ROOTCA` is `trust`.
     pub fn new(ca: Arc<dyn CaClient>, trust: Arc<TrustBundle>, opts: ManagerOptions) -> Arc<Self> {
-        // One queue for every CA request: the trust bundle's (given at its
-        // start, so that its first read is bounded too), else this one's.
-        let queue = trust.queue_or(|| CaQueue::new(opts.max_concurrency));
+        let queue = opts
+            .queue
+            .clone()
+            .unwrap_or_else(|| CaQueue::new(opts.max_concurrency));
         let manager = Arc::new(Self {
             ca,
             queue,
@@ -248,6 +277,13 @@ impl SecretManager {
             }
         });
         manager
+    }
+
+    /// The clock every decision of the manager reads (JWT expiry,
+    /// certificate validity, renewals): for the streams' own checks of
+    /// their credentials, so that they read the same time.
+    pub fn clock(&self) -> Clock {
+        self.opts.clock
     }
 
     /// Identities currently cached.

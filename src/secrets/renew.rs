@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use super::cache::{Entry, Installed};
 use super::issue::NewKey;
-use super::queue::Priority;
 use super::{SecretError, SecretManager, WorkloadSecret};
+use crate::ca::queue::Priority;
 use crate::clock::rfc3339;
 
 /// How a renewal went.

@@ -62,6 +62,9 @@ mod tests {
         fn ca_queue_depth(&self) -> usize {
             4
         }
+        fn now(&self) -> SystemTime {
+            SystemTime::UNIX_EPOCH
+        }
     }
 
     #[test]

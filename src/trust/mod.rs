@@ -29,15 +29,15 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
+use crate::ca::queue::{CaQueue, Priority};
 use crate::ca::CaClient;
 use crate::clock::{rfc3339, Clock};
-use crate::secrets::queue::{CaQueue, Priority};
 
 pub mod bundle;
 mod extra;
@@ -63,7 +63,8 @@ pub struct TrustOptions {
     pub extra_roots: Option<PathBuf>,
     pub clock: Clock,
     /// The CA queue (`CA_MAX_CONCURRENCY`) reads of the CA's roots wait in,
-    /// behind first fetches. Without one, the secret manager lends its own.
+    /// behind first fetches: the one the secret manager's requests wait in.
+    /// `None`: the reads are not queued.
     pub queue: Option<CaQueue>,
 }
 
@@ -89,9 +90,6 @@ pub struct TrustBundle {
     /// (its removal time must be armed).
     wake: Arc<Notify>,
     refresh_asked: AtomicBool,
-    /// The CA queue reads of the CA's roots wait in (with renewals), so that
-    /// `CA_MAX_CONCURRENCY` bounds them too.
-    queue: OnceLock<CaQueue>,
 }
 
 #[derive(Default)]
@@ -175,10 +173,6 @@ impl TrustBundle {
             }
             state.extra = Some(extra);
         }
-        let queue = OnceLock::new();
-        if let Some(q) = &opts.queue {
-            let _ = queue.set(q.clone());
-        }
         let trust = Arc::new(Self {
             ca,
             opts,
@@ -186,17 +180,10 @@ impl TrustBundle {
             tx: watch::channel(Arc::new(RootBundle::default())).0,
             wake: Arc::new(Notify::new()),
             refresh_asked: AtomicBool::new(false),
-            queue,
         });
         trust.recompute(&mut trust.lock());
         tokio::spawn(refresh::run(Arc::downgrade(&trust), trust.wake.clone()));
         Ok(trust)
-    }
-
-    /// The CA queue reads of the CA's roots wait in: the one given at start,
-    /// else `lent` from now on.
-    pub fn queue_or(&self, lent: impl FnOnce() -> CaQueue) -> CaQueue {
-        self.queue.get_or_init(lent).clone()
     }
 
     /// A watch on the bundle.
@@ -254,7 +241,9 @@ impl TrustBundle {
     /// (the bundle is kept as it is).
     async fn refresh(&self) -> bool {
         let answer = {
-            let _permit = match self.queue.get() {
+            // In line with renewals, so that `CA_MAX_CONCURRENCY` bounds
+            // these reads too.
+            let _permit = match &self.opts.queue {
                 Some(q) => Some(q.acquire(Priority::Rotation).await),
                 None => None,
             };

@@ -20,7 +20,8 @@ use zeroize::Zeroizing;
 use super::http::VaultHttp;
 use super::revoke::{revoke_in_background, Revocable};
 use crate::ca::{Authorization, CaError, CaFailure};
-use crate::identity::{unix_now, Credential, IdentityError};
+use crate::clock::Clock;
+use crate::identity::{Credential, IdentityError};
 use crate::metrics::{self, CaKind};
 
 /// How long a rejection (of a JWT at login, of a token at sign) is answered
@@ -38,9 +39,10 @@ pub(super) const MAX_LEASE: Duration = Duration::from_secs(100 * 365 * 24 * 3600
 type Key = [u8; 32];
 
 /// The login slots of one Vault client.
-#[derive(Default)]
 pub(super) struct Logins {
     slots: Mutex<Slots>,
+    /// What a JWT's `exp` is compared with.
+    clock: Clock,
 }
 
 #[derive(Default)]
@@ -196,6 +198,13 @@ pub(super) fn cache_until(
 }
 
 impl Logins {
+    pub fn new(clock: Clock) -> Self {
+        Self {
+            slots: Mutex::default(),
+            clock,
+        }
+    }
+
     /// The slot of `key`, made if missing. Sweeps lapsed slots now and then,
     /// so memory stays bounded by the JWTs in use; their tokens are returned
     /// for revocation.
@@ -234,7 +243,7 @@ impl Logins {
     ) -> Result<Authorization, CaError> {
         // An expired JWT proves nothing, whatever Vault said about it before:
         // refused before any cache lookup.
-        let exp = match credential.current_claims() {
+        let exp = match credential.current_claims_by(&self.clock) {
             Ok(claims) => claims.expires_at,
             Err(e @ IdentityError::Expired { .. }) => {
                 // Whatever token it earned is of no use any more.
@@ -281,18 +290,8 @@ impl Logins {
         match result {
             Ok(auth) => {
                 let lease = auth.lease();
-                let until = cache_until(now, lease, exp.map(|e| (e, unix_now())));
                 let batch = auth.is_batch();
-                let token = Arc::new(Zeroizing::new(auth.client_token));
-                let mut st = lock(&slot.state);
-                st.token = Some(CachedToken {
-                    token: token.clone(),
-                    until,
-                    lease_end: now + lease,
-                    batch,
-                    sign_rejected: None,
-                });
-                st.rejected = None;
+                let (token, until) = self.keep(&slot, auth, exp, now);
                 tracing::info!(
                     vault = %http.addr(),
                     lease_seconds = lease.as_secs(),
@@ -314,10 +313,36 @@ impl Logins {
         }
     }
 
+    /// Caches the token Vault gave at `now` for the JWT of `slot`, which
+    /// expires at `exp`: used until 90% of its lease, and never past `exp`
+    /// by the clock. Returns the token and until when it is used.
+    fn keep(
+        &self,
+        slot: &Slot,
+        auth: LoginAuth,
+        exp: Option<i64>,
+        now: Instant,
+    ) -> (Arc<Zeroizing<String>>, Instant) {
+        let lease = auth.lease();
+        let until = cache_until(now, lease, exp.map(|e| (e, self.clock.unix_now())));
+        let batch = auth.is_batch();
+        let token = Arc::new(Zeroizing::new(auth.client_token));
+        let mut st = lock(&slot.state);
+        st.token = Some(CachedToken {
+            token: token.clone(),
+            until,
+            lease_end: now + lease,
+            batch,
+            sign_rejected: None,
+        });
+        st.rejected = None;
+        (token, until)
+    }
+
     /// The token cached for `credential`, waiting for a login in flight.
     pub async fn cached(&self, credential: &Credential) -> Option<Authorization> {
         if credential
-            .current_claims()
+            .current_claims_by(&self.clock)
             .is_err_and(|e| matches!(e, IdentityError::Expired { .. }))
         {
             return None;

@@ -1,5 +1,9 @@
 //! Tests of the login slots (src/ca/vault/login.rs).
 
+use std::time::SystemTime;
+
+use base64::Engine;
+
 use super::*;
 
 fn auth_answer(token: &str, token_type: Option<&str>) -> LoginAuth {
@@ -64,7 +68,7 @@ fn install(logins: &Logins, key: Key, t: CachedToken) -> Authorization {
 
 #[tokio::test(start_paused = true)]
 async fn a_sign_rejection_is_held_down_for_its_token_only() {
-    let logins = Logins::default();
+    let logins = Logins::new(Clock::system());
     let auth = install(&logins, [1; 32], cached(Duration::from_secs(600)));
     assert!(logins.sign_held_down(&auth).is_none());
     logins.note_sign_rejection(&auth, &CaFailure::http("refused", 403, vec![]));
@@ -85,7 +89,7 @@ async fn a_sign_rejection_is_held_down_for_its_token_only() {
 
 #[tokio::test(start_paused = true)]
 async fn invalidate_forces_one_relogin_per_hold_down() {
-    let logins = Logins::default();
+    let logins = Logins::new(Clock::system());
     let key = [2; 32];
     let first = install(&logins, key, cached(Duration::from_secs(600)));
     logins.invalidate(&first);
@@ -113,7 +117,7 @@ async fn invalidate_forces_one_relogin_per_hold_down() {
 
 #[tokio::test(start_paused = true)]
 async fn lapsed_slots_are_swept_and_their_service_tokens_returned_for_revocation() {
-    let logins = Logins::default();
+    let logins = Logins::new(Clock::system());
     for i in 0..64u8 {
         let mut t = cached(Duration::from_secs(10));
         t.batch = i % 2 == 1;
@@ -132,7 +136,7 @@ fn release_and_take_all_skip_batch_tokens() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let logins = Logins::default();
+        let logins = Logins::new(Clock::system());
         let jwt = Credential::new("a.b.c");
         let mut t = cached(Duration::from_secs(60));
         t.batch = true;
@@ -154,7 +158,7 @@ fn release_and_take_all_skip_batch_tokens() {
 /// and returns its token: a busy slot is not "no credential".
 #[tokio::test(start_paused = true)]
 async fn cached_waits_for_a_login_in_flight_with_the_same_jwt() {
-    let logins = Arc::new(Logins::default());
+    let logins = Arc::new(Logins::new(Clock::system()));
     let jwt = Credential::new("a.b.c");
     let key = key_of(&jwt);
     // A login in flight: it holds the slot's lock, as `login` does while
@@ -181,4 +185,38 @@ async fn cached_waits_for_a_login_in_flight_with_the_same_jwt() {
     login.await.unwrap();
     // Without a login in flight or a token, there is none.
     assert!(logins.cached(&Credential::new("x.y.z")).await.is_none());
+}
+
+/// A JWT of `ns/sa` expiring at `exp` (Unix seconds).
+fn jwt_expiring_at(exp: i64) -> Credential {
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    Credential::new(format!(
+        "{}.{}.c2ln",
+        b64(r#"{"alg":"none"}"#),
+        b64(&format!(
+            r#"{{"sub":"system:serviceaccount:ns:sa","exp":{exp}}}"#
+        ))
+    ))
+}
+
+/// The JWT's `exp` is read against the client's clock, not the system's:
+/// under a paused clock far from the system's now, a token Vault leased for
+/// an hour is used exactly until the JWT expires by that clock.
+#[tokio::test(start_paused = true)]
+async fn a_token_is_used_until_the_jwt_expires_by_the_clock() {
+    const EPOCH: i64 = 1_000_000_000;
+    let clock = Clock::paused_at(SystemTime::UNIX_EPOCH + Duration::from_secs(EPOCH as u64));
+    let logins = Logins::new(clock);
+    let jwt = jwt_expiring_at(EPOCH + 60);
+    let (slot, _) = logins.slot(key_of(&jwt));
+    let mut answer = auth_answer("s.t", None);
+    answer.lease_duration = 3600;
+    let start = Instant::now();
+    let (_, until) = logins.keep(&slot, answer, Some(EPOCH + 60), start);
+    assert_eq!(until, start + Duration::from_secs(60), "bounded by the exp");
+
+    tokio::time::advance(Duration::from_secs(59)).await;
+    assert!(logins.cached(&jwt).await.is_some(), "the JWT still holds");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert!(logins.cached(&jwt).await.is_none(), "the JWT has expired");
 }

@@ -23,6 +23,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{Authorization, CaClient, CaError, CaFailure};
+use crate::clock::Clock;
 use crate::config::VaultConfig;
 use crate::crypto::IssuedChain;
 use crate::identity::Credential;
@@ -97,11 +98,22 @@ impl VaultCa {
             );
         }
         Ok(Self {
-            roots: MountRoots::new(cfg.pki_mount.clone()),
-            logins: Logins::default(),
+            roots: MountRoots::new(cfg.pki_mount.clone(), Clock::system()),
+            logins: Logins::new(Clock::system()),
             http,
             cfg,
         })
+    }
+
+    /// The same client, reading time from `clock` instead of the system
+    /// clock: whether a JWT has expired, how long its token is used, which
+    /// of the mount's roots are still valid.
+    pub fn with_clock(self, clock: Clock) -> Self {
+        Self {
+            roots: MountRoots::new(self.cfg.pki_mount.clone(), clock),
+            logins: Logins::new(clock),
+            ..self
+        }
     }
 
     /// The chain of a sign answer, with its root: the self-signed end of the

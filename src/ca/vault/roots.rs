@@ -15,6 +15,7 @@ use std::time::SystemTime;
 
 use super::http::VaultHttp;
 use crate::ca::CaError;
+use crate::clock::Clock;
 use crate::crypto::{cert_not_after, is_issued_by, is_self_signed, split_pem_certs};
 use crate::metrics::{self, CaKind};
 
@@ -29,6 +30,8 @@ pub(super) struct MountRoots {
     mount: String,
     /// Issuer ID → its certificate.
     issuers: Mutex<HashMap<String, IssuerCert>>,
+    /// What an issuer's expiry is compared with.
+    clock: Clock,
 }
 
 #[derive(Clone)]
@@ -45,10 +48,11 @@ impl IssuerCert {
 }
 
 impl MountRoots {
-    pub fn new(mount: String) -> Self {
+    pub fn new(mount: String, clock: Clock) -> Self {
         Self {
             mount,
             issuers: Mutex::new(HashMap::new()),
+            clock,
         }
     }
 
@@ -104,7 +108,7 @@ impl MountRoots {
                 .map_err(|m| wrap(CaError::bad_answer(format!("issuer {id}: {m}"))))?;
             new.push((id, cert));
         }
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let mut issuers = self.lock();
         issuers.extend(new);
         issuers.retain(|id, _| ids.contains(id));
@@ -121,7 +125,7 @@ impl MountRoots {
     /// from a fresh read of the mount.
     pub async fn root_of(&self, http: &VaultHttp, top: &str) -> Result<Option<String>, CaError> {
         let find = |roots: Vec<String>| roots.into_iter().find(|r| is_issued_by(top, r));
-        let now = SystemTime::now();
+        let now = self.clock.now();
         let known: Vec<String> = self
             .lock()
             .values()

@@ -32,14 +32,6 @@ pub(super) struct Harness {
 pub(super) fn harness(f: impl FnOnce(&mut ManagerOptions)) -> Harness {
     let clock = Clock::paused_at(SystemTime::now());
     let ca = FakeCa::new(clock);
-    let trust = TrustBundle::start(
-        ca.clone(),
-        TrustOptions {
-            clock,
-            ..TrustOptions::default()
-        },
-    )
-    .unwrap();
     let mut opts = ManagerOptions::new("td", KeyType::EcP256, Duration::from_secs(100));
     opts.clock = clock;
     opts.renew = RenewPolicy {
@@ -48,6 +40,18 @@ pub(super) fn harness(f: impl FnOnce(&mut ManagerOptions)) -> Harness {
     };
     opts.renew_backoff = (Duration::from_secs(1), Duration::from_secs(100_000));
     f(&mut opts);
+    // One CA queue for the manager and the trust bundle, as the agent has.
+    let queue = CaQueue::new(opts.max_concurrency);
+    opts.queue = Some(queue.clone());
+    let trust = TrustBundle::start(
+        ca.clone(),
+        TrustOptions {
+            clock,
+            queue: Some(queue),
+            ..TrustOptions::default()
+        },
+    )
+    .unwrap();
     let m = SecretManager::new(ca.clone(), trust, opts);
     Harness { ca, m, clock }
 }
