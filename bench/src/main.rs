@@ -1,4 +1,4 @@
-//! node-agent's benchmark harness (issue 12): one command that starts a real
+//! node-agent's benchmark harness: one command that starts a real
 //! OpenBao (`no_store` PKI role, kubernetes auth backed by a TokenReview
 //! stand-in that really verifies JWTs), node-agent in release mode, and load
 //! generators that speak SDS as Envoy does, and measures in one run:

@@ -1,6 +1,7 @@
 //! What one run measured: `target/bench/report.json` and the markdown tables,
-//! the goals of issue 12 each met or not with its figure, and `--check`, which
-//! says whether a report is complete without judging any figure.
+//! the agent's performance goals each met or not with its figure
+//! ([`Report::judge`]), and `--check`, which says whether a report is
+//! complete without judging any figure.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -271,7 +272,9 @@ impl Report {
         out
     }
 
-    /// Evaluates issue 12's goals from the figures.
+    /// Evaluates the agent's performance goals from the figures: memory,
+    /// storm over floor, cached serving latency and throughput, CA requests
+    /// per identity and per JWT, and RSS against `bao agent`'s.
     pub fn judge(&mut self) {
         let mib = |kib: f64| kib / 1024.0;
         let mut goals = Vec::new();
