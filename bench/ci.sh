@@ -5,9 +5,10 @@
 # numbers, they do not fail on them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/system-packages.sh
 . scripts/peers.sh
 if ! command -v h2load >/dev/null; then
-  echo "error: h2load not found; install Debian's nghttp2-client (.ci/run installs it, pinned)" >&2
+  echo "error: h2load not found; install Debian's nghttp2-client (scripts/system-packages.sh installs it, pinned)" >&2
   exit 1
 fi
 cargo run --locked --release -p node-agent-bench -- --quick

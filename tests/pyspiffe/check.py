@@ -1,6 +1,6 @@
 """Checks node-agent's SPIFFE Workload API with py-spiffe (PyPI `spiffe`).
 
-Run by tests/workload_api.rs. Each mode prints one JSON object on its last
+Run by tests/local/workload_api.rs. Each mode prints one JSON object on its last
 line and exits 0 when every check passed; a failed check raises (exit 1).
 
   check.py svid SOCKET SPIFFE_ID SERIALS TIMEOUT

@@ -1,7 +1,7 @@
 //! The SDS server seen from a Rust gRPC client: FetchSecrets, the stream state
 //! machine (ACK, NACK, stale nonce), credentials and socket lifecycle.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! client certificate, checks it against ROOTCA and matches the peer's SPIFFE
 //! ID; a plain HTTP request through both reaches a backend.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

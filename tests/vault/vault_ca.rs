@@ -1,7 +1,7 @@
 //! The Vault CA against a real OpenBao, configured as the Istio Vault
 //! tutorial configures Istio's Node Agent.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

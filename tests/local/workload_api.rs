@@ -5,7 +5,7 @@
 //! the documented errors without the header, without a token file, and for
 //! the JWT-SVID methods.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

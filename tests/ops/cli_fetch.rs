@@ -4,7 +4,7 @@
 //! line with a non-zero exit, and `--watch` shows a rotation and, against
 //! OpenBao, a root change.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! active node, and it rides out the death of the active node while hundreds
 //! of workloads are waiting for their first certificate.
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -37,7 +37,7 @@ fn agent_env(vault: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// The tutorial's setup on the cluster, as the README's HA section advises:
+/// The tutorial's setup on the cluster, as docs/vault-ha.md advises:
 /// a `no_store` PKI role (a standby signs by itself) and batch tokens (a
 /// login writes nothing to storage).
 async fn ha_setup(cluster: &mut RaftCluster, names: &[String]) -> support::k8s::TokenReviewHandle {

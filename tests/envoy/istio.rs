@@ -7,14 +7,14 @@
 //! with its own node-agent in one-workload mode, run with the settings of
 //! deploy/istio's injection template, against a real OpenBao configured by
 //! `node-agent vault-setup` for the mesh's (non-default) trust domain, as
-//! README's "node-agent with Istio 1.2x" does.
+//! docs/istio.md does.
 //!
 //! While requests go through both Envoys on new connections twice a second,
 //! a rotation reaches both Envoys and one node-agent is restarted: no request
 //! fails, requests succeed while that agent is down, and the restarted agent
 //! serves its Envoy again.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -263,7 +263,7 @@ async fn istiod_shaped_envoys_do_mtls_through_a_rotation_and_an_agent_restart() 
         "the test is about a non-default trust domain"
     );
 
-    // Vault, configured the way README tells an Istio operator to.
+    // Vault, configured the way docs/istio.md tells an Istio operator to.
     let issuer = issuer();
     let review = start_token_review(&issuer.public_key_pem(), 0)
         .await

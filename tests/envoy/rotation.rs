@@ -1,9 +1,9 @@
 //! Rotation against a real OpenBao and real Envoys: renewals pushed before
 //! expiry while traffic flows, one sign per rotation, a bounded CA queue,
 //! Vault down during a rotation, a CA root change, and an unrenewed
-//! certificate. (Streams whose JWT expires: tests/credential_lifetime.rs.)
+//! certificate. (Streams whose JWT expires: tests/vault/credential_lifetime.rs.)
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime};

@@ -10,7 +10,7 @@
 //!   in the file before the old one expires, and ends only when the file is
 //!   left holding an expired token.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

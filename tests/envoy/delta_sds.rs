@@ -2,7 +2,7 @@
 //! and real Envoys on `api_type: DELTA_GRPC` sources (`envoy_grpc` and
 //! `google_grpc`) doing mTLS through rotations and an agent restart.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};

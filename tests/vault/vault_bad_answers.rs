@@ -3,7 +3,7 @@
 //! front sits between the agent and a real OpenBao: logins pass through, and
 //! sign answers are replaced.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

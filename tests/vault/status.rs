@@ -2,7 +2,7 @@
 //! the metrics as a Prometheus parser reads them, readiness through a Vault
 //! outage, a rotation in the counters, and JSON log lines.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -311,7 +311,7 @@ async fn a_rotation_shows_in_the_counters() {
         &[("identity", SPIFFE_A)],
     );
     assert!(left > 0.0 && left <= 8.0, "{left}");
-    // Every metric README's table lists exists, and no other.
+    // Every metric docs/status.md's table lists exists, and no other.
     assert_eq!(exposed(&m), readme_metrics());
 
     // The renewal (at half of the 8 s): pushed on the `default` stream.
@@ -835,14 +835,14 @@ async fn metrics_when(agent: &Agent, what: &str, ready: impl Fn(&Scrape) -> bool
     }
 }
 
-/// The names the metrics table of README.md lists.
+/// The names the metrics table of docs/status.md lists.
 fn readme_metrics() -> BTreeSet<String> {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let section = readme
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/status.md")).unwrap();
+    let section = doc
         .split("\n### Metrics\n")
         .nth(1)
-        .expect("README has a Metrics section")
+        .expect("docs/status.md has a Metrics section")
         .split("\n## ")
         .next()
         .unwrap();

@@ -1,10 +1,10 @@
 //! A hostile pod on the node attacks the SDS socket. For each attack:
 //! the agent's peak resident memory, sampled from /proc while the attack
 //! runs, stays under [`RSS_BOUND_MIB`]; a legitimate workload is served
-//! during the attack and after it; and the attacker gets the status README
-//! documents.
+//! during the attack and after it; and the attacker gets the status
+//! docs/failures.md documents.
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

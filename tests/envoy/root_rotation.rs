@@ -1,8 +1,8 @@
 //! `ROOTCA` is the mesh's trust, not one node's (issue 9): two agents on one
 //! real OpenBao, real Envoys doing mTLS across them, a root rotation run as
-//! the README tells an operator to, and the trust bundle's failure modes.
+//! docs/trust.md tells an operator to, and the trust bundle's failure modes.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -199,7 +199,7 @@ async fn a_root_rotation_across_two_agents_fails_no_request() {
     let env = VaultEnv::start().await;
     // Node A renews every ~3 s; node B's certificates live 30 s. Both read
     // the mount's roots every second and keep a removed root 30 s (the
-    // longest certificate lifetime of the mesh, as the README advises).
+    // longest certificate lifetime of the mesh, as docs/trust.md advises).
     let common = [
         ("TRUST_REFRESH_INTERVAL", "1s"),
         ("TRUST_ROOT_RETENTION", "30s"),

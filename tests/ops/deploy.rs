@@ -13,7 +13,7 @@
 //! - the container image builds FROM scratch with podman and runs, as its
 //!   non-root user, read-only and without capabilities.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -27,7 +27,7 @@ use support::manifests::*;
 use support::sds_client::*;
 use support::vault_env::VaultEnv;
 
-/// The layouts README documents; each must be among the rendered overlays.
+/// The layouts docs/kubernetes.md documents; each must be among the rendered overlays.
 const LAYOUTS: &[&str] = &["sidecar", "daemonset", "daemonset/workloads"];
 
 #[test]

@@ -2,7 +2,7 @@
 //! lifetimes, invalidation and revocation, sign hold-downs, the roots of the
 //! PKI mount, chains without their root, and redirects through real fronts.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::sync::Arc;

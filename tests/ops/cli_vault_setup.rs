@@ -5,7 +5,7 @@
 //! changes nothing; `--dry-run` changes nothing; the `jwt` method does the
 //! same; and the failures an operator hits get a clear message and exit 1.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
@@ -444,14 +444,14 @@ async fn jwt_setup_serves_envoys_and_binds_identities() {
     assert_eq!(outcomes(&again), vec!["unchanged"; 7], "{}", again.both());
 }
 
-/// The policy README.md gives for the token that runs vault-setup.
+/// The policy docs/vault-setup.md gives for the token that runs vault-setup.
 fn readme_admin_policy() -> String {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let after = readme
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/vault-setup.md"))
+        .unwrap();
+    let after = doc
         .split("<!-- vault-setup admin policy -->")
         .nth(1)
-        .expect("README.md marks the vault-setup admin policy");
+        .expect("docs/vault-setup.md marks the vault-setup admin policy");
     let block = after
         .split("```hcl\n")
         .nth(1)
@@ -542,7 +542,7 @@ async fn operator_mistakes_get_a_clear_message_and_exit_1() {
     assert!(
         line.contains("may not GET /v1/sys/mounts")
             && line.contains("permission denied")
-            && line.contains("README"),
+            && line.contains("docs/vault-setup.md"),
         "{line}"
     );
     assert_eq!(f.state().await, empty, "a refused run changed Vault");
@@ -602,7 +602,7 @@ async fn operator_mistakes_get_a_clear_message_and_exit_1() {
         out.both()
     );
 
-    // Positive control: a token with exactly the policy README.md documents
+    // Positive control: a token with exactly the policy docs/vault-setup.md documents
     // can do the whole setup.
     f.bao
         .root(
@@ -632,7 +632,7 @@ async fn operator_mistakes_get_a_clear_message_and_exit_1() {
     assert_eq!(
         out.code,
         0,
-        "README's admin policy is enough:\n{}",
+        "docs/vault-setup.md's admin policy is enough:\n{}",
         out.both()
     );
     assert_eq!(outcomes(&out), vec!["created"; 7], "{}", out.both());

@@ -2,7 +2,7 @@
 //! each rotation replaces them, and a reader polling in a tight loop never
 //! sees a key that does not match its certificate, nor a torn file.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::fs;

@@ -1,0 +1,11 @@
+//! Integration tests with real Envoys: mTLS between two Envoys fed by the
+//! agent, rotation of leaves and roots, delta SDS, Istio's bootstrap.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod delta_sds;
+mod envoy_mtls;
+mod istio;
+mod root_rotation;
+mod rotation;

@@ -1,0 +1,12 @@
+//! Integration tests of the agent with its local CA (LocalCA): the SDS and
+//! Workload API endpoints, their limits under attack, the certificate files.
+//! Few of them need a real OpenBao.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod attacks;
+mod cert_files;
+mod sds_grpc;
+mod vault_answer_props;
+mod workload_api;
