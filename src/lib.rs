@@ -1,12 +1,15 @@
 //! node-agent: gives every workload in a service mesh its X.509 identity.
 //!
-//! Data flow: [`config`] → [`sds`] server (one task per stream) →
+//! Data flow: a Unix socket → [`endpoint`] (admission, bounds, framing) →
+//! a protocol ([`sds`], [`workload_api`]; [`output`] writes files instead)
+//! → the stream [`driver`] (the identity side of every stream) →
 //! [`secrets`] manager (cache per identity, one fetch in flight) →
-//! [`trust`] bundle (`ROOTCA`, the CA's roots) → [`ca`] providers (local,
-//! Vault) → [`crypto`] (keys, CSR, checks). [`identity`] turns a
-//! workload's JWT into its SPIFFE ID; [`clock`] is the time they all read.
-//! [`status`] serves health, [`metrics`] and debug pages over HTTP. [`cli`]
-//! holds the operator subcommands (`vault-setup`, `fetch`).
+//! [`trust`] bundle (`ROOTCA`, the CA's roots) and [`ca`] providers (local,
+//! Vault) → [`crypto`] (keys, CSR, checks). [`agent`] wires them from
+//! [`config`]. [`identity`] turns a workload's JWT into its SPIFFE ID;
+//! [`clock`] is the time they all read. [`status`] serves health,
+//! [`metrics`] and debug pages over HTTP. [`cli`] holds the operator
+//! subcommands (`vault-setup`, `fetch`).
 
 pub mod agent;
 pub mod backoff;
@@ -15,7 +18,9 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod crypto;
+pub mod driver;
 pub mod duration;
+pub mod endpoint;
 pub mod identity;
 pub mod metrics;
 pub mod output;

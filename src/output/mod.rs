@@ -30,10 +30,10 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::backoff::Backoff;
-use crate::sds::credential::CredentialSource;
-use crate::sds::serving::{
-    expired_status, next_event, token_file_update, CredentialDue, Current, Event,
+use crate::driver::credential::{
+    expired_status, next_event, token_file_update, CredentialDue, Current, IdentityEvent,
 };
+use crate::endpoint::credential::CredentialSource;
 use crate::secrets::{rfc3339, SecretManager, Subscription};
 
 /// The certificate chain, leaf first (no root).
@@ -203,7 +203,8 @@ async fn serve(
     token_path: &Path,
     backoff: &mut Backoff,
 ) -> String {
-    let credential = match CredentialSource::TokenFile(token_path.to_path_buf()).get() {
+    let clock = manager.clock();
+    let credential = match CredentialSource::TokenFile(token_path.to_path_buf()).get(&clock) {
         Ok(c) => c,
         Err(status) => return status.message().to_string(),
     };
@@ -214,7 +215,7 @@ async fn serve(
         Err(e) => return format!("cannot get the certificate: {e}"),
     };
     let source = CredentialSource::TokenFile(token_path.to_path_buf());
-    let mut current = Some(Current::new(credential, sub));
+    let mut current = Some(Current::new(credential, sub, &clock));
     let mut written: Option<(String, String)> = None;
     loop {
         let Some(c) = current.as_mut() else {
@@ -265,17 +266,17 @@ async fn serve(
             }
         }
         match next_event(&mut current, true).await {
-            Event::Changed => {}
-            Event::Dropped => return "the identity was dropped".into(),
-            Event::Credential(CredentialDue::Expired(exp)) => {
+            IdentityEvent::Changed => {}
+            IdentityEvent::Dropped => return "the identity was dropped".into(),
+            IdentityEvent::Credential(CredentialDue::Expired(exp)) => {
                 return expired_status(exp, &source).message().to_string()
             }
-            Event::Credential(CredentialDue::Refresh) => {
+            IdentityEvent::Credential(CredentialDue::Refresh) => {
                 // kubelet replaced the token: the new one is proven, then
                 // the files are kept from its subscription.
-                if let Some(new) = token_file_update(&current, &source) {
+                if let Some(new) = token_file_update(&current, &source, &clock) {
                     match manager.subscribe(&new).await {
-                        Ok(sub) => current = Some(Current::new(new, sub)),
+                        Ok(sub) => current = Some(Current::new(new, sub, &clock)),
                         Err(e) => return format!("cannot prove the new token: {e}"),
                     }
                 }

@@ -20,40 +20,43 @@
 //!
 //! The bounds are `StreamSecrets`' own, from the same code: the stream's
 //! place under the stream caps and its requests' size and deadlines are
-//! taken by the router ([`super::server`]) and the request reader
-//! ([`super::framing`]); a request naming more than `SDS_MAX_RESOURCE_NAMES`
-//! distinct names (to subscribe, or to unsubscribe) is refused with
-//! `INVALID_ARGUMENT`; a fetch needs the connection's login budget
-//! ([`FirstFetch::admit`]); refusals are logged once per interval.
+//! taken by the endpoint ([`crate::endpoint`]); a request naming more than
+//! `SDS_MAX_RESOURCE_NAMES` distinct names (to subscribe, or to
+//! unsubscribe) is refused with `INVALID_ARGUMENT`; the identity side
+//! (credential, fetch under the connection's login budget, changes, expiry)
+//! is the stream's [`Driver`]; refusals are logged once per interval.
 
 use std::collections::{HashMap, VecDeque};
+use std::fmt;
 use std::sync::{Arc, OnceLock};
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
-use tonic::{Response, Status};
+use tonic::Status;
 
-use super::connection::Connection;
-use super::credential::CredentialSource;
-use super::framing::RequestReader;
-use super::limits::more;
 use super::resources::{
-    self, distinct, encode, names_for_log, resource_version, shorten, Snapshot, SECRET_TYPE_URL,
-    SERVED,
+    self, distinct, encode, names_for_log, resource_version, Snapshot, SECRET_TYPE_URL, SERVED,
 };
-use super::server::{BoxStream, SdsService};
-use super::serving::{
-    expired_status, next_event, refresh_fetch, shutting_down, CredentialDue, Current, Event,
-    FirstFetch,
-};
+use super::service::SdsService;
+use crate::driver::run::{fail, send, start, Handler, Outbound, Parts, Protocol, Step};
+use crate::driver::{failed_to_sign, Driver, Surface, Want};
+use crate::endpoint::credential::CredentialSource;
+use crate::endpoint::limits::more;
+use crate::endpoint::server::{Admitted, BoxStream};
+use crate::endpoint::warn::shorten;
 use crate::metrics::{self, Refusal};
-use crate::secrets::{SecretError, SecretManager, Subscription};
 
-pub(super) type Outbound = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
+/// How `DeltaSecrets` streams are logged and treated.
+static SURFACE: Surface = Surface {
+    refusing: "refusing SDS delta request",
+    credential_key: "DeltaSecrets: credential",
+    failure: failed_to_sign,
+    retry_transient: true,
+    counted: true,
+    unavailable_at_shutdown: false,
+};
 
 /// Responses remembered for matching ACKs and NACKs; older nonces are
 /// treated as unknown (ignored).
@@ -62,18 +65,41 @@ const NONCES_KEPT: usize = 8;
 /// Opens a `DeltaSecrets` stream (called by the router once the stream has
 /// its place under the caps).
 pub(super) fn open(
-    service: &Arc<SdsService>,
-    conn: Arc<Connection>,
-    metadata: &MetadataMap,
-    reader: RequestReader,
-) -> Response<BoxStream<DeltaDiscoveryResponse>> {
-    let id = service.next_stream_id();
-    let credential = CredentialSource::from_metadata(metadata, service.token_path.as_deref());
-    tracing::debug!(stream = id, connection = conn.id, "SDS delta stream opened");
-    let (tx, rx) = mpsc::channel(2);
-    let stream = DeltaStream::new(id, service.clone(), conn, credential, tx);
-    tokio::spawn(stream.run(reader));
-    Response::new(Box::pin(ReceiverStream::new(rx)))
+    (service, admitted): (Arc<SdsService>, Admitted),
+    metadata: MetadataMap,
+) -> BoxStream<DeltaDiscoveryResponse> {
+    let max_names = service.limits().config().max_resource_names;
+    start(
+        &SURFACE,
+        &service.manager,
+        &service.endpoint,
+        admitted,
+        |_| CredentialSource::from_metadata(&metadata, service.token_path.as_deref()),
+        |driver, out| DeltaStream::new(driver, max_names, out),
+    )
+}
+
+/// Served names, in `SERVED` order; shown joined by commas.
+#[derive(Default)]
+struct Subscribed(Vec<&'static str>);
+
+impl fmt::Display for Subscribed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join(","))
+    }
+}
+
+impl std::ops::Deref for Subscribed {
+    type Target = Vec<&'static str>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Subscribed {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 /// A random tag of this agent process, in every nonce, so that a nonce from
@@ -83,98 +109,63 @@ fn process_tag() -> u32 {
     *TAG.get_or_init(rand::random)
 }
 
-enum Step {
-    Continue,
-    End,
-}
-
-/// State of one delta stream.
-pub(super) struct DeltaStream {
-    id: u64,
-    service: Arc<SdsService>,
-    conn: Arc<Connection>,
-    credential: CredentialSource,
-    out: Outbound,
+/// State of one delta stream: the delta xDS bookkeeping; the identity side
+/// is its [`Driver`].
+struct DeltaStream {
+    driver: Driver,
+    max_names: usize,
+    out: Outbound<DeltaDiscoveryResponse>,
     /// Served names the client is subscribed to, in `SERVED` order.
-    subscribed: Vec<&'static str>,
+    subscribed: Subscribed,
     /// The version last sent for each subscribed name; a name without one is
     /// sent with the next response.
     sent: HashMap<&'static str, String>,
     /// Recent responses: nonce and the (name, version) pairs they carried.
     unacked: VecDeque<(String, Vec<(&'static str, String)>)>,
     nonce_counter: u64,
-    /// The identity being served, and the credential that proved it.
-    current: Option<Current>,
-    /// A subscription waiting for the CA.
-    pending: Option<FirstFetch>,
-    shutdown: watch::Receiver<bool>,
-    /// Counts the stream in `node_agent_sds_streams_open` while it lives.
-    _open: metrics::StreamOpen,
+}
+
+impl Protocol for DeltaStream {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const NAME: &'static str = "SDS delta stream";
+
+    fn parts(&mut self) -> Parts<'_, DeltaDiscoveryResponse> {
+        Parts {
+            driver: &mut self.driver,
+            what: &self.subscribed,
+            out: &self.out,
+        }
+    }
+
+    fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Handler<'_> {
+        Box::pin(self.answer(req))
+    }
+
+    fn send(&mut self, _fetched: Option<bool>) -> Handler<'_> {
+        Box::pin(self.send_changed())
+    }
 }
 
 impl DeltaStream {
-    fn new(
-        id: u64,
-        service: Arc<SdsService>,
-        conn: Arc<Connection>,
-        credential: CredentialSource,
-        out: Outbound,
-    ) -> Self {
-        let shutdown = service.shutdown.clone();
+    fn new(driver: Driver, max_names: usize, out: Outbound<DeltaDiscoveryResponse>) -> Self {
         Self {
-            id,
-            service,
-            conn,
-            credential,
+            driver,
+            max_names,
             out,
-            subscribed: Vec::new(),
+            subscribed: Subscribed::default(),
             sent: HashMap::new(),
             unacked: VecDeque::new(),
             nonce_counter: 0,
-            current: None,
-            pending: None,
-            shutdown,
-            _open: metrics::stream_opened(),
         }
     }
 
-    /// Serves the stream until Envoy closes it, it fails, or shutdown.
-    /// Requests keep being read while a fetch waits on the CA.
-    async fn run(mut self, mut inbound: RequestReader) {
-        let manager = self.service.manager.clone();
-        loop {
-            let step = tokio::select! {
-                msg = inbound.message::<DeltaDiscoveryRequest>() => match msg {
-                    Ok(Some(req)) => self.on_request(req).await,
-                    Ok(None) => {
-                        tracing::debug!(stream = self.id, "SDS delta stream closed by the client");
-                        Step::End
-                    }
-                    Err(status) => {
-                        self.service.inbound_error(self.id, &self.conn, &status);
-                        self.fail(status).await
-                    }
-                },
-                event = next_event(&mut self.current, self.credential.is_token_file()) => match event {
-                    Event::Changed => self.on_changed().await,
-                    Event::Dropped => Step::End,
-                    Event::Credential(due) => self.on_credential_due(due).await,
-                },
-                result = progress(&mut self.pending, &manager) => self.on_fetched(result).await,
-                _ = shutting_down(&mut self.shutdown) => Step::End,
-            };
-            if let Step::End = step {
-                break;
-            }
-        }
-        tracing::debug!(
-            stream = self.id,
-            identity = ?self.current.as_ref().map(|c| c.sub.identity.as_str()),
-            "SDS delta stream done"
-        );
+    fn id(&self) -> u64 {
+        self.driver.id()
     }
 
-    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Step {
+    /// Answers one request.
+    async fn answer(&mut self, req: DeltaDiscoveryRequest) -> Step {
         if !req.type_url.is_empty() && req.type_url != SECRET_TYPE_URL {
             metrics::refused(Refusal::InvalidRequest);
             return self
@@ -185,7 +176,7 @@ impl DeltaStream {
                 .await;
         }
         // The names are checked before anything changes.
-        let max = self.service.limits.config().max_resource_names;
+        let max = self.max_names;
         let lists = distinct(&req.resource_names_subscribe, max).and_then(|subscribe| {
             distinct(&req.resource_names_unsubscribe, max)
                 .map(|unsubscribe| (subscribe, unsubscribe))
@@ -194,10 +185,10 @@ impl DeltaStream {
             Ok(lists) => lists,
             Err(e) => {
                 metrics::refused(Refusal::InvalidRequest);
-                if let Some(n) = self.service.limits.throttle("SDS_MAX_RESOURCE_NAMES") {
+                if let Some(n) = self.driver.limits().throttle("SDS_MAX_RESOURCE_NAMES") {
                     tracing::warn!(
-                        stream = self.id,
-                        connection = self.conn.id,
+                        stream = self.id(),
+                        connection = self.driver.conn().id,
                         subscribe = %names_for_log(&req.resource_names_subscribe),
                         unsubscribe = %names_for_log(&req.resource_names_unsubscribe),
                         "refusing SDS delta request: {e}{}",
@@ -214,12 +205,16 @@ impl DeltaStream {
             if let Some(i) = self.subscribed.iter().position(|n| n == name) {
                 let name = self.subscribed.remove(i);
                 self.sent.remove(name);
-                tracing::debug!(stream = self.id, resource = name, "SDS delta: unsubscribed");
+                tracing::debug!(
+                    stream = self.id(),
+                    resource = name,
+                    "SDS delta: unsubscribed"
+                );
             }
         }
         if !req.initial_resource_versions.is_empty() {
             tracing::debug!(
-                stream = self.id,
+                stream = self.id(),
                 versions = req.initial_resource_versions.len(),
                 "SDS delta: the client reports versions it holds; every subscribed resource is sent anyway"
             );
@@ -246,8 +241,7 @@ impl DeltaStream {
         }
         if self.subscribed.is_empty() {
             // Nothing left to serve: stop watching the identity.
-            self.current = None;
-            self.pending = None;
+            self.driver.stop();
             return Step::Continue;
         }
         if !served_subscribe {
@@ -260,10 +254,14 @@ impl DeltaStream {
     /// `removed_resources`.
     async fn remove(&mut self, unknown: Vec<String>) -> Step {
         metrics::refused(Refusal::InvalidRequest);
-        if let Some(n) = self.service.limits.throttle("DeltaSecrets: resource names") {
+        if let Some(n) = self
+            .driver
+            .limits()
+            .throttle("DeltaSecrets: resource names")
+        {
             tracing::warn!(
-                stream = self.id,
-                connection = self.conn.id,
+                stream = self.id(),
+                connection = self.driver.conn().id,
                 resources = %names_for_log(&unknown),
                 "SDS delta: subscription to unknown secret(s), answered as removed; this agent serves {}{}",
                 SERVED.join(", "),
@@ -278,54 +276,17 @@ impl DeltaStream {
             ..Default::default()
         };
         self.remember(nonce, Vec::new());
-        if self.out.send(Ok(resp)).await.is_err() {
-            return Step::End;
-        }
-        Step::Continue
+        send(&self.out, resp).await
     }
 
     /// Serves the subscribed names from the identity the stream's credential
-    /// proves: at once if it is the one being served, else after a fetch.
+    /// proves: at once if it is the one being served, else after a fetch
+    /// (whose result serves every name subscribed by then).
     async fn serve(&mut self) -> Step {
-        let credential = match self.credential.get() {
-            Ok(c) => c,
-            Err(status) => {
-                metrics::refused(Refusal::Credential);
-                if let Some(n) = self.service.limits.throttle("DeltaSecrets: credential") {
-                    tracing::warn!(
-                        stream = self.id,
-                        connection = self.conn.id,
-                        resources = %self.subscribed.join(","),
-                        "refusing SDS delta request: {}{}",
-                        status.message(),
-                        more(n)
-                    );
-                }
-                return self.fail(status).await;
-            }
-        };
-        if self
-            .current
-            .as_ref()
-            .is_some_and(|c| c.credential == credential)
-        {
-            self.pending = None;
-            return self.send_changed().await;
-        }
-        if self
-            .pending
-            .as_ref()
-            .is_some_and(|p| *p.credential() == credential)
-        {
-            // Its result serves every name subscribed by then.
-            return Step::Continue;
-        }
-        match FirstFetch::admit(&self.conn, credential) {
-            Ok(fetch) => {
-                self.pending = Some(fetch);
-                Step::Continue
-            }
-            Err(e) => self.refuse(e).await,
+        match self.driver.want(&self.subscribed) {
+            Ok(Want::Now) => self.send_changed().await,
+            Ok(Want::Waiting) => Step::Continue,
+            Err(status) => self.fail(status).await,
         }
     }
 
@@ -338,7 +299,7 @@ impl DeltaStream {
             .position(|(n, _)| *n == req.response_nonce)
         else {
             tracing::debug!(
-                stream = self.id,
+                stream = self.id(),
                 nonce = %shorten(&req.response_nonce, 64),
                 "SDS delta: ignoring a nonce this stream did not send or no longer tracks"
             );
@@ -348,10 +309,10 @@ impl DeltaStream {
         match &req.error_detail {
             Some(err) => {
                 metrics::nack();
-                if let Some(n) = self.service.limits.throttle("NACK") {
+                if let Some(n) = self.driver.limits().throttle("NACK") {
                     tracing::warn!(
-                        stream = self.id,
-                        identity = ?self.current.as_ref().map(|c| c.sub.identity.as_str()),
+                        stream = self.id(),
+                        identity = ?self.driver.identity(),
                         resources = ?carried,
                         code = err.code,
                         "Envoy rejected the SDS delta response (NACK): {}; the same version will not be sent again, the next change will be{}",
@@ -360,96 +321,18 @@ impl DeltaStream {
                     );
                 }
             }
-            None => tracing::debug!(stream = self.id, resources = ?carried, "SDS delta ACK"),
+            None => tracing::debug!(stream = self.id(), resources = ?carried, "SDS delta ACK"),
         }
-    }
-
-    /// A fetch ended.
-    async fn on_fetched(&mut self, result: Result<Subscription, SecretError>) -> Step {
-        match result {
-            Ok(sub) => {
-                let fetch = self
-                    .pending
-                    .take()
-                    .expect("a fetch ended, so one was pending");
-                self.current = Some(Current::new(fetch.into_credential(), sub));
-                self.send_changed().await
-            }
-            Err(e) if e.is_transient() => {
-                let fetch = self
-                    .pending
-                    .as_mut()
-                    .expect("a fetch ended, so one was pending");
-                let delay = fetch.retry_later();
-                tracing::error!(
-                    stream = self.id,
-                    "Failed to sign cert for {:?}: {e}; retrying in {:.1}s",
-                    self.subscribed.join(","),
-                    delay.as_secs_f64()
-                );
-                Step::Continue
-            }
-            Err(e) => {
-                self.pending = None;
-                self.refuse(e).await
-            }
-        }
-    }
-
-    /// The identity's state changed: what changed is sent, unless the CA
-    /// has meanwhile rejected the JWT this stream proved it with.
-    async fn on_changed(&mut self) -> Step {
-        if let Some(status) = self.current.as_ref().and_then(Current::rejection) {
-            self.service.credential_ended(self.id, &status);
-            return self.fail(status).await;
-        }
-        self.send_changed().await
-    }
-
-    /// The stream's JWT expired (the stream ends), or a token file may hold
-    /// a new one (it is proven, and served from, while the old one still
-    /// serves).
-    async fn on_credential_due(&mut self, due: CredentialDue) -> Step {
-        match due {
-            CredentialDue::Expired(exp) => {
-                let status = expired_status(exp, &self.credential);
-                self.service.credential_ended(self.id, &status);
-                self.fail(status).await
-            }
-            CredentialDue::Refresh => {
-                let fetching = self.pending.is_some();
-                if let Some(fetch) = refresh_fetch(
-                    &self.conn,
-                    &self.current,
-                    &self.credential,
-                    fetching,
-                    self.id,
-                ) {
-                    self.pending = Some(fetch);
-                }
-                Step::Continue
-            }
-        }
-    }
-
-    /// Ends the stream for a secret failure, logged as such.
-    async fn refuse(&mut self, e: SecretError) -> Step {
-        let status = self
-            .service
-            .refusal(self.id, &self.subscribed.join(","), &e);
-        self.fail(status).await
     }
 
     /// Sends every subscribed resource whose version differs from the one
     /// last sent (or that was never sent), one resource per name.
     async fn send_changed(&mut self) -> Step {
-        let Some(current) = self.current.as_ref() else {
-            return Step::Continue;
+        let state = match self.driver.state() {
+            Ok(Some(state)) => state,
+            Ok(None) => return Step::Continue,
+            Err(status) => return self.fail(status).await,
         };
-        let state = current.sub.secret.borrow().clone();
-        if let Some(reason) = state.closed {
-            return self.fail(Status::unavailable(reason)).await;
-        }
         let Some(secret) = state.secret else {
             return Step::Continue;
         };
@@ -482,7 +365,7 @@ impl DeltaStream {
             .collect::<Vec<_>>()
             .join("-");
         tracing::info!(
-            stream = self.id,
+            stream = self.id(),
             identity = %secret.identity,
             resources = ?changed,
             "SDS delta: push"
@@ -499,15 +382,17 @@ impl DeltaStream {
             nonce,
             ..Default::default()
         };
-        if self.out.send(Ok(resp)).await.is_err() {
-            return Step::End;
-        }
-        Step::Continue
+        send(&self.out, resp).await
     }
 
     fn next_nonce(&mut self) -> String {
         self.nonce_counter += 1;
-        format!("{:08x}-{:x}-{}", process_tag(), self.id, self.nonce_counter)
+        format!(
+            "{:08x}-{:x}-{}",
+            process_tag(),
+            self.id(),
+            self.nonce_counter
+        )
     }
 
     fn remember(&mut self, nonce: String, carried: Vec<(&'static str, String)>) {
@@ -518,19 +403,6 @@ impl DeltaStream {
     }
 
     async fn fail(&mut self, status: Status) -> Step {
-        let _ = self.out.send(Err(status)).await;
-        Step::End
-    }
-}
-
-/// Drives the pending fetch (see [`FirstFetch::result`]); pending forever
-/// when there is none.
-async fn progress(
-    pending: &mut Option<FirstFetch>,
-    manager: &Arc<SecretManager>,
-) -> Result<Subscription, SecretError> {
-    match pending {
-        Some(fetch) => fetch.result(manager).await,
-        None => std::future::pending().await,
+        fail(&self.out, status).await
     }
 }

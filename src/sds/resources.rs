@@ -8,6 +8,7 @@ use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 
+use crate::endpoint::warn::shorten;
 use crate::secrets::WorkloadSecret;
 use crate::trust::RootBundle;
 
@@ -114,14 +115,6 @@ pub fn names_for_log(names: &[String]) -> String {
         shown.push(format!("... {} more", names.len() - 4));
     }
     format!("[{}]", shown.join(", "))
-}
-
-/// At most `max` characters of `s`, with an ellipsis when cut.
-pub fn shorten(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        None => s.to_string(),
-        Some((i, _)) => format!("{}...", &s[..i]),
-    }
 }
 
 /// What one response is built from: the identity's secret and the trust bundle.

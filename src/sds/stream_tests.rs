@@ -45,13 +45,18 @@ mod props {
     use crate::ca::local::LocalCa;
     use crate::config::SdsLimits;
     use crate::crypto::KeyType;
+    use crate::driver::Event;
+    use crate::endpoint::connection::Connection;
+    use crate::endpoint::limits::Limits;
+    use crate::endpoint::Endpoint;
     use crate::identity::Credential;
-    use crate::sds::limits::Limits;
     use crate::secrets::ManagerOptions;
+    use crate::secrets::SecretManager;
     use envoy_types::pb::google::rpc::Status as RpcStatus;
     use proptest::prelude::*;
     use std::sync::OnceLock;
     use std::time::Duration;
+    use tokio::sync::{mpsc, watch};
 
     fn jwt() -> Credential {
         use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -91,7 +96,11 @@ mod props {
                         Duration::from_secs(3600),
                     ),
                 );
-                SdsService::new(manager, None, rx, Limits::new(SdsLimits::default()))
+                Arc::new(SdsService {
+                    manager,
+                    token_path: None,
+                    endpoint: Endpoint::new(Limits::new(SdsLimits::default()), None, rx),
+                })
             });
             (rt, service, tx)
         })
@@ -145,35 +154,38 @@ mod props {
         ) {
             let (rt, service, _shutdown) = world();
             rt.block_on(async {
-                let conn = Arc::new(Connection::new(1, service.limits.config()));
+                let conn = Arc::new(Connection::new(1, service.limits().config()));
                 let (tx, mut rx) = mpsc::channel(64);
-                let mut s = SdsStream::new(
+                let driver = Driver::new(
                     1,
-                    service.clone(),
+                    &SURFACE,
+                    service.manager.clone(),
+                    &service.endpoint,
                     conn,
                     CredentialSource::Header(jwt()),
-                    tx,
                 );
+                let mut s = SdsStream::new(driver, SdsLimits::default().max_resource_names, tx);
                 // Subscribed first, so that ACKs, NACKs and pushes are reachable.
                 let first = DiscoveryRequest {
                     resource_names: vec!["default".into()],
                     ..Default::default()
                 };
-                assert!(matches!(s.on_request(first).await, Step::Continue));
-                let fetched = progress(&mut s.pending, &service.manager).await;
-                assert!(matches!(s.on_fetched(fetched).await, Step::Continue));
+                assert!(matches!(s.answer(first).await, Step::Continue));
+                let what = ResourceNames::default();
+                assert!(matches!(s.driver.next(&what).await, Event::Fetched { new_identity: true }));
+                assert!(matches!(Protocol::send(&mut s, Some(true)).await, Step::Continue));
                 for (mut req, nonce_kind) in reqs {
                     match nonce_kind {
                         0 => req.response_nonce.clear(),
                         1 => req.response_nonce = s.last_nonce.clone().unwrap_or_default(),
                         _ => {}
                     }
-                    if let Step::End = s.on_request(req).await {
+                    if let Step::End = s.answer(req).await {
                         break;
                     }
                     // A changed subscription of this credential is served at once;
                     // nothing may be left waiting on the CA.
-                    prop_assert!(s.pending.is_none());
+                    prop_assert!(!s.driver.waiting());
                 }
                 drop(s);
                 while let Some(item) = rx.recv().await {

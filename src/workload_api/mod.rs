@@ -15,37 +15,40 @@
 //!   workload's certificate from the same cache as SDS. Without a token file
 //!   every call gets `PERMISSION_DENIED`.
 //!
-//! Its bounds are the SDS server's, and shared with it (one [`Limits`] for
-//! both sockets): connections (`SDS_MAX_CONNECTIONS`), streams per
-//! connection and in total (`SDS_CONNECTION_MAX_STREAMS`, `SDS_MAX_STREAMS`),
-//! the request's size and deadline (`SDS_MAX_REQUEST_BYTES`,
-//! `SDS_FIRST_REQUEST_TIMEOUT`, read by the same [`RequestReader`]), the
-//! header list, HTTP/2 keep-alive, and the connection's login budget. So the
-//! agent's worst case under its caps is the same with the Workload API on.
-//! Its own caps, `WORKLOAD_API_MAX_CONNECTIONS` and
-//! `WORKLOAD_API_MAX_STREAMS` ([`caps`]), are taken first, so that a client
-//! of the Workload API cannot take the places Envoy needs on the SDS socket.
+//! It is served through the same endpoint as SDS ([`crate::endpoint`]), and
+//! its bounds are shared with the SDS socket (one [`Limits`] for both):
+//! connections (`SDS_MAX_CONNECTIONS`), streams per connection and in total
+//! (`SDS_CONNECTION_MAX_STREAMS`, `SDS_MAX_STREAMS`), the request's size and
+//! deadline (`SDS_MAX_REQUEST_BYTES`, `SDS_FIRST_REQUEST_TIMEOUT`, read by the
+//! same [`RequestReader`]), the header list, HTTP/2 keep-alive, and the
+//! connection's login budget. So the agent's worst case under its caps is
+//! the same with the Workload API on. Its own caps,
+//! `WORKLOAD_API_MAX_CONNECTIONS` and `WORKLOAD_API_MAX_STREAMS` ([`Caps`]),
+//! are taken first, so that a client of the Workload API cannot take the
+//! places Envoy needs on the SDS socket.
 //!
-//! [`Limits`]: crate::sds::limits::Limits
-//! [`RequestReader`]: crate::sds::framing::RequestReader
+//! [`Limits`]: crate::endpoint::limits::Limits
+//! [`RequestReader`]: crate::endpoint::framing::RequestReader
+//! [`Caps`]: crate::endpoint::caps::Caps
 
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::sds::limits::Limits;
+use crate::endpoint::caps::Caps;
+use crate::endpoint::limits::Limits;
+use crate::endpoint::socket::SocketError;
+use crate::endpoint::Endpoint;
 use crate::secrets::SecretManager;
 
-mod caps;
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod pb;
 mod server;
-mod stream;
+pub mod stream;
 mod x509;
 
 pub use server::{
-    serve, WorkloadApiService, JWT_UNSUPPORTED, NO_ONE_WORKLOAD, SECURITY_HEADER,
-    SECURITY_HEADER_MISSING,
+    WorkloadApiService, JWT_UNSUPPORTED, NO_ONE_WORKLOAD, SECURITY_HEADER, SECURITY_HEADER_MISSING,
 };
 
 /// Binds `WORKLOAD_API_SOCKET` when it is set and serves the Workload API
@@ -56,11 +59,11 @@ pub fn start(
     manager: &Arc<SecretManager>,
     limits: &Arc<Limits>,
     shutdown: &watch::Receiver<bool>,
-) -> Result<Option<tokio::task::JoinHandle<()>>, crate::sds::uds::SocketError> {
+) -> Result<Option<tokio::task::JoinHandle<()>>, SocketError> {
     let Some(path) = config.surfaces.workload_api_socket.clone() else {
         return Ok(None);
     };
-    let listener = crate::sds::uds::bind_for(&path, "WORKLOAD_API_SOCKET")?;
+    let listener = crate::endpoint::socket::bind_for(&path, "WORKLOAD_API_SOCKET")?;
     if config.workload_token_path.is_none() {
         tracing::warn!(
             "WORKLOAD_API_SOCKET is set without WORKLOAD_TOKEN_PATH: every Workload API call will be refused \
@@ -71,16 +74,25 @@ pub fn start(
         "SPIFFE Workload API server start, listen {:?}",
         path.display().to_string()
     );
-    let service = WorkloadApiService::new(
-        manager.clone(),
-        config.workload_token_path.clone(),
-        limits.clone(),
-        caps::ApiCaps::new(&config.surfaces),
-        shutdown.clone(),
+    let caps = Caps::new(
+        "Workload API",
+        (
+            config.surfaces.workload_api_max_connections,
+            "WORKLOAD_API_MAX_CONNECTIONS",
+        ),
+        (
+            config.surfaces.workload_api_max_streams,
+            "WORKLOAD_API_MAX_STREAMS",
+        ),
     );
-    let shutdown = shutdown.clone();
+    let endpoint = Endpoint::new(limits.clone(), Some(caps), shutdown.clone());
+    let service = Arc::new(WorkloadApiService {
+        manager: manager.clone(),
+        token_path: config.workload_token_path.clone(),
+        endpoint: endpoint.clone(),
+    });
     Ok(Some(tokio::spawn(async move {
-        if let Err(e) = serve(listener, service, shutdown).await {
+        if let Err(e) = crate::endpoint::serve(listener, service, &endpoint).await {
             tracing::error!(path = %path.display(), "the Workload API server failed: {e}");
         }
         if let Err(e) = std::fs::remove_file(&path) {

@@ -16,9 +16,6 @@ pub(super) struct Snapshot<'a> {
     pub roots: &'a RootBundle,
 }
 
-/// Builds one method's message.
-pub(super) type Build<T> = fn(&Snapshot<'_>) -> Result<T, Status>;
-
 /// Changes whenever the certificate or the bundle does.
 pub(super) fn svid_version(s: &Snapshot<'_>) -> String {
     format!("{}-{}", s.secret.cert_version(), s.roots.version())

@@ -18,9 +18,9 @@ use tonic::transport::Endpoint;
 use tonic::Streaming;
 
 use super::FetchError;
+use crate::endpoint::CREDENTIAL_HEADER;
 use crate::identity::Credential;
 use crate::sds::resources::SECRET_TYPE_URL;
-use crate::sds::CREDENTIAL_HEADER;
 
 /// An open `StreamSecrets` stream.
 pub struct SdsStream {

@@ -38,6 +38,59 @@ use tokio::time::Instant;
 use tonic::body::Body;
 use tonic::{Code, Status};
 
+/// Why a stream's request could not be read. Each kind is its own bound or
+/// fault, so that the log and the metrics can name it without reading text.
+#[derive(Debug, thiserror::Error)]
+pub enum FramingError {
+    /// A message announced more than `SDS_MAX_REQUEST_BYTES`.
+    #[error("the request is {size} bytes, more than SDS_MAX_REQUEST_BYTES={max}")]
+    TooLarge { size: usize, max: usize },
+    /// Not a gRPC message, not a valid protobuf, or cut short.
+    #[error("{0}")]
+    Malformed(String),
+    /// A compressed message: node-agent never offers compression.
+    #[error("compressed requests are not accepted (send without grpc-encoding)")]
+    Compressed,
+    /// No complete message within `SDS_FIRST_REQUEST_TIMEOUT`.
+    #[error(
+        "no complete request within SDS_FIRST_REQUEST_TIMEOUT={0:?} (of the stream opening, or of \
+         the request's first byte); send whole requests promptly"
+    )]
+    Deadline(Duration),
+    /// HTTP/2 failed the stream's body: a reset, or the connection closed
+    /// (for flooding, `RESOURCE_EXHAUSTED`).
+    #[error("{}", .0.message())]
+    Transport(Status),
+    /// The request budget was closed: the agent is stopping.
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+}
+
+impl FramingError {
+    /// The gRPC status the stream ends with.
+    pub fn status(&self) -> Status {
+        let msg = self.to_string();
+        match self {
+            Self::TooLarge { .. } => Status::resource_exhausted(msg),
+            Self::Malformed(_) => Status::invalid_argument(msg),
+            Self::Compressed => Status::unimplemented(msg),
+            Self::Deadline(_) => Status::deadline_exceeded(msg),
+            Self::Transport(s) => s.clone(),
+            Self::ShuttingDown => Status::unavailable(msg),
+        }
+    }
+
+    /// The code of [`Self::status`].
+    pub fn code(&self) -> Code {
+        self.status().code()
+    }
+
+    /// The message of [`Self::status`].
+    pub fn message(&self) -> String {
+        self.to_string()
+    }
+}
+
 /// gRPC's message prefix: a compression flag and a 4-byte length.
 const PREFIX: usize = 5;
 
@@ -76,7 +129,7 @@ impl RequestReader {
     }
 
     /// The next message, `None` when the client has closed its side.
-    pub async fn message<M: Message + Default>(&mut self) -> Result<Option<M>, Status> {
+    pub async fn message<M: Message + Default>(&mut self) -> Result<Option<M>, FramingError> {
         loop {
             if let Some(msg) = self.decode_buffered()? {
                 return Ok(Some(msg));
@@ -85,8 +138,8 @@ impl RequestReader {
                 if self.buf.is_empty() {
                     return Ok(None);
                 }
-                return Err(Status::invalid_argument(
-                    "the request stream ended in the middle of a message",
+                return Err(FramingError::Malformed(
+                    "the request stream ended in the middle of a message".into(),
                 ));
             }
             let chunk = match self.pending.take() {
@@ -103,7 +156,7 @@ impl RequestReader {
                             self.buf.clear();
                             continue;
                         }
-                        Some(Err(s)) => return Err(s),
+                        Some(Err(s)) => return Err(FramingError::Transport(s)),
                         Some(Ok(frame)) => match frame.into_data() {
                             Ok(data) if !data.is_empty() => data,
                             _ => continue, // trailers, or an empty frame
@@ -125,7 +178,7 @@ impl RequestReader {
                     budget.acquire_many_owned((size - self.held) as u32),
                 )
                 .await?
-                .map_err(|_| Status::unavailable("the agent is shutting down"))?;
+                .map_err(|_| FramingError::ShuttingDown)?;
                 permit.forget();
                 self.held = size;
             }
@@ -160,29 +213,25 @@ impl RequestReader {
     }
 
     /// Decodes the first message in the buffer if it is complete.
-    fn decode_buffered<M: Message + Default>(&mut self) -> Result<Option<M>, Status> {
+    fn decode_buffered<M: Message + Default>(&mut self) -> Result<Option<M>, FramingError> {
         if self.buf.len() < PREFIX {
             return Ok(None);
         }
         match self.buf[0] {
             0 => {}
-            1 => {
-                return Err(Status::unimplemented(
-                    "compressed requests are not accepted (send without grpc-encoding)",
-                ))
-            }
+            1 => return Err(FramingError::Compressed),
             f => {
-                return Err(Status::invalid_argument(format!(
+                return Err(FramingError::Malformed(format!(
                     "invalid gRPC message prefix (compression flag {f}); is this gRPC?"
                 )))
             }
         }
         let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
         if len > self.max_message {
-            return Err(Status::resource_exhausted(format!(
-                "the request is {len} bytes, more than SDS_MAX_REQUEST_BYTES={}",
-                self.max_message
-            )));
+            return Err(FramingError::TooLarge {
+                size: len,
+                max: self.max_message,
+            });
         }
         if self.buf.len() < PREFIX + len {
             return Ok(None);
@@ -190,7 +239,8 @@ impl RequestReader {
         let mut message = self.buf.split_to(PREFIX + len);
         message.advance(PREFIX);
         self.release(PREFIX + len);
-        let decoded = super::codec::decode_request(message.freeze());
+        let decoded =
+            super::codec::decode_message(message.freeze()).map_err(FramingError::Malformed);
         if self.buf.is_empty() {
             // Give the allocation back: the next message may be far off.
             self.buf = BytesMut::new();
@@ -219,50 +269,17 @@ async fn within<T>(
     deadline: Option<Instant>,
     timeout: Duration,
     f: impl std::future::Future<Output = T>,
-) -> Result<T, Status> {
+) -> Result<T, FramingError> {
     match deadline {
         None => Ok(f.await),
-        Some(at) => tokio::time::timeout_at(at, f).await.map_err(|_| {
-            Status::deadline_exceeded(format!(
-                "no complete request within SDS_FIRST_REQUEST_TIMEOUT={timeout:?} (of the stream \
-                 opening, or of the request's first byte); send whole requests promptly"
-            ))
-        }),
+        Some(at) => tokio::time::timeout_at(at, f)
+            .await
+            .map_err(|_| FramingError::Deadline(timeout)),
     }
 }
 
 async fn next_frame(body: &mut Body) -> Option<Result<http_body::Frame<Bytes>, Status>> {
     futures::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
-}
-
-/// A `DiscoveryRequest` read without its `node` (field 2), which the agent
-/// never uses and Envoy fills with ~60 KiB of extensions in every request:
-/// prost skips a field it does not know without allocating for it.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct RequestWithoutNode {
-    #[prost(string, tag = "1")]
-    pub version_info: String,
-    #[prost(string, repeated, tag = "3")]
-    pub resource_names: Vec<String>,
-    #[prost(string, tag = "4")]
-    pub type_url: String,
-    #[prost(string, tag = "5")]
-    pub response_nonce: String,
-    #[prost(message, optional, tag = "6")]
-    pub error_detail: Option<envoy_types::pb::google::rpc::Status>,
-}
-
-impl From<RequestWithoutNode> for envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest {
-    fn from(r: RequestWithoutNode) -> Self {
-        Self {
-            version_info: r.version_info,
-            resource_names: r.resource_names,
-            type_url: r.type_url,
-            response_nonce: r.response_nonce,
-            error_detail: r.error_detail,
-            ..Default::default()
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,34 +1,31 @@
-//! The SDS server's shared bounds: connections and streams in total, streams
-//! per connection, the deadline of a stream's first request, and the rule
-//! that a bound being hit is logged as one warning per interval (with a count
-//! of the refusals since), so that a flood cannot flood the log too.
+//! The bounds every socket of the agent shares: connections and streams in
+//! total, streams per connection, the deadline of a stream's first request,
+//! and the rule that a bound being hit is logged as one warning per interval
+//! ([`super::warn`]), so that a flood cannot flood the log too.
 //!
 //! A stream's place is taken before its request is read and held until its
-//! response ends ([`StreamSlot`]), so a client that opens streams and sends
+//! response ends ([`StreamGuard`]), so a client that opens streams and sends
 //! nothing holds no more than its share either. How requests are read, with
 //! their size, time and buffer bounds, is [`super::framing`].
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::Semaphore;
-use tokio::time::Instant;
 use tonic::Status;
 
+use super::caps::CapPlace;
 use super::connection::Connection;
-use super::framing::RequestReader;
-use super::resources;
+use super::framing::{FramingError, RequestReader};
+use super::warn::{shorten, Warnings};
 use crate::config::SdsLimits;
 use crate::metrics::{self, Refusal};
 use crate::secrets::SecretError;
 
-/// At most one warning per bound per this interval.
-pub const WARN_INTERVAL: Duration = Duration::from_secs(10);
+pub use super::warn::{more, WARN_INTERVAL};
 
 /// The bounds shared by every connection.
 pub struct Limits {
@@ -38,13 +35,7 @@ pub struct Limits {
     /// Bytes of requests not yet complete, over every stream
     /// (`SDS_MAX_BUFFERED_REQUEST_BYTES`; see [`super::framing`]).
     request_budget: Arc<Semaphore>,
-    warned: Mutex<HashMap<&'static str, Warned>>,
-}
-
-#[derive(Default)]
-struct Warned {
-    last: Option<Instant>,
-    suppressed: u64,
+    warnings: Warnings,
 }
 
 impl Limits {
@@ -54,7 +45,7 @@ impl Limits {
             cfg,
             streams: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
-            warned: Mutex::new(HashMap::new()),
+            warnings: Warnings::default(),
         })
     }
 
@@ -138,43 +129,16 @@ impl Limits {
         })
     }
 
-    /// Logs `message` as a warning (with `limit=<bound>`) unless `bound` was
-    /// warned about less than [`WARN_INTERVAL`] ago; then it is only counted,
-    /// and the count is added to the next warning.
+    /// Logs `message` as a warning, at most once per interval per bound
+    /// (see [`Warnings::warn`]).
     pub fn warn(&self, bound: &'static str, message: String) {
-        if let Some(held_back) = self.throttle(bound) {
-            tracing::warn!(limit = %bound, "{message}{}", more(held_back));
-        }
+        self.warnings.warn(bound, message);
     }
 
-    /// Whether a line about `key` may be logged now: `Some(n)`, with how many
-    /// were held back since the last one, or `None` (and counted) when one
-    /// was logged less than [`WARN_INTERVAL`] ago. A client repeating a
-    /// mistake, or an attacker, cannot flood the log this way.
+    /// Whether a line about `key` may be logged now (see
+    /// [`Warnings::throttle`]).
     pub fn throttle(&self, key: &'static str) -> Option<u64> {
-        let now = Instant::now();
-        let mut warned = self.warned.lock().expect("warnings lock");
-        let w = warned.entry(key).or_default();
-        if w.last
-            .is_some_and(|t| now.duration_since(t) < WARN_INTERVAL)
-        {
-            w.suppressed += 1;
-            return None;
-        }
-        w.last = Some(now);
-        Some(std::mem::take(&mut w.suppressed))
-    }
-}
-
-/// What a throttled line adds about the ones held back before it.
-pub fn more(held_back: u64) -> String {
-    if held_back == 0 {
-        String::new()
-    } else {
-        format!(
-            " ({held_back} more refused for this reason in the last {}s)",
-            WARN_INTERVAL.as_secs()
-        )
+        self.warnings.throttle(key)
     }
 }
 
@@ -207,23 +171,10 @@ impl Limits {
     /// Logs why a stream's request could not be read (too large, not
     /// protobuf, too late): one warning per interval for each reason, as a
     /// client that sends them is most likely attacking.
-    pub(crate) fn inbound_error(&self, stream: u64, conn: &Connection, status: &Status) {
+    pub(crate) fn inbound_error(&self, stream: u64, conn: &Connection, error: &FramingError) {
         let cfg = self.config();
-        let (bound, what, reason) = match status.code() {
-            // Not the request size: HTTP/2's own flood guards closed the
-            // connection (GOAWAY ENHANCE_YOUR_CALM), failing the body reads
-            // of its streams.
-            tonic::Code::ResourceExhausted
-                if !status.message().contains("SDS_MAX_REQUEST_BYTES") =>
-            {
-                (
-                    "HTTP/2 flood guard",
-                    "a stream of a connection HTTP/2 closed for flooding (GOAWAY ENHANCE_YOUR_CALM)"
-                        .to_string(),
-                    Refusal::Limits,
-                )
-            }
-            tonic::Code::ResourceExhausted => (
+        let (bound, what, reason) = match error {
+            FramingError::TooLarge { .. } => (
                 "SDS_MAX_REQUEST_BYTES",
                 format!(
                     "a request larger than SDS_MAX_REQUEST_BYTES={}",
@@ -231,32 +182,40 @@ impl Limits {
                 ),
                 Refusal::Limits,
             ),
-            tonic::Code::InvalidArgument | tonic::Code::Unimplemented => (
+            // HTTP/2's own flood guards closed the connection (GOAWAY
+            // ENHANCE_YOUR_CALM), failing the body reads of its streams.
+            FramingError::Transport(s) if s.code() == tonic::Code::ResourceExhausted => (
+                "HTTP/2 flood guard",
+                "a stream of a connection HTTP/2 closed for flooding (GOAWAY ENHANCE_YOUR_CALM)"
+                    .to_string(),
+                Refusal::Limits,
+            ),
+            FramingError::Malformed(_) | FramingError::Compressed => (
                 "malformed request",
                 "a malformed request".to_string(),
                 Refusal::InvalidRequest,
             ),
-            tonic::Code::DeadlineExceeded => (
+            FramingError::Deadline(timeout) => (
                 "SDS_FIRST_REQUEST_TIMEOUT",
                 format!(
-                    "a stream with no complete request within SDS_FIRST_REQUEST_TIMEOUT={:?}",
-                    cfg.first_request_timeout
+                    "a stream with no complete request within SDS_FIRST_REQUEST_TIMEOUT={timeout:?}"
                 ),
                 Refusal::Limits,
             ),
-            _ => {
-                tracing::debug!(stream, connection = conn.id, error = %status, "SDS stream ended with an error");
+            FramingError::Transport(_) | FramingError::ShuttingDown => {
+                tracing::debug!(stream, connection = conn.id, error = %error, "stream ended with an error");
                 return;
             }
         };
         metrics::refused(reason);
+        let status = error.status();
         self.warn(
             bound,
             format!(
                 "connection {}: refusing {what} with {:?}: {}",
                 conn.id,
                 status.code(),
-                resources::shorten(status.message(), 256)
+                shorten(status.message(), 256)
             ),
         );
     }
@@ -282,14 +241,22 @@ impl Drop for StreamSlot {
     }
 }
 
-/// A response body that holds its stream's [`StreamSlot`] until hyper drops
-/// it: when the response has ended or the client reset the stream.
-pub struct WithSlot<B> {
-    pub inner: B,
+/// Everything a stream holds of the bounds: its [`StreamSlot`], and its
+/// place under its socket's own caps if it has any.
+#[derive(Debug)]
+pub struct StreamGuard {
     pub slot: StreamSlot,
+    pub place: Option<CapPlace>,
 }
 
-impl<B: Body + Unpin> Body for WithSlot<B> {
+/// A response body that holds its stream's [`StreamGuard`] until hyper drops
+/// it: when the response has ended or the client reset the stream.
+pub struct Guarded<B> {
+    pub inner: B,
+    pub guard: StreamGuard,
+}
+
+impl<B: Body + Unpin> Body for Guarded<B> {
     type Data = B::Data;
     type Error = B::Error;
 
@@ -312,6 +279,7 @@ impl<B: Body + Unpin> Body for WithSlot<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn limits(per_conn: usize, total: usize) -> Arc<Limits> {
         Limits::new(SdsLimits {
@@ -363,14 +331,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn one_warning_per_interval() {
         let l = limits(1, 1);
-        let warned = |l: &Limits| l.warned.lock().unwrap()["X"].suppressed;
         l.warn("X", "first".into());
         for _ in 0..5 {
             l.warn("X", "again".into());
         }
-        assert_eq!(warned(&l), 5);
+        assert_eq!(l.throttle("X"), None, "held back within the interval");
         tokio::time::advance(WARN_INTERVAL).await;
-        l.warn("X", "later".into());
-        assert_eq!(warned(&l), 0, "the count went out with the warning");
+        assert_eq!(
+            l.throttle("X"),
+            Some(6),
+            "the count goes out with the next line"
+        );
+        assert_eq!(l.throttle("X"), None);
     }
 }

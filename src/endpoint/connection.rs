@@ -1,4 +1,4 @@
-//! One accepted connection on the SDS socket, and what the agent keeps about
+//! One accepted connection on a socket of the agent, and what it keeps about
 //! it: an id for the log, how many streams it has open, and the JWTs it has
 //! presented, which decide how many Vault logins it may cause.
 //!
@@ -14,7 +14,7 @@
 //! and a new one when kubelet rotates its token.
 //!
 //! The state is reached from a request through tonic's connect info: the
-//! accepted socket is wrapped in [`SdsIo`], whose [`Connected`] impl hands
+//! accepted socket is wrapped in [`ConnIo`], whose [`Connected`] impl hands
 //! an `Arc<Connection>` to every request of the connection.
 
 use std::collections::VecDeque;
@@ -32,6 +32,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tonic::transport::server::Connected;
 
+use super::caps::{CapPlace, Caps};
 use super::credential::LastCredential;
 use super::limits::Limits;
 use crate::config::SdsLimits;
@@ -210,25 +211,27 @@ impl TokenBucket {
 
 /// An accepted connection: the socket plus its state, which reaches every
 /// request through tonic's connect info. Dropped when hyper is done with the
-/// connection, which frees its place under `SDS_MAX_CONNECTIONS`.
-pub struct SdsIo {
+/// connection, which frees its place under `SDS_MAX_CONNECTIONS` and under
+/// its socket's own caps.
+pub struct ConnIo {
     io: UnixStream,
     conn: Arc<Connection>,
     limits: Arc<Limits>,
+    _place: Option<CapPlace>,
 }
 
-impl Drop for SdsIo {
+impl Drop for ConnIo {
     fn drop(&mut self) {
         self.limits.connection_closed();
-        tracing::debug!(connection = self.conn.id, "SDS connection closed");
+        tracing::debug!(connection = self.conn.id, "connection closed");
     }
 }
 
-/// The connect info of an [`SdsIo`].
+/// The connect info of a [`ConnIo`].
 #[derive(Clone, Debug)]
 pub struct ConnInfo(pub Arc<Connection>);
 
-impl Connected for SdsIo {
+impl Connected for ConnIo {
     type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
@@ -236,7 +239,7 @@ impl Connected for SdsIo {
     }
 }
 
-impl AsyncRead for SdsIo {
+impl AsyncRead for ConnIo {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -246,7 +249,7 @@ impl AsyncRead for SdsIo {
     }
 }
 
-impl AsyncWrite for SdsIo {
+impl AsyncWrite for ConnIo {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -277,16 +280,18 @@ impl AsyncWrite for SdsIo {
 }
 
 /// The connections accepted on `listener`, each with its state. One past
-/// `SDS_MAX_CONNECTIONS` is closed at once (its client sees the connection
-/// reset, gRPC `UNAVAILABLE`), with one warning per interval.
+/// `SDS_MAX_CONNECTIONS`, or past the socket's own `caps`, is closed at once
+/// (its client sees the connection reset, gRPC `UNAVAILABLE`), with one
+/// warning per interval.
 pub fn incoming(
     listener: UnixListener,
     limits: Arc<Limits>,
-) -> impl Stream<Item = Result<SdsIo, io::Error>> {
+    caps: Option<Arc<Caps>>,
+) -> impl Stream<Item = Result<ConnIo, io::Error>> {
     let next_id = AtomicU64::new(1);
     futures::stream::unfold(
-        (listener, limits, next_id),
-        |(listener, limits, next_id)| async move {
+        (listener, limits, caps, next_id),
+        |(listener, limits, caps, next_id)| async move {
             loop {
                 match listener.accept().await {
                     Ok((io, _)) => {
@@ -294,22 +299,34 @@ pub fn incoming(
                             drop(io);
                             continue;
                         }
+                        let place = match &caps {
+                            None => None,
+                            Some(caps) => match caps.open_connection(&limits) {
+                                Some(place) => Some(place),
+                                None => {
+                                    limits.connection_closed();
+                                    drop(io);
+                                    continue;
+                                }
+                            },
+                        };
                         let id = next_id.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(connection = id, "SDS connection accepted");
+                        tracing::debug!(connection = id, "connection accepted");
                         let conn = Arc::new(Connection::new(id, limits.config()));
-                        let io = SdsIo {
+                        let io = ConnIo {
                             io,
                             conn,
                             limits: limits.clone(),
+                            _place: place,
                         };
-                        return Some((Ok(io), (listener, limits, next_id)));
+                        return Some((Ok(io), (listener, limits, caps, next_id)));
                     }
                     Err(e) => {
                         // Out of file descriptors, most likely: wait a little
                         // rather than spin on a listener that keeps failing.
                         limits.warn(
                             "accept",
-                            format!("cannot accept a connection on the SDS socket: {e}"),
+                            format!("cannot accept a connection on a socket of the agent: {e}"),
                         );
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }

@@ -1,11 +1,10 @@
-//! Tests of the request reader (src/sds/framing.rs): framing, budgets and
+//! Tests of the request reader (src/endpoint/framing.rs): framing, budgets and
 //! deadlines, and properties of any split of the bytes.
 
 use super::*;
 
 mod reader {
     use super::*;
-    use crate::sds::resources;
     use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
     use http_body::Frame;
 
@@ -182,38 +181,6 @@ mod reader {
 
     /// Every field the agent reads survives decoding without the node, and
     /// the node (Envoy's ~60 KiB of extensions) is skipped.
-    #[test]
-    fn requests_decode_without_the_node_and_lose_nothing_else() {
-        use envoy_types::pb::envoy::config::core::v3::{Extension, Node};
-        use envoy_types::pb::google::rpc::Status as RpcStatus;
-        let full = DiscoveryRequest {
-            version_info: "v1".into(),
-            node: Some(Node {
-                id: "sidecar~10.0.0.1~pod.ns~ns.svc.cluster.local".into(),
-                extensions: (0..500)
-                    .map(|i| Extension {
-                        name: format!("envoy.filters.example_{i}"),
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            }),
-            resource_names: vec!["default".into(), "ROOTCA".into()],
-            type_url: resources::SECRET_TYPE_URL.into(),
-            response_nonce: "n-1".into(),
-            error_detail: Some(RpcStatus {
-                code: 3,
-                message: "rejected".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let bytes = full.encode_to_vec();
-        assert!(bytes.len() > 10_000);
-        let read: DiscoveryRequest = RequestWithoutNode::decode(bytes.as_slice()).unwrap().into();
-        assert_eq!(read, DiscoveryRequest { node: None, ..full });
-    }
-
     /// Readers that each have half a message never wait on each other: the
     /// first to see its prefix takes the whole message's budget, the other
     /// waits holding nothing. (Taken a chunk at a time, both held half the
@@ -267,7 +234,10 @@ mod props {
     use proptest::prelude::*;
 
     /// Feeds `chunks` to a reader and collects what it makes of them.
-    fn read_all(chunks: Vec<Vec<u8>>, max: usize) -> Vec<Result<Option<DiscoveryRequest>, Status>> {
+    fn read_all(
+        chunks: Vec<Vec<u8>>,
+        max: usize,
+    ) -> Vec<Result<Option<DiscoveryRequest>, FramingError>> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .start_paused(true)

@@ -1,32 +1,17 @@
-//! What a stream of either xDS protocol (`StreamSecrets`, `DeltaSecrets`)
-//! holds of the identity it serves: the subscription it is served from
-//! ([`Current`]) and the fetch of a new one ([`FirstFetch`]), which holds
-//! its place among the connection's logins in flight until it ends.
-//!
-//! A stream keeps reading requests while a fetch waits on the CA: the fetch
-//! is a future the stream's loop polls beside its requests
-//! ([`FirstFetch::result`] is cancel-safe), so an ACK, a changed
-//! subscription or the client leaving are handled at once, and leaving
-//! cancels the fetch.
+//! What a stream holds of the identity it serves ([`Current`]: the
+//! subscription and the credential that proved it), and what that credential
+//! asks of the stream over time: to read a token file again before the JWT
+//! expires, or to end when it has expired ([`CredentialDue`]).
 
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tonic::Status;
 
-use super::connection::{Admission, Connection};
-use super::credential::CredentialSource;
-use crate::backoff::Backoff;
-use crate::identity::{unix_now, Claims, Credential};
-use crate::metrics::{self, Retry};
-use crate::secrets::{SecretError, SecretManager, Subscription};
-
-/// Back-off of a waiting first fetch: from 500 ms, capped at 10 s.
-const FIRST_FETCH_RETRY: (Duration, Duration) =
-    (Duration::from_millis(500), Duration::from_secs(10));
+use crate::clock::Clock;
+use crate::endpoint::credential::CredentialSource;
+use crate::identity::{Claims, Credential};
+use crate::secrets::Subscription;
 
 /// How long before its JWT expires a stream that reads `WORKLOAD_TOKEN_PATH`
 /// reads it again: this, or a tenth of the token's life (`exp - iat`) if
@@ -65,11 +50,13 @@ pub(crate) enum CredentialDue {
 }
 
 impl Current {
-    pub fn new(credential: Credential, sub: Subscription) -> Self {
+    /// The stream serves `sub`, proven by `credential`; its JWT's `exp` is
+    /// read by `clock`.
+    pub fn new(credential: Credential, sub: Subscription, clock: &Clock) -> Self {
         let claims = credential.claims().ok();
         let now = tokio::time::Instant::now();
         let expires = claims.as_ref().and_then(|c| c.expires_at).map(|exp| {
-            let left = u64::try_from(exp.saturating_sub(unix_now())).unwrap_or(0);
+            let left = u64::try_from(exp.saturating_sub(clock.unix_now())).unwrap_or(0);
             (exp, now + Duration::from_secs(left))
         });
         let margin = refresh_margin(claims.as_ref());
@@ -109,7 +96,7 @@ fn refresh_margin(claims: Option<&Claims>) -> Duration {
 
 /// What happened to the identity a stream serves.
 #[derive(Debug)]
-pub(crate) enum Event {
+pub(crate) enum IdentityEvent {
     /// Its state (secret or trust bundle) changed.
     Changed,
     /// The manager dropped it.
@@ -118,15 +105,15 @@ pub(crate) enum Event {
     Credential(CredentialDue),
 }
 
-/// Waits for the next [`Event`] of the identity being served; pending
+/// Waits for the next [`IdentityEvent`] of the identity being served; pending
 /// forever without one. Cancel-safe.
-pub(crate) async fn next_event(current: &mut Option<Current>, token_file: bool) -> Event {
+pub(crate) async fn next_event(current: &mut Option<Current>, token_file: bool) -> IdentityEvent {
     let Some(c) = current.as_mut() else {
         return std::future::pending().await;
     };
     tokio::select! {
-        r = c.sub.secret.changed() => if r.is_ok() { Event::Changed } else { Event::Dropped },
-        due = credential_due(c.expires, &mut c.next_refresh, token_file) => Event::Credential(due),
+        r = c.sub.secret.changed() => if r.is_ok() { IdentityEvent::Changed } else { IdentityEvent::Dropped },
+        due = credential_due(c.expires, &mut c.next_refresh, token_file) => IdentityEvent::Credential(due),
     }
 }
 
@@ -159,36 +146,11 @@ async fn credential_due(
 pub(crate) fn token_file_update(
     current: &Option<Current>,
     source: &CredentialSource,
+    clock: &Clock,
 ) -> Option<Credential> {
     let current = current.as_ref()?;
-    let new = source.get().ok()?;
+    let new = source.get(clock).ok()?;
     (new != current.credential).then_some(new)
-}
-
-/// On [`CredentialDue::Refresh`]: a fetch proving the token file's new
-/// token, when it holds one and no fetch is under way (`fetching`); it runs
-/// under the connection's login budget while the old token still serves.
-pub(super) fn refresh_fetch(
-    conn: &Connection,
-    current: &Option<Current>,
-    source: &CredentialSource,
-    fetching: bool,
-    stream: u64,
-) -> Option<FirstFetch> {
-    if fetching {
-        return None;
-    }
-    let credential = token_file_update(current, source)?;
-    match FirstFetch::admit(conn, credential) {
-        Ok(fetch) => {
-            tracing::debug!(stream, "proving the new token of WORKLOAD_TOKEN_PATH");
-            Some(fetch)
-        }
-        Err(e) => {
-            tracing::debug!(stream, "the new token of WORKLOAD_TOKEN_PATH waits: {e}");
-            None
-        }
-    }
 }
 
 /// The status a stream ends with when its JWT expired at `exp`.
@@ -203,83 +165,6 @@ pub(crate) fn expired_status(exp: i64, source: &CredentialSource) -> Status {
             "the JWT this stream was opened with expired at {exp} (Unix time): open a new stream \
              with the workload's current token"
         )),
-    }
-}
-
-/// A subscription not served yet: its fetch is running, or waiting to be
-/// retried after a transient failure (with back-off, while the stream stays
-/// open, so the workload is served as soon as the CA answers).
-pub(super) struct FirstFetch {
-    credential: Credential,
-    backoff: Backoff,
-    /// Held until the fetch has ended: its place among the connection's
-    /// logins in flight.
-    _admission: Admission,
-    attempt: Attempt,
-}
-
-type Fetch = Pin<Box<dyn Future<Output = Result<Subscription, SecretError>> + Send>>;
-
-enum Attempt {
-    Due(tokio::time::Instant),
-    Running(Fetch),
-}
-
-impl FirstFetch {
-    /// A fetch for `credential`, if `conn`'s login budget lets it reach the
-    /// CA (`SDS_CONNECTION_*`); else the bound it would pass, and nothing is
-    /// asked of the CA.
-    pub fn admit(conn: &Connection, credential: Credential) -> Result<Self, SecretError> {
-        let admission = conn.admit(&credential)?;
-        Ok(Self {
-            credential,
-            backoff: Backoff::new(FIRST_FETCH_RETRY.0, FIRST_FETCH_RETRY.1),
-            _admission: admission,
-            attempt: Attempt::Due(tokio::time::Instant::now()),
-        })
-    }
-
-    /// The credential this fetch proves.
-    pub fn credential(&self) -> &Credential {
-        &self.credential
-    }
-
-    /// The credential, once the fetch has succeeded (and its place among
-    /// the logins in flight is given back).
-    pub fn into_credential(self) -> Credential {
-        self.credential
-    }
-
-    /// Waits until the attempt is due, starts the fetch, and returns its
-    /// result. Cancel-safe: the running fetch lives in `self`, not in this
-    /// future.
-    pub async fn result(
-        &mut self,
-        manager: &Arc<SecretManager>,
-    ) -> Result<Subscription, SecretError> {
-        loop {
-            match &mut self.attempt {
-                Attempt::Due(at) => {
-                    tokio::time::sleep_until(*at).await;
-                    let manager = manager.clone();
-                    let credential = self.credential.clone();
-                    self.attempt =
-                        Attempt::Running(Box::pin(
-                            async move { manager.subscribe(&credential).await },
-                        ));
-                }
-                Attempt::Running(fetch) => return fetch.await,
-            }
-        }
-    }
-
-    /// After a transient failure: the next attempt is due after the returned
-    /// back-off.
-    pub fn retry_later(&mut self) -> Duration {
-        let delay = self.backoff.next_delay();
-        self.attempt = Attempt::Due(tokio::time::Instant::now() + delay);
-        metrics::retry(Retry::FirstFetch);
-        delay
     }
 }
 

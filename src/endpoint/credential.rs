@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use tonic::metadata::{Binary, MetadataMap, MetadataValue};
 use tonic::Status;
 
+use crate::clock::Clock;
 use crate::identity::Credential;
 
 /// gRPC metadata carrying the workload's JWT (Istio 1.2+ spelling).
@@ -94,8 +95,8 @@ impl CredentialSource {
     }
 
     /// The credential, or `UNAUTHENTICATED` saying what is wrong with it:
-    /// missing, not a service-account JWT, or expired.
-    pub(crate) fn get(&self) -> Result<Credential, Status> {
+    /// missing, not a service-account JWT, or expired by `clock`.
+    pub(crate) fn get(&self, clock: &Clock) -> Result<Credential, Status> {
         let cred = match self {
             Self::Header(c) => c.clone(),
             Self::TokenFile(p) => match std::fs::read_to_string(p) {
@@ -120,7 +121,7 @@ impl CredentialSource {
                 )))
             }
         };
-        if let Err(e) = cred.current_claims() {
+        if let Err(e) = cred.current_claims_by(clock) {
             return Err(Status::unauthenticated(format!("invalid credential: {e}")));
         }
         Ok(cred)
@@ -154,7 +155,7 @@ mod tests {
     fn an_expired_jwt_is_unauthenticated() {
         let expired = jwt(r#"{"sub":"system:serviceaccount:a:b","exp":1000}"#);
         let err = CredentialSource::from_metadata(&with_header(&expired), None)
-            .get()
+            .get(&Clock::system())
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
         assert!(
@@ -164,7 +165,7 @@ mod tests {
         );
         let live = jwt(r#"{"sub":"system:serviceaccount:a:b","exp":99999999999}"#);
         assert!(CredentialSource::from_metadata(&with_header(&live), None)
-            .get()
+            .get(&Clock::system())
             .is_ok());
     }
 
@@ -176,14 +177,14 @@ mod tests {
         let other = jwt(r#"{"sub":"system:serviceaccount:c:d","exp":99999999999}"#);
         let expired = jwt(r#"{"sub":"system:serviceaccount:a:b","exp":1000}"#);
         for _ in 0..2 {
-            let c = get(&live).get().unwrap();
+            let c = get(&live).get(&Clock::system()).unwrap();
             assert_eq!(c.expose(), live);
             // Another header on the same connection is that header's credential.
-            let c = get(&other).get().unwrap();
+            let c = get(&other).get(&Clock::system()).unwrap();
             assert_eq!(c.expose(), other);
             assert_eq!(c.claims().unwrap().service_account.namespace, "c");
             // Remembered or not, an expired JWT is refused at each request.
-            let err = get(&expired).get().unwrap_err();
+            let err = get(&expired).get(&Clock::system()).unwrap_err();
             assert!(
                 err.message().contains("expired at 1000"),
                 "{}",

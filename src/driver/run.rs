@@ -1,0 +1,198 @@
+//! The loop every stream runs, whatever its protocol: it reads the client's
+//! requests, polls its [`Driver`] beside them, and stops when the client
+//! leaves. A protocol ([`Protocol`]) answers requests and sends what
+//! changed; nothing else of a stream's life is its concern.
+//!
+//! - Requests keep being read while a fetch waits on the CA, so an ACK, a
+//!   changed subscription or the client leaving are handled at once.
+//! - A client that half-closes (sends no more requests) while a fetch is
+//!   pending is not cancelling: what it asked for is still answered, then
+//!   the stream ends.
+//! - A client that resets its stream, or whose connection ends, is gone:
+//!   the response channel closes and the stream ends, dropping its fetch.
+//! - A request that cannot be read ends the stream with its status, logged
+//!   once per interval per reason.
+//!
+//! The protocol's handlers are boxed: inline, their futures (a CA call
+//! among them) would be part of every open stream's resting task, ~4 KiB
+//! each; boxed, they take memory only while they run.
+
+use std::fmt::Display;
+use std::future::Future;
+use std::pin::Pin;
+
+use std::sync::Arc;
+
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use super::{Driver, Event, Surface};
+use crate::endpoint::connection::Connection;
+use crate::endpoint::credential::CredentialSource;
+use crate::endpoint::framing::{FramingError, RequestReader};
+use crate::endpoint::server::{Admitted, BoxStream};
+use crate::endpoint::Endpoint;
+use crate::secrets::SecretManager;
+
+/// What a handler asks of the loop.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    Continue,
+    End,
+}
+
+/// A handler's future, boxed (see the module documentation).
+pub type Handler<'a> = Pin<Box<dyn Future<Output = Step> + Send + 'a>>;
+
+/// Where a stream's responses go. Boxed: a channel allocates its slots 32
+/// at a time whatever its bound, and an unboxed response slot is ~150
+/// bytes, which made ~5 KiB per open stream.
+pub type Outbound<T> = mpsc::Sender<Box<Result<T, Status>>>;
+
+/// What the loop borrows of a stream at once.
+pub struct Parts<'a, T> {
+    pub driver: &'a mut Driver,
+    /// The resources served, for the log.
+    pub what: &'a (dyn Display + Sync),
+    pub out: &'a Outbound<T>,
+}
+
+/// One protocol's side of a stream.
+pub trait Protocol: Send {
+    /// A request message as read off the stream.
+    type Request: Message + Default + Send;
+    /// A response message.
+    type Response: Send + 'static;
+    /// For the log: `SDS stream`.
+    const NAME: &'static str;
+    /// The stream reads one request, then only sends (the Workload API's
+    /// methods); otherwise it reads requests until the client closes.
+    const ONE_REQUEST: bool = false;
+
+    fn parts(&mut self) -> Parts<'_, Self::Response>;
+
+    /// Answers one request.
+    fn on_request(&mut self, req: Self::Request) -> Handler<'_>;
+
+    /// Sends what changed: after a fetch (`Some(new_identity)`, everything
+    /// when it is another identity than before) or a change (`None`).
+    fn send(&mut self, fetched: Option<bool>) -> Handler<'_>;
+
+    /// The client closed its side before its one request
+    /// ([`Self::ONE_REQUEST`]).
+    fn no_request(&mut self) -> Status {
+        Status::invalid_argument("the method carries one request message; none came")
+    }
+}
+
+/// Starts an admitted stream of `surface`: its driver, proving the
+/// credential `source` finds on the connection, and its protocol's side
+/// (`protocol`, handed the driver and where responses go) run in a task of
+/// their own; the responses, for tonic to send.
+pub(crate) fn start<P: Protocol + 'static>(
+    surface: &'static Surface,
+    manager: &Arc<SecretManager>,
+    endpoint: &Endpoint,
+    admitted: Admitted,
+    source: impl FnOnce(&Connection) -> CredentialSource,
+    protocol: impl FnOnce(Driver, Outbound<P::Response>) -> P,
+) -> BoxStream<P::Response> {
+    let Admitted { conn, reader } = admitted;
+    let id = endpoint.next_stream_id();
+    tracing::debug!(stream = id, connection = conn.id, "{} opened", P::NAME);
+    let source = source(&conn);
+    let (tx, rx) = mpsc::channel(2);
+    let driver = Driver::new(id, surface, manager.clone(), endpoint, conn, source);
+    tokio::spawn(run(protocol(driver, tx), reader));
+    Box::pin(tokio_stream::StreamExt::map(
+        ReceiverStream::new(rx),
+        |item| *item,
+    ))
+}
+
+/// Serves a stream until the client leaves, it fails, or shutdown.
+pub async fn run<P: Protocol>(mut p: P, reader: RequestReader) {
+    let mut inbound = Some(reader);
+    let mut half_closed = false;
+    let id = p.parts().driver.id();
+    loop {
+        let Parts { driver, what, out } = p.parts();
+        let step = tokio::select! {
+            msg = next_message::<P::Request>(&mut inbound) => match msg {
+                Ok(Some(req)) => {
+                    if P::ONE_REQUEST {
+                        inbound = None;
+                    }
+                    p.on_request(req).await
+                }
+                Ok(None) if P::ONE_REQUEST => {
+                    let status = p.no_request();
+                    fail(p.parts().out, status).await
+                }
+                Ok(None) if driver.waiting() => {
+                    tracing::debug!(stream = id, "{} half-closed by the client; answering its request first", P::NAME);
+                    inbound = None;
+                    half_closed = true;
+                    Step::Continue
+                }
+                Ok(None) => {
+                    tracing::debug!(stream = id, "{} closed by the client", P::NAME);
+                    Step::End
+                }
+                Err(e) => {
+                    driver.limits().inbound_error(id, driver.conn(), &e);
+                    fail(out, e.status()).await
+                }
+            },
+            event = driver.next(what) => match event {
+                Event::Fetched { new_identity } => match p.send(Some(new_identity)).await {
+                    Step::Continue if half_closed && !p.parts().driver.waiting() => Step::End,
+                    step => step,
+                },
+                Event::Changed => p.send(None).await,
+                Event::End(Some(status)) => fail(p.parts().out, status).await,
+                Event::End(None) => Step::End,
+            },
+            _ = out.closed() => {
+                tracing::debug!(stream = id, "{}: the client is gone", P::NAME);
+                Step::End
+            }
+        };
+        if step == Step::End {
+            break;
+        }
+    }
+    tracing::debug!(
+        stream = id,
+        identity = ?p.parts().driver.identity(),
+        "{} done",
+        P::NAME
+    );
+}
+
+/// Ends a stream with `status`.
+pub async fn fail<T>(out: &Outbound<T>, status: Status) -> Step {
+    let _ = out.send(Box::new(Err(status))).await;
+    Step::End
+}
+
+/// Sends `msg`; `End` when the client is gone.
+pub async fn send<T>(out: &Outbound<T>, msg: T) -> Step {
+    match out.send(Box::new(Ok(msg))).await {
+        Ok(()) => Step::Continue,
+        Err(_) => Step::End,
+    }
+}
+
+/// The next request, while the stream still reads them; pending forever
+/// once it does not.
+async fn next_message<M: Message + Default>(
+    inbound: &mut Option<RequestReader>,
+) -> Result<Option<M>, FramingError> {
+    match inbound {
+        Some(reader) => reader.message().await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,37 @@
+//! What every socket of the agent does before a protocol sees a request:
+//! the Unix socket, connection admission and the bounds, request framing,
+//! the codec, where a request's credential comes from, and the HTTP/2
+//! server. SDS ([`crate::sds`]) and the SPIFFE Workload API
+//! ([`crate::workload_api`]) are both served through it.
+//!
+//! Every workload that can reach a socket may be hostile, so everything a
+//! client can make the agent hold is bounded, and a client past a bound gets
+//! a status naming the setting:
+//!
+//! - [`socket`]: binding a socket of the agent, never stealing a live one.
+//! - [`connection`]: each accepted connection gets an id and its own state
+//!   (stream count, the JWTs it presented, its login budget); connections
+//!   past `SDS_MAX_CONNECTIONS` are closed at once.
+//! - [`limits`]: streams per connection and in total, the first-request
+//!   deadline, and what a stream holds of them ([`limits::StreamGuard`]).
+//! - [`caps`]: a socket's own caps, taken before the shared bounds.
+//! - [`warn`]: one warning per interval for each bound that is hit.
+//! - [`framing`]: reading request messages with bounded size, time and
+//!   buffer; a failure is a typed [`framing::FramingError`].
+//! - [`codec`]: protobuf in and out, a malformed request `INVALID_ARGUMENT`.
+//! - [`credential`]: where a request's JWT comes from.
+//! - [`server`]: the HTTP/2 settings, the accept loop, a stream's admission
+//!   ([`server::Endpoint::admit`]) and tonic's method traits.
+
+pub mod caps;
+pub mod codec;
+pub mod connection;
+pub mod credential;
+pub mod framing;
+pub mod limits;
+pub mod server;
+pub mod socket;
+pub mod warn;
+
+pub use credential::{CREDENTIAL_HEADER, CREDENTIAL_HEADER_1_1};
+pub use server::{serve, BoxStream, Endpoint};

@@ -1,0 +1,232 @@
+//! The SDS service (`envoy.service.secret.v3.SecretDiscoveryService`): its
+//! routes, `FetchSecrets`, and how the server is started. A stream's
+//! admission, its bounds and its framing are the endpoint's
+//! ([`crate::endpoint`]); `StreamSecrets` and `DeltaSecrets` are
+//! [`super::stream`] and [`super::delta`].
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use tokio::sync::watch;
+use tonic::body::Body;
+use tonic::codegen::http;
+use tonic::metadata::MetadataMap;
+use tonic::{Response, Status};
+
+use super::delta;
+use super::request::RequestWithoutNode;
+use super::resources::{self, names_for_log, NamesError, ResourceNames};
+use super::stream;
+use crate::config::SdsLimits;
+use crate::driver::{failed_to_sign, status_for};
+use crate::endpoint::codec::grpc_for;
+use crate::endpoint::connection::Admission;
+use crate::endpoint::credential::CredentialSource;
+use crate::endpoint::limits::{more, Limits};
+use crate::endpoint::server::{Admitted, RouteFuture, Routes, StreamingMethod, UnaryMethod};
+use crate::endpoint::warn::shorten;
+use crate::endpoint::Endpoint;
+use crate::metrics::{self, Refusal};
+use crate::secrets::{SecretError, SecretManager};
+
+/// The service name, the prefix of every route.
+pub const SERVICE_NAME: &str = "envoy.service.secret.v3.SecretDiscoveryService";
+const STREAM_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
+const FETCH_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/FetchSecrets";
+const DELTA_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets";
+
+/// What the routes share.
+pub struct SdsService {
+    pub(crate) manager: Arc<SecretManager>,
+    pub(crate) token_path: Option<PathBuf>,
+    pub(crate) endpoint: Arc<Endpoint>,
+}
+
+impl SdsService {
+    /// The shared bounds.
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.endpoint.limits
+    }
+
+    async fn fetch_secrets(
+        &self,
+        admitted: Admitted,
+        metadata: MetadataMap,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let Admitted { conn, mut reader } = admitted;
+        let id = self.endpoint.next_stream_id();
+        let credential = CredentialSource::from_metadata_on(
+            &metadata,
+            self.token_path.as_deref(),
+            Some(&conn.last_credential),
+        );
+        let req = match reader
+            .message::<RequestWithoutNode>()
+            .await
+            .map(|m| m.map(DiscoveryRequest::from))
+        {
+            Ok(Some(req)) => req,
+            Ok(None) => {
+                return Err(Status::invalid_argument(
+                    "FetchSecrets carries one DiscoveryRequest; none came",
+                ))
+            }
+            Err(e) => {
+                self.limits().inbound_error(id, &conn, &e);
+                return Err(e.status());
+            }
+        };
+        let names = ResourceNames::parse(&req.resource_names, self.limits().config().max_resource_names)
+            .map_err(|e| {
+                metrics::refused(Refusal::InvalidRequest);
+                let key = match e {
+                    NamesError::TooMany { .. } => "SDS_MAX_RESOURCE_NAMES",
+                    _ => "FetchSecrets: resource names",
+                };
+                if let Some(n) = self.limits().throttle(key) {
+                    tracing::warn!(connection = conn.id, resources = %names_for_log(&req.resource_names), "refusing FetchSecrets: {e}{}", more(n));
+                }
+                Status::invalid_argument(e.to_string())
+            })?;
+        let credential = credential.get(&self.manager.clock()).inspect_err(|s| {
+            metrics::refused(Refusal::Credential);
+            if let Some(n) = self.limits().throttle("FetchSecrets: credential") {
+                tracing::warn!(connection = conn.id, resources = %names, "refusing FetchSecrets: {}{}", s.message(), more(n));
+            }
+        })?;
+        let failed = |e: SecretError| {
+            let what = failed_to_sign(&names.to_string(), &e);
+            self.limits().log_refusal(id, &what, &e);
+            Status::new(status_for(&e).code(), what)
+        };
+        let admission: Admission = conn.admit(&credential).map_err(failed)?;
+        let sub = self.manager.subscribe(&credential).await.map_err(failed)?;
+        drop(admission);
+        let state = sub.secret.borrow().clone();
+        let secret = state
+            .secret
+            .ok_or_else(|| Status::internal("no secret after a successful fetch"))?;
+        let roots = state.roots;
+        for name in names.as_slice() {
+            metrics::pushed(name);
+        }
+        let snap = resources::Snapshot {
+            secret: &secret,
+            roots: &roots,
+        };
+        Ok(Response::new(resources::response(
+            &names,
+            &snap,
+            format!("fetch-{id}"),
+        )))
+    }
+}
+
+/// The methods of the service.
+#[derive(Debug, Clone, Copy)]
+pub enum Method {
+    Stream,
+    Delta,
+    Fetch,
+}
+
+impl Routes for SdsService {
+    const NAME: &'static str = SERVICE_NAME;
+    type Method = Method;
+
+    fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    fn method(&self, req: &http::Request<Body>) -> Result<Method, http::Response<Body>> {
+        match req.uri().path() {
+            STREAM_SECRETS => Ok(Method::Stream),
+            DELTA_SECRETS => Ok(Method::Delta),
+            FETCH_SECRETS => Ok(Method::Fetch),
+            path => {
+                Err(Status::unimplemented(format!("no method {}", shorten(path, 128))).into_http())
+            }
+        }
+    }
+
+    fn call(
+        self: Arc<Self>,
+        method: Method,
+        admitted: Admitted,
+        req: http::Request<Body>,
+    ) -> RouteFuture {
+        let ctx = (self, admitted);
+        match method {
+            Method::Stream => Box::pin(async move {
+                grpc_for::<DiscoveryResponse, DiscoveryRequest>()
+                    .streaming(StreamingMethod::new(ctx, stream::open), req)
+                    .await
+            }),
+            Method::Delta => Box::pin(async move {
+                grpc_for::<DeltaDiscoveryResponse, DeltaDiscoveryRequest>()
+                    .streaming(StreamingMethod::new(ctx, delta::open), req)
+                    .await
+            }),
+            Method::Fetch => Box::pin(async move {
+                let answer = UnaryMethod::new(ctx, |(service, admitted), md| {
+                    Box::pin(async move { service.fetch_secrets(admitted, md).await })
+                });
+                grpc_for::<DiscoveryResponse, DiscoveryRequest>()
+                    .client_streaming(answer, req)
+                    .await
+            }),
+        }
+    }
+}
+
+/// [`serve_with_limits`] with the default bounds.
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    manager: Arc<SecretManager>,
+    token_path: Option<PathBuf>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    serve_with_limits(
+        listener,
+        manager,
+        token_path,
+        SdsLimits::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// Serves SDS on `listener` within `limits` until `shutdown` turns true; then
+/// stops accepting, ends every stream and returns once connections are
+/// closed (or after a grace period).
+pub async fn serve_with_limits(
+    listener: tokio::net::UnixListener,
+    manager: Arc<SecretManager>,
+    token_path: Option<PathBuf>,
+    limits: SdsLimits,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    serve_within(listener, manager, token_path, Limits::new(limits), shutdown).await
+}
+
+/// [`serve_with_limits`] under bounds shared with another server of the
+/// agent (the Workload API's): its connections and streams count against
+/// the same caps.
+pub async fn serve_within(
+    listener: tokio::net::UnixListener,
+    manager: Arc<SecretManager>,
+    token_path: Option<PathBuf>,
+    limits: Arc<Limits>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    let endpoint = Endpoint::new(limits, None, shutdown);
+    let service = Arc::new(SdsService {
+        manager,
+        token_path,
+        endpoint: endpoint.clone(),
+    });
+    crate::endpoint::serve(listener, service, &endpoint).await
+}
