@@ -2,7 +2,7 @@
 //!
 //! The private key is made here and leaves the process only inside an SDS
 //! response to Envoy. Its PEM is zeroed on drop and never printed.
-
+//!
 //! - [`key`]: the key types and the private key, its CSR.
 //! - [`cert`]: reading certificates: PEM and DER, facts, who issued whom.
 //! - [`verify`]: the checks of an issued chain.
