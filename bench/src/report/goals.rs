@@ -1,0 +1,216 @@
+//! The agent's performance goals, each met or not with its figure.
+
+use super::{Goal, Report};
+
+/// The Vault load of every run of one storm size, added up.
+pub(super) struct VaultTotals {
+    pub(super) size: usize,
+    pub(super) runs: usize,
+    pub(super) identities: usize,
+    pub(super) logins: usize,
+    pub(super) signs: usize,
+    pub(super) signed_identities: usize,
+    pub(super) distinct_jwts: usize,
+    pub(super) max_signs: usize,
+    pub(super) max_logins: usize,
+}
+
+impl Report {
+    pub(super) fn vault_by_size(&self) -> Vec<VaultTotals> {
+        let mut out: Vec<VaultTotals> = Vec::new();
+        for l in &self.vault_load {
+            let i = match out.iter().position(|t| t.size == l.identities) {
+                Some(i) => i,
+                None => {
+                    out.push(VaultTotals {
+                        size: l.identities,
+                        runs: 0,
+                        identities: 0,
+                        logins: 0,
+                        signs: 0,
+                        signed_identities: 0,
+                        distinct_jwts: 0,
+                        max_signs: 0,
+                        max_logins: 0,
+                    });
+                    out.len() - 1
+                }
+            };
+            let t = &mut out[i];
+            t.runs += 1;
+            t.identities += l.identities;
+            t.logins += l.logins;
+            t.signs += l.signs;
+            t.signed_identities += l.signed_identities;
+            t.distinct_jwts += l.distinct_jwts;
+            t.max_signs = t.max_signs.max(l.max_signs_per_identity);
+            t.max_logins = t.max_logins.max(l.max_logins_per_jwt);
+        }
+        out
+    }
+
+    /// Evaluates the agent's performance goals from the figures: memory,
+    /// storm over floor, cached serving latency and throughput, CA requests
+    /// per identity and per JWT, and RSS against `bao agent`'s.
+    pub fn judge(&mut self) {
+        let mib = |kib: f64| kib / 1024.0;
+        let mut goals = Vec::new();
+        let mut goal =
+            |goal: &str, target: &str, figure: f64, unit: &str, met: bool, note: String| {
+                goals.push(Goal {
+                    goal: goal.into(),
+                    target: target.into(),
+                    figure,
+                    unit: unit.into(),
+                    met: met && figure.is_finite(),
+                    note,
+                })
+            };
+        let f = &self.memory.fit;
+        let (rss_1000, note) = match self
+            .memory
+            .points
+            .iter()
+            .find(|p| p.identities == 1000 && p.streams == 2000)
+        {
+            Some(p) => (p.settled_rss_kib as f64, "measured".to_string()),
+            None => (
+                f.base_kib + 1000.0 * f.per_identity_kib + 2000.0 * f.per_stream_kib,
+                "from the fit (no 1000 × 2 point in this run)".to_string(),
+            ),
+        };
+        goal(
+            "RSS at 1000 identities × 2 streams",
+            "≤ 32 MiB",
+            mib(rss_1000),
+            "MiB",
+            mib(rss_1000) <= 32.0,
+            note,
+        );
+        goal(
+            "memory per stream",
+            "≤ 8 KiB",
+            f.per_stream_kib,
+            "KiB",
+            f.per_stream_kib <= 8.0,
+            format!(
+                "fitted; per identity (entry, token, connection) {:.1} KiB",
+                f.per_identity_kib
+            ),
+        );
+        let idle = self.memory.idle.settled_rss_kib as f64;
+        goal(
+            "idle RSS",
+            "≤ 8 MiB",
+            mib(idle),
+            "MiB",
+            mib(idle) <= 8.0,
+            String::new(),
+        );
+        for r in &self.storm_over_floor {
+            goal(
+                &format!("storm / floor at M={}", r.identities),
+                "≤ 1.05",
+                r.storm_over_floor,
+                "×",
+                r.storm_over_floor <= 1.05,
+                format!(
+                    "storm {:.2} s, floor {:.2} s",
+                    r.storm_wall_s, r.floor_wall_s
+                ),
+            );
+        }
+        let at100 = self
+            .cached
+            .fetch_secrets
+            .iter()
+            .find(|s| s.concurrency == 100);
+        let p99 = at100.map_or(f64::NAN, |s| s.p99_us / 1000.0);
+        let rps = at100.map_or(f64::NAN, |s| s.req_per_s);
+        let gen = at100.map_or(String::new(), |s| {
+            format!(
+                "agent used {:.1} s CPU, h2load {:.1} s, in {:.1} s",
+                s.agent_cpu_s, s.generator_cpu_s, s.duration_s
+            )
+        });
+        goal(
+            "cached FetchSecrets p99 at 100 streams",
+            "≤ 1 ms",
+            p99,
+            "ms",
+            p99 <= 1.0,
+            gen.clone(),
+        );
+        goal(
+            "cached FetchSecrets throughput at 100 streams (generator on the same cores)",
+            "≥ 100000 req/s",
+            rps,
+            "req/s",
+            rps >= 100_000.0,
+            gen,
+        );
+        let signs_exact = self.vault_load.iter().all(|l| {
+            l.signs == l.identities
+                && l.signed_identities == l.identities
+                && l.max_signs_per_identity == 1
+                && l.min_signs_per_identity == 1
+        });
+        let max_signs = self
+            .vault_load
+            .iter()
+            .map(|l| l.max_signs_per_identity as f64)
+            .fold(0.0, f64::max);
+        goal(
+            "signs per identity per issuance",
+            "exactly 1",
+            max_signs,
+            "signs (most for one identity)",
+            signs_exact && !self.vault_load.is_empty(),
+            self.vault_by_size()
+                .iter()
+                .map(|t| {
+                    format!(
+                        "M={} × {} runs: {} signs for {} identities",
+                        t.size, t.runs, t.signs, t.signed_identities
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        );
+        let max_logins = self
+            .vault_load
+            .iter()
+            .map(|l| l.max_logins_per_jwt as f64)
+            .fold(0.0, f64::max);
+        goal(
+            "logins per distinct JWT",
+            "≤ 1",
+            max_logins,
+            "logins (most for one JWT)",
+            max_logins <= 1.0 && !self.vault_load.is_empty(),
+            self.vault_by_size()
+                .iter()
+                .map(|t| {
+                    format!(
+                        "M={} × {} runs: {} logins for {} JWTs",
+                        t.size, t.runs, t.logins, t.distinct_jwts
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        );
+        goal(
+            "node-agent RSS for one identity / bao agent's",
+            "≤ 0.2",
+            self.peer.rss_ratio,
+            "×",
+            self.peer.rss_ratio <= 0.2,
+            format!(
+                "{:.1} MiB vs {:.1} MiB",
+                mib(self.peer.node_agent.settled_rss_kib as f64),
+                mib(self.peer.bao_agent.settled_rss_kib as f64)
+            ),
+        );
+        self.goals = goals;
+    }
+}

@@ -1,0 +1,185 @@
+//! The report as markdown tables.
+
+use std::fmt::Write as _;
+
+use super::Report;
+
+impl Report {
+    pub fn markdown(&self) -> String {
+        let mut s = String::new();
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        let m = &self.machine;
+        let _ = writeln!(
+            s,
+            "node-agent {} ({}) · {} · {} · h2load {} · {} cores ({}) · load average before {:.2}, after {:.2}",
+            self.versions.node_agent,
+            short(&self.versions.git_commit),
+            self.versions.openbao,
+            self.versions.rustc,
+            self.versions.h2load.trim_start_matches("h2load nghttp2/"),
+            m.cores,
+            m.cpu_model,
+            m.load_before.first().copied().unwrap_or(f64::NAN),
+            m.load_after.first().copied().unwrap_or(f64::NAN),
+        );
+        let _ = writeln!(
+            s,
+            "\nmode {}: {} repetition(s), medians shown; CA_MAX_CONCURRENCY {}; storm generator: {}; \
+             Envoy's node ({}) is {} bytes",
+            self.harness.mode,
+            self.harness.repetitions,
+            self.harness.ca_max_concurrency,
+            self.harness.storm_generator,
+            self.versions.envoy.split_whitespace().last().unwrap_or_default(),
+            self.harness.envoy_node_bytes
+        );
+        let _ = writeln!(s, "\n| storm (all ask at once) | M | all hold a certificate | p50 | p99 | floor (login+sign straight to OpenBao) | storm / floor |");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        for st in &self.storms {
+            let ratio = self
+                .storm_over_floor
+                .iter()
+                .find(|r| r.identities == st.identities && st.key_type == "ec-p256");
+            let floor = self
+                .floors
+                .iter()
+                .find(|f| f.identities == st.identities && st.key_type == "ec-p256");
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.2} s | {:.0} ms | {:.0} ms | {} | {} |",
+                st.key_type,
+                st.identities,
+                st.wall_s,
+                st.p50_ms,
+                st.p99_ms,
+                floor.map_or("–".into(), |f| format!("{:.2} s", f.wall_s)),
+                ratio.map_or("–".into(), |r| format!("{:.2}", r.storm_over_floor)),
+            );
+        }
+        let _ = writeln!(s, "\n| cached serving ({}) | streams | request | req/s | mean | p50 | p99 | p99.9 | CPU agent / h2load |", self.cached.generator);
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
+        for r in self
+            .cached
+            .fetch_secrets
+            .iter()
+            .chain(&self.cached.new_stream)
+        {
+            let what = if r.method == "FetchSecrets" {
+                "FetchSecrets"
+            } else {
+                "new stream, first response"
+            };
+            let _ = writeln!(
+                s,
+                "| {what} | {} ({}×{}) | {} B | {:.0} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {:.1} s / {:.1} s of {:.0} s |",
+                r.concurrency,
+                r.connections,
+                r.streams_per_connection,
+                r.request_bytes,
+                r.req_per_s,
+                r.mean_us / 1e3,
+                r.p50_us / 1e3,
+                r.p99_us / 1e3,
+                r.p999_us / 1e3,
+                r.agent_cpu_s,
+                r.generator_cpu_s,
+                r.duration_s,
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\n| node-agent memory | identities (connections) | streams | settled RSS | peak RSS |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|");
+        for (label, p) in std::iter::once(("idle", &self.memory.idle))
+            .chain(self.memory.points.iter().map(|p| ("loaded", p)))
+        {
+            let _ = writeln!(
+                s,
+                "| {label} | {} | {} | {:.1} MiB | {:.1} MiB |",
+                p.identities,
+                p.streams,
+                mib(p.settled_rss_kib),
+                mib(p.peak_rss_kib)
+            );
+        }
+        let f = &self.memory.fit;
+        let _ = writeln!(
+            s,
+            "| fit | {:.1} KiB per identity | {:.1} KiB per stream | base {:.1} MiB | worst residual {:.0} KiB |",
+            f.per_identity_kib,
+            f.per_stream_kib,
+            f.base_kib / 1024.0,
+            f.max_residual_kib
+        );
+        let _ = writeln!(s, "\n| Vault load (audit log) | M | logins / identity | signs / identity | most signs for one identity | most logins for one JWT |");
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
+        for t in self.vault_by_size() {
+            let n = t.identities.max(1) as f64;
+            let _ = writeln!(
+                s,
+                "| storm + second streams ({} runs) | {} | {:.2} | {:.2} | {} | {} |",
+                t.runs,
+                t.size,
+                t.logins as f64 / n,
+                t.signs as f64 / n,
+                t.max_signs,
+                t.max_logins
+            );
+        }
+        let p = &self.peer;
+        let _ = writeln!(
+            s,
+            "\n| one identity | first certificate after spawn | settled RSS | peak RSS |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|");
+        for (name, o) in [
+            (
+                "bao agent (kubernetes auto-auth, pkiCert template)",
+                &p.bao_agent,
+            ),
+            ("node-agent (one Envoy: default + ROOTCA)", &p.node_agent),
+        ] {
+            let _ = writeln!(
+                s,
+                "| {name} | {:.0} ms | {:.1} MiB | {:.1} MiB |",
+                o.first_cert_ms,
+                mib(o.settled_rss_kib),
+                mib(o.peak_rss_kib)
+            );
+        }
+        let _ = writeln!(s, "\n| goal | target | figure | met |");
+        let _ = writeln!(s, "|---|---|---|---|");
+        for g in &self.goals {
+            let note = if g.note.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", g.note)
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} {}{note} | {} |",
+                g.goal,
+                g.target,
+                fmt_figure(g.figure),
+                g.unit,
+                if g.met { "yes" } else { "**no**" }
+            );
+        }
+        s
+    }
+}
+
+fn fmt_figure(x: f64) -> String {
+    if x.abs() >= 1000.0 {
+        format!("{x:.0}")
+    } else if x.abs() >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+fn short(commit: &str) -> &str {
+    &commit[..commit.len().min(10)]
+}
