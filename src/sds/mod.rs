@@ -14,6 +14,8 @@ pub mod request;
 pub mod resources;
 pub mod service;
 mod stream;
+#[cfg(test)]
+mod tests;
 
 pub use crate::endpoint::{CREDENTIAL_HEADER, CREDENTIAL_HEADER_1_1};
 pub use service::{serve, serve_with_limits, serve_within, SdsService};

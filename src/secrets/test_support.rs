@@ -206,6 +206,12 @@ impl FakeCa {
         self.count(|c| matches!(c, Call::Sign(_)))
     }
 
+    /// Calls (logins, signs, listings) in progress now: one stays counted
+    /// until the future making it ends or is dropped.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.0.load(Ordering::SeqCst)
+    }
+
     /// The most calls (logins, signs, listings) that were ever in progress at once.
     pub fn peak_in_flight(&self) -> u64 {
         self.in_flight.1.load(Ordering::SeqCst)

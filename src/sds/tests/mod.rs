@@ -1,0 +1,341 @@
+//! The SDS service in process, under paused tokio time: the real router on a
+//! temporary Unix socket, a secret manager on the fake CA of
+//! [`crate::secrets::test_support`] (certificates and JWTs follow the paused
+//! clock), and a tonic client over the socket. A day of renewals takes
+//! milliseconds.
+//!
+//! - [`acks`]: ACK, NACK and stale nonces, `StreamSecrets` and `DeltaSecrets`;
+//! - [`rotation`]: a renewal pushed to open streams, at its time and not before;
+//! - [`credentials`]: a stream ends at its JWT's `exp`, and when the CA
+//!   rejects its JWT at a renewal;
+//! - [`bounds`]: the stream caps, `SDS_MAX_RESOURCE_NAMES`,
+//!   `SDS_FIRST_REQUEST_TIMEOUT`, and a client leaving while its first fetch
+//!   waits.
+//!
+//! Paused time with real sockets: tokio advances paused time on its own
+//! whenever every task waits, socket reads included. Server, client and CA
+//! share one thread, so bytes written are readable at once and the clock only
+//! jumps when nothing is left to do (a blocking task, such as the manager's
+//! key generation, holds it too); still, every deadline that is not under
+//! test (first request, keep-alive) is days away, and tests move time with
+//! [`tokio::time::advance`] where the time matters.
+
+mod acks;
+mod bounds;
+mod credentials;
+mod rotation;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{secret, Secret};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use hyper_util::rt::TokioIo;
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use super::resources::SECRET_TYPE_URL;
+use crate::ca::queue::CaQueue;
+use crate::clock::Clock;
+use crate::config::SdsLimits;
+use crate::crypto::{cert_summary, KeyType};
+use crate::endpoint::limits::Limits;
+use crate::endpoint::CREDENTIAL_HEADER;
+use crate::identity::Credential;
+use crate::secrets::schedule::RenewPolicy;
+pub(super) use crate::secrets::test_support::{jwt, Call, FakeCa};
+use crate::secrets::{ManagerOptions, SecretManager};
+use crate::trust::{TrustBundle, TrustOptions};
+
+/// Certificates live an hour and are renewed at half their life, no jitter.
+pub(super) const TTL: Duration = Duration::from_secs(3600);
+pub(super) const RENEWAL: Duration = Duration::from_secs(1800);
+/// Far enough to never come during a test.
+pub(super) const NEVER: Duration = Duration::from_secs(30 * 86400);
+/// How long (paused time) a test waits for a message that must come.
+const WAIT: Duration = Duration::from_secs(60);
+/// How long (paused time) a stream must stay silent to be called silent.
+pub(super) const QUIET: Duration = Duration::from_secs(5);
+
+pub(super) type Client = SecretDiscoveryServiceClient<Channel>;
+
+/// An agent serving SDS on a temporary socket.
+pub(super) struct Agent {
+    pub ca: Arc<FakeCa>,
+    pub limits: Arc<Limits>,
+    pub clock: Clock,
+    socket: PathBuf,
+    _dir: tempfile::TempDir,
+    /// Held: the server stops when it is dropped.
+    _shutdown: watch::Sender<bool>,
+}
+
+/// The bounds of the agent's tests: the defaults, except that deadlines no
+/// test is about never come.
+pub(super) fn test_limits() -> SdsLimits {
+    SdsLimits {
+        first_request_timeout: NEVER,
+        keepalive_interval: NEVER,
+        keepalive_timeout: NEVER,
+        ..SdsLimits::default()
+    }
+}
+
+impl Agent {
+    /// An agent within [`test_limits`], changed by `f`.
+    pub async fn start(f: impl FnOnce(&mut SdsLimits)) -> Self {
+        let mut cfg = test_limits();
+        f(&mut cfg);
+        let clock = Clock::paused_at(SystemTime::now());
+        let ca = FakeCa::new(clock);
+        let mut opts = ManagerOptions::new("td", KeyType::EcP256, TTL);
+        opts.clock = clock;
+        opts.renew = RenewPolicy {
+            grace_ratio: 0.5,
+            jitter: 0.0,
+        };
+        let queue = CaQueue::new(opts.max_concurrency);
+        opts.queue = Some(queue.clone());
+        let trust = TrustBundle::start(
+            ca.clone(),
+            TrustOptions {
+                clock,
+                queue: Some(queue),
+                ..TrustOptions::default()
+            },
+        )
+        .unwrap();
+        let manager = SecretManager::new(ca.clone(), trust, opts);
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("sds.sock");
+        let listener = crate::endpoint::socket::bind(&socket).unwrap();
+        let limits = Limits::new(cfg);
+        let (shutdown, rx) = watch::channel(false);
+        tokio::spawn(super::serve_within(
+            listener,
+            manager,
+            None,
+            limits.clone(),
+            rx,
+        ));
+        Self {
+            ca,
+            limits,
+            clock,
+            socket,
+            _dir: dir,
+            _shutdown: shutdown,
+        }
+    }
+
+    /// A client on a connection of its own.
+    pub async fn client(&self) -> Client {
+        let path = self.socket.clone();
+        let channel = tonic::transport::Endpoint::try_from("http://[::1]:50051")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .expect("connect to the agent's socket");
+        SecretDiscoveryServiceClient::new(channel)
+    }
+
+    /// Unix time `secs` from now, by the agent's clock.
+    pub fn unix_in(&self, secs: i64) -> i64 {
+        self.clock.unix_now() + secs
+    }
+}
+
+/// Waits (in paused time, yielding) until `f` holds; panics saying `what`
+/// after `within`.
+pub(super) async fn eventually(what: &str, within: Duration, f: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// One open stream, from the client's side.
+pub(super) struct Stream<Req, Resp> {
+    tx: Option<mpsc::Sender<Req>>,
+    rx: tonic::Streaming<Resp>,
+}
+
+pub(super) type Sotw = Stream<DiscoveryRequest, DiscoveryResponse>;
+pub(super) type Delta = Stream<DeltaDiscoveryRequest, DeltaDiscoveryResponse>;
+
+fn with_jwt<T>(msg: T, jwt: &Credential) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert_bin(
+        CREDENTIAL_HEADER,
+        tonic::metadata::MetadataValue::from_bytes(jwt.expose().as_bytes()),
+    );
+    req
+}
+
+/// Opens a `StreamSecrets` stream carrying `jwt`; `Err` when refused.
+pub(super) async fn open_sotw(client: &mut Client, jwt: &Credential) -> Result<Sotw, Status> {
+    let (tx, rx) = mpsc::channel(8);
+    let rx = client
+        .stream_secrets(with_jwt(ReceiverStream::new(rx), jwt))
+        .await?
+        .into_inner();
+    Ok(Stream { tx: Some(tx), rx })
+}
+
+/// Opens a `DeltaSecrets` stream carrying `jwt`; `Err` when refused.
+pub(super) async fn open_delta(client: &mut Client, jwt: &Credential) -> Result<Delta, Status> {
+    let (tx, rx) = mpsc::channel(8);
+    let rx = client
+        .delta_secrets(with_jwt(ReceiverStream::new(rx), jwt))
+        .await?
+        .into_inner();
+    Ok(Stream { tx: Some(tx), rx })
+}
+
+impl<Req, Resp: Message + Default + std::fmt::Debug + 'static> Stream<Req, Resp> {
+    pub async fn send(&self, req: Req) {
+        let sent = self.tx.as_ref().expect("not half-closed").send(req).await;
+        assert!(sent.is_ok(), "the client's request stream is gone");
+    }
+
+    /// Half-closes: the client sends no more requests.
+    pub fn half_close(&mut self) {
+        self.tx = None;
+    }
+
+    /// The next message, or the status the stream ended with; panics when
+    /// nothing comes within [`WAIT`] or the stream ends without a status.
+    pub async fn next(&mut self) -> Result<Resp, Status> {
+        match tokio::time::timeout(WAIT, self.rx.message()).await {
+            Ok(Ok(Some(msg))) => Ok(msg),
+            Ok(Ok(None)) => panic!("the stream ended without a status"),
+            Ok(Err(status)) => Err(status),
+            Err(_) => panic!("nothing on the stream within {WAIT:?}"),
+        }
+    }
+
+    /// The next message; panics on a status.
+    pub async fn response(&mut self) -> Resp {
+        self.next().await.expect("a response, not a status")
+    }
+
+    /// The status the stream ends with next; panics on a message.
+    pub async fn status(&mut self) -> Status {
+        match self.next().await {
+            Ok(_) => panic!("a message came where the stream was to end"),
+            Err(status) => status,
+        }
+    }
+
+    /// Panics if anything (a message, a status, the end) comes within `d`.
+    pub async fn silent(&mut self, d: Duration, what: &str) {
+        if let Ok(got) = tokio::time::timeout(d, self.rx.message()).await {
+            let got = got.map(|m| m.map(|m| format!("{:.200}", format!("{m:?}"))));
+            panic!("{what}: expected nothing within {d:?}, got {got:?}");
+        }
+    }
+}
+
+/// A `StreamSecrets` request for `names`, echoing `ack_of`'s version and nonce.
+pub(super) fn request(names: &[&str], ack_of: Option<&DiscoveryResponse>) -> DiscoveryRequest {
+    DiscoveryRequest {
+        resource_names: names.iter().map(|s| s.to_string()).collect(),
+        type_url: SECRET_TYPE_URL.into(),
+        version_info: ack_of.map(|r| r.version_info.clone()).unwrap_or_default(),
+        response_nonce: ack_of.map(|r| r.nonce.clone()).unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+/// Rejection of a response, as Envoy says it.
+pub(super) fn nack_detail() -> Option<RpcStatus> {
+    Some(RpcStatus {
+        code: Code::InvalidArgument as i32,
+        message: "rejected by the test".into(),
+        ..Default::default()
+    })
+}
+
+/// A `DeltaSecrets` request subscribing `names` and answering `nonce`.
+pub(super) fn delta_request(names: &[&str], nonce: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: SECRET_TYPE_URL.into(),
+        resource_names_subscribe: names.iter().map(|s| s.to_string()).collect(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+fn decode(any: &Any) -> Secret {
+    assert_eq!(any.type_url, SECRET_TYPE_URL);
+    Secret::decode(any.value.as_slice()).unwrap()
+}
+
+/// The serial of the leaf in a `default` secret; panics on another one.
+fn leaf_serial(s: &Secret) -> String {
+    let Some(secret::Type::TlsCertificate(tls)) = &s.r#type else {
+        panic!("expected a tls_certificate, got {:?}", s.name);
+    };
+    let pem = match tls
+        .certificate_chain
+        .as_ref()
+        .and_then(|d| d.specifier.as_ref())
+    {
+        Some(Specifier::InlineBytes(b)) => String::from_utf8(b.clone()).unwrap(),
+        other => panic!("expected inline bytes, got {other:?}"),
+    };
+    cert_summary(&pem).expect("a certificate").1
+}
+
+/// Names of the secrets of a `StreamSecrets` response, in order.
+pub(super) fn names(resp: &DiscoveryResponse) -> Vec<String> {
+    resp.resources.iter().map(|a| decode(a).name).collect()
+}
+
+/// The serial of the `default` certificate a `StreamSecrets` response carries.
+pub(super) fn serial(resp: &DiscoveryResponse) -> String {
+    let secrets: Vec<Secret> = resp.resources.iter().map(decode).collect();
+    let default = secrets
+        .iter()
+        .find(|s| s.name == "default")
+        .expect("the response carries default");
+    leaf_serial(default)
+}
+
+/// Names of the resources of a `DeltaSecrets` response, in order.
+pub(super) fn delta_names(resp: &DeltaDiscoveryResponse) -> Vec<String> {
+    resp.resources.iter().map(|r| r.name.clone()).collect()
+}
+
+/// The serial of the `default` certificate a `DeltaSecrets` response carries.
+pub(super) fn delta_serial(resp: &DeltaDiscoveryResponse) -> String {
+    let r = resp
+        .resources
+        .iter()
+        .find(|r| r.name == "default")
+        .expect("the response carries default");
+    leaf_serial(&decode(r.resource.as_ref().expect("a resource")))
+}
+
+/// `true` when `status` has `code` and its message contains `text`.
+pub(super) fn is(status: &Status, code: Code, text: &str) -> bool {
+    status.code() == code && status.message().contains(text)
+}
