@@ -15,6 +15,7 @@ pub mod agent;
 pub mod backoff;
 pub mod ca;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod crypto;

@@ -99,7 +99,10 @@ impl Run<'_> {
             .arg(body)
             .args(["-H", "content-type: application/grpc"])
             .args(["-H", "te: trailers"])
-            .args(["-H", &format!("{}: {jwt}", crate::sds::HEADER)])
+            .args([
+                "-H",
+                &format!("{}: {jwt}", node_agent::client::sds::CREDENTIAL_HEADER),
+            ])
             .arg(format!("http://localhost{path}"));
         let cpu0 = procs::children_cpu_time();
         let agent0 = procs::cpu_time(self.agent_pid);

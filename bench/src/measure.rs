@@ -11,6 +11,7 @@ use crate::report::{self, MemPoint};
 use crate::storm::{self, Timing};
 use crate::vault::{self, VaultBench};
 use crate::{audit, h2load, procs, sds, Sizes, CA_MAX_CONCURRENCY, EXTRA_ENV, LOG_LEVEL};
+use node_agent::client::sds as sds_client;
 use node_agent::crypto::{KeyType, PrivateKey};
 use node_agent::identity::SpiffeId;
 
@@ -201,15 +202,15 @@ pub async fn cached_serving(
     // Cache the identity first, and check that a fetch serves it.
     let mut client = sds::connect(&agent.socket).await?;
     let resp = client
-        .fetch_secrets(sds::with_jwt(sds::request("default", "warm"), &jwt))
+        .fetch_secrets(sds_client::with_jwt(sds::request("default", "warm"), &jwt))
         .await?
         .into_inner();
-    anyhow::ensure!(sds::served_identity(&resp)? == vault::spiffe_id("cached"));
+    anyhow::ensure!(sds_client::served_identity(&resp)? == vault::spiffe_id("cached"));
     drop(client);
     // FetchSecrets as a small client asks (names only); a new stream as
     // Envoy opens one (with its node).
     let small = work.join("fetch-request.bin");
-    h2load::write_body(&small, sds::request_without_node("default"))?;
+    h2load::write_body(&small, sds_client::request(&["default"], None))?;
     let envoy_like = work.join("stream-request.bin");
     h2load::write_body(
         &envoy_like,

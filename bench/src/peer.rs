@@ -166,13 +166,13 @@ pub async fn node_agent(v: &VaultBench, bin: &Path, work: &Path) -> anyhow::Resu
     let resp = cert.next().await?;
     let first = agent.spawned.elapsed();
     anyhow::ensure!(
-        sds::served_identity(&resp)? == spiffe_id("peer-na"),
+        node_agent::client::sds::served_identity(&resp)? == spiffe_id("peer-na"),
         "wrong identity served"
     );
-    let _ = cert.tx.try_send(sds::ack("default", node, &resp));
+    cert.try_ack(&resp);
     let mut roots = sds::open(&mut client, &jwt, "ROOTCA", node).await?;
     let r = roots.next().await?;
-    let _ = roots.tx.try_send(sds::ack("ROOTCA", node, &r));
+    roots.try_ack(&r);
     let rss = procs::settled(agent.pid(), Duration::from_secs(2), Duration::from_secs(8)).await;
     agent.check_alive()?;
     drop((cert, roots, client));

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use node_agent::client::sds::{served_identity, SdsClient, SecretStream};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::sds::{self, Client, OpenStream};
+use crate::sds;
 use crate::vault::{spiffe_id, AUTH_PATH, SIGN_PATH};
 
 /// Wall time of a burst and the spread of its members' completion times.
@@ -140,8 +141,8 @@ pub async fn floor(
 pub struct Workload {
     pub name: String,
     pub jwt: String,
-    pub client: Client,
-    pub streams: Vec<OpenStream>,
+    pub client: SdsClient,
+    pub streams: Vec<SecretStream>,
 }
 
 /// Connects one workload per (name, JWT), 64 connects at a time.
@@ -191,7 +192,7 @@ pub async fn open_all(
                 let mut s = sds::open(&mut w.client, &w.jwt, resource, &node).await?;
                 let resp = s.next().await?;
                 let at = Instant::now();
-                let _ = s.tx.try_send(sds::ack(resource, &node, &resp));
+                s.try_ack(&resp);
                 Ok::<_, anyhow::Error>((s, resp, at))
             }
             .await;
@@ -209,7 +210,7 @@ pub async fn open_all(
             Ok((s, resp, at)) => {
                 done.push(at - start);
                 if resource == "default" {
-                    let got = sds::served_identity(&resp)
+                    let got = served_identity(&resp)
                         .with_context(|| format!("the response to {}", w.name))?;
                     if got != spiffe_id(&w.name) {
                         bail!("{} was served {got}", w.name);

@@ -105,17 +105,7 @@ impl Decoder for RawDecoder {
 
 /// A gRPC channel over the agent's socket, for the raw calls below.
 pub async fn raw_channel(socket: &std::path::Path) -> Channel {
-    let path = socket.to_path_buf();
-    tonic::transport::Endpoint::try_from("http://[::1]:50051")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(path).await?,
-                ))
-            }
-        }))
+    node_agent::client::sds::channel(socket)
         .await
         .expect("connect to the agent's socket")
 }

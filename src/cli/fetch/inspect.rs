@@ -5,18 +5,15 @@
 
 use std::time::SystemTime;
 
-use envoy_types::pb::envoy::config::core::v3::{data_source::Specifier, DataSource};
-use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{secret, Secret};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
-use prost::Message;
 use x509_parser::oid_registry;
 use x509_parser::prelude::*;
 use x509_parser::public_key::PublicKey;
 use zeroize::Zeroizing;
 
+use crate::client::sds::{self, Served};
 use crate::crypto::{split_pem_certs, verify_issued, IssuedChain, KeyType, PrivateKey};
 use crate::identity::SpiffeId;
-use crate::sds::resources::SECRET_TYPE_URL;
 
 /// One certificate, as shown.
 #[derive(Debug, Clone)]
@@ -58,38 +55,15 @@ impl Resource {
     }
 }
 
-fn inline(ds: &Option<DataSource>) -> Result<String, String> {
-    match ds.as_ref().and_then(|d| d.specifier.as_ref()) {
-        Some(Specifier::InlineBytes(b)) => {
-            String::from_utf8(b.clone()).map_err(|_| "inline bytes that are not text".to_string())
-        }
-        Some(Specifier::InlineString(s)) => Ok(s.clone()),
-        Some(other) => Err(format!("a data source that is not inline: {other:?}")),
-        None => Err("no data".into()),
-    }
-}
-
 /// Reads every resource of `resp`.
 pub fn decode(resp: &DiscoveryResponse) -> Result<Vec<Resource>, String> {
     let mut out = Vec::new();
     for any in &resp.resources {
-        if any.type_url != SECRET_TYPE_URL {
-            return Err(format!(
-                "a resource of type {:?}, not an SDS Secret",
-                any.type_url
-            ));
-        }
-        let s = Secret::decode(any.value.as_slice())
-            .map_err(|e| format!("a Secret that does not decode: {e}"))?;
+        let s = sds::secret(any).map_err(|e| e.to_string())?;
         let what = |m: String| format!("secret {:?}: {m}", s.name);
-        match &s.r#type {
-            Some(secret::Type::TlsCertificate(t)) => {
-                let chain_pem = inline(&t.certificate_chain)
-                    .map_err(|m| what(format!("certificate_chain: {m}")))?;
-                let key_pem = Zeroizing::new(
-                    inline(&t.private_key).map_err(|m| what(format!("private_key: {m}")))?,
-                );
-                let chain = certs(&chain_pem).map_err(what)?;
+        match sds::read(&s).map_err(|e| e.to_string())? {
+            Served::Certificate(t) => {
+                let chain = certs(&t.chain_pem).map_err(what)?;
                 let key_type = chain
                     .first()
                     .map(|c| c.key_type.clone())
@@ -97,20 +71,17 @@ pub fn decode(resp: &DiscoveryResponse) -> Result<Vec<Resource>, String> {
                 out.push(Resource::Certificate {
                     name: s.name.clone(),
                     chain,
-                    key_pem,
+                    key_pem: t.key_pem,
                     key_type,
                     check: None,
                 });
             }
-            Some(secret::Type::ValidationContext(v)) => {
-                let roots_pem =
-                    inline(&v.trusted_ca).map_err(|m| what(format!("trusted_ca: {m}")))?;
+            Served::Roots(roots_pem) => {
                 out.push(Resource::Roots {
                     name: s.name.clone(),
                     roots: certs(&roots_pem).map_err(what)?,
                 });
             }
-            other => return Err(what(format!("an unexpected secret type {other:?}"))),
         }
     }
     check_fit(&mut out, SystemTime::now());

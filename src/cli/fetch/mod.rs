@@ -19,7 +19,7 @@ mod client;
 mod inspect;
 mod output;
 
-use client::SdsStream;
+use crate::client::sds::StreamEnd;
 use inspect::Resource;
 
 /// Output format (`-o`).
@@ -197,18 +197,19 @@ async fn fetch(args: Args) -> Result<(), FetchError> {
     let socket = args.workload_uds_path;
     let timed_out = || FetchError::Timeout(socket.clone(), crate::cli::show_duration(args.timeout));
     let had_token = credential.is_some();
-    let status = |s: tonic::Status| FetchError::from_status(s, &socket, had_token);
+    // The agent ending the stream cleanly, or with a status.
+    let ended = |e: StreamEnd| match e {
+        StreamEnd::Closed => FetchError::Closed,
+        StreamEnd::Status(s) => FetchError::from_status(s, &socket, had_token),
+    };
 
-    let first = tokio::time::timeout(args.timeout, async {
-        let mut stream = SdsStream::open(&socket, credential.as_ref(), &names).await?;
-        let resp = stream.next().await.map_err(status)?;
+    let (mut stream, mut resp) = tokio::time::timeout(args.timeout, async {
+        let mut stream = client::open(&socket, credential.as_ref(), &names).await?;
+        let resp = stream.next().await.map_err(ended)?;
         Ok::<_, FetchError>((stream, resp))
     })
     .await
     .map_err(|_| timed_out())??;
-    let (mut stream, Some(mut resp)) = first else {
-        return Err(FetchError::Closed);
-    };
 
     let mut previous: Option<Vec<Resource>> = None;
     let mut push = 0u64;
@@ -262,10 +263,7 @@ async fn fetch(args: Args) -> Result<(), FetchError> {
         stream.ack(&resp).await;
         previous = Some(resources);
         resp = tokio::select! {
-            next = stream.next() => match next.map_err(status)? {
-                Some(r) => r,
-                None => return Err(FetchError::Closed),
-            },
+            next = stream.next() => next.map_err(ended)?,
             _ = tokio::signal::ctrl_c() => return Ok(()),
         };
     }
