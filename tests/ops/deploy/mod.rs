@@ -1,0 +1,127 @@
+//! What an operator deploys, checked offline and against the real thing:
+//!
+//! - every kustomization under deploy/ renders (`kubectl kustomize`) and each
+//!   object validates strictly against the Kubernetes 1.37 schemas
+//!   (PyPI `kubernetes-validate`), with the security settings both layouts
+//!   promise;
+//! - every variable the manifests give node-agent is a setting it reads (the
+//!   list comes from running node-agent's own settings parser, not a copy),
+//!   and the values parse;
+//! - the Istio injection template puts node-agent on istio-proxy's socket
+//!   ([`istio`]);
+//! - the Envoy bootstrap the manifests mount runs on two real Envoys doing
+//!   mTLS with certificates node-agent got from a real OpenBao, with the
+//!   manifests' settings and token audience ([`envoy`]);
+//! - the container image builds FROM scratch with podman and runs, as its
+//!   non-root user, read-only and without capabilities ([`image`]).
+//!
+//! The offline checks of the rendered manifests are in this file.
+
+use crate::support;
+
+use serde_json::json;
+use support::manifests::*;
+
+mod envoy;
+mod image;
+mod istio;
+
+/// The layouts docs/kubernetes.md documents; each must be among the rendered overlays.
+const LAYOUTS: &[&str] = &["sidecar", "daemonset", "daemonset/workloads"];
+
+#[test]
+fn every_overlay_renders_and_validates_strictly() {
+    let found = overlays();
+    for layout in LAYOUTS {
+        assert!(
+            found.iter().any(|o| o == layout),
+            "no deploy/{layout} in {found:?}"
+        );
+    }
+    for overlay in &found {
+        let objs = rendered(overlay);
+        assert!(!objs.is_empty(), "deploy/{overlay} renders nothing");
+        validate_strictly(&format!("deploy/{overlay}"), &objs);
+    }
+}
+
+/// Both layouts: read-only root filesystems, no capabilities, no privilege
+/// escalation, non-root, requests and limits on every container, and probes
+/// on node-agent's status endpoints.
+#[test]
+fn layouts_are_locked_down_and_probed() {
+    for layout in LAYOUTS {
+        let objs = rendered(layout);
+        let pods = pod_specs(&objs);
+        assert!(!pods.is_empty(), "{layout}");
+        for (workload, pod) in &pods {
+            let pod_non_root = pod["securityContext"]["runAsNonRoot"] == true;
+            for key in ["initContainers", "containers"] {
+                for c in containers(pod, key) {
+                    let what = format!("{layout}: {workload} {}", c["name"]);
+                    let sc = &c["securityContext"];
+                    assert_eq!(sc["readOnlyRootFilesystem"], true, "{what}");
+                    assert_eq!(sc["allowPrivilegeEscalation"], false, "{what}");
+                    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{what}");
+                    assert!(sc["capabilities"]["add"].is_null(), "{what}");
+                    let non_root = sc["runAsNonRoot"] == true
+                        || (pod_non_root && sc["runAsNonRoot"].is_null());
+                    // The one exception, documented in the manifest: the
+                    // DaemonSet's init container that opens the hostPath
+                    // directory, as root without any capability.
+                    let exception = *layout == "daemonset" && c["name"] == "socket-dir";
+                    assert!(non_root || exception, "{what} may run as root");
+                    for r in ["requests", "limits"] {
+                        for k in ["cpu", "memory"] {
+                            assert!(c["resources"][r][k].is_string(), "{what}: no {r}.{k}");
+                        }
+                    }
+                }
+            }
+        }
+        for (workload, c) in node_agent_containers(&objs) {
+            let port = c["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == "status")
+                .unwrap_or_else(|| panic!("{workload}: no status port"));
+            assert_eq!(port["containerPort"], 15020);
+            assert_eq!(
+                c["readinessProbe"]["httpGet"],
+                json!({"path": "/healthz/ready", "port": "status"})
+            );
+            assert_eq!(
+                c["livenessProbe"]["httpGet"],
+                json!({"path": "/healthz/live", "port": "status"})
+            );
+        }
+    }
+}
+
+#[test]
+fn every_variable_the_manifests_set_is_a_node_agent_setting() {
+    let mut checked = 0;
+    for overlay in overlays() {
+        let objs = rendered(&overlay);
+        for (workload, c) in node_agent_containers(&objs) {
+            let env = container_env(&c, &objs);
+            checked += check_settings(&format!("deploy/{overlay} {workload}"), &env);
+        }
+    }
+    assert!(checked >= 20, "only {checked} variables checked");
+    // The check can fail: a near miss is not a setting.
+    let known = known_settings();
+    for typo in ["VAULT_ROLES", "STATUS_PORT", "LOGFORMAT"] {
+        assert!(!known.contains(typo), "{typo}");
+    }
+    for setting in [
+        "STATUS_ADDR",
+        "LOG_FORMAT",
+        "LOG_LEVEL",
+        "VAULT_ROLE",
+        "WORKLOAD_UDS_PATH",
+    ] {
+        assert!(known.contains(setting), "{setting} not in {known:?}");
+    }
+}
