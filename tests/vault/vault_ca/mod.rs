@@ -1,5 +1,11 @@
 //! The Vault CA against a real OpenBao, configured as the Istio Vault
-//! tutorial configures Istio's Node Agent.
+//! tutorial configures Istio's Node Agent: Envoys doing mTLS on Vault's
+//! certificates; a service account the role does not accept, or a JWT Vault
+//! rejects, gets nothing (even when its identity is cached); the `jwt` auth
+//! method; the Vault namespace on every call; and an agent with no CA
+//! configured stopping with a message naming the two choices.
+//! Vault down, hanging or refusing is in [`outages`]; SIGTERM while Vault
+//! hangs and the tokens revoked at shutdown in [`shutdown`].
 
 use crate::support;
 
@@ -7,13 +13,16 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use support::agent::Agent;
-use support::bao::{set_k8s_role_accounts, ProxyMode};
+use support::bao::set_k8s_role_accounts;
 use support::envoy::*;
 use support::mesh::{Mesh, CLIENT_ID, SERVER_ID};
 use support::sds_client::*;
 use support::vault_env::VaultEnv;
 use tokio_stream::StreamExt;
 use tonic::Code;
+
+mod outages;
+mod shutdown;
 
 /// A `default` + `ROOTCA` response carries `id`'s certificate and the PKI
 /// mount's root.
@@ -208,167 +217,6 @@ async fn jwt_auth_method_pem_text_root_and_login_caching() {
     assert_eq!(env.count("istio_ca/sign/istio-pki-role"), 1);
 }
 
-/// A stream opened while Vault is unusable (`mode`) waits, retrying with
-/// back-off (the log shows `failure`), and is served once Vault answers.
-async fn waiting_stream_is_served_once_vault_answers(
-    mode: ProxyMode,
-    overrides: &[(&'static str, &str)],
-    failure: &str,
-) {
-    let env = VaultEnv::start().await.with_proxy(mode).await;
-    let agent = Agent::started(&env.agent_env_with(overrides)).await;
-    let mut client = connect(&agent.socket).await;
-    let (tx, mut inbound) = open_stream(&mut client, &env.jwt("default", "httpbin")).await;
-    tx.send(request(&["default"], None)).await.unwrap();
-    agent.log_shows(failure, Duration::from_secs(20)).await;
-    agent
-        .log_shows("retrying in", Duration::from_secs(20))
-        .await;
-    env.proxy.as_ref().unwrap().set_mode(ProxyMode::Up).await;
-    let resp = next_within(
-        &mut inbound,
-        Duration::from_secs(30),
-        "no certificate after Vault answered again",
-        || agent.log(),
-    )
-    .await
-    .unwrap();
-    assert_eq!(served_uris(&resp), [SERVER_ID]);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vault_down_at_start_then_up_serves_the_waiting_stream() {
-    waiting_stream_is_served_once_vault_answers(ProxyMode::Down, &[], "cannot connect").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hanging_vault_times_out_and_is_retried() {
-    waiting_stream_is_served_once_vault_answers(
-        ProxyMode::Hang,
-        &[("VAULT_REQUEST_TIMEOUT", "1s")],
-        "timed out",
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_envoy_heals_when_the_role_is_fixed_without_restarts() {
-    let env = VaultEnv::start().await;
-    let agent = Agent::started(&env.agent_env()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let token = dir.path().join("intruder-token");
-    std::fs::write(&token, env.jwt("default", "intruder")).unwrap();
-    let sds = SdsSource::GoogleGrpc {
-        uds_path: agent.socket.clone(),
-        token_file: token,
-    };
-    let envoy = start_client_envoy(sds, free_port(), free_port(), SERVER_ID)
-        .await
-        .unwrap();
-    agent
-        .log_shows(
-            "service account name not authorized",
-            Duration::from_secs(20),
-        )
-        .await;
-    assert!(
-        envoy.wait_ready(Duration::from_secs(3)).await.is_err(),
-        "no certificate for a refused workload"
-    );
-    assert!(cert_uris(&envoy.certs().await).is_empty());
-
-    set_k8s_role_accounts(&env.bao, &["httpbin", "sleep", "intruder"], &["default"])
-        .await
-        .unwrap();
-    envoy
-        .wait_ready(Duration::from_secs(90))
-        .await
-        .unwrap_or_else(|e| panic!("{e}\nagent:\n{}", agent.log()));
-    assert!(cert_uris(&envoy.certs().await)
-        .contains(&"spiffe://cluster.local/ns/default/sa/intruder".to_string()));
-}
-
-/// A refused workload retries for `window` (a fetch every 100 ms, as a
-/// reconnecting Envoy would); returns (attempts, requests to `path` Vault
-/// saw during the window). Every attempt must be refused.
-async fn requests_while_refused(
-    env: &VaultEnv,
-    agent: &Agent,
-    jwt: &str,
-    path: &str,
-    window: Duration,
-) -> (usize, usize) {
-    let mut client = connect(&agent.socket).await;
-    let before = env.count(path);
-    let started = tokio::time::Instant::now();
-    let mut attempts = 0;
-    while started.elapsed() < window {
-        let err = fetch(&mut client, &["default"], jwt)
-            .await
-            .expect_err("refused");
-        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
-        attempts += 1;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    (attempts, env.count(path) - before)
-}
-
-/// Vault is asked at most once per hold-down (5 s): in a window of 6 s, at
-/// the start and once after 5 s.
-const WINDOW: Duration = Duration::from_secs(6);
-const MOST_PER_WINDOW: usize = 2;
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_login_reaches_vault_once_per_hold_down() {
-    let env = VaultEnv::start().await;
-    let agent = Agent::started(&env.agent_env()).await;
-    let jwt = env.jwt("default", "intruder");
-    let (attempts, logins) =
-        requests_while_refused(&env, &agent, &jwt, "auth/kubernetes/login", WINDOW).await;
-    assert!(
-        attempts >= 10,
-        "only {attempts} attempts: the window proves nothing"
-    );
-    assert!(
-        (1..=MOST_PER_WINDOW).contains(&logins),
-        "{logins} logins for {attempts} refused attempts in {WINDOW:?}"
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_sign_reaches_vault_once_per_hold_down() {
-    let env = VaultEnv::start().await;
-    // The login is accepted; the PKI role refuses every SPIFFE URI.
-    support::bao::set_pki_role_uri_sans(&env.bao, &["spiffe://elsewhere/*"])
-        .await
-        .unwrap();
-    let agent = Agent::started(&env.agent_env()).await;
-    let jwt = env.jwt("default", "httpbin");
-    let sign = "istio_ca/sign/istio-pki-role";
-    let (attempts, signs) = requests_while_refused(&env, &agent, &jwt, sign, WINDOW).await;
-    assert!(
-        attempts >= 10,
-        "only {attempts} attempts: the window proves nothing"
-    );
-    assert!(
-        (1..=MOST_PER_WINDOW).contains(&signs),
-        "{signs} signs for {attempts} refused attempts in {WINDOW:?}\n{}",
-        agent.log()
-    );
-    // Vault's reason reaches the log, once per refusal Vault gave; the
-    // repeats answered from memory are logged at debug.
-    let errors = agent
-        .log()
-        .lines()
-        .filter(|l| l.contains("ERROR") && l.contains("URI Subject Alternative Names"))
-        .count();
-    assert!(
-        (1..=signs).contains(&errors),
-        "{errors} error lines for {signs} refusals:\n{}",
-        agent.log()
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vault_namespace_is_sent_with_every_call() {
     // Everything lives in the OpenBao namespace `team`: without the header the
@@ -409,92 +257,6 @@ async fn vault_namespace_is_sent_with_every_call() {
         err.message().contains("auth/kubernetes/login Code: "),
         "{}",
         err.message()
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_is_not_held_up_by_a_hanging_vault() {
-    let env = VaultEnv::start().await.with_proxy(ProxyMode::Up).await;
-    let mut agent = Agent::started(&env.agent_env()).await; // 15 s request time-out
-    let mut client = connect(&agent.socket).await;
-    // One workload is served: the agent holds its Vault token.
-    fetch(&mut client, &["default"], &env.jwt("default", "httpbin"))
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.log()));
-    let proxy = env.proxy.as_ref().unwrap();
-    proxy.set_mode(ProxyMode::Hang).await;
-    let (tx, mut inbound) = open_stream(&mut client, &env.jwt("default", "sleep")).await;
-    tx.send(request(&["default"], None)).await.unwrap();
-    // A request to Vault is in flight, unanswered.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while proxy.hung_requests() == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no Vault request hangs\n{}",
-            agent.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(
-        tokio::time::timeout(Duration::from_millis(200), inbound.next())
-            .await
-            .is_err(),
-        "the stream waits for Vault"
-    );
-
-    let t = std::time::Instant::now();
-    agent.signal_term();
-    let st = agent.exited(Duration::from_secs(15)).await;
-    assert!(st.success(), "{}", agent.log());
-    // Not the 15 s of the Vault request: the revocation of the cached token
-    // (which hangs too) is cut at its budget (2 s).
-    let limit = Duration::from_secs(4);
-    assert!(
-        t.elapsed() < limit,
-        "shutdown took {:?}\n{}",
-        t.elapsed(),
-        agent.log()
-    );
-    assert!(
-        agent
-            .log()
-            .contains("revoking the agent's Vault tokens took longer than"),
-        "{}",
-        agent.log()
-    );
-    assert!(!agent.socket.exists());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_revokes_the_agents_vault_tokens() {
-    let env = VaultEnv::start().await;
-    let mut agent = Agent::started(&env.agent_env()).await;
-    let mut client = connect(&agent.socket).await;
-    for sa in ["httpbin", "sleep"] {
-        fetch(&mut client, &["default"], &env.jwt("default", sa))
-            .await
-            .unwrap_or_else(|e| panic!("{e:?}\n{}", agent.log()));
-    }
-    let revocations = || {
-        env.bao
-            .audited_requests()
-            .iter()
-            .filter(|e| {
-                e["request"]["path"] == "auth/token/revoke-self"
-                    && e["auth"]["display_name"]
-                        .as_str()
-                        .is_some_and(|n| n.starts_with("kubernetes-"))
-            })
-            .count()
-    };
-    assert_eq!(revocations(), 0);
-    agent.signal_term();
-    assert!(agent.exited(Duration::from_secs(15)).await.success());
-    assert_eq!(revocations(), 2, "both tokens revoked\n{}", agent.log());
-    assert!(
-        agent.log().contains("revoked the agent's Vault tokens"),
-        "{}",
-        agent.log()
     );
 }
 
