@@ -11,5 +11,11 @@ if ! command -v h2load >/dev/null; then
   echo "error: h2load not found; install Debian's nghttp2-client (scripts/system-packages.sh installs it, pinned)" >&2
   exit 1
 fi
-cargo run --locked --release -p node-agent-bench -- --quick
-cargo run --locked --release -p node-agent-bench -- --check target/bench/report.json
+# Built here and run directly, not through `cargo run`: the harness builds
+# node-agent with the same command, which then finds it fresh; under `cargo
+# run` it would inherit cargo's CARGO_* variables, which ring's build script
+# watches, and rebuild ring and every crate above it, twice.
+cargo build --locked --release -p node-agent --bin node-agent
+cargo build --locked --release -p node-agent-bench
+target/release/node-agent-bench --quick
+target/release/node-agent-bench --check target/bench/report.json
