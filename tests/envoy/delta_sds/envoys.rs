@@ -12,7 +12,6 @@ use support::agent::Agent;
 use support::envoy::*;
 use support::mesh::{Mesh, CLIENT_ID, SERVER_ID};
 use support::vault_env::VaultEnv;
-use tokio_stream::StreamExt;
 
 /// Sends requests through the mesh for `how_long`, each on a new connection
 /// (a new mTLS handshake), recording failures and the leaf serials both

@@ -14,7 +14,6 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use support::agent::Agent;
 use support::sds_client::*;
-use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tonic::Code;
 

@@ -26,7 +26,6 @@ use support::manifests::yaml_docs;
 mod mesh;
 
 const READY: Duration = Duration::from_secs(60);
-
 /// The test's certificate lifetime: renewed after about half of it.
 const SECRET_TTL: &str = "20s";
 

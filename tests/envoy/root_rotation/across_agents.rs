@@ -13,7 +13,6 @@ use support::bao::PKI_MOUNT;
 use support::envoy::*;
 use support::mesh::CLIENT_ID;
 use support::vault_env::VaultEnv;
-use tokio_stream::StreamExt;
 
 use super::{
     default_issuer, make_default, new_root, seen, serial_of, start_fresh_handshake_client,

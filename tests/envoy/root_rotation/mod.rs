@@ -18,7 +18,6 @@ use support::envoy::*;
 use support::mesh::SERVER_ID;
 use support::sds_client::*;
 use support::vault_env::VaultEnv;
-use tokio_stream::StreamExt;
 
 mod across_agents;
 mod bundle;

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use support::agent::Agent;
 use support::attack::*;
 use support::sds_client::*;
-use tokio_stream::StreamExt;
 use tonic::Code;
 
 use super::{assert_one_warning_per_interval, check_rss, local_agent, Legit};

@@ -20,7 +20,6 @@ use std::time::Duration;
 
 use support::agent::Agent;
 use support::sds_client::*;
-use tokio_stream::StreamExt;
 
 mod connections;
 mod logins;

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use support::agent::Agent;
 use support::sds_client::*;
-use tokio_stream::StreamExt;
 
 mod cache;
 mod credentials;

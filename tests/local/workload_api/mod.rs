@@ -18,7 +18,6 @@ use rcgen::PublicKeyData;
 use spiffe::{TrustDomain, X509BundleSet, X509Svid};
 use support::agent::Agent;
 use support::sds_client::fake_jwt;
-use tokio_stream::StreamExt;
 use x509_parser::prelude::*;
 
 mod clients;

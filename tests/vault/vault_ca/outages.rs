@@ -13,7 +13,6 @@ use support::envoy::*;
 use support::mesh::SERVER_ID;
 use support::sds_client::*;
 use support::vault_env::VaultEnv;
-use tokio_stream::StreamExt;
 use tonic::Code;
 
 /// A stream opened while Vault is unusable (`mode`) waits, retrying with
@@ -124,7 +123,6 @@ async fn requests_while_refused(
 /// Vault is asked at most once per hold-down (5 s): in a window of 6 s, at
 /// the start and once after 5 s.
 const WINDOW: Duration = Duration::from_secs(6);
-
 const MOST_PER_WINDOW: usize = 2;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,9 +38,6 @@ fn csr(sa: &str) -> (String, PrivateKey) {
 }
 
 const SIGN: &str = "istio_ca/sign/istio-pki-role";
-
 const LOGIN: &str = "auth/kubernetes/login";
-
 const REVOKE_SELF: &str = "auth/token/revoke-self";
-
 const HOUR: Duration = Duration::from_secs(3600);
