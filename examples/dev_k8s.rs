@@ -20,7 +20,7 @@
 //!
 //! The code is the integration tests' fake control plane, shared verbatim.
 
-#[path = "../tests/support/k8s.rs"]
+#[path = "../tests/support/k8s/mod.rs"]
 #[allow(dead_code)]
 mod k8s;
 

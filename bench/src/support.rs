@@ -3,11 +3,11 @@
 //! Istio tutorial, real Envoy processes, and the loopback port allocator.
 #![allow(dead_code)]
 
-#[path = "../../tests/support/bao.rs"]
+#[path = "../../tests/support/bao/mod.rs"]
 pub mod bao;
-#[path = "../../tests/support/envoy.rs"]
+#[path = "../../tests/support/envoy/mod.rs"]
 pub mod envoy;
-#[path = "../../tests/support/k8s.rs"]
+#[path = "../../tests/support/k8s/mod.rs"]
 pub mod k8s;
 #[path = "../../tests/support/ports.rs"]
 pub mod ports;
