@@ -31,7 +31,8 @@ use crate::endpoint::credential::CredentialSource;
 use crate::endpoint::limits::{more, Limits};
 use crate::endpoint::Endpoint;
 use crate::metrics::{self, Refusal};
-use crate::secrets::{IdentityState, SecretError, SecretManager, Subscription};
+use crate::secrets::{SecretError, SecretManager, Subscription, WorkloadSecret};
+use crate::trust::RootBundle;
 use credential::{
     expired_status, next_event, shutting_down, CredentialDue, Current, IdentityEvent,
 };
@@ -40,6 +41,8 @@ use fetch::{refresh_fetch, FirstFetch};
 /// How one protocol's streams are named in the log and treated.
 #[derive(Debug)]
 pub struct Surface {
+    /// What the stream is called in the log: `SDS stream`.
+    pub name: &'static str,
     /// What a refused credential's line starts with: `refusing SDS request`.
     pub refusing: &'static str,
     /// The throttle key of that line.
@@ -54,6 +57,27 @@ pub struct Surface {
     pub counted: bool,
     /// At shutdown the stream ends with `UNAVAILABLE`; otherwise quietly.
     pub unavailable_at_shutdown: bool,
+}
+
+impl Surface {
+    /// A stream of one of the two xDS protocols: a transient CA failure
+    /// waits with back-off, the stream counts in
+    /// `node_agent_sds_streams_open`, and shutdown ends it quietly.
+    pub const fn xds(
+        name: &'static str,
+        refusing: &'static str,
+        credential_key: &'static str,
+    ) -> Self {
+        Self {
+            name,
+            refusing,
+            credential_key,
+            failure: failed_to_sign,
+            retry_transient: true,
+            counted: true,
+            unavailable_at_shutdown: false,
+        }
+    }
 }
 
 /// The CA's refusal, as SDS has always logged it (and Istio 1.1 did).
@@ -89,6 +113,13 @@ pub enum Event {
     /// The stream ends, with this status (already logged and counted), or
     /// quietly.
     End(Option<Status>),
+}
+
+/// The identity's secret and the trust bundle, as a stream serves them.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub secret: Arc<WorkloadSecret>,
+    pub roots: Arc<RootBundle>,
 }
 
 /// Whether what a stream asks for is served now or after a fetch.
@@ -140,6 +171,11 @@ impl Driver {
             shutdown: endpoint.shutdown.clone(),
             _open: surface.counted.then(metrics::stream_opened),
         }
+    }
+
+    /// What the stream is called in the log.
+    pub fn name(&self) -> &'static str {
+        self.surface.name
     }
 
     /// The stream's id, for the log.
@@ -220,17 +256,20 @@ impl Driver {
         }
     }
 
-    /// The identity's current state: `Ok(None)` before its first secret,
-    /// `Err(UNAVAILABLE)` once the manager closed it.
-    pub fn state(&mut self) -> Result<Option<IdentityState>, Status> {
+    /// What the stream serves now: `Ok(None)` before the identity's first
+    /// secret, `Err(UNAVAILABLE)` once the manager closed it.
+    pub fn served(&mut self) -> Result<Option<Served>, Status> {
         let Some(current) = self.current.as_mut() else {
             return Ok(None);
         };
         let state = current.sub.secret.borrow_and_update().clone();
-        match &state.closed {
-            Some(reason) => Err(Status::unavailable(reason.clone())),
-            None => Ok(state.secret.is_some().then_some(state)),
+        if let Some(reason) = state.closed {
+            return Err(Status::unavailable(reason));
         }
+        Ok(state.secret.map(|secret| Served {
+            secret,
+            roots: state.roots,
+        }))
     }
 
     /// Waits for what the protocol must do next; `what` names the resources

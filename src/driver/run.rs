@@ -53,9 +53,9 @@ pub type Outbound<T> = mpsc::Sender<Box<Result<T, Status>>>;
 
 /// What the loop borrows of a stream at once.
 pub struct Parts<'a, T> {
-    pub driver: &'a mut Driver,
     /// The resources served, for the log.
     pub what: &'a (dyn Display + Sync),
+    pub driver: &'a mut Driver,
     pub out: &'a Outbound<T>,
 }
 
@@ -65,8 +65,6 @@ pub trait Protocol: Send {
     type Request: Message + Default + Send;
     /// A response message.
     type Response: Send + 'static;
-    /// For the log: `SDS stream`.
-    const NAME: &'static str;
     /// The stream reads one request, then only sends (the Workload API's
     /// methods); otherwise it reads requests until the client closes.
     const ONE_REQUEST: bool = false;
@@ -101,7 +99,7 @@ pub(crate) fn start<P: Protocol + 'static>(
 ) -> BoxStream<P::Response> {
     let Admitted { conn, reader } = admitted;
     let id = endpoint.next_stream_id();
-    tracing::debug!(stream = id, connection = conn.id, "{} opened", P::NAME);
+    tracing::debug!(stream = id, connection = conn.id, "{} opened", surface.name);
     let source = source(&conn);
     let (tx, rx) = mpsc::channel(2);
     let driver = Driver::new(id, surface, manager.clone(), endpoint, conn, source);
@@ -117,6 +115,7 @@ pub async fn run<P: Protocol>(mut p: P, reader: RequestReader) {
     let mut inbound = Some(reader);
     let mut half_closed = false;
     let id = p.parts().driver.id();
+    let name = p.parts().driver.name();
     loop {
         let Parts { driver, what, out } = p.parts();
         let step = tokio::select! {
@@ -132,13 +131,13 @@ pub async fn run<P: Protocol>(mut p: P, reader: RequestReader) {
                     fail(p.parts().out, status).await
                 }
                 Ok(None) if driver.waiting() => {
-                    tracing::debug!(stream = id, "{} half-closed by the client; answering its request first", P::NAME);
+                    tracing::debug!(stream = id, "{} half-closed by the client; answering its request first", name);
                     inbound = None;
                     half_closed = true;
                     Step::Continue
                 }
                 Ok(None) => {
-                    tracing::debug!(stream = id, "{} closed by the client", P::NAME);
+                    tracing::debug!(stream = id, "{} closed by the client", name);
                     Step::End
                 }
                 Err(e) => {
@@ -156,7 +155,7 @@ pub async fn run<P: Protocol>(mut p: P, reader: RequestReader) {
                 Event::End(None) => Step::End,
             },
             _ = out.closed() => {
-                tracing::debug!(stream = id, "{}: the client is gone", P::NAME);
+                tracing::debug!(stream = id, "{}: the client is gone", name);
                 Step::End
             }
         };
@@ -168,7 +167,7 @@ pub async fn run<P: Protocol>(mut p: P, reader: RequestReader) {
         stream = id,
         identity = ?p.parts().driver.identity(),
         "{} done",
-        P::NAME
+        name
     );
 }
 

@@ -44,6 +44,8 @@ impl LastCredential {
 }
 
 impl CredentialSource {
+    /// [`Self::from_metadata_on`] with nothing remembered.
+    #[cfg(test)]
     pub(crate) fn from_metadata(md: &MetadataMap, token_path: Option<&Path>) -> Self {
         Self::from_metadata_on(md, token_path, None)
     }

@@ -28,56 +28,33 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
-use tonic::metadata::MetadataMap;
 use tonic::Status;
 
 use super::resources::{
     self, distinct, encode, names_for_log, resource_version, Snapshot, SECRET_TYPE_URL, SERVED,
 };
-use super::service::SdsService;
-use crate::driver::run::{fail, send, start, Handler, Outbound, Parts, Protocol, Step};
-use crate::driver::{failed_to_sign, Driver, Surface, Want};
-use crate::endpoint::credential::CredentialSource;
+use super::service::XdsStream;
+use crate::driver::run::{fail, send, Handler, Outbound, Parts, Protocol, Step};
+use crate::driver::{Driver, Surface, Want};
 use crate::endpoint::limits::more;
-use crate::endpoint::server::{Admitted, BoxStream};
 use crate::endpoint::warn::shorten;
 use crate::metrics::{self, Refusal};
 
 /// How `DeltaSecrets` streams are logged and treated.
-static SURFACE: Surface = Surface {
-    refusing: "refusing SDS delta request",
-    credential_key: "DeltaSecrets: credential",
-    failure: failed_to_sign,
-    retry_transient: true,
-    counted: true,
-    unavailable_at_shutdown: false,
-};
+static SURFACE: Surface = Surface::xds(
+    "SDS delta stream",
+    "refusing SDS delta request",
+    "DeltaSecrets: credential",
+);
 
 /// Responses remembered for matching ACKs and NACKs; older nonces are
 /// treated as unknown (ignored).
 const NONCES_KEPT: usize = 8;
-
-/// Opens a `DeltaSecrets` stream (called by the router once the stream has
-/// its place under the caps).
-pub(super) fn open(
-    (service, admitted): (Arc<SdsService>, Admitted),
-    metadata: MetadataMap,
-) -> BoxStream<DeltaDiscoveryResponse> {
-    let max_names = service.limits().config().max_resource_names;
-    start(
-        &SURFACE,
-        &service.manager,
-        &service.endpoint,
-        admitted,
-        |_| CredentialSource::from_metadata(&metadata, service.token_path.as_deref()),
-        |driver, out| DeltaStream::new(driver, max_names, out),
-    )
-}
 
 /// Served names, in `SERVED` order; shown joined by commas.
 #[derive(Default)]
@@ -111,7 +88,7 @@ fn process_tag() -> u32 {
 
 /// State of one delta stream: the delta xDS bookkeeping; the identity side
 /// is its [`Driver`].
-struct DeltaStream {
+pub(super) struct DeltaStream {
     driver: Driver,
     max_names: usize,
     out: Outbound<DeltaDiscoveryResponse>,
@@ -120,20 +97,19 @@ struct DeltaStream {
     /// The version last sent for each subscribed name; a name without one is
     /// sent with the next response.
     sent: HashMap<&'static str, String>,
+    nonce_counter: u64,
     /// Recent responses: nonce and the (name, version) pairs they carried.
     unacked: VecDeque<(String, Vec<(&'static str, String)>)>,
-    nonce_counter: u64,
 }
 
 impl Protocol for DeltaStream {
     type Request = DeltaDiscoveryRequest;
     type Response = DeltaDiscoveryResponse;
-    const NAME: &'static str = "SDS delta stream";
 
     fn parts(&mut self) -> Parts<'_, DeltaDiscoveryResponse> {
         Parts {
-            driver: &mut self.driver,
             what: &self.subscribed,
+            driver: &mut self.driver,
             out: &self.out,
         }
     }
@@ -147,7 +123,9 @@ impl Protocol for DeltaStream {
     }
 }
 
-impl DeltaStream {
+impl XdsStream for DeltaStream {
+    const SURFACE: &'static Surface = &SURFACE;
+
     fn new(driver: Driver, max_names: usize, out: Outbound<DeltaDiscoveryResponse>) -> Self {
         Self {
             driver,
@@ -159,7 +137,9 @@ impl DeltaStream {
             nonce_counter: 0,
         }
     }
+}
 
+impl DeltaStream {
     fn id(&self) -> u64 {
         self.driver.id()
     }
@@ -328,17 +308,15 @@ impl DeltaStream {
     /// Sends every subscribed resource whose version differs from the one
     /// last sent (or that was never sent), one resource per name.
     async fn send_changed(&mut self) -> Step {
-        let state = match self.driver.state() {
-            Ok(Some(state)) => state,
+        let served = match self.driver.served() {
+            Ok(Some(served)) => served,
             Ok(None) => return Step::Continue,
             Err(status) => return self.fail(status).await,
         };
-        let Some(secret) = state.secret else {
-            return Step::Continue;
-        };
+        let secret = &served.secret;
         let snap = Snapshot {
-            secret: &secret,
-            roots: &state.roots,
+            secret,
+            roots: &served.roots,
         };
         let changed: Vec<(&'static str, String)> = self
             .subscribed

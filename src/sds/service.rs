@@ -16,17 +16,20 @@ use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
 use tonic::{Response, Status};
 
-use super::delta;
+use super::delta::DeltaStream;
 use super::request::RequestWithoutNode;
 use super::resources::{self, names_for_log, NamesError, ResourceNames};
-use super::stream;
+use super::stream::SdsStream;
 use crate::config::SdsLimits;
-use crate::driver::{failed_to_sign, status_for};
+use crate::driver::run::{start, Outbound, Protocol};
+use crate::driver::{failed_to_sign, status_for, Driver, Surface};
 use crate::endpoint::codec::grpc_for;
 use crate::endpoint::connection::Admission;
 use crate::endpoint::credential::CredentialSource;
 use crate::endpoint::limits::{more, Limits};
-use crate::endpoint::server::{Admitted, RouteFuture, Routes, StreamingMethod, UnaryMethod};
+use crate::endpoint::server::{
+    Admitted, BoxStream, RouteFuture, Routes, StreamingMethod, UnaryMethod,
+};
 use crate::endpoint::warn::shorten;
 use crate::endpoint::Endpoint;
 use crate::metrics::{self, Refusal};
@@ -125,6 +128,39 @@ impl SdsService {
     }
 }
 
+/// A stream of one of the two xDS protocols, as the routes open it.
+pub(super) trait XdsStream: Protocol + Sized + 'static {
+    /// How its streams are logged and treated.
+    const SURFACE: &'static Surface;
+
+    /// Its state, around `driver`, answering names up to `max_names`.
+    fn new(driver: Driver, max_names: usize, out: Outbound<Self::Response>) -> Self;
+}
+
+/// Opens an xDS stream (once the router admitted it): its credential is the
+/// request's header (the connection's last one when the bytes are the same)
+/// or the token file.
+fn open<P: XdsStream>(
+    (service, admitted): (Arc<SdsService>, Admitted),
+    metadata: MetadataMap,
+) -> BoxStream<P::Response> {
+    let max_names = service.limits().config().max_resource_names;
+    start(
+        P::SURFACE,
+        &service.manager,
+        &service.endpoint,
+        admitted,
+        |conn| {
+            CredentialSource::from_metadata_on(
+                &metadata,
+                service.token_path.as_deref(),
+                Some(&conn.last_credential),
+            )
+        },
+        |driver, out| P::new(driver, max_names, out),
+    )
+}
+
 /// The methods of the service.
 #[derive(Debug, Clone, Copy)]
 pub enum Method {
@@ -162,12 +198,12 @@ impl Routes for SdsService {
         match method {
             Method::Stream => Box::pin(async move {
                 grpc_for::<DiscoveryResponse, DiscoveryRequest>()
-                    .streaming(StreamingMethod::new(ctx, stream::open), req)
+                    .streaming(StreamingMethod::new(ctx, open::<SdsStream>), req)
                     .await
             }),
             Method::Delta => Box::pin(async move {
                 grpc_for::<DeltaDiscoveryResponse, DeltaDiscoveryRequest>()
-                    .streaming(StreamingMethod::new(ctx, delta::open), req)
+                    .streaming(StreamingMethod::new(ctx, open::<DeltaStream>), req)
                     .await
             }),
             Method::Fetch => Box::pin(async move {

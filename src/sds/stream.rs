@@ -17,55 +17,25 @@
 //! waits on the CA.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use tonic::metadata::MetadataMap;
 use tonic::Status;
 
 use super::request::RequestWithoutNode;
 use super::resources::{self, names_for_log, resource_version, NamesError, ResourceNames};
-use super::service::SdsService;
-use crate::driver::run::{fail, send, start, Handler, Outbound, Parts, Protocol, Step};
-use crate::driver::{failed_to_sign, Driver, Surface, Want};
-use crate::endpoint::credential::CredentialSource;
+use super::service::XdsStream;
+use crate::driver::run::{fail, send, Handler, Outbound, Parts, Protocol, Step};
+use crate::driver::{Driver, Surface, Want};
 use crate::endpoint::limits::more;
-use crate::endpoint::server::{Admitted, BoxStream};
 use crate::endpoint::warn::shorten;
 use crate::metrics::{self, Refusal};
 
 /// How `StreamSecrets` streams are logged and treated.
-static SURFACE: Surface = Surface {
-    refusing: "refusing SDS request",
-    credential_key: "StreamSecrets: credential",
-    failure: failed_to_sign,
-    retry_transient: true,
-    counted: true,
-    unavailable_at_shutdown: false,
-};
-
-/// Opens a `StreamSecrets` stream (called by the router once the stream has
-/// its place under the caps).
-pub(super) fn open(
-    (service, admitted): (Arc<SdsService>, Admitted),
-    metadata: MetadataMap,
-) -> BoxStream<DiscoveryResponse> {
-    let max_names = service.limits().config().max_resource_names;
-    start(
-        &SURFACE,
-        &service.manager,
-        &service.endpoint,
-        admitted,
-        |conn| {
-            CredentialSource::from_metadata_on(
-                &metadata,
-                service.token_path.as_deref(),
-                Some(&conn.last_credential),
-            )
-        },
-        |driver, out| SdsStream::new(driver, max_names, out),
-    )
-}
+static SURFACE: Surface = Surface::xds(
+    "SDS stream",
+    "refusing SDS request",
+    "StreamSecrets: credential",
+);
 
 /// State of one stream: the xDS bookkeeping; the identity side is its
 /// [`Driver`], and its loop [`run`].
@@ -85,12 +55,11 @@ pub(super) struct SdsStream {
 impl Protocol for SdsStream {
     type Request = RequestWithoutNode;
     type Response = DiscoveryResponse;
-    const NAME: &'static str = "SDS stream";
 
     fn parts(&mut self) -> Parts<'_, DiscoveryResponse> {
         Parts {
-            driver: &mut self.driver,
             what: self.pending_names.as_ref().unwrap_or(&self.names),
+            driver: &mut self.driver,
             out: &self.out,
         }
     }
@@ -109,20 +78,24 @@ impl Protocol for SdsStream {
     }
 }
 
-impl SdsStream {
-    pub fn new(driver: Driver, max_names: usize, out: Outbound<DiscoveryResponse>) -> Self {
+impl XdsStream for SdsStream {
+    const SURFACE: &'static Surface = &SURFACE;
+
+    fn new(driver: Driver, max_names: usize, out: Outbound<DiscoveryResponse>) -> Self {
         Self {
-            driver,
-            max_names,
-            out,
             names: ResourceNames::default(),
             pending_names: None,
             last_nonce: None,
             sent_versions: HashMap::new(),
             nonce_counter: 0,
+            driver,
+            max_names,
+            out,
         }
     }
+}
 
+impl SdsStream {
     fn id(&self) -> u64 {
         self.driver.id()
     }
@@ -213,19 +186,14 @@ impl SdsStream {
 
     /// Sends the subscribed resources if any changed since last sent (or always).
     async fn send_current(&mut self, always: bool) -> Step {
-        let state = match self.driver.state() {
-            Ok(Some(state)) => state,
-            Ok(None) => return Step::Continue,
+        let Some(served) = (match self.driver.served() {
+            Ok(served) => served,
             Err(status) => return self.fail(status).await,
-        };
-        let Some(secret) = state.secret else {
+        }) else {
             return Step::Continue;
         };
-        let roots = state.roots;
-        let snap = resources::Snapshot {
-            secret: &secret,
-            roots: &roots,
-        };
+        let (secret, roots) = (&served.secret, &served.roots);
+        let snap = resources::Snapshot { secret, roots };
         let versions: HashMap<String, String> = self
             .names
             .as_slice()

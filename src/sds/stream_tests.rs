@@ -47,13 +47,16 @@ mod props {
     use crate::crypto::KeyType;
     use crate::driver::Event;
     use crate::endpoint::connection::Connection;
+    use crate::endpoint::credential::CredentialSource;
     use crate::endpoint::limits::Limits;
     use crate::endpoint::Endpoint;
     use crate::identity::Credential;
+    use crate::sds::service::{SdsService, XdsStream};
     use crate::secrets::ManagerOptions;
     use crate::secrets::SecretManager;
     use envoy_types::pb::google::rpc::Status as RpcStatus;
     use proptest::prelude::*;
+    use std::sync::Arc;
     use std::sync::OnceLock;
     use std::time::Duration;
     use tokio::sync::{mpsc, watch};
@@ -164,7 +167,7 @@ mod props {
                     conn,
                     CredentialSource::Header(jwt()),
                 );
-                let mut s = SdsStream::new(driver, SdsLimits::default().max_resource_names, tx);
+                let mut s = <SdsStream as XdsStream>::new(driver, SdsLimits::default().max_resource_names, tx);
                 // Subscribed first, so that ACKs, NACKs and pushes are reachable.
                 let first = DiscoveryRequest {
                     resource_names: vec!["default".into()],

@@ -40,6 +40,7 @@ fn bundles_failure(_: &str, e: &SecretError) -> String {
 /// CA ends the stream (SPIFFE clients retry with their own back-off), and so
 /// does shutdown, with `UNAVAILABLE`.
 static SVID: Surface = Surface {
+    name: "Workload API stream",
     refusing: "refusing Workload API FetchX509SVID",
     credential_key: "Workload API: credential",
     failure: svid_failure,
@@ -49,6 +50,7 @@ static SVID: Surface = Surface {
 };
 
 static BUNDLES: Surface = Surface {
+    name: "Workload API stream",
     refusing: "refusing Workload API FetchX509Bundles",
     credential_key: "Workload API: credential",
     failure: bundles_failure,
@@ -151,13 +153,12 @@ where
 {
     type Request = Req;
     type Response = T;
-    const NAME: &'static str = "Workload API stream";
     const ONE_REQUEST: bool = true;
 
     fn parts(&mut self) -> Parts<'_, T> {
         Parts {
-            driver: &mut self.driver,
             what: self.kind.method_name(),
+            driver: &mut self.driver,
             out: &self.out,
         }
     }
@@ -199,18 +200,13 @@ impl<Req, T: X509Message> ApiStream<Req, T> {
     /// Sends the message if what it carries changed since last sent.
     async fn send_changed(&mut self) -> Step {
         let id = self.driver.id();
-        let state = match self.driver.state() {
-            Ok(Some(state)) => state,
-            Ok(None) => return Step::Continue,
+        let served = match self.driver.served() {
             Err(status) => return fail(&self.out, status).await,
+            Ok(None) => return Step::Continue,
+            Ok(Some(served)) => served,
         };
-        let Some(secret) = &state.secret else {
-            return Step::Continue;
-        };
-        let snap = Snapshot {
-            secret,
-            roots: &state.roots,
-        };
+        let (secret, roots) = (&served.secret, &served.roots);
+        let snap = Snapshot { secret, roots };
         let v = self.kind.version(&snap);
         if self.sent.as_ref() == Some(&v) {
             return Step::Continue;
@@ -235,7 +231,7 @@ impl<Req, T: X509Message> ApiStream<Req, T> {
                     stream = id,
                     identity = %secret.identity,
                     serial = %secret.leaf.serial_hex,
-                    roots = state.roots.pems.len(),
+                    roots = roots.pems.len(),
                     "Workload API: {} sent",
                     self.kind.method()
                 );
