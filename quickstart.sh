@@ -25,7 +25,7 @@
 # The Envoy configs are templates in scripts/quickstart/*.yaml.
 #
 # NODE_AGENT_BIN and DEV_K8S_BIN, when both set, are run instead of building
-# release binaries (tests/quickstart.rs runs the quickstart with the test
+# release binaries (tests/ops/quickstart.rs runs the quickstart with the test
 # suite's debug builds).
 set -euo pipefail
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds node-agent's container image FROM scratch (see Containerfile) with
 # podman, and optionally runs it. These are the exact commands CI runs
-# (tests/deploy.rs calls this script).
+# (tests/ops/deploy/ calls this script).
 #
 #   scripts/image.sh [--binary PATH] [--tag TAG] [--smoke]
 #
