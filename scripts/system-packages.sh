@@ -1,6 +1,6 @@
 # Sourced by test.sh and bench/ci.sh: installs the Debian packages the tests
 # and the benchmark use, pinned to the versions they were written against:
-# podman + runc build and run the container image (tests/ops/deploy.rs);
+# podman + runc build and run the container image (tests/ops/deploy/);
 # nghttp2-client's h2load drives cached serving in the benchmark (bench/ci.sh).
 # apt is not touched when exactly these versions are installed already; else
 # it runs as root, or through sudo.

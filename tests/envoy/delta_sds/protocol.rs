@@ -196,7 +196,7 @@ async fn refused(
 }
 
 /// `DeltaSecrets` streams are held to every bound `StreamSecrets` streams
-/// are (issue 7's), by the same code: streams per connection and in total,
+/// are, by the same code: streams per connection and in total,
 /// names per request, request size, the first-request deadline, and the
 /// connection's budget of new JWTs. Each refusal names its setting; each
 /// check has a positive control just inside the bound.

@@ -27,7 +27,7 @@ mod malformed;
 mod streams;
 
 /// Every attack below must leave the agent's peak resident set under this
-/// (the ceiling is 128 MiB; the agent idles at about 7 MiB).
+/// (a ceiling of 128 MiB; the agent idles at about 7 MiB).
 const RSS_BOUND_MIB: f64 = 40.0;
 
 fn local_agent(extra: &[(&'static str, &str)]) -> Agent {
