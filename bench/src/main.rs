@@ -12,7 +12,9 @@
 //!    and per stream;
 //! 5. Vault load from OpenBao's audit log;
 //! 6. the peer, `bao agent`, keeping one identity's certificate;
-//! 7. key types: the storm with EC P-256 and RSA-2048.
+//! 7. key types: the storm with EC P-256 and RSA-2048;
+//! 8. memory per open stream of StreamSecrets, DeltaSecrets and the Workload
+//!    API's FetchX509SVID, each on a fresh LocalCA agent.
 //!
 //! It prints markdown tables and writes `target/bench/report.json`. It prints
 //! figures and judges goals; it never fails on a figure. `--check REPORT`
@@ -33,6 +35,7 @@ mod report;
 mod run;
 mod sds;
 mod storm;
+mod streams;
 mod support;
 mod vault;
 
@@ -55,7 +58,7 @@ static EXTRA_ENV: std::sync::OnceLock<Vec<(String, String)>> = std::sync::OnceLo
 
 #[derive(Parser, Debug)]
 #[command(
-    about = "node-agent benchmark: storm vs floor, cached serving, memory, Vault load, bao agent"
+    about = "node-agent benchmark: storm vs floor, cached serving, memory, memory per stream per protocol, Vault load, bao agent"
 )]
 pub struct Args {
     /// Smaller sizes and one repetition (under two minutes once built).
@@ -102,6 +105,18 @@ pub struct Args {
     /// records the agent with perf).
     #[arg(long)]
     pub serving_only: bool,
+    /// Only memory per open stream of StreamSecrets, DeltaSecrets and
+    /// FetchX509SVID (LocalCA, no Vault), printed; no report.json.
+    #[arg(long)]
+    pub streams_only: bool,
+    /// N, the streams opened per protocol to measure memory per stream
+    /// [default: 1000; quick 300].
+    #[arg(long)]
+    pub streams: Option<usize>,
+    /// Streams per connection for that measurement [default: 2, as an Envoy
+    /// opens `default` and `ROOTCA` on one connection].
+    #[arg(long, default_value_t = 2)]
+    pub streams_per_connection: usize,
 }
 
 fn workspace_root() -> PathBuf {

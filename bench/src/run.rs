@@ -11,8 +11,8 @@ use crate::report::{self, median, FloorSet, MemPoint, Report, StormSet};
 use crate::storm::Timing;
 use crate::vault::VaultBench;
 use crate::{
-    audit, build_agent, envoy_node, h2load, peer, sds, target_dir, workspace_root, Args, Sizes,
-    CA_MAX_CONCURRENCY, EXTRA_ENV, LOG_LEVEL,
+    audit, build_agent, envoy_node, h2load, peer, sds, streams, target_dir, workspace_root, Args,
+    Sizes, CA_MAX_CONCURRENCY, EXTRA_ENV, LOG_LEVEL,
 };
 use node_agent::crypto::KeyType;
 
@@ -51,18 +51,28 @@ pub async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
         Some(b) => b.clone(),
         None => build_agent()?,
     };
-    let h2load_version = h2load::version()?;
-    let bao_bin = peer::bao_binary()?;
-    eprintln!(
-        "bench: M={} and {}, RSA {}, {} repetition(s); load average {:?}",
-        s.m, s.large, s.rsa, s.reps, load_before
-    );
+    let stream_sizes = streams::Sizes {
+        streams: args.streams.unwrap_or(if quick { 300 } else { 1000 }),
+        per_connection: args.streams_per_connection.max(1),
+    };
 
     // The node a real Envoy sends goes into every request the generators send.
     let (node, envoy_version) = envoy_node::capture(&work).await?;
     let envoy_node_bytes = prost::Message::encoded_len(&node);
-    let _ = sds::ENVOY_NODE.set(node);
+    let _ = sds::ENVOY_NODE.set(node.clone());
     eprintln!("bench: {envoy_version}: its node is {envoy_node_bytes} bytes in every request");
+    if args.streams_only {
+        let m = streams::measure_all(&bin, &work, stream_sizes, &node).await?;
+        println!("{}", report::streams_table(&m));
+        return Ok(());
+    }
+
+    let h2load_version = h2load::version()?;
+    let bao_bin = peer::bao_binary()?;
+    eprintln!(
+        "bench: M={} and {}, RSA {}, {} repetition(s), {} streams per protocol; load average {:?}",
+        s.m, s.large, s.rsa, s.reps, stream_sizes.streams, load_before
+    );
 
     let v = VaultBench::start(&work).await?;
     if args.memory_only {
@@ -131,6 +141,9 @@ pub async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
 
     eprintln!("bench: cached serving (h2load)");
     let (fetch_secrets, new_stream) = cached_serving(&v, &bin, &work, &s).await?;
+
+    eprintln!("bench: memory per open stream (LocalCA, a fresh agent per protocol)");
+    let stream_memory = streams::measure_all(&bin, &work, stream_sizes, &node).await?;
 
     // Medians over the repetitions.
     let storm_set = |key: &str, size: usize, runs: Vec<(Timing, Timing)>| {
@@ -245,6 +258,7 @@ pub async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
             points,
             fit,
         },
+        streams: stream_memory,
         // Every repetition's count: the goals hold only if each run met them.
         vault_load: loads,
         peer: report::Peer {

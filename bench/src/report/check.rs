@@ -71,9 +71,23 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
             }
         }
     }
+    let first = r.streams.protocols.first();
+    for p in crate::streams::PROTOCOLS {
+        match r.streams.protocols.iter().find(|m| m.protocol == p.name()) {
+            Some(m)
+                if m.streams > 0
+                    && first.is_some_and(|f| {
+                        f.streams == m.streams && f.connections == m.connections
+                    }) => {}
+            _ => missing.push(format!(
+                "memory per {} stream (at the same streams and connections as the others)",
+                p.name()
+            )),
+        }
+    }
     let have: BTreeSet<&str> = r.goals.iter().map(|g| g.goal.as_str()).collect();
-    if have.len() < 10 {
-        missing.push(format!("goals (have {}, want 10)", have.len()));
+    if have.len() < 13 {
+        missing.push(format!("goals (have {}, want 13)", have.len()));
     }
     for (name, v) in [
         ("versions.git_commit", &r.versions.git_commit),

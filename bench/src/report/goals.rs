@@ -211,6 +211,27 @@ impl Report {
                 mib(self.peer.bao_agent.settled_rss_kib as f64)
             ),
         );
+        for p in crate::streams::PROTOCOLS {
+            let m = self
+                .streams
+                .protocols
+                .iter()
+                .find(|m| m.protocol == p.name());
+            let figure = m.map_or(f64::NAN, |m| m.per_stream_kib);
+            goal(
+                &format!("memory per open {} stream", p.name()),
+                &format!("≤ {} KiB", crate::streams::GOAL_KIB),
+                figure,
+                "KiB",
+                figure <= crate::streams::GOAL_KIB,
+                m.map_or("not measured".into(), |m| {
+                    format!(
+                        "{} streams over {} connections; {:.1} KiB with its share of a connection, {:.1} KiB per connection",
+                        m.streams, m.connections, m.per_stream_with_connection_kib, m.per_connection_kib
+                    )
+                }),
+            );
+        }
         self.goals = goals;
     }
 }

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use super::Report;
+use crate::streams::StreamsMemory;
 
 impl Report {
     pub fn markdown(&self) -> String {
@@ -112,6 +113,8 @@ impl Report {
             f.base_kib / 1024.0,
             f.max_residual_kib
         );
+        s.push('\n');
+        s.push_str(&streams_table(&self.streams));
         let _ = writeln!(s, "\n| Vault load (audit log) | M | logins / identity | signs / identity | most signs for one identity | most logins for one JWT |");
         let _ = writeln!(s, "|---|---|---|---|---|---|");
         for t in self.vault_by_size() {
@@ -182,4 +185,39 @@ fn fmt_figure(x: f64) -> String {
 
 fn short(commit: &str) -> &str {
     &commit[..commit.len().min(10)]
+}
+
+/// Memory per open stream of each protocol, with how it was measured.
+pub fn streams_table(m: &StreamsMemory) -> String {
+    let mut s = String::new();
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let _ = writeln!(
+        s,
+        "| memory per open stream | streams (connections) | settled RSS: warm / connections open / streams open | peak RSS | per stream | per connection | per stream with its share of a connection | all served in |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
+    for p in &m.protocols {
+        let _ = writeln!(
+            s,
+            "| {} | {} ({}) | {:.1} / {:.1} / {:.1} MiB | {:.1} MiB | {:.1} KiB (rounds: {}) | {:.1} KiB | {:.1} KiB | {:.2} s |",
+            p.protocol,
+            p.streams,
+            p.connections,
+            mib(p.warm_rss_kib),
+            mib(p.connected_rss_kib),
+            mib(p.loaded_rss_kib),
+            mib(p.peak_rss_kib),
+            p.per_stream_kib,
+            p.runs_per_stream_kib
+                .iter()
+                .map(|k| format!("{k:.1}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            p.per_connection_kib,
+            p.per_stream_with_connection_kib,
+            p.open_s,
+        );
+    }
+    let _ = writeln!(s, "\n({})", m.method);
+    s
 }

@@ -17,9 +17,11 @@ use crate::audit::VaultLoad;
 use crate::h2load::Serving;
 use crate::peer::OneIdentity;
 use crate::storm::Timing;
+use crate::streams::StreamsMemory;
 
 pub use check::check;
 pub use fit::{fit, Fit};
+pub use markdown::streams_table;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
@@ -32,6 +34,10 @@ pub struct Report {
     pub storm_over_floor: Vec<Ratio>,
     pub cached: Cached,
     pub memory: Memory,
+    /// Memory per open stream of each protocol; absent from reports made
+    /// before it was measured, which `--check` then calls incomplete.
+    #[serde(default)]
+    pub streams: StreamsMemory,
     pub vault_load: Vec<VaultLoad>,
     pub peer: Peer,
     pub goals: Vec<Goal>,
