@@ -146,16 +146,6 @@ impl Credential {
     pub fn current_claims_by(&self, clock: &Clock) -> Result<Claims, IdentityError> {
         self.claims()?.current_at(clock.unix_now())
     }
-
-    /// The claims of a token that has not expired by the system clock.
-    pub fn current_claims(&self) -> Result<Claims, IdentityError> {
-        self.current_claims_by(&Clock::system())
-    }
-}
-
-/// Seconds since the Unix epoch, now, by the system clock.
-pub fn unix_now() -> i64 {
-    Clock::system().unix_now()
 }
 
 impl fmt::Debug for Credential {
@@ -322,11 +312,11 @@ mod tests {
         assert!(c.current_claims_by(&at(999)).is_ok());
         assert!(c.current_claims_by(&at(1000)).is_err());
         assert!(
-            c.current_claims().is_err(),
+            c.current_claims_by(&Clock::system()).is_err(),
             "1000 s after the epoch is past"
         );
         let forever = jwt(r#"{"sub":"system:serviceaccount:a:b"}"#);
-        assert!(forever.current_claims().is_ok(), "no exp never expires");
+        assert!(forever.current_claims_by(&Clock::system()).is_ok(), "no exp never expires");
     }
 
     #[test]

@@ -34,7 +34,7 @@ async fn an_expired_jwt_is_refused_without_asking_vault_and_its_token_goes_with_
     assert_eq!(env.count(LOGIN), 1);
 
     let exp = jwt.claims().unwrap().expires_at.unwrap();
-    let wait = exp - node_agent::identity::unix_now() + 1;
+    let wait = exp - node_agent::clock::Clock::system().unix_now() + 1;
     tokio::time::sleep(Duration::from_secs(wait.max(0) as u64)).await;
 
     assert!(
