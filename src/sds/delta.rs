@@ -30,11 +30,10 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::OnceLock;
 
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Resource};
 use tonic::Status;
 
+use super::request::DeltaRequestWithoutNode;
 use super::resources::{
     self, distinct, encode, names_for_log, resource_version, Snapshot, SECRET_TYPE_URL, SERVED,
 };
@@ -103,7 +102,7 @@ pub(super) struct DeltaStream {
 }
 
 impl Protocol for DeltaStream {
-    type Request = DeltaDiscoveryRequest;
+    type Request = DeltaRequestWithoutNode;
     type Response = DeltaDiscoveryResponse;
 
     fn parts(&mut self) -> Parts<'_, DeltaDiscoveryResponse> {
@@ -114,7 +113,7 @@ impl Protocol for DeltaStream {
         }
     }
 
-    fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Handler<'_> {
+    fn on_request(&mut self, req: DeltaRequestWithoutNode) -> Handler<'_> {
         Box::pin(self.answer(req))
     }
 
@@ -145,7 +144,7 @@ impl DeltaStream {
     }
 
     /// Answers one request.
-    async fn answer(&mut self, req: DeltaDiscoveryRequest) -> Step {
+    async fn answer(&mut self, req: DeltaRequestWithoutNode) -> Step {
         if !req.type_url.is_empty() && req.type_url != SECRET_TYPE_URL {
             metrics::refused(Refusal::InvalidRequest);
             return self
@@ -272,7 +271,7 @@ impl DeltaStream {
 
     /// Logs an ACK or a NACK. The NACKed version stays recorded as sent, so
     /// it is not sent again; a later change is.
-    fn on_ack(&mut self, req: &DeltaDiscoveryRequest) {
+    fn on_ack(&mut self, req: &DeltaRequestWithoutNode) {
         let Some(pos) = self
             .unacked
             .iter()
