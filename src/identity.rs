@@ -316,7 +316,10 @@ mod tests {
             "1000 s after the epoch is past"
         );
         let forever = jwt(r#"{"sub":"system:serviceaccount:a:b"}"#);
-        assert!(forever.current_claims_by(&Clock::system()).is_ok(), "no exp never expires");
+        assert!(
+            forever.current_claims_by(&Clock::system()).is_ok(),
+            "no exp never expires"
+        );
     }
 
     #[test]
