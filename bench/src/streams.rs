@@ -62,9 +62,6 @@ const NODE_ID: &str = "sidecar~10.0.0.1~streams.bench~bench.svc.cluster.local";
 /// in docs/benchmarks.md.
 pub const GOAL_KIB: f64 = 16.6;
 
-/// Rounds of the three measurements (a few seconds each).
-const ROUNDS: usize = 3;
-
 /// The protocols measured, in the order they run.
 pub const PROTOCOLS: [Protocol; 3] = [
     Protocol::StreamSecrets,
@@ -132,6 +129,9 @@ pub struct StreamsMemory {
 pub struct Sizes {
     pub streams: usize,
     pub per_connection: usize,
+    /// Rounds of the three measurements (a few seconds each); the median
+    /// round is kept.
+    pub rounds: usize,
 }
 
 impl Sizes {
@@ -154,7 +154,7 @@ pub async fn measure_all(
     // Rounds of all three in turn, so that each protocol meets the same
     // machine; the round with the median per-stream figure is kept.
     let mut runs: Vec<Vec<StreamMemory>> = vec![Vec::new(); PROTOCOLS.len()];
-    for _ in 0..ROUNDS {
+    for _ in 0..sizes.rounds.max(1) {
         for (i, p) in PROTOCOLS.into_iter().enumerate() {
             let m = measure(p, bin, &dir, &token, sizes, node)
                 .await
@@ -181,10 +181,11 @@ pub async fn measure_all(
             "a fresh agent per protocol (LocalCA, one-workload mode), one identity, one warm stream open; \
              then {} connections, then {} streams on them ({} per connection), each served once (SDS's ACKed); \
              per stream = (RSS with the streams − RSS with the connections) / streams, RSS settled; \
-             the median of {ROUNDS} rounds",
+             the median of {} round(s)",
             sizes.connections(),
             sizes.streams,
-            sizes.per_connection
+            sizes.per_connection,
+            sizes.rounds.max(1)
         ),
         protocols,
     })
