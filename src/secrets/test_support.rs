@@ -340,3 +340,20 @@ impl Drop for InFlight {
         self.0 .0.fetch_sub(1, Ordering::SeqCst);
     }
 }
+
+/// A secret manager on `ca` with `opts`, sharing one CA queue with its trust
+/// bundle as the agent's do (the trust bundle reads `opts.clock`).
+pub fn manager(ca: Arc<FakeCa>, mut opts: super::ManagerOptions) -> Arc<super::SecretManager> {
+    let queue = crate::ca::queue::CaQueue::new(opts.max_concurrency);
+    opts.queue = Some(queue.clone());
+    let trust = crate::trust::TrustBundle::start(
+        ca.clone(),
+        crate::trust::TrustOptions {
+            clock: opts.clock,
+            queue: Some(queue),
+            ..crate::trust::TrustOptions::default()
+        },
+    )
+    .expect("the fake CA's roots start a trust bundle");
+    super::SecretManager::new(ca, trust, opts)
+}

@@ -45,7 +45,6 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use super::resources::SECRET_TYPE_URL;
-use crate::ca::queue::CaQueue;
 use crate::clock::Clock;
 use crate::config::SdsLimits;
 use crate::crypto::{cert_summary, KeyType};
@@ -54,8 +53,7 @@ use crate::endpoint::CREDENTIAL_HEADER;
 use crate::identity::Credential;
 use crate::secrets::schedule::RenewPolicy;
 pub(super) use crate::secrets::test_support::{jwt, Call, FakeCa};
-use crate::secrets::{ManagerOptions, SecretManager};
-use crate::trust::{TrustBundle, TrustOptions};
+use crate::secrets::ManagerOptions;
 
 /// Certificates live an hour and are renewed at half their life, no jitter.
 pub(super) const TTL: Duration = Duration::from_secs(3600);
@@ -104,18 +102,7 @@ impl Agent {
             grace_ratio: 0.5,
             jitter: 0.0,
         };
-        let queue = CaQueue::new(opts.max_concurrency);
-        opts.queue = Some(queue.clone());
-        let trust = TrustBundle::start(
-            ca.clone(),
-            TrustOptions {
-                clock,
-                queue: Some(queue),
-                ..TrustOptions::default()
-            },
-        )
-        .unwrap();
-        let manager = SecretManager::new(ca.clone(), trust, opts);
+        let manager = crate::secrets::test_support::manager(ca.clone(), opts);
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("sds.sock");
         let listener = crate::endpoint::socket::bind(&socket).unwrap();

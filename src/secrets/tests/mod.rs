@@ -19,7 +19,6 @@ pub(super) use tokio::time::Instant;
 pub(super) use super::test_support::{jwt, Call, FakeCa};
 pub(super) use super::*;
 pub(super) use crate::ca::CaFailure;
-use crate::trust::TrustOptions;
 
 pub(super) struct Harness {
     pub ca: Arc<FakeCa>,
@@ -40,19 +39,7 @@ pub(super) fn harness(f: impl FnOnce(&mut ManagerOptions)) -> Harness {
     };
     opts.renew_backoff = (Duration::from_secs(1), Duration::from_secs(100_000));
     f(&mut opts);
-    // One CA queue for the manager and the trust bundle, as the agent has.
-    let queue = CaQueue::new(opts.max_concurrency);
-    opts.queue = Some(queue.clone());
-    let trust = TrustBundle::start(
-        ca.clone(),
-        TrustOptions {
-            clock,
-            queue: Some(queue),
-            ..TrustOptions::default()
-        },
-    )
-    .unwrap();
-    let m = SecretManager::new(ca.clone(), trust, opts);
+    let m = test_support::manager(ca.clone(), opts);
     Harness { ca, m, clock }
 }
 
