@@ -23,7 +23,6 @@ use std::pin::Pin;
 
 use std::sync::Arc;
 
-use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -31,7 +30,7 @@ use tonic::Status;
 use super::{Driver, Event, Surface};
 use crate::endpoint::connection::Connection;
 use crate::endpoint::credential::CredentialSource;
-use crate::endpoint::framing::{FramingError, RequestReader};
+use crate::endpoint::framing::{FramingError, Request, RequestReader};
 use crate::endpoint::server::{Admitted, BoxStream};
 use crate::endpoint::Endpoint;
 use crate::secrets::SecretManager;
@@ -62,7 +61,7 @@ pub struct Parts<'a, T> {
 /// One protocol's side of a stream.
 pub trait Protocol: Send {
     /// A request message as read off the stream.
-    type Request: Message + Default + Send;
+    type Request: Request + Send;
     /// A response message.
     type Response: Send + 'static;
     /// The stream reads one request, then only sends (the Workload API's
@@ -187,7 +186,7 @@ pub async fn send<T>(out: &Outbound<T>, msg: T) -> Step {
 
 /// The next request, while the stream still reads them; pending forever
 /// once it does not.
-async fn next_message<M: Message + Default>(
+async fn next_message<M: Request>(
     inbound: &mut Option<RequestReader>,
 ) -> Result<Option<M>, FramingError> {
     match inbound {

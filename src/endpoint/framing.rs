@@ -7,7 +7,9 @@
 //! included. Kept for every open stream, that is most of what a stream
 //! costs. So requests are read here instead:
 //!
-//! - a message's bytes are held only until it decodes, then freed;
+//! - a message's bytes are held only until it decodes, then freed, and a
+//!   field its type does not read ([`Request::DROPPED_FIELD`]: the node, in
+//!   SDS) is dropped as it arrives, never held at all;
 //! - a message larger than `SDS_MAX_REQUEST_BYTES` is refused from its
 //!   header, before its bytes are read (`RESOURCE_EXHAUSTED`);
 //! - bytes of messages not yet complete count against one budget shared by
@@ -94,15 +96,24 @@ impl FramingError {
 /// gRPC's message prefix: a compression flag and a 4-byte length.
 const PREFIX: usize = 5;
 
+/// A request message as the reader reads it.
+pub trait Request: Message + Default {
+    /// A top-level length-delimited field that this type does not read and
+    /// that the reader therefore drops as its bytes arrive, never buffering
+    /// it: Envoy's `node`, ~60 KiB in the requests of SDS.
+    const DROPPED_FIELD: Option<u32> = None;
+}
+
 /// Reads the request messages of one stream; see the module documentation.
 /// Cancel-safe: what was read lives in the reader, not in the future.
 pub struct RequestReader {
     body: Body,
-    buf: BytesMut,
-    /// Bytes taken from the body and not yet in `buf`: waiting for budget,
-    /// or the start of the next message.
+    /// The message being read.
+    msg: Partial,
+    /// Bytes taken from the body and not yet read into `msg`: waiting for
+    /// budget, or the start of the next message.
     pending: Option<Bytes>,
-    /// Budget permits held: the whole size of the message in `buf`.
+    /// Budget permits held: the whole size of the message being read.
     held: usize,
     budget: Arc<Semaphore>,
     max_message: usize,
@@ -117,7 +128,7 @@ impl RequestReader {
     pub fn new(body: Body, budget: Arc<Semaphore>, max_message: usize, timeout: Duration) -> Self {
         Self {
             body,
-            buf: BytesMut::new(),
+            msg: Partial::default(),
             pending: None,
             held: 0,
             budget,
@@ -129,20 +140,20 @@ impl RequestReader {
     }
 
     /// The next message, `None` when the client has closed its side.
-    pub async fn message<M: Message + Default>(&mut self) -> Result<Option<M>, FramingError> {
+    pub async fn message<M: Request>(&mut self) -> Result<Option<M>, FramingError> {
         loop {
-            if let Some(msg) = self.decode_buffered()? {
-                return Ok(Some(msg));
+            if self.msg.complete() {
+                return self.decode().map(Some);
             }
             if self.ended {
-                if self.buf.is_empty() {
+                if self.msg.is_empty() {
                     return Ok(None);
                 }
                 return Err(FramingError::Malformed(
                     "the request stream ended in the middle of a message".into(),
                 ));
             }
-            let chunk = match self.pending.take() {
+            let mut chunk = match self.pending.take() {
                 Some(c) => c,
                 None => {
                     match within(self.deadline, self.timeout, next_frame(&mut self.body)).await? {
@@ -153,7 +164,7 @@ impl RequestReader {
                         // A client resetting its stream is a client leaving.
                         Some(Err(s)) if s.code() == Code::Cancelled => {
                             self.ended = true;
-                            self.buf.clear();
+                            self.msg = Partial::default();
                             continue;
                         }
                         Some(Err(s)) => return Err(FramingError::Transport(s)),
@@ -168,60 +179,156 @@ impl RequestReader {
                 // The first byte of a new message.
                 self.deadline = Some(Instant::now() + self.timeout);
             }
-            self.pending = Some(chunk.clone());
-            let (take, size) = self.message_bounds(&chunk);
-            if size > self.held {
-                let budget = self.budget.clone();
-                let permit = within(
-                    self.deadline,
-                    self.timeout,
-                    budget.acquire_many_owned((size - self.held) as u32),
-                )
-                .await?
-                .map_err(|_| FramingError::ShuttingDown)?;
-                permit.forget();
-                self.held = size;
+            if let Some(size) = self.msg.size() {
+                if size > self.held {
+                    // Kept aside while waiting, so that a deadline loses nothing.
+                    self.pending = Some(chunk);
+                    let budget = self.budget.clone();
+                    let permit = within(
+                        self.deadline,
+                        self.timeout,
+                        budget.acquire_many_owned((size - self.held) as u32),
+                    )
+                    .await?
+                    .map_err(|_| FramingError::ShuttingDown)?;
+                    permit.forget();
+                    self.held = size;
+                    chunk = self.pending.take().unwrap_or_default();
+                }
             }
-            // The whole message in one allocation, once its size is known:
-            // grown a frame at a time, an Envoy's 60 KiB request left the
-            // allocator the smaller buffers it outgrew.
-            self.buf.reserve(size.saturating_sub(self.buf.len()));
-            self.buf.extend_from_slice(&chunk[..take]);
-            self.pending = (take < chunk.len()).then(|| chunk.slice(take..));
+            self.msg
+                .read(&mut chunk, M::DROPPED_FIELD, self.max_message)?;
+            self.pending = (!chunk.is_empty()).then_some(chunk);
         }
     }
 
-    /// How many bytes of `chunk` belong to the message being read (the rest
-    /// start the next one), and the budget that message needs: its whole
-    /// size once its prefix is known, else what is buffered so far.
-    fn message_bounds(&self, chunk: &Bytes) -> (usize, usize) {
-        let have = self.buf.len();
-        if have + chunk.len() < PREFIX {
-            return (chunk.len(), have + chunk.len());
+    /// Decodes the complete message and readies the reader for the next.
+    fn decode<M: Request>(&mut self) -> Result<M, FramingError> {
+        let msg = std::mem::take(&mut self.msg);
+        let n = self.held;
+        self.held = 0;
+        self.budget.add_permits(n);
+        // The next message's deadline runs from its first byte; if that
+        // is here already, from now.
+        self.deadline = self
+            .pending
+            .is_some()
+            .then(|| Instant::now() + self.timeout);
+        super::codec::decode_message(msg.kept.freeze()).map_err(FramingError::Malformed)
+    }
+}
+
+impl Drop for RequestReader {
+    fn drop(&mut self) {
+        self.budget.add_permits(self.held);
+    }
+}
+
+/// One message as it arrives: its prefix, then its body with the dropped
+/// field left out. Memory is held only for what is kept, and given back
+/// when the message is decoded.
+#[derive(Default)]
+struct Partial {
+    prefix: [u8; PREFIX],
+    prefix_len: usize,
+    /// Bytes of the body still to come.
+    remaining: usize,
+    kept: BytesMut,
+    /// Where in `kept` the next top-level field starts; past its end while
+    /// a kept field's value is still arriving.
+    next_field: usize,
+    /// Bytes of a dropped field still to come.
+    dropping: usize,
+    /// Fields are no longer told apart: an encoding the scan does not
+    /// follow, left whole for the decoder to judge.
+    keep_rest: bool,
+}
+
+impl Partial {
+    fn is_empty(&self) -> bool {
+        self.prefix_len == 0
+    }
+
+    /// The message's whole size, prefix included, once its prefix is in.
+    fn size(&self) -> Option<usize> {
+        (self.prefix_len == PREFIX).then(|| PREFIX + self.body_len())
+    }
+
+    fn body_len(&self) -> usize {
+        u32::from_be_bytes([
+            self.prefix[1],
+            self.prefix[2],
+            self.prefix[3],
+            self.prefix[4],
+        ]) as usize
+    }
+
+    fn complete(&self) -> bool {
+        self.prefix_len == PREFIX && self.remaining == 0
+    }
+
+    /// Takes from `chunk` what belongs to this message. Returns once the
+    /// prefix is complete (so that the message's budget is taken before its
+    /// body is read), the message is, or the chunk is used up.
+    fn read(
+        &mut self,
+        chunk: &mut Bytes,
+        dropped: Option<u32>,
+        max_message: usize,
+    ) -> Result<(), FramingError> {
+        if self.prefix_len < PREFIX {
+            let n = (PREFIX - self.prefix_len).min(chunk.len());
+            self.prefix[self.prefix_len..self.prefix_len + n].copy_from_slice(&chunk[..n]);
+            self.prefix_len += n;
+            chunk.advance(n);
+            if self.prefix_len == PREFIX {
+                self.check_prefix(max_message)?;
+                self.remaining = self.body_len();
+                self.keep_rest = dropped.is_none();
+                if self.keep_rest {
+                    // The whole body in one allocation: grown a frame at a
+                    // time, a large request left the allocator the smaller
+                    // buffers it outgrew.
+                    self.kept.reserve(self.remaining);
+                }
+            }
+            return Ok(());
         }
-        let byte = |i: usize| {
-            if i < have {
-                self.buf[i]
+        while !chunk.is_empty() && self.remaining > 0 {
+            let n = if self.dropping > 0 {
+                let n = self.dropping.min(chunk.len()).min(self.remaining);
+                self.dropping -= n;
+                chunk.advance(n);
+                self.remaining -= n;
+                continue;
+            } else if self.keep_rest {
+                self.remaining
+            } else if self.next_field > self.kept.len() {
+                self.next_field - self.kept.len()
             } else {
-                chunk[i - have]
+                // A field header, a byte at a time, so that no byte of a
+                // dropped value is kept.
+                1
+            };
+            let n = n.min(chunk.len()).min(self.remaining);
+            self.kept.extend_from_slice(&chunk[..n]);
+            chunk.advance(n);
+            self.remaining -= n;
+            if !self.keep_rest && self.next_field <= self.kept.len() {
+                self.scan_header(dropped);
             }
-        };
-        let len = u32::from_be_bytes([byte(1), byte(2), byte(3), byte(4)]) as usize;
-        if byte(0) != 0 || len > self.max_message {
-            // Refused from its prefix (see `decode_buffered`): read no further.
-            let take = PREFIX.saturating_sub(have);
-            return (take, have + take);
         }
-        let size = PREFIX + len;
-        (chunk.len().min(size - have), size)
+        if self.remaining == 0 && self.dropping > 0 {
+            return Err(FramingError::Malformed(
+                "the request is not a valid protobuf: a field runs past the end of the message"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
-    /// Decodes the first message in the buffer if it is complete.
-    fn decode_buffered<M: Message + Default>(&mut self) -> Result<Option<M>, FramingError> {
-        if self.buf.len() < PREFIX {
-            return Ok(None);
-        }
-        match self.buf[0] {
+    fn check_prefix(&self, max_message: usize) -> Result<(), FramingError> {
+        match self.prefix[0] {
             0 => {}
             1 => return Err(FramingError::Compressed),
             f => {
@@ -230,42 +337,72 @@ impl RequestReader {
                 )))
             }
         }
-        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
-        if len > self.max_message {
+        let len = self.body_len();
+        if len > max_message {
             return Err(FramingError::TooLarge {
                 size: len,
-                max: self.max_message,
+                max: max_message,
             });
         }
-        if self.buf.len() < PREFIX + len {
-            return Ok(None);
-        }
-        let mut message = self.buf.split_to(PREFIX + len);
-        message.advance(PREFIX);
-        self.release(PREFIX + len);
-        let decoded =
-            super::codec::decode_message(message.freeze()).map_err(FramingError::Malformed);
-        if self.buf.is_empty() {
-            // Give the allocation back: the next message may be far off.
-            self.buf = BytesMut::new();
-            self.deadline = None;
-        } else {
-            self.deadline = Some(Instant::now() + self.timeout);
-        }
-        decoded.map(Some)
+        Ok(())
     }
 
-    fn release(&mut self, n: usize) {
-        let n = n.min(self.held);
-        self.held -= n;
-        self.budget.add_permits(n);
+    /// Reads the field header at `next_field` if it is all in: a dropped
+    /// field's header is taken back out and its value skipped, any other
+    /// field is kept whole.
+    fn scan_header(&mut self, dropped: Option<u32>) {
+        let header = &self.kept[self.next_field..];
+        let Some((key, tag_len)) = varint(header) else {
+            // Longer than a varint can be: not a header the scan follows.
+            if header.len() >= 10 {
+                self.keep_rest = true;
+            }
+            return;
+        };
+        let (field, wire_type) = (key >> 3, key & 7);
+        let value_at = self.next_field + tag_len;
+        let rest = &self.kept[value_at..];
+        let end = match wire_type {
+            0 => match varint(rest) {
+                Some((_, n)) => value_at + n,
+                None if rest.len() >= 10 => return self.keep_rest = true,
+                None => return,
+            },
+            1 => value_at + 8,
+            5 => value_at + 4,
+            2 => match varint(rest) {
+                Some((len, n)) => {
+                    let Ok(len) = usize::try_from(len) else {
+                        return self.keep_rest = true;
+                    };
+                    if Some(field) == dropped.map(u64::from) {
+                        self.kept.truncate(self.next_field);
+                        self.dropping = len;
+                        return;
+                    }
+                    (value_at + n).saturating_add(len)
+                }
+                None if rest.len() >= 10 => return self.keep_rest = true,
+                None => return,
+            },
+            // Groups, or no wire type at all: the decoder judges the rest.
+            _ => return self.keep_rest = true,
+        };
+        self.next_field = end;
     }
 }
 
-impl Drop for RequestReader {
-    fn drop(&mut self) {
-        self.budget.add_permits(self.held);
+/// A protobuf varint at the start of `b` and its length; `None` if it is not
+/// all there (or longer than a varint can be).
+fn varint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut v = 0u64;
+    for (i, byte) in b.iter().take(10).enumerate() {
+        v |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((v, i + 1));
+        }
     }
+    None
 }
 
 /// `f`, unless `deadline` comes first.
@@ -289,3 +426,7 @@ async fn next_frame(body: &mut Body) -> Option<Result<http_body::Frame<Bytes>, S
 #[cfg(test)]
 #[path = "framing_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "framing_drop_tests.rs"]
+mod drop_tests;

@@ -3,6 +3,8 @@
 
 use super::*;
 
+impl Request for envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest {}
+
 mod reader {
     use super::*;
     use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
@@ -64,7 +66,7 @@ mod reader {
         assert_eq!(m.resource_names, ["default"]);
         let m: DiscoveryRequest = r.message().await.unwrap().unwrap();
         assert_eq!(m.resource_names, ["ROOTCA", "default"]);
-        assert_eq!(r.buf.capacity(), 0, "nothing kept between messages");
+        assert_eq!(r.msg.kept.capacity(), 0, "nothing kept between messages");
         assert_eq!(budget.available_permits(), 4096);
         drop(tx);
         assert!(r.message::<DiscoveryRequest>().await.unwrap().is_none());

@@ -1,8 +1,10 @@
 //! How SDS requests are read.
 
+use crate::endpoint::framing::Request;
+
 /// A `DiscoveryRequest` read without its `node` (field 2), which the agent
 /// never uses and Envoy fills with ~60 KiB of extensions in every request:
-/// prost skips a field it does not know without allocating for it.
+/// the request reader drops it as it arrives, so it is never buffered.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct RequestWithoutNode {
     #[prost(string, tag = "1")]
@@ -15,6 +17,10 @@ pub struct RequestWithoutNode {
     pub response_nonce: String,
     #[prost(message, optional, tag = "6")]
     pub error_detail: Option<envoy_types::pb::google::rpc::Status>,
+}
+
+impl Request for RequestWithoutNode {
+    const DROPPED_FIELD: Option<u32> = Some(2);
 }
 
 impl From<RequestWithoutNode> for envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest {
@@ -46,6 +52,10 @@ pub struct DeltaRequestWithoutNode {
     pub response_nonce: String,
     #[prost(message, optional, tag = "7")]
     pub error_detail: Option<envoy_types::pb::google::rpc::Status>,
+}
+
+impl Request for DeltaRequestWithoutNode {
+    const DROPPED_FIELD: Option<u32> = Some(1);
 }
 
 #[cfg(test)]

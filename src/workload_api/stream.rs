@@ -8,16 +8,16 @@ use std::marker::PhantomData;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use prost::Message;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
-use super::pb::{X509BundlesResponse, X509svidResponse};
+use super::pb::{X509BundlesRequest, X509BundlesResponse, X509svidRequest, X509svidResponse};
 use super::server::WorkloadApiService;
 use super::x509::{self, Snapshot};
 use crate::driver::run::{fail, send, start, Handler, Outbound, Parts, Protocol, Step};
 use crate::driver::{Driver, Surface, Want};
 use crate::endpoint::credential::CredentialSource;
+use crate::endpoint::framing::Request;
 use crate::endpoint::server::{Admitted, BoxStream};
 use crate::secrets::SecretError;
 
@@ -98,6 +98,10 @@ pub(super) trait X509Message: Send + 'static {
         Self: Sized;
 }
 
+/// Workload API requests are small and read whole.
+impl Request for X509svidRequest {}
+impl Request for X509BundlesRequest {}
+
 impl X509Message for X509svidResponse {
     fn build(snap: &Snapshot<'_>) -> Result<Self, Status> {
         x509::svid_response(snap)
@@ -117,7 +121,7 @@ pub(super) fn open<Req, Resp>(
     _metadata: MetadataMap,
 ) -> BoxStream<Resp>
 where
-    Req: Message + Default + Send + 'static,
+    Req: Request + Send + 'static,
     Resp: X509Message,
 {
     start(
@@ -148,7 +152,7 @@ struct ApiStream<Req, T> {
 
 impl<Req, T> Protocol for ApiStream<Req, T>
 where
-    Req: Message + Default + Send + 'static,
+    Req: Request + Send + 'static,
     T: X509Message,
 {
     type Request = Req;
