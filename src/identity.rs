@@ -241,21 +241,31 @@ impl RawClaims {
         let (namespace, name) = from_sub
             .or_else(from_projected)
             .ok_or(IdentityError::NoServiceAccount)?;
-        for part in [&namespace, &name] {
-            if !is_k8s_name(part) {
-                return Err(IdentityError::BadName(format!("{namespace}/{name}")));
-            }
+        if !is_k8s_label(&namespace) || !is_k8s_name(&name) {
+            return Err(IdentityError::BadName(format!("{namespace}/{name}")));
         }
         Ok(ServiceAccount { namespace, name })
     }
 }
 
-/// Kubernetes names are DNS subdomains: lowercase alphanumerics, '-' and '.'.
+/// A service account's name, as Kubernetes checks it: a DNS subdomain (RFC
+/// 1123), at most 253 characters of labels joined by '.'. So no name is
+/// empty, `.` or `..`, or starts or ends with '.' or '-', and none can step
+/// out of the `ns/<namespace>/sa/<name>` it is placed in.
 fn is_k8s_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+    s.len() <= 253 && s.split('.').all(is_k8s_label)
+}
+
+/// A namespace, as Kubernetes checks it: a DNS label (RFC 1123), at most 63
+/// lowercase alphanumerics and '-', starting and ending with an alphanumeric.
+fn is_k8s_label(s: &str) -> bool {
+    let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && alnum(b[0])
+        && alnum(b[b.len() - 1])
+        && b.iter().all(|&c| alnum(c) || c == b'-')
 }
 
 #[cfg(test)]
@@ -371,6 +381,27 @@ mod tests {
         assert!(!shown.contains("eyJ"), "{shown}");
     }
 
+    #[test]
+    fn names_are_checked_as_kubernetes_checks_them() {
+        for good in ["a", "default", "my-sa", "a.b", "sa-1.team-2", "0"] {
+            assert!(is_k8s_name(good), "{good}");
+        }
+        for bad in [
+            "", ".", "..", ".a", "a.", "-a", "a-", "a..b", "a.-b", "A", "a_b", "a/b",
+        ] {
+            assert!(!is_k8s_name(bad), "{bad:?}");
+        }
+        assert!(is_k8s_name(&["a".repeat(63), "b".repeat(63)].join(".")));
+        assert!(!is_k8s_name(&"a".repeat(64)), "a label is at most 63");
+        assert!(is_k8s_label("kube-system") && !is_k8s_label("a.b"));
+        assert!(!is_k8s_label(&"a".repeat(64)));
+        // Through the claims: a `..` service account names no identity.
+        let c = jwt(r#"{"sub":"system:serviceaccount:default:.."}"#);
+        assert!(matches!(c.claims(), Err(IdentityError::BadName(_))));
+        let c = jwt(r#"{"sub":"system:serviceaccount:a.b:sa"}"#);
+        assert!(matches!(c.claims(), Err(IdentityError::BadName(_))));
+    }
+
     mod props {
         use super::*;
         use proptest::prelude::*;
@@ -379,7 +410,7 @@ mod tests {
             match c.claims() {
                 Ok(claims) => {
                     let sa = &claims.service_account;
-                    prop_assert!(is_k8s_name(&sa.namespace) && is_k8s_name(&sa.name));
+                    prop_assert!(is_k8s_label(&sa.namespace) && is_k8s_name(&sa.name));
                     let id = sa.spiffe_id("cluster.local");
                     prop_assert_eq!(
                         id.as_str().matches('/').count(),
@@ -437,7 +468,7 @@ mod tests {
                 }
                 let c = jwt(&v.to_string());
                 check(&c)?;
-                let valid = is_k8s_name(&ns) && is_k8s_name(&name);
+                let valid = is_k8s_label(&ns) && is_k8s_name(&name);
                 prop_assert_eq!(c.claims().is_ok(), valid, "{}", v);
             }
         }

@@ -86,7 +86,7 @@ impl Current {
 /// [`TOKEN_FILE_REFRESH_MARGIN`], or a tenth of the token's life if shorter.
 fn refresh_margin(claims: Option<&Claims>) -> Duration {
     claims
-        .and_then(|c| Some(c.expires_at? - c.issued_at?))
+        .and_then(|c| c.expires_at?.checked_sub(c.issued_at?))
         .and_then(|life| u64::try_from(life).ok())
         .map(|life| Duration::from_millis(life.saturating_mul(100)))
         .map_or(TOKEN_FILE_REFRESH_MARGIN, |tenth| {
@@ -202,6 +202,11 @@ mod tests {
             "iat after exp"
         );
         assert_eq!(refresh_margin(None), TOKEN_FILE_REFRESH_MARGIN);
+        assert_eq!(
+            m(Some(i64::MIN), Some(i64::MAX)),
+            TOKEN_FILE_REFRESH_MARGIN,
+            "a life too long to count"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -118,7 +118,13 @@ fn new_set_dir(dir: &Path) -> io::Result<PathBuf> {
         ));
         match fs::create_dir(&p) {
             Ok(()) => {
-                fs::set_permissions(&p, fs::Permissions::from_mode(0o755))?;
+                // Set on the directory just made, opened without following a
+                // symlink: a path could be swapped for a link in between.
+                OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+                    .open(&p)?
+                    .set_permissions(fs::Permissions::from_mode(0o755))?;
                 return Ok(p);
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
