@@ -28,15 +28,20 @@ impl Format {
         }
     }
 
-    /// `registry` in this format.
-    pub(super) fn encode(self, registry: &Registry) -> String {
+    /// `registries` in this format, as one exposition.
+    pub(super) fn encode(self, registries: &[&Registry]) -> String {
+        use prometheus_client::encoding::{prometheus_text, text};
         let mut out = String::new();
-        let r = match self {
-            Format::Prometheus => {
-                prometheus_client::encoding::prometheus_text::encode(&mut out, registry)
-            }
-            Format::OpenMetrics => prometheus_client::encoding::text::encode(&mut out, registry),
-        };
+        let r = registries
+            .iter()
+            .try_for_each(|registry| match self {
+                Format::Prometheus => prometheus_text::encode(&mut out, registry),
+                Format::OpenMetrics => text::encode_registry(&mut out, registry),
+            })
+            .and_then(|()| match self {
+                Format::Prometheus => Ok(()),
+                Format::OpenMetrics => text::encode_eof(&mut out),
+            });
         // Writing into a String cannot fail; a collector error would be a bug.
         if let Err(e) = r {
             tracing::error!("cannot encode the metrics: {e}");
@@ -62,7 +67,7 @@ mod tests {
             )),
             Format::OpenMetrics
         );
-        let text = Format::OpenMetrics.encode(&Registry::default());
-        assert!(text.ends_with("# EOF\n"), "{text}");
+        let text = Format::OpenMetrics.encode(&[&Registry::default(), &Registry::default()]);
+        assert_eq!(text, "# EOF\n", "one end for all registries");
     }
 }

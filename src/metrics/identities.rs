@@ -5,7 +5,9 @@
 //! `node_agent_certificate_expires_in_seconds`.
 //!
 //! `identity` is the only per-workload label: only cached identities carry
-//! it, and the cache holds at most `MAX_IDENTITIES`.
+//! it, and the cache holds at most `MAX_IDENTITIES`. The series with it are
+//! one [`Part`] and the node-wide gauges another, registered apart, so that
+//! metrics can be served without the per-workload series.
 
 use std::sync::{Arc, RwLock, Weak};
 use std::time::SystemTime;
@@ -39,9 +41,18 @@ impl ReportSlot {
     }
 }
 
+/// Which series of the agent's state a [`StateCollector`] shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Part {
+    /// The gauges of the whole node.
+    NodeWide,
+    /// The series labelled with an `identity`.
+    PerIdentity,
+}
+
 /// Reads the agent's state at each scrape; nothing while no agent runs.
 #[derive(Debug)]
-pub(super) struct StateCollector(pub Arc<ReportSlot>);
+pub(super) struct StateCollector(pub Arc<ReportSlot>, pub Part);
 
 impl Collector for StateCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -53,18 +64,21 @@ impl Collector for StateCollector {
             let g = ConstGauge::new(v);
             g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
         };
-        gauge(
-            &mut encoder,
-            "identities_cached",
-            "Workload identities in the cache (each with its key and certificate), at most MAX_IDENTITIES",
-            identities.len() as i64,
-        )?;
-        gauge(
-            &mut encoder,
-            "ca_queue_depth",
-            "CA requests waiting for a slot (CA_MAX_CONCURRENCY)",
-            report.ca_queue_depth() as i64,
-        )?;
+        if self.1 == Part::NodeWide {
+            gauge(
+                &mut encoder,
+                "identities_cached",
+                "Workload identities in the cache (each with its key and certificate), at most MAX_IDENTITIES",
+                identities.len() as i64,
+            )?;
+            gauge(
+                &mut encoder,
+                "ca_queue_depth",
+                "CA requests waiting for a slot (CA_MAX_CONCURRENCY)",
+                report.ca_queue_depth() as i64,
+            )?;
+            return Ok(());
+        }
 
         let expiring: Vec<(&str, SystemTime)> = identities
             .iter()
@@ -162,5 +176,33 @@ mod tests {
         drop(report);
         let text = m.encode(Format::Prometheus);
         assert!(!text.contains("identities_cached"), "{text}");
+    }
+
+    #[test]
+    fn node_wide_leaves_out_every_series_labelled_with_an_identity() {
+        let m = Metrics::new();
+        let report: Arc<dyn AgentReport> = Arc::new(Fixed(vec![IdentityReport {
+            identity: "spiffe://td/ns/a/sa/b".into(),
+            not_after: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(NOW + 60)),
+            ..IdentityReport::default()
+        }]));
+        m.set_report(Arc::downgrade(&report));
+        for format in [Format::Prometheus, Format::OpenMetrics] {
+            let all = m.encode(format);
+            assert!(
+                all.contains("{identity=\"spiffe://td/ns/a/sa/b\"}"),
+                "{all}"
+            );
+            let node = m.encode_node_wide(format);
+            assert!(!node.contains("identity="), "{node}");
+            assert!(!node.contains("spiffe://"), "{node}");
+            assert!(node.contains("node_agent_identities_cached 1\n"), "{node}");
+            assert!(node.contains("node_agent_ca_queue_depth 3\n"), "{node}");
+            assert!(node.contains("node_agent_rotations_total"), "{node}");
+            if format == Format::OpenMetrics {
+                assert!(all.ends_with("# EOF\n") && node.ends_with("# EOF\n"));
+                assert_eq!(all.matches("# EOF").count(), 1, "{all}");
+            }
+        }
     }
 }

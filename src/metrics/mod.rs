@@ -49,7 +49,7 @@ pub use report::{AgentReport, IdentityReport};
 pub use sds::{Refusal, StreamOpen};
 
 use ca::CaMetrics;
-use identities::{ReportSlot, StateCollector};
+use identities::{Part, ReportSlot, StateCollector};
 use renewal::RenewalMetrics;
 use sds::SdsMetrics;
 
@@ -57,6 +57,8 @@ use sds::SdsMetrics;
 /// separate instance is for tests.
 pub struct Metrics {
     registry: Registry,
+    /// The series labelled with an identity, apart so that they can be left out.
+    per_identity: Registry,
     ca: CaMetrics,
     sds: SdsMetrics,
     renewal: RenewalMetrics,
@@ -81,9 +83,13 @@ impl Metrics {
         let renewal = RenewalMetrics::register(&mut registry);
         let sds = SdsMetrics::register(&mut registry);
         let report = Arc::new(ReportSlot::default());
-        registry.register_collector(Box::new(StateCollector(report.clone())));
+        registry.register_collector(Box::new(StateCollector(report.clone(), Part::NodeWide)));
+        let mut per_identity = Registry::with_prefix("node_agent");
+        per_identity
+            .register_collector(Box::new(StateCollector(report.clone(), Part::PerIdentity)));
         Self {
             registry,
+            per_identity,
             ca,
             sds,
             renewal,
@@ -103,7 +109,13 @@ impl Metrics {
 
     /// The metrics in `format`.
     pub fn encode(&self, format: Format) -> String {
-        format.encode(&self.registry)
+        format.encode(&[&self.registry, &self.per_identity])
+    }
+
+    /// The metrics in `format` without the series labelled with an
+    /// identity: what the whole node does, nothing of which workloads it serves.
+    pub fn encode_node_wide(&self, format: Format) -> String {
+        format.encode(&[&self.registry])
     }
 }
 
