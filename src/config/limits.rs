@@ -188,7 +188,7 @@ pub(super) fn limits_from_lookup(
 }
 
 /// `65536`, `64KiB`, `1MiB` (also `K`/`KB`/`M`/`MB`, all binary).
-fn parse_bytes(v: &str) -> Option<usize> {
+pub(super) fn parse_bytes(v: &str) -> Option<usize> {
     let v = v.trim();
     let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
     let (num, unit) = v.split_at(split);
@@ -202,7 +202,7 @@ fn parse_bytes(v: &str) -> Option<usize> {
     n.checked_mul(mult)
 }
 
-fn show_bytes(n: usize) -> String {
+pub(super) fn show_bytes(n: usize) -> String {
     if n >= 1 << 20 && n % (1 << 20) == 0 {
         format!("{}MiB", n >> 20)
     } else if n >= 1024 && n % 1024 == 0 {

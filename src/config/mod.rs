@@ -34,8 +34,10 @@ impl ConfigError {
     }
 }
 
+mod debug_from;
 mod limits;
 pub mod observe;
+pub use debug_from::DebugFrom;
 mod surfaces;
 mod vault;
 use limits::limits_from_lookup;

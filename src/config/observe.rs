@@ -1,7 +1,10 @@
 //! How the agent can be watched: the status server's address
-//! (`STATUS_ADDR`, flag `--status-addr`) and bounds (`STATUS_MAX_CONNECTIONS`,
-//! `STATUS_HEADER_TIMEOUT`, `STATUS_CONNECTION_LIFETIME`), and the log format
-//! and filter (`LOG_FORMAT`, `LOG_LEVEL`, `RUST_LOG`).
+//! (`STATUS_ADDR`, flag `--status-addr`), its bounds (`STATUS_MAX_CONNECTIONS`,
+//! `STATUS_PROBE_CONNECTIONS`, `STATUS_MAX_PENDING_CONNECTIONS`,
+//! `STATUS_HEADER_TIMEOUT`, `STATUS_MAX_HEADER_BYTES`,
+//! `STATUS_CONNECTION_LIFETIME`) and who sees its per-workload pages
+//! (`STATUS_DEBUG_FROM`), and the log format and filter (`LOG_FORMAT`,
+//! `LOG_LEVEL`, `RUST_LOG`).
 //!
 //! The binary reads the log settings before everything else (to log the
 //! other settings' errors), and [`super::Config`] reads them again so that
@@ -10,6 +13,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use super::debug_from::DebugFrom;
+use super::limits::{parse_bytes, show_bytes};
 use super::ConfigError;
 use crate::duration::parse_go_duration;
 
@@ -65,16 +70,28 @@ impl LogSettings {
 }
 
 /// The status server's bounds: whoever reaches its port may ask, so
-/// connections, the time to send a request head and a connection's life
-/// are capped.
+/// connections, the time and bytes of a request head and a connection's
+/// life are capped. Health probes have places of their own, so that clients
+/// holding every other place never fail kubelet's probes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StatusLimits {
-    /// `STATUS_MAX_CONNECTIONS`: connections served at once; one more is
-    /// closed at once. Kubelet's probes and a Prometheus or two need a few.
+    /// `STATUS_MAX_CONNECTIONS`: connections served other than health
+    /// probes (scrapers, people), each from its first request on and while
+    /// kept alive; one more is answered 503 and closed.
     pub max_connections: usize,
-    /// `STATUS_HEADER_TIMEOUT`: time a connection has to send its request
-    /// head; then it is closed.
+    /// `STATUS_PROBE_CONNECTIONS`: health probes answered at once, on places
+    /// only a probe's request can take; one more is answered 503. Kubelet
+    /// runs at most three probes per container at a time.
+    pub probe_connections: usize,
+    /// `STATUS_MAX_PENDING_CONNECTIONS`: connections whose first request
+    /// head is not complete yet; one more closes the oldest of them.
+    pub max_pending: usize,
+    /// `STATUS_HEADER_TIMEOUT`: time a connection has to send a request
+    /// head, its first or the next one while kept alive; then it is closed.
     pub header_timeout: Duration,
+    /// `STATUS_MAX_HEADER_BYTES`: largest request head; a larger one is
+    /// answered 431 and its connection closed.
+    pub max_header_bytes: usize,
     /// `STATUS_CONNECTION_LIFETIME`: longest life of one connection,
     /// keep-alive included.
     pub connection_lifetime: Duration,
@@ -84,7 +101,10 @@ impl Default for StatusLimits {
     fn default() -> Self {
         Self {
             max_connections: 32,
+            probe_connections: 8,
+            max_pending: 64,
             header_timeout: Duration::from_secs(5),
+            max_header_bytes: 8 << 10,
             connection_lifetime: Duration::from_secs(120),
         }
     }
@@ -96,6 +116,9 @@ pub struct ObserveConfig {
     /// Where the status server (health, metrics, debug) listens; `None` turns it off.
     pub status_addr: Option<SocketAddr>,
     pub status_limits: StatusLimits,
+    /// `STATUS_DEBUG_FROM`: who is shown `/debug/identities` and the
+    /// per-identity metric series.
+    pub status_debug_from: DebugFrom,
     pub log: LogSettings,
 }
 
@@ -104,6 +127,7 @@ impl Default for ObserveConfig {
         Self {
             status_addr: Some(DEFAULT_STATUS_ADDR.parse().expect("default status address")),
             status_limits: StatusLimits::default(),
+            status_debug_from: DebugFrom::default(),
             log: LogSettings::default(),
         }
     }
@@ -121,6 +145,7 @@ pub(super) fn observe_from_lookup(
     Ok(ObserveConfig {
         status_addr,
         status_limits: status_limits_from_lookup(lookup)?,
+        status_debug_from: DebugFrom::from_lookup(lookup)?,
         log: LogSettings::from_lookup(lookup)?,
     })
 }
@@ -130,15 +155,30 @@ fn status_limits_from_lookup(
 ) -> Result<StatusLimits, ConfigError> {
     let get = |k: &str| lookup(k).filter(|v| !v.trim().is_empty());
     let d = StatusLimits::default();
-    let max_connections = match get("STATUS_MAX_CONNECTIONS") {
-        None => d.max_connections,
+    let count = |var: &'static str, default: usize, max: usize| match get(var) {
+        None => Ok(default),
         Some(v) => match v.trim().parse::<usize>() {
-            Ok(n) if (1..=MAX_STATUS_CONNECTIONS).contains(&n) => n,
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ConfigError::new(
+                var,
+                v,
+                format!("must be a whole number from 1 to {max}"),
+            )),
+        },
+    };
+    let max_header_bytes = match get("STATUS_MAX_HEADER_BYTES") {
+        None => d.max_header_bytes,
+        Some(v) => match parse_bytes(&v) {
+            Some(n) if (MIN_STATUS_HEADER_BYTES..=MAX_STATUS_HEADER_BYTES).contains(&n) => n,
             _ => {
                 return Err(ConfigError::new(
-                    "STATUS_MAX_CONNECTIONS",
+                    "STATUS_MAX_HEADER_BYTES",
                     v,
-                    format!("must be a whole number from 1 to {MAX_STATUS_CONNECTIONS}"),
+                    format!(
+                        "must be a size from {} to {} (bytes, or with KiB / MiB)",
+                        show_bytes(MIN_STATUS_HEADER_BYTES),
+                        show_bytes(MAX_STATUS_HEADER_BYTES)
+                    ),
                 ))
             }
         },
@@ -157,7 +197,22 @@ fn status_limits_from_lookup(
             },
         };
     Ok(StatusLimits {
-        max_connections,
+        max_connections: count(
+            "STATUS_MAX_CONNECTIONS",
+            d.max_connections,
+            MAX_STATUS_CONNECTIONS,
+        )?,
+        probe_connections: count(
+            "STATUS_PROBE_CONNECTIONS",
+            d.probe_connections,
+            MAX_STATUS_CONNECTIONS,
+        )?,
+        max_pending: count(
+            "STATUS_MAX_PENDING_CONNECTIONS",
+            d.max_pending,
+            MAX_STATUS_CONNECTIONS,
+        )?,
+        max_header_bytes,
         header_timeout: duration(
             "STATUS_HEADER_TIMEOUT",
             d.header_timeout,
@@ -173,8 +228,15 @@ fn status_limits_from_lookup(
     })
 }
 
-/// Most `STATUS_MAX_CONNECTIONS`: each costs a task and a socket.
+/// Most `STATUS_MAX_CONNECTIONS`, `STATUS_PROBE_CONNECTIONS` and
+/// `STATUS_MAX_PENDING_CONNECTIONS`: each place costs a task and a socket.
 const MAX_STATUS_CONNECTIONS: usize = 4096;
+
+/// Least `STATUS_MAX_HEADER_BYTES`: the HTTP server's read buffer is never
+/// smaller, and browsers send a few KiB.
+const MIN_STATUS_HEADER_BYTES: usize = 8 << 10;
+/// Most `STATUS_MAX_HEADER_BYTES`: a pending connection may hold this much.
+const MAX_STATUS_HEADER_BYTES: usize = 1 << 20;
 
 /// Parses a status server address: `IP:PORT`, `[IPv6]:PORT`, or `:PORT` for
 /// all interfaces; empty (or only spaces) means off. `var` names the source
@@ -240,17 +302,26 @@ mod tests {
             limits(&[]).unwrap(),
             StatusLimits {
                 max_connections: 32,
+                probe_connections: 8,
+                max_pending: 64,
                 header_timeout: Duration::from_secs(5),
+                max_header_bytes: 8192,
                 connection_lifetime: Duration::from_secs(120),
             }
         );
         let set = limits(&[
             ("STATUS_MAX_CONNECTIONS", "4"),
+            ("STATUS_PROBE_CONNECTIONS", "2"),
+            ("STATUS_MAX_PENDING_CONNECTIONS", "16"),
             ("STATUS_HEADER_TIMEOUT", "250ms"),
+            ("STATUS_MAX_HEADER_BYTES", "16KiB"),
             ("STATUS_CONNECTION_LIFETIME", "2m"),
         ])
         .unwrap();
         assert_eq!(set.max_connections, 4);
+        assert_eq!(set.probe_connections, 2);
+        assert_eq!(set.max_pending, 16);
+        assert_eq!(set.max_header_bytes, 16384);
         assert_eq!(set.header_timeout, Duration::from_millis(250));
         assert_eq!(set.connection_lifetime, Duration::from_secs(120));
         assert_eq!(
@@ -262,6 +333,11 @@ mod tests {
             ("STATUS_MAX_CONNECTIONS", "0"),
             ("STATUS_MAX_CONNECTIONS", "4097"),
             ("STATUS_MAX_CONNECTIONS", "many"),
+            ("STATUS_PROBE_CONNECTIONS", "0"),
+            ("STATUS_MAX_PENDING_CONNECTIONS", "5000"),
+            ("STATUS_MAX_HEADER_BYTES", "4KiB"),
+            ("STATUS_MAX_HEADER_BYTES", "2MiB"),
+            ("STATUS_MAX_HEADER_BYTES", "lots"),
             ("STATUS_HEADER_TIMEOUT", "10ms"),
             ("STATUS_HEADER_TIMEOUT", "1h"),
             ("STATUS_HEADER_TIMEOUT", "5"),
