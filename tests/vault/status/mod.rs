@@ -2,11 +2,13 @@
 //! the metrics as a Prometheus parser reads them, readiness through a Vault
 //! outage, a rotation in the counters, and JSON log lines.
 //!
-//! [`endpoints`] holds the endpoints' answers, readiness and the server's
-//! bounds; [`metrics`] the counters and `/debug/identities` through
-//! renewals, failures and revocations; [`logs`] the log format and the
-//! settings that stop the agent. This file holds the agent, the HTTP GET and
-//! the readers of metrics and pages they share.
+//! [`endpoints`] holds the endpoints' answers and readiness; [`held`] the
+//! server's bounds, and probes answered while other clients hold the port;
+//! [`shown_to`] who sees what names a workload; [`metrics`] the counters
+//! and `/debug/identities` through renewals, failures and revocations;
+//! [`logs`] the log format and the settings that stop the agent. This file
+//! holds the agent, the HTTP GET and the readers of metrics and pages they
+//! share.
 
 use crate::support;
 
@@ -17,8 +19,10 @@ use support::agent::Agent;
 use support::metrics::{scrape, Scrape};
 
 mod endpoints;
+mod held;
 mod logs;
 mod metrics;
+mod shown_to;
 
 async fn get(url: &str) -> (u16, String) {
     let r = reqwest::Client::new()
