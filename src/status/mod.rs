@@ -207,25 +207,21 @@ async fn pending_connection(
 /// (see [`admission`]), then HTTP/1.1 serves it in that place.
 async fn serve(server: Arc<Server>, stream: TcpStream, peer: SocketAddr, head: Head) {
     let limits = server.state.limits;
-    let (places, bound, message) = match head.kind {
-        Kind::Probe => (
-            &server.probes,
-            "STATUS_PROBE_CONNECTIONS",
-            format!(
+    let (places, bound) = match head.kind {
+        Kind::Probe => (&server.probes, "STATUS_PROBE_CONNECTIONS"),
+        Kind::Other => (&server.others, "STATUS_MAX_CONNECTIONS"),
+    };
+    let Ok(place) = places.clone().try_acquire_owned() else {
+        let message = match head.kind {
+            Kind::Probe => format!(
                 "status server: STATUS_PROBE_CONNECTIONS={} health probes are being answered: answering one more from {peer} with 503",
                 limits.probe_connections
             ),
-        ),
-        Kind::Other => (
-            &server.others,
-            "STATUS_MAX_CONNECTIONS",
-            format!(
+            Kind::Other => format!(
                 "status server: STATUS_MAX_CONNECTIONS={} connections are open: answering a new one from {peer} with 503 and closing it; health probes have places of their own",
                 limits.max_connections
             ),
-        ),
-    };
-    let Ok(place) = places.clone().try_acquire_owned() else {
+        };
         refuse(&stream, "503 Service Unavailable", &message);
         server.warnings.warn(bound, message);
         return;

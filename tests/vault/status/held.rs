@@ -297,6 +297,8 @@ async fn the_status_servers_bounds_are_settings() {
         held.push(s);
     }
     let idle = Instant::now();
+    // And one that sends nothing, which holds no ordinary place.
+    let mut silent = TcpStream::connect(&addr).await.unwrap();
     let (code, body, _) = ask(&addr, ORDINARY, within).await.expect("answered");
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("STATUS_MAX_CONNECTIONS=2"), "{body}");
@@ -324,15 +326,13 @@ async fn the_status_servers_bounds_are_settings() {
         Ok(404)
     );
 
-    // A connection that sends nothing is answered 408 after STATUS_HEADER_TIMEOUT.
-    let silent = Instant::now();
-    let mut s = TcpStream::connect(&addr).await.unwrap();
+    // The one that sends nothing is answered 408 after STATUS_HEADER_TIMEOUT.
     let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+    tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut answer))
         .await
         .expect("a silent connection is closed")
         .ok();
-    let silent_for = silent.elapsed();
+    let silent_for = idle.elapsed();
     assert!(
         silent_for >= Duration::from_millis(900) && silent_for < Duration::from_millis(2500),
         "{silent_for:?}"
