@@ -139,6 +139,10 @@ pub async fn run<P: Protocol>(mut p: P, reader: RequestReader) {
                     tracing::debug!(stream = id, "{} closed by the client", name);
                     Step::End
                 }
+                Err(FramingError::Gone) => {
+                    tracing::debug!(stream = id, "{}: the client reset the stream", name);
+                    Step::End
+                }
                 Err(e) => {
                     driver.limits().inbound_error(id, driver.conn(), &e);
                     fail(out, e.status()).await

@@ -202,7 +202,7 @@ impl Limits {
                 ),
                 Refusal::Limits,
             ),
-            FramingError::Transport(_) | FramingError::ShuttingDown => {
+            FramingError::Transport(_) | FramingError::Gone | FramingError::ShuttingDown => {
                 tracing::debug!(stream, connection = conn.id, error = %error, "stream ended with an error");
                 return;
             }

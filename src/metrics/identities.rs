@@ -1,6 +1,7 @@
 //! What the agent holds, read from its [`AgentReport`] at each scrape (so
 //! that it cannot drift from the cache): `node_agent_identities_cached`,
-//! `node_agent_ca_queue_depth`, and per identity
+//! `node_agent_ca_queue_depth`, `node_agent_tasks_alive` (of the runtime
+//! scraped in), and per identity
 //! `node_agent_certificate_expiry_timestamp_seconds` and
 //! `node_agent_certificate_expires_in_seconds`.
 //!
@@ -65,6 +66,14 @@ impl Collector for StateCollector {
             "CA requests waiting for a slot (CA_MAX_CONCURRENCY)",
             report.ca_queue_depth() as i64,
         )?;
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            gauge(
+                &mut encoder,
+                "tasks_alive",
+                "Tasks alive in the agent's runtime (connections, streams and their fetches): flat while clients come and go",
+                runtime.metrics().num_alive_tasks() as i64,
+            )?;
+        }
 
         let expiring: Vec<(&str, SystemTime)> = identities
             .iter()
