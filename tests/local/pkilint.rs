@@ -46,5 +46,10 @@ fn local_ca_leaves_and_root_pass_pkilint() {
             &chain,
             SPIFFE_ID,
         );
+        assert!(
+            !agent.log().contains("breaks X.509-SVID rules"),
+            "the local CA makes valid X509-SVIDs:\n{}",
+            agent.log()
+        );
     }
 }
