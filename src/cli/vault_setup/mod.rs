@@ -31,6 +31,7 @@ mod object;
 mod pki;
 mod plan;
 mod report;
+mod role;
 
 pub use client::SetupError;
 use plan::{plan, settings};
@@ -247,7 +248,7 @@ async fn setup(args: Args) -> Result<(), SetupError> {
     )
     .await?;
     auth::ensure_config(v, &mut report, &plan.auth_path, &plan.auth, method.fresh).await?;
-    pki::ensure_role(
+    role::ensure_role(
         v,
         &mut report,
         &plan.pki_path,
@@ -259,7 +260,7 @@ async fn setup(args: Args) -> Result<(), SetupError> {
     )
     .await?;
     let sign_path = format!("{}/sign/{}", plan.pki_path, plan.pki_role);
-    pki::ensure_policy(v, &mut report, &plan.role.policy, &sign_path).await?;
+    role::ensure_policy(v, &mut report, &plan.role.policy, &sign_path).await?;
     auth::ensure_role(
         v,
         &mut report,

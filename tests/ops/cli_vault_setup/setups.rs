@@ -119,6 +119,36 @@ async fn kubernetes_setup_serves_envoys_binds_identities_and_runs_again_unchange
         .unwrap();
     assert_eq!(role["data"]["token_ttl"], 7200);
 
+    // A PKI role with Vault's default key usage (as written before
+    // vault-setup set it): the run names the difference and fixes it.
+    let pki_role = "istio_ca/roles/istio-pki-role";
+    let mut written = f.bao.root(Method::GET, pki_role, None).await.unwrap()["data"].take();
+    written["key_usage"] = json!(["DigitalSignature", "KeyAgreement", "KeyEncipherment"]);
+    f.bao
+        .root(Method::POST, pki_role, Some(written))
+        .await
+        .unwrap();
+    let fixed = f.setup(&args, &["--token-ttl", "2h"]).await;
+    assert_eq!(fixed.code, 0, "{}", fixed.both());
+    let changed: Vec<_> = items(&fixed.stderr)
+        .into_iter()
+        .filter(|(o, _)| o != "unchanged")
+        .collect();
+    assert_eq!(changed.len(), 1, "{}", fixed.both());
+    assert_eq!(
+        changed[0],
+        (
+            "updated".to_string(),
+            "PKI role istio_ca/roles/istio-pki-role (key_usage: \
+             [DigitalSignature, KeyAgreement, KeyEncipherment] -> [DigitalSignature])"
+                .to_string()
+        ),
+        "{}",
+        fixed.both()
+    );
+    let role = f.bao.root(Method::GET, pki_role, None).await.unwrap();
+    assert_eq!(role["data"]["key_usage"], json!(["DigitalSignature"]));
+
     // ...and proof 4 on a configured Vault: --dry-run shows the update, sends nothing.
     let before = f.state().await;
     let writes = f.writes();
