@@ -10,7 +10,10 @@
 //! - every alert has a summary, a severity, a description and a runbook_url
 //!   naming its section of docs/monitoring.md, and every such section an alert;
 //! - the dashboard is Grafana JSON whose panels query the metrics the
-//!   operator looks at first.
+//!   operator looks at first;
+//! - a real Prometheus scraping a real agent against OpenBao fires the
+//!   renewal alert before the certificate expires and resolves it once
+//!   Vault is back, and every panel's query returns data ([`live`]).
 
 use crate::support;
 
@@ -21,7 +24,9 @@ use std::process::Command;
 use serde_json::Value;
 use support::manifests::{repo, run, yaml_docs};
 
+mod live;
 mod operator;
+mod prometheus;
 
 pub use operator::check_operator_object;
 
