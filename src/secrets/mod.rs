@@ -306,12 +306,18 @@ impl SecretManager {
             .map(|e| {
                 let cert = e.current();
                 let progress = e.progress();
+                // The schedule of the certificate served, not of one it replaced.
+                let renewal_due = match (&cert, progress.renewal_due) {
+                    (Some(c), Some((serial, at))) if serial == c.leaf.serial_hex => Some(at),
+                    _ => None,
+                };
                 crate::metrics::IdentityReport {
                     identity: e.key.identity.to_string(),
                     key_type: e.key.key_type.to_string(),
                     serial: cert.as_ref().map(|c| c.leaf.serial_hex.clone()),
                     not_after: cert.as_ref().map(|c| c.leaf.not_after),
                     renew_at: cert.and(progress.renew_at),
+                    renewal_due,
                     streams_open: e.watchers(),
                     last_error: progress.last_error,
                 }

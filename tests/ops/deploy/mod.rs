@@ -2,8 +2,9 @@
 //!
 //! - every kustomization under deploy/ renders (`kubectl kustomize`) and each
 //!   object validates strictly against the Kubernetes 1.37 schemas
-//!   (PyPI `kubernetes-validate`), with the security settings both layouts
-//!   promise;
+//!   (PyPI `kubernetes-validate`), or for the Prometheus Operator's kinds
+//!   against their API (tests/ops/monitoring/), with the security settings
+//!   both layouts promise;
 //! - every variable the manifests give node-agent is a setting it reads (the
 //!   list comes from running node-agent's own settings parser, not a copy),
 //!   and the values parse;
@@ -41,7 +42,17 @@ fn every_overlay_renders_and_validates_strictly() {
     for overlay in &found {
         let objs = rendered(overlay);
         assert!(!objs.is_empty(), "deploy/{overlay} renders nothing");
-        validate_strictly(&format!("deploy/{overlay}"), &objs);
+        // The Prometheus Operator's kinds are CRDs, absent from the
+        // Kubernetes schemas: checked against their own API instead.
+        let (operator, core): (Vec<_>, Vec<_>) = objs.into_iter().partition(|o| {
+            o["apiVersion"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("monitoring.coreos.com/"))
+        });
+        operator
+            .iter()
+            .for_each(crate::monitoring::check_operator_object);
+        validate_strictly(&format!("deploy/{overlay}"), &core);
     }
 }
 
