@@ -209,29 +209,38 @@ impl Driver {
         self.pending = None;
     }
 
+    /// Checks that the stream carries a credential that is well-formed
+    /// and not expired, whatever its request asks: a stream's first request
+    /// must, so that a stream that proves nothing ends at once instead of
+    /// holding its place (`UNAUTHENTICATED`, logged and counted as a refusal).
+    pub fn require_credential(&mut self, what: &(dyn Display + Sync)) -> Result<(), Status> {
+        self.credential(what).map(|_| ())
+    }
+
+    /// The stream's credential, or the refusal, logged and counted.
+    fn credential(&mut self, what: &(dyn Display + Sync)) -> Result<crate::identity::Credential, Status> {
+        self.source.get(&self.clock).inspect_err(|status| {
+            metrics::refused(Refusal::Credential);
+            if let Some(n) = self.limits.throttle(self.surface.credential_key) {
+                tracing::warn!(
+                    stream = self.id,
+                    connection = self.conn.id,
+                    resources = %what,
+                    "{}: {}{}",
+                    self.surface.refusing,
+                    status.message(),
+                    more(n)
+                );
+            }
+        })
+    }
+
     /// The stream asks for `what` to be served from the identity its
     /// credential proves: at once if that is the one being served, else
     /// after a fetch. `Err` when the credential or the connection's login
     /// budget refuses it (logged and counted); the stream ends with it.
     pub fn want(&mut self, what: &(dyn Display + Sync)) -> Result<Want, Status> {
-        let credential = match self.source.get(&self.clock) {
-            Ok(c) => c,
-            Err(status) => {
-                metrics::refused(Refusal::Credential);
-                if let Some(n) = self.limits.throttle(self.surface.credential_key) {
-                    tracing::warn!(
-                        stream = self.id,
-                        connection = self.conn.id,
-                        resources = %what,
-                        "{}: {}{}",
-                        self.surface.refusing,
-                        status.message(),
-                        more(n)
-                    );
-                }
-                return Err(status);
-            }
-        };
+        let credential = self.credential(what)?;
         if self
             .current
             .as_ref()

@@ -113,6 +113,7 @@ pub(crate) fn start<P: Protocol + 'static>(
 pub async fn run<P: Protocol>(mut p: P, reader: RequestReader) {
     let mut inbound = Some(reader);
     let mut half_closed = false;
+    let mut first_request = true;
     let id = p.parts().driver.id();
     let name = p.parts().driver.name();
     loop {
@@ -122,6 +123,14 @@ pub async fn run<P: Protocol>(mut p: P, reader: RequestReader) {
                 Ok(Some(req)) => {
                     if P::ONE_REQUEST {
                         inbound = None;
+                    }
+                    // Whatever a first request says (a nonce, no names), the
+                    // stream must carry a credential to stay open.
+                    if std::mem::take(&mut first_request) {
+                        if let Err(status) = driver.require_credential(what) {
+                            fail(out, status).await;
+                            break;
+                        }
                     }
                     p.on_request(req).await
                 }

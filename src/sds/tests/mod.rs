@@ -37,6 +37,7 @@ mod delta_protocol;
 mod half_close;
 mod refusals;
 mod rotation;
+mod unproven;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -242,7 +243,16 @@ fn requests<Req>(
 
 /// Opens a `StreamSecrets` stream carrying `jwt`; `Err` when refused.
 pub(super) async fn open_sotw(client: &mut Client, jwt: &Credential) -> Result<Sotw, Status> {
-    let (tx, req) = requests(Some(jwt));
+    open_sotw_with(client, Some(jwt)).await
+}
+
+/// Opens a `StreamSecrets` stream carrying `jwt`, or no credential at all;
+/// `Err` when refused.
+pub(super) async fn open_sotw_with(
+    client: &mut Client,
+    jwt: Option<&Credential>,
+) -> Result<Sotw, Status> {
+    let (tx, req) = requests(jwt);
     let rx = client.stream_secrets(req).await?.into_inner();
     Ok(Stream { tx: Some(tx), rx })
 }
