@@ -29,6 +29,7 @@ use crate::clock::Clock;
 use crate::endpoint::connection::Connection;
 use crate::endpoint::credential::CredentialSource;
 use crate::endpoint::limits::{more, Limits};
+use crate::endpoint::unproven::Proof;
 use crate::endpoint::Endpoint;
 use crate::metrics::{self, Refusal};
 use crate::secrets::{SecretError, SecretManager, Subscription, WorkloadSecret};
@@ -139,6 +140,9 @@ pub struct Driver {
     limits: Arc<Limits>,
     conn: Arc<Connection>,
     source: CredentialSource,
+    /// Whether the stream has proven a credential (see
+    /// [`crate::endpoint::unproven`]).
+    proof: Arc<Proof>,
     /// The identity being served, and the credential that proved it.
     current: Option<Current>,
     /// A fetch waiting for the CA.
@@ -157,8 +161,10 @@ impl Driver {
         endpoint: &Endpoint,
         conn: Arc<Connection>,
         source: CredentialSource,
+        proof: Arc<Proof>,
     ) -> Self {
         Self {
+            proof,
             id,
             surface,
             clock: manager.clock(),
@@ -218,7 +224,10 @@ impl Driver {
     }
 
     /// The stream's credential, or the refusal, logged and counted.
-    fn credential(&mut self, what: &(dyn Display + Sync)) -> Result<crate::identity::Credential, Status> {
+    fn credential(
+        &mut self,
+        what: &(dyn Display + Sync),
+    ) -> Result<crate::identity::Credential, Status> {
         self.source.get(&self.clock).inspect_err(|status| {
             metrics::refused(Refusal::Credential);
             if let Some(n) = self.limits.throttle(self.surface.credential_key) {
@@ -358,6 +367,10 @@ impl Driver {
                     .as_ref()
                     .is_some_and(|c| c.sub.identity == sub.identity);
                 self.current = Some(Current::new(fetch.into_credential(), sub, &self.clock));
+                // The CA accepted the stream's credential: neither the stream
+                // nor its connection makes room for newcomers any more.
+                self.proof.prove();
+                self.conn.prove();
                 Some(Event::Fetched {
                     new_identity: !same,
                 })

@@ -96,12 +96,16 @@ pub(crate) fn start<P: Protocol + 'static>(
     source: impl FnOnce(&Connection) -> CredentialSource,
     protocol: impl FnOnce(Driver, Outbound<P::Response>) -> P,
 ) -> BoxStream<P::Response> {
-    let Admitted { conn, reader } = admitted;
+    let Admitted {
+        conn,
+        reader,
+        proof,
+    } = admitted;
     let id = endpoint.next_stream_id();
     tracing::debug!(stream = id, connection = conn.id, "{} opened", surface.name);
     let source = source(&conn);
     let (tx, rx) = mpsc::channel(2);
-    let driver = Driver::new(id, surface, manager.clone(), endpoint, conn, source);
+    let driver = Driver::new(id, surface, manager.clone(), endpoint, conn, source, proof);
     tokio::spawn(run(protocol(driver, tx), reader));
     Box::pin(tokio_stream::StreamExt::map(
         ReceiverStream::new(rx),

@@ -20,7 +20,11 @@ fn with_nonce(names: &[&str]) -> DiscoveryRequest {
 async fn sotw_a_first_request_with_a_nonce_and_no_credential_ends_the_stream() {
     let agent = Agent::start(|_| {}).await;
     let mut client = agent.client().await;
-    for first in [with_nonce(&["default"]), with_nonce(&[]), request(&[], None)] {
+    for first in [
+        with_nonce(&["default"]),
+        with_nonce(&[]),
+        request(&[], None),
+    ] {
         let mut s = open_sotw_with(&mut client, None).await.unwrap();
         s.send(first.clone()).await;
         let status = s.status().await;

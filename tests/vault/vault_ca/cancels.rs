@@ -21,18 +21,9 @@ const CONCURRENT: usize = 32;
 /// Distinct service accounts the cycles use.
 const ACCOUNTS: usize = 64;
 
-/// A gauge of the agent's `/metrics`, read from the text exposition.
+/// A gauge of the agent's `/metrics`.
 async fn gauge(agent: &Agent, name: &str) -> f64 {
-    let text = reqwest::get(agent.status_url("/metrics"))
-        .await
-        .and_then(|r| r.error_for_status())
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("read /metrics");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+    support::metrics::gauge(&agent.status_url("/metrics"), name).await
 }
 
 /// One cycle: a stream asks for `default` with `jwt`, waits `after` (its
