@@ -9,8 +9,10 @@
 //!    `spiffe://<trust-domain>/ns/<namespace>/sa/<name>` of the service
 //!    account that logged in, filled in by Vault from the login's entity
 //!    alias: even a compromised agent cannot have another identity signed;
-//! 5. the policy: `update` on the sign path, nothing else;
-//! 6. the auth role, bound to the given namespaces and service accounts.
+//! 5. the policy: `update` on the sign path and `auth/token/revoke-self`,
+//!    nothing else;
+//! 6. the auth role, bound to the given namespaces and service accounts,
+//!    its tokens without Vault's `default` policy.
 //!
 //! Progress goes to stderr; the settings (`KEY=value` lines) go to stdout, so
 //! `node-agent vault-setup ... > node-agent.env` keeps them.
