@@ -9,6 +9,7 @@ use zeroize::Zeroizing;
 
 use super::client::{SetupError, VaultAdmin};
 use super::{auth, pki, Args};
+use crate::ca::vault::http_client::TlsRoots;
 
 /// Everything read and checked before Vault is contacted.
 pub(super) struct Plan {
@@ -97,13 +98,11 @@ pub(super) fn plan(args: Args, env: &dyn Fn(&str) -> Option<String>) -> Result<P
     };
     let ca_cert_path = ca_cert_path.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
     let namespace = var(&["VAULT_NAMESPACE", "BAO_NAMESPACE"]).map(|(_, n)| n);
-    let admin = VaultAdmin::new(
-        addr,
-        token,
-        namespace.clone(),
-        ca_pem.as_deref(),
-        args.dry_run,
-    )?;
+    let roots = TlsRoots {
+        setting: "VAULT_CACERT",
+        pem: ca_pem.as_deref(),
+    };
+    let admin = VaultAdmin::new(addr, token, namespace.clone(), roots, args.dry_run)?;
 
     crate::config::validate_trust_domain(&args.trust_domain)
         .map_err(|r| SetupError::usage(format!("--trust-domain {}", args.trust_domain), r))?;

@@ -6,7 +6,8 @@
 //! same; and the failures an operator hits get a clear message and exit 1.
 //!
 //! [`setups`] runs each auth method end to end, [`mistakes`] the operator's
-//! errors, [`ca_bundle`] an intermediate CA given with `--ca-bundle`; this file
+//! errors, [`ca_bundle`] an intermediate CA given with `--ca-bundle`,
+//! [`redirects`] the redirects it follows and refuses; this file
 //! holds the OpenBao they share and the checks every run makes.
 
 use crate::support;
@@ -28,6 +29,7 @@ use support::vault_env::issuer;
 
 mod ca_bundle;
 mod mistakes;
+mod redirects;
 mod setups;
 
 /// An empty OpenBao, a TokenReview stand-in, and the files vault-setup reads.
