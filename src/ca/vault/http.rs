@@ -8,7 +8,8 @@ use reqwest::Method;
 use serde::Deserialize;
 
 use super::http_client::{
-    error_chain, vault_client, ClientError, ClientSpec, RefusedRedirect, TlsRoots,
+    certificate_error, error_chain, vault_client, ClientError, ClientSpec, RefusedRedirect,
+    TlsRoots,
 };
 use crate::ca::{CaError, CaFailure};
 use crate::config::VaultConfig;
@@ -28,6 +29,8 @@ pub(super) struct VaultHttp {
     client: reqwest::Client,
     addr: String,
     namespace: Option<String>,
+    /// What to do when Vault's TLS certificate is not trusted.
+    untrusted_hint: String,
 }
 
 /// An answer with a success status.
@@ -41,6 +44,7 @@ impl VaultHttp {
         let roots = TlsRoots {
             setting: "VAULT_TLS_ROOT_CERT",
             pem: cfg.tls_root_pem.as_deref(),
+            system_roots: cfg.tls_system_roots,
         };
         let client = vault_client(&ClientSpec {
             connect_timeout: cfg.connect_timeout,
@@ -52,6 +56,7 @@ impl VaultHttp {
             client,
             addr: cfg.addr.clone(),
             namespace: cfg.namespace.clone(),
+            untrusted_hint: roots.untrusted_hint(),
         })
     }
 
@@ -112,7 +117,7 @@ impl VaultHttp {
         let prefix = format!("Error making API request. URL: {method} {url}");
         let mut resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => return Err(send_error(&prefix, &e)),
+            Err(e) => return Err(send_error(&prefix, &e, &self.untrusted_hint)),
         };
         let status = resp.status();
         let code = status.as_u16();
@@ -172,13 +177,19 @@ fn classify(code: u16, failure: CaFailure) -> CaError {
     }
 }
 
-fn send_error(prefix: &str, e: &reqwest::Error) -> CaError {
+fn send_error(prefix: &str, e: &reqwest::Error, untrusted_hint: &str) -> CaError {
     if let Some(r) = RefusedRedirect::of(e) {
         let failure = CaFailure::new(format!("{prefix}: {r}"));
         return match r {
             RefusedRedirect::TooMany { .. } => CaError::Unavailable(failure),
             _ => CaError::BadAnswer(failure),
         };
+    }
+    if let Some(tls) = certificate_error(e) {
+        // Retried like an outage: Vault's certificate may be replaced.
+        return CaError::unavailable(format!(
+            "{prefix}: Vault's TLS certificate is not trusted ({tls}): {untrusted_hint}"
+        ));
     }
     let what = if e.is_timeout() {
         "timed out"

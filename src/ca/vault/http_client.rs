@@ -18,8 +18,13 @@
 //!   handed back as an answer, which the caller refuses with
 //!   [`RefusedRedirect::NotTemporary`].
 //!
-//! **TLS roots.** The system roots, and the CAs of a CA file when one is
-//! given (`VAULT_TLS_ROOT_CERT`, `VAULT_CACERT`).
+//! **TLS roots.** When a CA file is given (`VAULT_TLS_ROOT_CERT`,
+//! `VAULT_CACERT`), only its CAs are trusted for Vault's TLS, as the Vault
+//! CLI and Istio do: a certificate any public or corporate CA of the host
+//! issued for Vault's name is then refused. `VAULT_TLS_SYSTEM_ROOTS=true`
+//! trusts the system roots too. With no CA file, the system roots are
+//! trusted (rustls-native-certs: the OS store, or `SSL_CERT_FILE` /
+//! `SSL_CERT_DIR` when set).
 
 use std::time::Duration;
 
@@ -30,6 +35,9 @@ use crate::crypto::split_pem_certs;
 /// Most redirects followed for one request (a standby to the active node,
 /// plus one more while a new active node is being elected).
 pub const MAX_REDIRECTS: usize = 2;
+
+/// The setting that adds the system roots to the CA file's.
+pub const SYSTEM_ROOTS_SETTING: &str = "VAULT_TLS_SYSTEM_ROOTS";
 
 /// How long connections stay in the pool unused.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -48,11 +56,40 @@ pub struct ClientSpec<'a> {
 /// The CAs trusted for Vault's TLS certificate.
 #[derive(Debug, Clone, Copy)]
 pub struct TlsRoots<'a> {
-    /// The setting `pem` was read from, named in errors
+    /// The setting `pem` was read from, named in errors and hints
     /// (`VAULT_TLS_ROOT_CERT`, `VAULT_CACERT`).
     pub setting: &'static str,
-    /// PEM certificates trusted besides the system roots.
+    /// PEM certificates. When given, they replace the system roots...
     pub pem: Option<&'a str>,
+    /// ...unless this is true. Ignored without `pem` (the system roots are
+    /// then the only ones).
+    pub system_roots: bool,
+}
+
+impl TlsRoots<'_> {
+    /// Whether the system roots are trusted.
+    pub fn trusts_system_roots(&self) -> bool {
+        self.pem.is_none() || self.system_roots
+    }
+
+    /// What to do when Vault's TLS certificate is not trusted.
+    pub fn untrusted_hint(&self) -> String {
+        let setting = self.setting;
+        match (self.pem, self.system_roots) {
+            (None, _) => format!(
+                "no system root issued it: set {setting} to the CA that issued Vault's certificate"
+            ),
+            (Some(_), false) => format!(
+                "only the CAs in {setting} are trusted, not the system roots: set {setting} to the CA \
+                 that issued Vault's certificate, or {SYSTEM_ROOTS_SETTING}=true to trust the system \
+                 roots too"
+            ),
+            (Some(_), true) => format!(
+                "neither a CA in {setting} nor a system root issued it: set {setting} to the CA that \
+                 issued Vault's certificate"
+            ),
+        }
+    }
 }
 
 /// Why a client could not be built.
@@ -64,7 +101,7 @@ pub enum ClientError {
         setting: &'static str,
         reason: String,
     },
-    /// reqwest refused the configuration.
+    /// reqwest refused the configuration (e.g. no usable system root).
     #[error("cannot build the HTTP client: {0}")]
     Build(#[source] reqwest::Error),
 }
@@ -77,7 +114,8 @@ pub fn vault_client(spec: &ClientSpec<'_>) -> Result<reqwest::Client, ClientErro
         .timeout(spec.request_timeout)
         .user_agent(spec.user_agent)
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-        .redirect(redirect_policy());
+        .redirect(redirect_policy())
+        .tls_built_in_root_certs(roots.trusts_system_roots());
     if let Some(pem) = roots.pem {
         let bad = |reason: String| ClientError::BadRoot {
             setting: roots.setting,
@@ -178,6 +216,25 @@ fn redirect_policy() -> reqwest::redirect::Policy {
     })
 }
 
+/// The TLS error of a request that failed because Vault's certificate was
+/// not accepted (unknown issuer, expired, wrong name...), if that is why.
+pub fn certificate_error(e: &reqwest::Error) -> Option<&rustls::Error> {
+    sources(e)
+        .find_map(rustls_error)
+        .filter(|tls| matches!(tls, rustls::Error::InvalidCertificate(_)))
+}
+
+/// The rustls error `e` is or wraps. The TLS connector wraps it in an
+/// `io::Error`, and that again in another; an `io::Error`'s `source()`
+/// skips the error it wraps, so each is opened with `get_ref()`.
+fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+        return Some(tls);
+    }
+    let inner = e.downcast_ref::<std::io::Error>()?.get_ref()?;
+    rustls_error(inner)
+}
+
 /// `e` and its sources, outermost first.
 fn sources<'a>(
     e: &'a (dyn std::error::Error + 'static),
@@ -212,6 +269,7 @@ mod tests {
             roots: TlsRoots {
                 setting: "VAULT_CACERT",
                 pem,
+                system_roots: false,
             },
         }
     }
@@ -222,6 +280,38 @@ mod tests {
             Err(ClientError::BadRoot { setting, .. }) => assert_eq!(setting, "VAULT_CACERT"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_ca_file_replaces_the_system_roots_unless_they_are_added_back() {
+        let mut roots = spec(Some(PEM)).roots;
+        assert!(!roots.trusts_system_roots());
+        assert!(roots
+            .untrusted_hint()
+            .contains("VAULT_TLS_SYSTEM_ROOTS=true"));
+        roots.system_roots = true;
+        assert!(roots.trusts_system_roots());
+        roots.pem = None;
+        roots.system_roots = false;
+        assert!(
+            roots.trusts_system_roots(),
+            "without a CA file, the system roots"
+        );
+    }
+
+    #[test]
+    fn a_certificate_error_is_found_inside_the_io_errors_wrapping_it() {
+        use std::io::{Error, ErrorKind};
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let wrapped = Error::new(
+            ErrorKind::Other,
+            Error::new(ErrorKind::InvalidData, tls.clone()),
+        );
+        assert_eq!(rustls_error(&wrapped), Some(&tls));
+        assert_eq!(
+            rustls_error(&Error::new(ErrorKind::Other, "no TLS here")),
+            None
+        );
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! writes that `--dry-run` prints instead of sending, and errors that say
 //! what to do. The token travels only in the `X-Vault-Token` header; it is
 //! never printed. The HTTP client is the agent's
-//! ([`crate::ca::vault::http_client`]): the same redirect policy.
+//! ([`crate::ca::vault::http_client`]): the same redirect policy, and
+//! `VAULT_CACERT` trusted instead of the system roots.
 
 use std::fmt;
 
@@ -11,7 +12,8 @@ use serde_json::Value;
 use zeroize::Zeroizing;
 
 use crate::ca::vault::http_client::{
-    error_chain, vault_client, ClientError, ClientSpec, RefusedRedirect, TlsRoots,
+    certificate_error, error_chain, vault_client, ClientError, ClientSpec, RefusedRedirect,
+    TlsRoots,
 };
 
 /// Why `vault-setup` stopped.
@@ -25,7 +27,7 @@ pub enum SetupError {
     Unreachable {
         addr: String,
         cause: String,
-        hint: &'static str,
+        hint: String,
     },
     /// `VAULT_TOKEN` itself was refused.
     #[error(
@@ -124,6 +126,8 @@ pub struct VaultAdmin {
     token: Zeroizing<String>,
     namespace: Option<String>,
     http: reqwest::Client,
+    /// What to do when Vault's TLS certificate is not trusted.
+    untrusted_hint: String,
     dry_run: bool,
 }
 
@@ -157,6 +161,7 @@ impl VaultAdmin {
             token,
             namespace,
             http,
+            untrusted_hint: roots.untrusted_hint(),
             dry_run,
         })
     }
@@ -296,23 +301,17 @@ impl VaultAdmin {
                 };
             }
             let cause = error_chain(&e);
-            let tls = [
-                "certificate",
-                "tls",
-                "handshake",
-                "InvalidCertificate",
-                "UnknownIssuer",
-            ]
-            .iter()
-            .any(|w| cause.contains(w));
             SetupError::Unreachable {
                 addr: self.addr.clone(),
-                hint: if tls {
-                    " and VAULT_CACERT (the CA that signed Vault's TLS certificate)"
+                hint: if let Some(tls) = certificate_error(&e) {
+                    format!(
+                        " and VAULT_CACERT: Vault's TLS certificate is not trusted ({tls}): {}",
+                        self.untrusted_hint
+                    )
                 } else if e.is_timeout() {
-                    " and that nothing between here and Vault drops the connection"
+                    " and that nothing between here and Vault drops the connection".into()
                 } else {
-                    " (is Vault running and listening there?)"
+                    " (is Vault running and listening there?)".into()
                 },
                 cause,
             }

@@ -77,7 +77,8 @@ impl AuthMethod {
 
 /// `node-agent vault-setup` flags. Vault is reached with the standard
 /// variables VAULT_ADDR, VAULT_TOKEN, VAULT_CACERT and VAULT_NAMESPACE
-/// (OpenBao's BAO_* spellings are read when those are unset).
+/// (OpenBao's BAO_* spellings are read when those are unset), and
+/// VAULT_TLS_SYSTEM_ROOTS as the agent reads it.
 #[derive(ClapArgs, Debug)]
 #[command(
     after_help = "Progress goes to stderr; the node-agent settings go to stdout:\n  \

@@ -7,7 +7,8 @@
 //!
 //! [`setups`] runs each auth method end to end, [`mistakes`] the operator's
 //! errors, [`ca_bundle`] an intermediate CA given with `--ca-bundle`,
-//! [`redirects`] the redirects it follows and refuses; this file
+//! [`redirects`] the redirects it follows and refuses, [`tls_roots`] the
+//! CAs it trusts for Vault's TLS; this file
 //! holds the OpenBao they share and the checks every run makes.
 
 use crate::support;
@@ -31,6 +32,7 @@ mod ca_bundle;
 mod mistakes;
 mod redirects;
 mod setups;
+mod tls_roots;
 
 /// An empty OpenBao, a TokenReview stand-in, and the files vault-setup reads.
 struct Fixture {

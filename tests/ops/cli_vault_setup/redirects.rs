@@ -21,7 +21,7 @@ const TOKEN: &str = "s.admin-token-of-the-redirect-test";
 
 /// A front that redirects every request with `status` to `to` (`None`: to
 /// itself), or forwards to a closed port when `redirect` is `None`.
-async fn front(redirect: Option<Redirect>, tls: Option<Arc<TestCa>>) -> VaultFront {
+pub(super) async fn front(redirect: Option<Redirect>, tls: Option<Arc<TestCa>>) -> VaultFront {
     let closed = format!("http://127.0.0.1:{}", support::ports::free_port());
     VaultFront::start_with(
         closed,
@@ -38,16 +38,25 @@ async fn front(redirect: Option<Redirect>, tls: Option<Arc<TestCa>>) -> VaultFro
 /// `vault-setup` against `addr`, trusting `ca` for its TLS.
 async fn setup(addr: &str, ca: &TestCa, dir: &std::path::Path) -> Output {
     let ca_file = write(dir, "front-ca.pem", &ca.root_pem);
+    setup_with(addr, &[("VAULT_CACERT", ca_file)], dir).await
+}
+
+/// `vault-setup` against `addr` with the admin token and `env`.
+pub(super) async fn setup_with(
+    addr: &str,
+    env: &[(&'static str, String)],
+    dir: &std::path::Path,
+) -> Output {
     let reviewer = write(
         dir,
         "reviewer.jwt",
         "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln",
     );
-    let vars = [
+    let mut vars = vec![
         ("VAULT_ADDR", addr.to_string()),
         ("VAULT_TOKEN", TOKEN.to_string()),
-        ("VAULT_CACERT", ca_file),
     ];
+    vars.extend_from_slice(env);
     node_agent(
         &[
             "vault-setup",
