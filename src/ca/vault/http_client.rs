@@ -303,15 +303,9 @@ mod tests {
     fn a_certificate_error_is_found_inside_the_io_errors_wrapping_it() {
         use std::io::{Error, ErrorKind};
         let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
-        let wrapped = Error::new(
-            ErrorKind::Other,
-            Error::new(ErrorKind::InvalidData, tls.clone()),
-        );
+        let wrapped = Error::other(Error::new(ErrorKind::InvalidData, tls.clone()));
         assert_eq!(rustls_error(&wrapped), Some(&tls));
-        assert_eq!(
-            rustls_error(&Error::new(ErrorKind::Other, "no TLS here")),
-            None
-        );
+        assert_eq!(rustls_error(&Error::other("no TLS here")), None);
     }
 
     #[test]

@@ -25,7 +25,7 @@ async fn vault_cacert_replaces_the_system_roots_unless_they_are_added_back() {
     );
     let reached = "Vault refused GET /v1/auth/token/lookup-self (502";
 
-    let out = setup_with(&vault.url, &[system.clone()], dir.path()).await;
+    let out = setup_with(&vault.url, std::slice::from_ref(&system), dir.path()).await;
     assert!(one_error_line(&out).contains(reached), "{}", out.both());
 
     let out = setup_with(&vault.url, &[system.clone(), cacert.clone()], dir.path()).await;

@@ -65,7 +65,7 @@ async fn a_root_cert_replaces_the_system_roots_unless_they_are_added_back() {
     let root_a = ("VAULT_TLS_ROOT_CERT", ca_a);
 
     // CA B as the only system root: trusted (SSL_CERT_FILE is read).
-    let agent = Agent::started(&settings(&env, &front.url, &[system.clone()])).await;
+    let agent = Agent::started(&settings(&env, &front.url, std::slice::from_ref(&system))).await;
     fetch_within(&env, &agent, Duration::from_secs(20))
         .await
         .unwrap_or_else(|e| panic!("CA B as a system root: {e}\n{}", agent.log()));
