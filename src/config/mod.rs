@@ -268,6 +268,15 @@ pub const NO_CA_CHOSEN: &str =
      VAULT_AUTH_PATH, VAULT_ROLE and VAULT_SIGN_CSR_PATH (production), or CA_PROVIDER=LocalCA for \
      development only (it issues any identity to any caller)";
 
+/// A boolean setting: `true` or `false` (also `1`/`0`, any case).
+pub fn parse_bool(v: &str) -> Result<bool, String> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err("must be true or false".into()),
+    }
+}
+
 /// Checks a SPIFFE trust domain (`TRUST_DOMAIN`, and `vault-setup --trust-domain`).
 pub fn validate_trust_domain(td: &str) -> Result<(), String> {
     let ok = !td.is_empty()

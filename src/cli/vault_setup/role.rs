@@ -82,11 +82,16 @@ pub async fn ensure_role(
     .await
 }
 
-/// The text of the policy: `update` on the sign path, nothing else.
+/// The text of the policy: `update` on the sign path and on
+/// `auth/token/revoke-self`, nothing else: all a workload's token is used
+/// for (logins and the mount's issuers need no token), since the auth role
+/// leaves out Vault's `default` policy, which would grant revoke-self.
 pub fn policy_text(sign_path: &str) -> String {
     format!(
-        "# node-agent: a workload's token may only have its CSR signed by the mesh PKI role.\n\
-         path \"{sign_path}\" {{\n  capabilities = [\"update\"]\n}}\n"
+        "# node-agent: a workload's token may only have its CSR signed by the mesh PKI role,\n\
+         # and revoke itself when the agent no longer needs it.\n\
+         path \"{sign_path}\" {{\n  capabilities = [\"update\"]\n}}\n\
+         path \"auth/token/revoke-self\" {{\n  capabilities = [\"update\"]\n}}\n"
     )
 }
 
@@ -147,10 +152,13 @@ mod tests {
     }
 
     #[test]
-    fn policy_allows_only_update_on_the_sign_path() {
+    fn policy_allows_only_signing_and_revoking_itself() {
         let p = policy_text("istio_ca/sign/istio-pki-role");
-        assert!(p.contains("path \"istio_ca/sign/istio-pki-role\""));
-        assert!(p.contains("capabilities = [\"update\"]"));
-        assert_eq!(p.matches("path ").count(), 1);
+        assert!(
+            p.contains("path \"istio_ca/sign/istio-pki-role\" {\n  capabilities = [\"update\"]")
+        );
+        assert!(p.contains("path \"auth/token/revoke-self\" {\n  capabilities = [\"update\"]"));
+        assert_eq!(p.matches("path ").count(), 2);
+        assert_eq!(p.matches("capabilities").count(), 2);
     }
 }
