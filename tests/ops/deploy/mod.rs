@@ -14,7 +14,9 @@
 //!   manifests' settings and token audience ([`envoy`]);
 //! - the container image builds FROM scratch with podman and runs, as its
 //!   non-root user, read-only and without capabilities ([`image`]);
-//! - the DaemonSet's socket directory is node-agent's alone ([`socket_dir`]).
+//! - the DaemonSet's socket directory is node-agent's alone, and its
+//!   workloads reach it through the SPIFFE CSI driver, without hostPath
+//!   ([`socket_dir`]).
 //!
 //! The offline checks of the rendered manifests are in this file.
 
@@ -29,7 +31,13 @@ mod istio;
 mod socket_dir;
 
 /// The layouts docs/kubernetes.md documents; each must be among the rendered overlays.
-const LAYOUTS: &[&str] = &["sidecar", "daemonset", "daemonset/workloads"];
+const LAYOUTS: &[&str] = &[
+    "sidecar",
+    "daemonset",
+    "daemonset/workloads",
+    "daemonset-hostpath",
+    "daemonset-hostpath/workloads",
+];
 
 #[test]
 fn every_overlay_renders_and_validates_strictly() {
@@ -70,12 +78,21 @@ fn layouts_are_locked_down_and_probed() {
                     let sc = &c["securityContext"];
                     assert_eq!(sc["readOnlyRootFilesystem"], true, "{what}");
                     let exception = (workload.as_str(), c["name"].as_str().unwrap());
+                    // Mounts into pods' volumes, propagated to the node.
+                    if exception == ("DaemonSet/spiffe-csi-driver", "spiffe-csi-driver") {
+                        assert_eq!(sc["privileged"], true, "{what}");
+                        continue;
+                    }
                     assert!(sc["privileged"].is_null(), "{what}");
                     assert_eq!(sc["allowPrivilegeEscalation"], false, "{what}");
                     assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{what}");
                     let (root_may, adds) = match exception {
                         // Gives the socket directory to node-agent's uid.
                         ("DaemonSet/node-agent", "socket-dir") => (true, json!(["CHOWN"])),
+                        // Owns kubelet's plugin directories, as root does.
+                        ("DaemonSet/spiffe-csi-driver", "node-driver-registrar") => {
+                            (true, json!(null))
+                        }
                         _ => (false, json!(null)),
                     };
                     assert_eq!(sc["capabilities"]["add"], adds, "{what}");

@@ -1,18 +1,34 @@
-//! The DaemonSet's socket directory, offline: it is node-agent's alone (its
-//! uid, 0755; the init container that makes it so is run here with only its
-//! capabilities), never writable by others; and `SOCKET_DIR_CHECK=pod` is
-//! set only where the directory is a pod's own emptyDir.
+//! The DaemonSet's socket directory and how workloads reach it, offline: the
+//! directory is node-agent's alone (its uid, 0755; the init container that
+//! makes it so is run here with only its capabilities), never writable by
+//! others; daemonset/workloads mount it through the SPIFFE CSI driver with no
+//! hostPath, daemonset-hostpath/workloads as the node's directory; and
+//! `SOCKET_DIR_CHECK=pod` is set only where the directory is a pod's own
+//! emptyDir.
 
 use crate::support;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Command;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use support::manifests::*;
 
 /// The node's directory that holds the DaemonSet's socket.
 const NODE_DIR: &str = "/var/run/node-agent";
+const CSI_DRIVER: &str = "csi.spiffe.io";
+
+/// The volume types Pod Security "restricted" allows.
+const RESTRICTED_VOLUMES: &[&str] = &[
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+];
 
 fn pod<'a>(objs: &'a [Value], workload: &str) -> &'a Value {
     pod_specs(objs)
@@ -65,7 +81,7 @@ fn container(pod: &Value, key: &str, name: &str) -> Value {
 /// node-agent's uid and gid, mode 0755; node-agent checks it strictly.
 #[test]
 fn the_daemonset_socket_directory_is_node_agents_alone() {
-    for layout in ["daemonset"] {
+    for layout in ["daemonset", "daemonset-hostpath"] {
         let text = kustomize(layout);
         for open in ["1777", "0777", "o+w", "a+w"] {
             assert!(!text.contains(open), "{layout} holds {open:?}");
@@ -170,6 +186,103 @@ fn run_with_its_capabilities(init: &Value, script: &str, dir: &str, owner: (u32,
             (owner.0, owner.1, 0o755),
             "from {start_owner:?} {start_mode:o}"
         );
+    }
+}
+
+/// daemonset/workloads: every pod's volumes are of the kinds Pod Security
+/// "restricted" allows (no hostPath), and the socket's is the CSI driver's,
+/// read-only. daemonset/ runs that driver on node-agent's own directory.
+#[test]
+fn daemonset_workloads_mount_the_socket_through_the_csi_driver() {
+    let objs = rendered("daemonset/workloads");
+    let pods = pod_specs(&objs);
+    assert!(!pods.is_empty());
+    for (workload, pod) in &pods {
+        for v in pod["volumes"].as_array().unwrap() {
+            let kinds: Vec<&String> = v
+                .as_object()
+                .unwrap()
+                .keys()
+                .filter(|k| *k != "name")
+                .collect();
+            assert!(
+                kinds.len() == 1 && RESTRICTED_VOLUMES.contains(&kinds[0].as_str()),
+                "{workload}: volume {v}"
+            );
+        }
+        let envoy = container(pod, "containers", "envoy");
+        let (mount, v) = mounted_at(pod, &envoy, "/var/run/sds");
+        assert_eq!(
+            v["csi"],
+            json!({"driver": CSI_DRIVER, "readOnly": true}),
+            "{workload}"
+        );
+        assert_eq!(mount["readOnly"], true, "{workload}");
+    }
+
+    let objs = rendered("daemonset");
+    let driver = objs
+        .iter()
+        .find(|o| o["kind"] == "CSIDriver")
+        .expect("a CSIDriver");
+    assert_eq!(driver["metadata"]["name"], CSI_DRIVER);
+    assert_eq!(driver["spec"]["volumeLifecycleModes"], json!(["Ephemeral"]));
+    assert_eq!(driver["spec"]["fsGroupPolicy"], "None");
+    let pod = pod(&objs, "DaemonSet/spiffe-csi-driver");
+    let c = container(pod, "containers", "spiffe-csi-driver");
+    let served = containers(&c, "args")
+        .iter()
+        .find_map(|a| a.as_str()?.strip_prefix("-workload-api-socket-dir="))
+        .expect("-workload-api-socket-dir")
+        .to_string();
+    let (mount, v) = mounted_at(pod, &c, &served);
+    assert_eq!(
+        v["hostPath"]["path"], NODE_DIR,
+        "the driver serves node-agent's directory"
+    );
+    assert_eq!(mount["readOnly"], true);
+    // kubelet finds the driver at the path the registrar announces: the
+    // driver's socket, seen from the node.
+    let arg = |c: &Value, flag: &str| -> String {
+        containers(c, "args")
+            .iter()
+            .find_map(|a| a.as_str()?.strip_prefix(flag).map(String::from))
+            .unwrap_or_else(|| panic!("no {flag}"))
+    };
+    let registrar = container(pod, "containers", "node-driver-registrar");
+    let socket = arg(&registrar, "-csi-address=");
+    assert_eq!(socket, arg(&c, "-csi-socket-path="));
+    let (dir, file) = socket.rsplit_once('/').unwrap();
+    let (_, v) = mounted_at(pod, &registrar, dir);
+    assert_eq!(
+        arg(&registrar, "-kubelet-registration-path="),
+        format!("{}/{file}", v["hostPath"]["path"].as_str().unwrap())
+    );
+    assert!(v["hostPath"]["path"]
+        .as_str()
+        .unwrap()
+        .ends_with(CSI_DRIVER));
+}
+
+/// The documented alternative: daemonset-hostpath/ without the CSI driver,
+/// its workloads mounting the node's directory read-only.
+#[test]
+fn daemonset_hostpath_mounts_the_nodes_directory() {
+    let objs = rendered("daemonset-hostpath");
+    assert!(objs.iter().all(|o| o["kind"] != "CSIDriver"));
+    assert!(!objs.iter().any(|o| name(o).contains("spiffe-csi-driver")));
+    let objs = rendered("daemonset-hostpath/workloads");
+    let pods = pod_specs(&objs);
+    assert!(!pods.is_empty());
+    for (workload, pod) in &pods {
+        let envoy = container(pod, "containers", "envoy");
+        let (mount, v) = mounted_at(pod, &envoy, "/var/run/sds");
+        assert_eq!(
+            v,
+            &json!({"name": v["name"], "hostPath": {"path": NODE_DIR, "type": "Directory"}}),
+            "{workload}"
+        );
+        assert_eq!(mount["readOnly"], true, "{workload}");
     }
 }
 
