@@ -59,6 +59,19 @@ pub enum CaProvider {
     Vault(VaultConfig),
 }
 
+/// `SOCKET_DIR_CHECK`: whether the sockets' directory must be the agent's
+/// alone ([`crate::endpoint::socket`] says why).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SocketDirCheck {
+    /// `strict`: owned by the agent's uid or root, and writable by no one
+    /// else; otherwise the agent does not start.
+    #[default]
+    Strict,
+    /// `pod`: not checked. For a volume only the pod's own containers mount:
+    /// kubelet makes every emptyDir world-writable (0777).
+    Pod,
+}
+
 /// The accepted values of `CA_PROVIDER`, for error messages and docs.
 pub const CA_PROVIDERS: &[&str] = &["VaultCA", "LocalCA"];
 
@@ -66,6 +79,9 @@ pub const CA_PROVIDERS: &[&str] = &["VaultCA", "LocalCA"];
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub workload_uds_path: PathBuf,
+    /// `SOCKET_DIR_CHECK`: for the directories of `WORKLOAD_UDS_PATH` and
+    /// `WORKLOAD_API_SOCKET`.
+    pub socket_dir_check: SocketDirCheck,
     pub trust_domain: String,
     pub key_type: KeyType,
     pub secret_ttl: Duration,
@@ -121,6 +137,17 @@ impl Config {
                 "must not be empty",
             ));
         }
+
+        let socket_dir_check = match get("SOCKET_DIR_CHECK").as_deref().map(str::trim) {
+            None | Some("strict") => SocketDirCheck::Strict,
+            Some("pod") => SocketDirCheck::Pod,
+            Some(v) => return Err(ConfigError::new(
+                "SOCKET_DIR_CHECK",
+                v,
+                "must be strict (the directory is the agent's alone) or pod (a volume only this \
+                     pod's containers mount)",
+            )),
+        };
 
         let (td_var, trust_domain) = match get("TRUST_DOMAIN") {
             Some(v) => ("TRUST_DOMAIN", v),
@@ -207,6 +234,7 @@ impl Config {
 
         Ok(Self {
             workload_uds_path,
+            socket_dir_check,
             trust_domain,
             key_type,
             secret_ttl,
@@ -312,6 +340,20 @@ mod tests {
         assert_eq!(c.key_type, KeyType::EcP256);
         assert_eq!(c.secret_ttl, DEFAULT_SECRET_TTL);
         assert_eq!(c.ca, CaProvider::Local { dir: None });
+        assert_eq!(c.socket_dir_check, SocketDirCheck::Strict);
+    }
+
+    #[test]
+    fn socket_dir_check() {
+        let with = |v| cfg(&[("CA_PROVIDER", "LocalCA"), ("SOCKET_DIR_CHECK", v)]);
+        assert_eq!(with("pod").unwrap().socket_dir_check, SocketDirCheck::Pod);
+        assert_eq!(
+            with("strict").unwrap().socket_dir_check,
+            SocketDirCheck::Strict
+        );
+        let e = with("off").unwrap_err();
+        assert_eq!(e.var, "SOCKET_DIR_CHECK");
+        assert!(e.to_string().contains("strict"), "{e}");
     }
 
     #[test]

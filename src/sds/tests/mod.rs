@@ -148,7 +148,7 @@ impl Agent {
         let manager = crate::secrets::test_support::manager(ca.clone(), opts);
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("sds.sock");
-        let listener = crate::endpoint::socket::bind(&socket).unwrap();
+        let listener = crate::endpoint::socket::bind(&socket, Default::default()).unwrap();
         let limits = Limits::new(cfg);
         let (shutdown, rx) = watch::channel(false);
         tokio::spawn(super::serve_within(
