@@ -81,7 +81,8 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     )?;
     let manager = SecretManager::new(ca.clone(), trust, opts);
     let _status = crate::status::serve_agent(&config, &manager, shutdown.clone()).await?;
-    let listener = crate::endpoint::socket::bind(&config.workload_uds_path)?;
+    let listener =
+        crate::endpoint::socket::bind(&config.workload_uds_path, config.socket_dir_check)?;
     // The bounds of both sockets: the Workload API's connections and streams
     // count against the SDS caps, so the worst case stays the same.
     let limits = crate::endpoint::limits::Limits::new(config.sds.clone());

@@ -217,6 +217,7 @@ pub async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
     let mut report = Report {
         harness: report::Harness {
             mode: if quick { "quick".into() } else { "full".into() },
+            agent_bin: bin.display().to_string(),
             identities: s.m,
             large_identities: s.large,
             rsa_identities: s.rsa,

@@ -26,6 +26,9 @@ pub struct SdsLimits {
     /// fully arrived by then is closed; so is one whose later request is not
     /// complete this long after its first byte.
     pub first_request_timeout: Duration,
+    /// `SDS_HANDSHAKE_TIMEOUT`: a connection that has opened no stream this
+    /// long after it was accepted is closed.
+    pub handshake_timeout: Duration,
     /// `SDS_KEEPALIVE_INTERVAL`: HTTP/2 PING interval on every connection.
     pub keepalive_interval: Duration,
     /// `SDS_KEEPALIVE_TIMEOUT`: a connection whose PING is not answered by
@@ -60,6 +63,7 @@ impl Default for SdsLimits {
             max_streams: 512,
             connection_max_streams: 16,
             first_request_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             max_request_bytes: 256 * 1024,
@@ -134,6 +138,7 @@ pub(super) fn limits_from_lookup(
             ms(100),
             hour,
         )?,
+        handshake_timeout: duration("SDS_HANDSHAKE_TIMEOUT", d.handshake_timeout, ms(100), hour)?,
         keepalive_interval: duration(
             "SDS_KEEPALIVE_INTERVAL",
             d.keepalive_interval,
@@ -234,6 +239,7 @@ mod tests {
             ("SDS_MAX_REQUEST_BYTES", "16KiB"),
             ("SDS_MAX_HEADER_BYTES", "8192"),
             ("SDS_FIRST_REQUEST_TIMEOUT", "1500ms"),
+            ("SDS_HANDSHAKE_TIMEOUT", "2s"),
             ("SDS_CONNECTION_NEW_JWT_INTERVAL", "0"),
         ])
         .unwrap();
@@ -242,6 +248,7 @@ mod tests {
         assert_eq!(l.max_request_bytes, 16 * 1024);
         assert_eq!(l.max_header_bytes, 8192);
         assert_eq!(l.first_request_timeout, Duration::from_millis(1500));
+        assert_eq!(l.handshake_timeout, Duration::from_secs(2));
         assert_eq!(l.connection_new_jwt_interval, Duration::ZERO);
         // The buffer must hold at least one whole request.
         let e = limits(&[("SDS_MAX_BUFFERED_REQUEST_BYTES", "64KiB")]).unwrap_err();

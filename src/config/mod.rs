@@ -61,6 +61,19 @@ pub enum CaProvider {
     Vault(VaultConfig),
 }
 
+/// `SOCKET_DIR_CHECK`: whether the sockets' directory must be the agent's
+/// alone ([`crate::endpoint::socket`] says why).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SocketDirCheck {
+    /// `strict`: owned by the agent's uid or root, and writable by no one
+    /// else; otherwise the agent does not start.
+    #[default]
+    Strict,
+    /// `pod`: not checked. For a volume only the pod's own containers mount:
+    /// kubelet makes every emptyDir world-writable (0777).
+    Pod,
+}
+
 /// The accepted values of `CA_PROVIDER`, for error messages and docs.
 pub const CA_PROVIDERS: &[&str] = &["VaultCA", "LocalCA"];
 
@@ -68,6 +81,9 @@ pub const CA_PROVIDERS: &[&str] = &["VaultCA", "LocalCA"];
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub workload_uds_path: PathBuf,
+    /// `SOCKET_DIR_CHECK`: for the directories of `WORKLOAD_UDS_PATH` and
+    /// `WORKLOAD_API_SOCKET`.
+    pub socket_dir_check: SocketDirCheck,
     pub trust_domain: String,
     pub key_type: KeyType,
     pub secret_ttl: Duration,
@@ -123,6 +139,17 @@ impl Config {
                 "must not be empty",
             ));
         }
+
+        let socket_dir_check = match get("SOCKET_DIR_CHECK").as_deref().map(str::trim) {
+            None | Some("strict") => SocketDirCheck::Strict,
+            Some("pod") => SocketDirCheck::Pod,
+            Some(v) => return Err(ConfigError::new(
+                "SOCKET_DIR_CHECK",
+                v,
+                "must be strict (the directory is the agent's alone) or pod (a volume only this \
+                     pod's containers mount)",
+            )),
+        };
 
         let (td_var, trust_domain) = match get("TRUST_DOMAIN") {
             Some(v) => ("TRUST_DOMAIN", v),
@@ -209,6 +236,7 @@ impl Config {
 
         Ok(Self {
             workload_uds_path,
+            socket_dir_check,
             trust_domain,
             key_type,
             secret_ttl,
@@ -270,6 +298,15 @@ pub const NO_CA_CHOSEN: &str =
      VAULT_AUTH_PATH, VAULT_ROLE and VAULT_SIGN_CSR_PATH (production), or CA_PROVIDER=LocalCA for \
      development only (it issues any identity to any caller)";
 
+/// A boolean setting: `true` or `false` (also `1`/`0`, any case).
+pub fn parse_bool(v: &str) -> Result<bool, String> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" => Ok(true),
+        "false" | "0" => Ok(false),
+        _ => Err("must be true or false".into()),
+    }
+}
+
 /// Checks a SPIFFE trust domain (`TRUST_DOMAIN`, and `vault-setup --trust-domain`).
 pub fn validate_trust_domain(td: &str) -> Result<(), String> {
     let ok = !td.is_empty()
@@ -305,6 +342,20 @@ mod tests {
         assert_eq!(c.key_type, KeyType::EcP256);
         assert_eq!(c.secret_ttl, DEFAULT_SECRET_TTL);
         assert_eq!(c.ca, CaProvider::Local { dir: None });
+        assert_eq!(c.socket_dir_check, SocketDirCheck::Strict);
+    }
+
+    #[test]
+    fn socket_dir_check() {
+        let with = |v| cfg(&[("CA_PROVIDER", "LocalCA"), ("SOCKET_DIR_CHECK", v)]);
+        assert_eq!(with("pod").unwrap().socket_dir_check, SocketDirCheck::Pod);
+        assert_eq!(
+            with("strict").unwrap().socket_dir_check,
+            SocketDirCheck::Strict
+        );
+        let e = with("off").unwrap_err();
+        assert_eq!(e.var, "SOCKET_DIR_CHECK");
+        assert!(e.to_string().contains("strict"), "{e}");
     }
 
     #[test]

@@ -20,8 +20,12 @@ pub struct VaultConfig {
     /// The PKI mount whose issuers are the trusted roots, e.g. `istio_ca`
     /// (`VAULT_PKI_MOUNT`, else the sign path before `/sign/`).
     pub pki_mount: String,
-    /// Extra trusted root(s) for Vault's TLS certificate, PEM.
+    /// The CA(s) trusted for Vault's TLS certificate, PEM
+    /// (`VAULT_TLS_ROOT_CERT`): when set, instead of the system roots.
     pub tls_root_pem: Option<String>,
+    /// Trust the system roots for Vault's TLS too (`VAULT_TLS_SYSTEM_ROOTS`;
+    /// true by default only without `tls_root_pem`).
+    pub tls_system_roots: bool,
     /// Sent as `X-Vault-Namespace` when set.
     pub namespace: Option<String>,
     /// Time-out for establishing a connection to Vault.
@@ -100,6 +104,21 @@ pub(super) fn vault_from_lookup(
                 .map_err(|r| ConfigError::new("VAULT_TLS_ROOT_CERT", abbreviate(&v), r))?,
         ),
     };
+    let tls_system_roots = match get("VAULT_TLS_SYSTEM_ROOTS") {
+        None => tls_root_pem.is_none(),
+        Some(v) => match super::parse_bool(&v) {
+            Ok(false) if tls_root_pem.is_none() => {
+                return Err(ConfigError::new(
+                    "VAULT_TLS_SYSTEM_ROOTS",
+                    v,
+                    "false without VAULT_TLS_ROOT_CERT would trust no CA for Vault's TLS; \
+                     set VAULT_TLS_ROOT_CERT to Vault's CA",
+                ))
+            }
+            Ok(b) => b,
+            Err(r) => return Err(ConfigError::new("VAULT_TLS_SYSTEM_ROOTS", v, r)),
+        },
+    };
     let timeout = |var: &'static str, default: Duration| -> Result<Duration, ConfigError> {
         match get(var) {
             None => Ok(default),
@@ -117,6 +136,7 @@ pub(super) fn vault_from_lookup(
         sign_csr_path,
         pki_mount,
         tls_root_pem,
+        tls_system_roots,
         namespace: get("VAULT_NAMESPACE").map(|v| v.trim().to_string()),
         connect_timeout: timeout("VAULT_CONNECT_TIMEOUT", Duration::from_secs(5))?,
         request_timeout: timeout("VAULT_REQUEST_TIMEOUT", Duration::from_secs(15))?,
@@ -211,5 +231,43 @@ mod tests {
         );
         assert_eq!(mount_of_sign_path("pki/sign-verbatim/role"), None);
         assert_eq!(mount_of_sign_path("/sign/role"), None);
+    }
+
+    #[test]
+    fn a_root_cert_replaces_the_system_roots_unless_they_are_added_back() {
+        let ca = rcgen::generate_simple_self_signed(vec!["vault".to_string()]).unwrap();
+        let pem = ca.cert.pem();
+        let lookup = |extra: &[(&'static str, &str)]| {
+            let vars: Vec<(&str, String)> = [
+                ("VAULT_ADDR", "https://vault:8200"),
+                ("VAULT_AUTH_PATH", "auth/kubernetes/login"),
+                ("VAULT_ROLE", "istio-cert"),
+                ("VAULT_SIGN_CSR_PATH", "istio_ca/sign/istio-pki-role"),
+            ]
+            .iter()
+            .chain(extra)
+            .map(|(k, v)| (*k, v.to_string()))
+            .collect();
+            vault_from_lookup(&|k: &str| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()))
+        };
+        let system = |extra: &[(&'static str, &str)]| lookup(extra).map(|c| c.tls_system_roots);
+        let root = ("VAULT_TLS_ROOT_CERT", pem.as_str());
+        assert_eq!(system(&[]), Ok(true), "no CA given: the system roots");
+        assert_eq!(system(&[root]), Ok(false), "a CA given replaces them");
+        for yes in ["true", "TRUE", "1"] {
+            assert_eq!(system(&[root, ("VAULT_TLS_SYSTEM_ROOTS", yes)]), Ok(true));
+        }
+        assert_eq!(
+            system(&[root, ("VAULT_TLS_SYSTEM_ROOTS", "false")]),
+            Ok(false)
+        );
+        assert_eq!(system(&[("VAULT_TLS_SYSTEM_ROOTS", "true")]), Ok(true));
+        for bad in [
+            &[root, ("VAULT_TLS_SYSTEM_ROOTS", "yes")][..],
+            &[("VAULT_TLS_SYSTEM_ROOTS", "false")],
+        ] {
+            let e = system(bad).unwrap_err();
+            assert_eq!(e.var, "VAULT_TLS_SYSTEM_ROOTS", "{e}");
+        }
     }
 }

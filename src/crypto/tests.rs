@@ -197,3 +197,48 @@ fn self_signed_and_issued_by_are_read_from_the_certificates() {
     assert_eq!(subject, "CN=root");
     assert!(not_after > SystemTime::now());
 }
+
+#[test]
+fn a_leaf_that_could_sign_certificates_is_refused_and_other_svid_breaches_are_returned() {
+    use rcgen::KeyUsagePurpose as Ku;
+    let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+    let id = SpiffeId("spiffe://td/ns/a/sa/b".into());
+    let (root_pem, root_key, root_params) = ca_cert("root", None, -1, 100);
+    let root = rcgen::Issuer::new(root_params, root_key);
+    let issue = |is_ca: rcgen::IsCa, usages: Vec<Ku>| {
+        let mut csr =
+            rcgen::CertificateSigningRequestParams::from_pem(&key.csr_pem(&id).unwrap()).unwrap();
+        csr.params.is_ca = is_ca;
+        csr.params.key_usages = usages;
+        let chain = IssuedChain {
+            chain_pem: vec![csr.signed_by(&root).unwrap().pem()],
+            roots_pem: vec![root_pem.clone()],
+        };
+        verify_issued(&chain, &key.public_key_der(), &id, SystemTime::now())
+    };
+
+    let ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let err = issue(ca, vec![Ku::DigitalSignature]).unwrap_err();
+    assert!(
+        matches!(&err, CryptoError::NotSvid(b) if b.len() == 1 && b[0].rule == SvidRule::NotCa),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("cA=true"), "{err}");
+    let err = issue(
+        rcgen::IsCa::ExplicitNoCa,
+        vec![Ku::DigitalSignature, Ku::KeyCertSign],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("keyCertSign"), "{err}");
+
+    // keyEncipherment on an EC key: served, the breach returned with the facts.
+    let leaf = issue(
+        rcgen::IsCa::ExplicitNoCa,
+        vec![Ku::DigitalSignature, Ku::KeyEncipherment],
+    )
+    .expect("served");
+    let rules: Vec<SvidRule> = leaf.svid_breaches.iter().map(|b| b.rule).collect();
+    assert_eq!(rules, [SvidRule::NoKeyEnciphermentOnEc]);
+    let leaf = issue(rcgen::IsCa::ExplicitNoCa, vec![Ku::DigitalSignature]).unwrap();
+    assert_eq!(leaf.svid_breaches, []);
+}

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use x509_parser::prelude::*;
 
 use super::cert::{asn1_to_system_time, parse_cert, pem_to_der, self_signed};
+use super::svid_rules::{self, Breach};
 use super::CryptoError;
 use crate::identity::SpiffeId;
 
@@ -25,6 +26,9 @@ pub struct LeafInfo {
     pub serial_hex: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// The X.509-SVID rules the leaf breaks without being refused for it
+    /// (see [`Breach::refused`]): it is served, and the operator warned.
+    pub svid_breaches: Vec<Breach>,
 }
 
 /// Clocks may disagree with the CA's by this much.
@@ -60,7 +64,9 @@ fn check_validity(
 /// SAN; every certificate of the chain and every root served is within its
 /// validity; every root served is self-signed; and every certificate is
 /// signed by the next one up to a served root (the trust anchor Envoy will be
-/// given).
+/// given); and the leaf is refused if it breaks an X.509-SVID rule that
+/// [`Breach::refused`] says refuses it. The rules it breaks otherwise are
+/// returned in [`LeafInfo::svid_breaches`].
 pub fn verify_issued(
     chain: &IssuedChain,
     expected_spki_der: &[u8],
@@ -118,6 +124,12 @@ pub fn verify_issued(
             expected_id.as_str()
         )));
     }
+    let (refused, svid_breaches): (Vec<Breach>, Vec<Breach>) = svid_rules::check(leaf)
+        .into_iter()
+        .partition(Breach::refused);
+    if !refused.is_empty() {
+        return Err(CryptoError::NotSvid(refused));
+    }
     // Every certificate Envoy will hold or trust must be valid now: an
     // expired intermediate or root fails every handshake as surely as an
     // expired leaf.
@@ -173,5 +185,6 @@ pub fn verify_issued(
         serial_hex: leaf.raw_serial_as_string(),
         not_before: asn1_to_system_time(leaf.validity().not_before),
         not_after: asn1_to_system_time(leaf.validity().not_after),
+        svid_breaches,
     })
 }

@@ -29,6 +29,7 @@ use crate::clock::Clock;
 use crate::endpoint::connection::Connection;
 use crate::endpoint::credential::CredentialSource;
 use crate::endpoint::limits::{more, Limits};
+use crate::endpoint::unproven::Proof;
 use crate::endpoint::Endpoint;
 use crate::metrics::{self, Refusal};
 use crate::secrets::{SecretError, SecretManager, Subscription, WorkloadSecret};
@@ -139,6 +140,9 @@ pub struct Driver {
     limits: Arc<Limits>,
     conn: Arc<Connection>,
     source: CredentialSource,
+    /// Whether the stream has proven a credential (see
+    /// [`crate::endpoint::unproven`]).
+    proof: Arc<Proof>,
     /// The identity being served, and the credential that proved it.
     current: Option<Current>,
     /// A fetch waiting for the CA.
@@ -157,8 +161,10 @@ impl Driver {
         endpoint: &Endpoint,
         conn: Arc<Connection>,
         source: CredentialSource,
+        proof: Arc<Proof>,
     ) -> Self {
         Self {
+            proof,
             id,
             surface,
             clock: manager.clock(),
@@ -209,29 +215,41 @@ impl Driver {
         self.pending = None;
     }
 
+    /// Checks that the stream carries a credential that is well-formed
+    /// and not expired, whatever its request asks: a stream's first request
+    /// must, so that a stream that proves nothing ends at once instead of
+    /// holding its place (`UNAUTHENTICATED`, logged and counted as a refusal).
+    pub fn require_credential(&mut self, what: &(dyn Display + Sync)) -> Result<(), Status> {
+        self.credential(what).map(|_| ())
+    }
+
+    /// The stream's credential, or the refusal, logged and counted.
+    fn credential(
+        &mut self,
+        what: &(dyn Display + Sync),
+    ) -> Result<crate::identity::Credential, Status> {
+        self.source.get(&self.clock).inspect_err(|status| {
+            metrics::refused(Refusal::Credential);
+            if let Some(n) = self.limits.throttle(self.surface.credential_key) {
+                tracing::warn!(
+                    stream = self.id,
+                    connection = self.conn.id,
+                    resources = %what,
+                    "{}: {}{}",
+                    self.surface.refusing,
+                    status.message(),
+                    more(n)
+                );
+            }
+        })
+    }
+
     /// The stream asks for `what` to be served from the identity its
     /// credential proves: at once if that is the one being served, else
     /// after a fetch. `Err` when the credential or the connection's login
     /// budget refuses it (logged and counted); the stream ends with it.
     pub fn want(&mut self, what: &(dyn Display + Sync)) -> Result<Want, Status> {
-        let credential = match self.source.get(&self.clock) {
-            Ok(c) => c,
-            Err(status) => {
-                metrics::refused(Refusal::Credential);
-                if let Some(n) = self.limits.throttle(self.surface.credential_key) {
-                    tracing::warn!(
-                        stream = self.id,
-                        connection = self.conn.id,
-                        resources = %what,
-                        "{}: {}{}",
-                        self.surface.refusing,
-                        status.message(),
-                        more(n)
-                    );
-                }
-                return Err(status);
-            }
-        };
+        let credential = self.credential(what)?;
         if self
             .current
             .as_ref()
@@ -349,6 +367,10 @@ impl Driver {
                     .as_ref()
                     .is_some_and(|c| c.sub.identity == sub.identity);
                 self.current = Some(Current::new(fetch.into_credential(), sub, &self.clock));
+                // The CA accepted the stream's credential: neither the stream
+                // nor its connection makes room for newcomers any more.
+                self.proof.prove();
+                self.conn.prove();
                 Some(Event::Fetched {
                     new_identity: !same,
                 })

@@ -96,12 +96,16 @@ pub(crate) fn start<P: Protocol + 'static>(
     source: impl FnOnce(&Connection) -> CredentialSource,
     protocol: impl FnOnce(Driver, Outbound<P::Response>) -> P,
 ) -> BoxStream<P::Response> {
-    let Admitted { conn, reader } = admitted;
+    let Admitted {
+        conn,
+        reader,
+        proof,
+    } = admitted;
     let id = endpoint.next_stream_id();
     tracing::debug!(stream = id, connection = conn.id, "{} opened", surface.name);
     let source = source(&conn);
     let (tx, rx) = mpsc::channel(2);
-    let driver = Driver::new(id, surface, manager.clone(), endpoint, conn, source);
+    let driver = Driver::new(id, surface, manager.clone(), endpoint, conn, source, proof);
     tokio::spawn(run(protocol(driver, tx), reader));
     Box::pin(tokio_stream::StreamExt::map(
         ReceiverStream::new(rx),
@@ -113,6 +117,7 @@ pub(crate) fn start<P: Protocol + 'static>(
 pub async fn run<P: Protocol>(mut p: P, reader: RequestReader) {
     let mut inbound = Some(reader);
     let mut half_closed = false;
+    let mut first_request = true;
     let id = p.parts().driver.id();
     let name = p.parts().driver.name();
     loop {
@@ -122,6 +127,14 @@ pub async fn run<P: Protocol>(mut p: P, reader: RequestReader) {
                 Ok(Some(req)) => {
                     if P::ONE_REQUEST {
                         inbound = None;
+                    }
+                    // Whatever a first request says (a nonce, no names), the
+                    // stream must carry a credential to stay open.
+                    if std::mem::take(&mut first_request) {
+                        if let Err(status) = driver.require_credential(what) {
+                            fail(out, status).await;
+                            break;
+                        }
                     }
                     p.on_request(req).await
                 }
@@ -137,6 +150,10 @@ pub async fn run<P: Protocol>(mut p: P, reader: RequestReader) {
                 }
                 Ok(None) => {
                     tracing::debug!(stream = id, "{} closed by the client", name);
+                    Step::End
+                }
+                Err(FramingError::Gone) => {
+                    tracing::debug!(stream = id, "{}: the client reset the stream", name);
                     Step::End
                 }
                 Err(e) => {

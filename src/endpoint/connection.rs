@@ -18,9 +18,10 @@
 //! an `Arc<Connection>` to every request of the connection.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -35,6 +36,7 @@ use tonic::transport::server::Connected;
 use super::caps::{CapPlace, Caps};
 use super::credential::LastCredential;
 use super::limits::Limits;
+use super::unproven::Proof;
 use crate::config::SdsLimits;
 use crate::identity::Credential;
 use crate::secrets::SecretError;
@@ -52,6 +54,10 @@ pub struct Connection {
     logins: LoginGate,
     /// The credential header its requests last carried (see [`LastCredential`]).
     pub(crate) last_credential: LastCredential,
+    /// Whether a credential of it was proven (see [`super::unproven`]).
+    pub(crate) proof: Arc<Proof>,
+    /// It has opened a stream: its handshake is over.
+    streamed: AtomicBool,
 }
 
 impl Connection {
@@ -61,7 +67,19 @@ impl Connection {
             streams: AtomicUsize::new(0),
             logins: LoginGate::new(limits),
             last_credential: LastCredential::default(),
+            proof: Proof::new(),
+            streamed: AtomicBool::new(false),
         }
+    }
+
+    /// A stream of it was served: the CA accepted a credential it
+    /// carried, so neither it nor that stream makes room for others.
+    pub fn prove(&self) {
+        self.proof.prove();
+    }
+
+    pub(crate) fn opened_a_stream(&self) {
+        self.streamed.store(true, Ordering::SeqCst);
     }
 
     /// Lets `credential` go to the CA on behalf of this connection, or says
@@ -218,6 +236,47 @@ pub struct ConnIo {
     conn: Arc<Connection>,
     limits: Arc<Limits>,
     _place: Option<CapPlace>,
+    /// Until the connection opens its first stream: when it must have
+    /// (`SDS_HANDSHAKE_TIMEOUT`).
+    handshake: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl ConnIo {
+    /// Whether the connection must close now: evicted to make room, or no
+    /// stream within `SDS_HANDSHAKE_TIMEOUT`.
+    fn must_close(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        if self.conn.proof.poll_evicted(cx) {
+            tracing::debug!(
+                connection = self.conn.id,
+                "evicted: it had proven no credential"
+            );
+            return Some(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "evicted to make room at SDS_MAX_CONNECTIONS",
+            ));
+        }
+        if let Some(deadline) = self.handshake.as_mut() {
+            if self.conn.streamed.load(Ordering::SeqCst) {
+                self.handshake = None;
+            } else if deadline.as_mut().poll(cx).is_ready() {
+                let timeout = self.limits.config().handshake_timeout;
+                self.limits.warn(
+                    "SDS_HANDSHAKE_TIMEOUT",
+                    format!(
+                        "connection {}: no stream opened within SDS_HANDSHAKE_TIMEOUT={timeout:?} of \
+                         connecting (no HTTP/2 preface, or nothing asked); closing it",
+                        self.conn.id
+                    ),
+                );
+                crate::metrics::refused(crate::metrics::Refusal::Limits);
+                return Some(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no stream within SDS_HANDSHAKE_TIMEOUT",
+                ));
+            }
+        }
+        None
+    }
 }
 
 impl Drop for ConnIo {
@@ -245,6 +304,9 @@ impl AsyncRead for ConnIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if let Some(e) = self.must_close(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
@@ -279,10 +341,11 @@ impl AsyncWrite for ConnIo {
     }
 }
 
-/// The connections accepted on `listener`, each with its state. One past
-/// `SDS_MAX_CONNECTIONS`, or past the socket's own `caps`, is closed at once
-/// (its client sees the connection reset, gRPC `UNAVAILABLE`), with one
-/// warning per interval.
+/// The connections accepted on `listener`, each with its state. At
+/// `SDS_MAX_CONNECTIONS` the oldest connection that has proven no credential
+/// is evicted to make room; when none has, or past the socket's own `caps`,
+/// a new one is closed at once (its client sees the connection reset, gRPC
+/// `UNAVAILABLE`), with one warning per interval.
 pub fn incoming(
     listener: UnixListener,
     limits: Arc<Limits>,
@@ -313,11 +376,15 @@ pub fn incoming(
                         let id = next_id.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(connection = id, "connection accepted");
                         let conn = Arc::new(Connection::new(id, limits.config()));
+                        limits.unproven_connections.register(&conn.proof);
                         let io = ConnIo {
                             io,
                             conn,
                             limits: limits.clone(),
                             _place: place,
+                            handshake: Some(Box::pin(tokio::time::sleep(
+                                limits.config().handshake_timeout,
+                            ))),
                         };
                         return Some((Ok(io), (listener, limits, caps, next_id)));
                     }

@@ -63,6 +63,10 @@ pub enum FramingError {
     /// (for flooding, `RESOURCE_EXHAUSTED`).
     #[error("{}", .0.message())]
     Transport(Status),
+    /// The client reset the stream (RST_STREAM CANCEL): it has left, and
+    /// is owed nothing more.
+    #[error("the client reset the stream")]
+    Gone,
     /// The request budget was closed: the agent is stopping.
     #[error("the agent is shutting down")]
     ShuttingDown,
@@ -78,6 +82,7 @@ impl FramingError {
             Self::Compressed => Status::unimplemented(msg),
             Self::Deadline(_) => Status::deadline_exceeded(msg),
             Self::Transport(s) => s.clone(),
+            Self::Gone => Status::cancelled(msg),
             Self::ShuttingDown => Status::unavailable(msg),
         }
     }
@@ -161,11 +166,13 @@ impl RequestReader {
                             self.ended = true;
                             continue;
                         }
-                        // A client resetting its stream is a client leaving.
+                        // A client resetting its stream is a client leaving,
+                        // not one that has said all it will (a half-close):
+                        // nothing is owed to it.
                         Some(Err(s)) if s.code() == Code::Cancelled => {
                             self.ended = true;
                             self.msg = Partial::default();
-                            continue;
+                            return Err(FramingError::Gone);
                         }
                         Some(Err(s)) => return Err(FramingError::Transport(s)),
                         Some(Ok(frame)) => match frame.into_data() {

@@ -73,6 +73,23 @@ mod reader {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_reset_is_a_client_gone_not_a_half_close() {
+        let (tx, mut r, budget) = reader(1024, 4096);
+        let m = framed(&req(&["default"]));
+        tx.send(data(&m[..8])).await.unwrap();
+        tx.send(Err(Status::cancelled("reset"))).await.unwrap();
+        let e = r.message::<DiscoveryRequest>().await.unwrap_err();
+        assert!(matches!(e, FramingError::Gone), "{e:?}");
+        assert_eq!(e.code(), Code::Cancelled);
+        drop(r);
+        assert_eq!(budget.available_permits(), 4096);
+        // A half-close is the end of the requests, not an error.
+        let (tx, mut r, _) = reader(1024, 4096);
+        drop(tx);
+        assert!(r.message::<DiscoveryRequest>().await.unwrap().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_oversized_message_is_refused_from_its_header() {
         let (tx, mut r, _) = reader(100, 4096);
         let mut prefix = vec![0];

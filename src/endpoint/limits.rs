@@ -20,6 +20,7 @@ use tonic::Status;
 use super::caps::CapPlace;
 use super::connection::Connection;
 use super::framing::{FramingError, RequestReader};
+use super::unproven::{Proof, Unproven};
 use super::warn::{shorten, Warnings};
 use crate::config::SdsLimits;
 use crate::metrics::{self, Refusal};
@@ -35,6 +36,10 @@ pub struct Limits {
     /// Bytes of requests not yet complete, over every stream
     /// (`SDS_MAX_BUFFERED_REQUEST_BYTES`; see [`super::framing`]).
     request_budget: Arc<Semaphore>,
+    /// Connections and streams that have proven no credential yet, oldest
+    /// first: they make room at the caps (see [`super::unproven`]).
+    pub(crate) unproven_connections: Unproven,
+    unproven_streams: Unproven,
     warnings: Warnings,
 }
 
@@ -45,6 +50,8 @@ impl Limits {
             cfg,
             streams: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
+            unproven_connections: Unproven::default(),
+            unproven_streams: Unproven::default(),
             warnings: Warnings::default(),
         })
     }
@@ -68,10 +75,23 @@ impl Limits {
         self.streams.load(Ordering::SeqCst)
     }
 
-    /// Counts a new connection; false (and a warning) when it is one too many.
+    /// Counts a new connection. At `SDS_MAX_CONNECTIONS`, the oldest
+    /// connection that has proven nothing is evicted to make room (it
+    /// closes, and is counted out, moments later); false (and a warning)
+    /// when every connection has proven a credential.
     pub(crate) fn connection_opened(&self) -> bool {
         let max = self.cfg.max_connections;
         if self.connections.fetch_add(1, Ordering::SeqCst) >= max {
+            if self.unproven_connections.evict_oldest() {
+                self.warn(
+                    "SDS_MAX_CONNECTIONS (evicting)",
+                    format!(
+                        "SDS_MAX_CONNECTIONS={max} reached: closing the oldest connection that has \
+                         proven no credential, to make room for a new one"
+                    ),
+                );
+                return true;
+            }
             self.connections.fetch_sub(1, Ordering::SeqCst);
             metrics::refused(Refusal::Limits);
             self.warn(
@@ -109,7 +129,9 @@ impl Limits {
             return Err(Status::resource_exhausted(msg));
         }
         let total = self.cfg.max_streams;
-        if self.streams.fetch_add(1, Ordering::SeqCst) >= total {
+        if self.streams.fetch_add(1, Ordering::SeqCst) >= total
+            && !self.evict_unproven_stream(total)
+        {
             self.streams.fetch_sub(1, Ordering::SeqCst);
             conn.streams.fetch_sub(1, Ordering::SeqCst);
             metrics::refused(Refusal::Limits);
@@ -123,10 +145,31 @@ impl Limits {
             );
             return Err(Status::resource_exhausted(msg));
         }
+        conn.opened_a_stream();
+        let proof = Proof::new();
+        self.unproven_streams.register(&proof);
         Ok(StreamSlot {
             limits: self.clone(),
             conn: conn.clone(),
+            proof,
         })
+    }
+
+    /// At `SDS_MAX_STREAMS`: evicts the oldest stream that has not been
+    /// served (it ends with `RESOURCE_EXHAUSTED`, and is counted out when it
+    /// has), to make room for a new one; false when every stream has been.
+    fn evict_unproven_stream(&self, total: usize) -> bool {
+        if !self.unproven_streams.evict_oldest() {
+            return false;
+        }
+        self.warn(
+            "SDS_MAX_STREAMS (evicting)",
+            format!(
+                "SDS_MAX_STREAMS={total} reached: ending the oldest stream that has proven no \
+                 credential, to make room for a new one"
+            ),
+        );
+        true
     }
 
     /// Logs `message` as a warning, at most once per interval per bound
@@ -202,7 +245,7 @@ impl Limits {
                 ),
                 Refusal::Limits,
             ),
-            FramingError::Transport(_) | FramingError::ShuttingDown => {
+            FramingError::Transport(_) | FramingError::Gone | FramingError::ShuttingDown => {
                 tracing::debug!(stream, connection = conn.id, error = %error, "stream ended with an error");
                 return;
             }
@@ -226,6 +269,8 @@ impl Limits {
 pub struct StreamSlot {
     limits: Arc<Limits>,
     conn: Arc<Connection>,
+    /// Whether the stream has proven a credential (see [`super::unproven`]).
+    pub(crate) proof: Arc<Proof>,
 }
 
 impl std::fmt::Debug for StreamSlot {
@@ -250,10 +295,14 @@ pub struct StreamGuard {
 }
 
 /// A response body that holds its stream's [`StreamGuard`] until hyper drops
-/// it: when the response has ended or the client reset the stream.
+/// it: when the response has ended or the client reset the stream. A stream
+/// evicted to make room ([`super::unproven`]) ends here with
+/// `RESOURCE_EXHAUSTED`, whatever its protocol.
 pub struct Guarded<B> {
     pub inner: B,
     pub guard: StreamGuard,
+    /// The eviction's status was sent: the response has ended.
+    pub evicted: bool,
 }
 
 impl<B: Body + Unpin> Body for Guarded<B> {
@@ -264,11 +313,28 @@ impl<B: Body + Unpin> Body for Guarded<B> {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if self.evicted {
+            return Poll::Ready(None);
+        }
+        if self.guard.slot.proof.poll_evicted(cx) {
+            self.evicted = true;
+            let total = self.guard.slot.limits.cfg.max_streams;
+            let status = Status::resource_exhausted(format!(
+                "SDS_MAX_STREAMS={total} reached and this stream had proven no credential: ended \
+                 to make room for a new one; send a request with the workload's JWT promptly"
+            ));
+            let mut trailers = tonic::codegen::http::HeaderMap::new();
+            if status.add_header(&mut trailers).is_ok() {
+                metrics::refused(Refusal::Limits);
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+            return Poll::Ready(None);
+        }
         Pin::new(&mut self.inner).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.evicted || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -307,7 +373,11 @@ mod tests {
             e.message().contains("SDS_CONNECTION_MAX_STREAMS=2"),
             "{e:?}"
         );
-        let _b1 = l.open_stream(&b).unwrap();
+        let b1 = l.open_stream(&b).unwrap();
+        // Every stream proven: none makes room.
+        for s in [&a1, &_a2, &b1] {
+            s.proof.prove();
+        }
         let e = l.open_stream(&b).unwrap_err();
         assert!(e.message().contains("SDS_MAX_STREAMS=3"), "{e:?}");
         assert_eq!(
@@ -317,6 +387,36 @@ mod tests {
         drop(a1);
         assert_eq!((l.open_streams(), a.open_streams()), (2, 1));
         let _b2 = l.open_stream(&b).unwrap();
+    }
+
+    #[test]
+    fn at_the_total_the_oldest_unproven_stream_makes_room() {
+        let l = limits(4, 3);
+        let cfg = l.config().clone();
+        let (a, b) = (
+            Arc::new(Connection::new(1, &cfg)),
+            Arc::new(Connection::new(2, &cfg)),
+        );
+        let proven = l.open_stream(&a).unwrap();
+        proven.proof.prove();
+        let oldest = l.open_stream(&b).unwrap();
+        let younger = l.open_stream(&b).unwrap();
+        // A fourth: the oldest unproven one is evicted, not the newcomer.
+        let newcomer = l.open_stream(&a).unwrap();
+        let evicted = |s: &StreamSlot| {
+            let w = futures::task::noop_waker();
+            s.proof.poll_evicted(&mut Context::from_waker(&w))
+        };
+        assert!(evicted(&oldest));
+        assert!(!evicted(&proven) && !evicted(&younger) && !evicted(&newcomer));
+        // Counted out once it has ended.
+        drop(oldest);
+        assert_eq!(l.open_streams(), 3);
+        for s in [&younger, &newcomer] {
+            s.proof.prove();
+        }
+        let e = l.open_stream(&b).unwrap_err();
+        assert!(e.message().contains("SDS_MAX_STREAMS=3"), "{e:?}");
     }
 
     #[test]

@@ -10,8 +10,12 @@
 //!
 //! - [`socket`]: binding a socket of the agent, never stealing a live one.
 //! - [`connection`]: each accepted connection gets an id and its own state
-//!   (stream count, the JWTs it presented, its login budget); connections
-//!   past `SDS_MAX_CONNECTIONS` are closed at once.
+//!   (stream count, the JWTs it presented, its login budget); at
+//!   `SDS_MAX_CONNECTIONS` the oldest connection that has proven nothing
+//!   makes room, else a new one is closed at once; a connection that opens
+//!   no stream within `SDS_HANDSHAKE_TIMEOUT` is closed.
+//! - [`unproven`]: what has proven no credential holds its place only until
+//!   a newcomer needs it.
 //! - [`limits`]: streams per connection and in total, the first-request
 //!   deadline, and what a stream holds of them ([`limits::StreamGuard`]).
 //! - [`caps`]: a socket's own caps, taken before the shared bounds.
@@ -31,6 +35,7 @@ pub mod framing;
 pub mod limits;
 pub mod server;
 pub mod socket;
+pub mod unproven;
 pub mod warn;
 
 pub use credential::{CREDENTIAL_HEADER, CREDENTIAL_HEADER_1_1};

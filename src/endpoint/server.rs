@@ -28,6 +28,7 @@ use super::caps::Caps;
 use super::connection::{incoming, ConnInfo, Connection};
 use super::framing::RequestReader;
 use super::limits::{Guarded, Limits, StreamGuard};
+use super::unproven::Proof;
 use crate::config::SdsLimits;
 
 /// A stream of responses, as tonic sends them.
@@ -138,7 +139,13 @@ impl<R: Routes> tonic::codegen::Service<http::Request<Body>> for Router<R> {
                 Err(refused) => return Ok(refused),
             };
             let resp = routes.call(method, admitted, req).await;
-            Ok(resp.map(|inner| Body::new(Guarded { inner, guard })))
+            Ok(resp.map(|inner| {
+                Body::new(Guarded {
+                    inner,
+                    guard,
+                    evicted: false,
+                })
+            }))
         })
     }
 }
@@ -181,6 +188,9 @@ pub struct Endpoint {
 pub struct Admitted {
     pub conn: Arc<Connection>,
     pub reader: RequestReader,
+    /// Whether the stream has proven a credential: until it has, it makes
+    /// room for newcomers at `SDS_MAX_STREAMS` (see [`super::unproven`]).
+    pub proof: Arc<Proof>,
 }
 
 impl Endpoint {
@@ -226,7 +236,16 @@ impl Endpoint {
         let (parts, body) = req.into_parts();
         let reader = self.limits.reader(body);
         let req = http::Request::from_parts(parts, Body::empty());
-        Ok((Admitted { conn, reader }, StreamGuard { slot, place }, req))
+        let proof = slot.proof.clone();
+        Ok((
+            Admitted {
+                conn,
+                reader,
+                proof,
+            },
+            StreamGuard { slot, place },
+            req,
+        ))
     }
 }
 

@@ -1,8 +1,17 @@
 //! What the agent holds, read from its [`AgentReport`] at each scrape (so
 //! that it cannot drift from the cache): `node_agent_identities_cached`,
-//! `node_agent_ca_queue_depth`, and per identity
-//! `node_agent_certificate_expiry_timestamp_seconds` and
-//! `node_agent_certificate_expires_in_seconds`.
+//! `node_agent_ca_queue_depth`, `node_agent_tasks_alive` (of the runtime
+//! scraped in), and per identity
+//! `node_agent_certificate_expiry_timestamp_seconds`,
+//! `node_agent_certificate_expires_in_seconds` and
+//! `node_agent_certificate_renewal_timestamp_seconds`.
+//!
+//! The renewal time is shown only for identities a stream watches: the
+//! agent renews only those, and forgets the others after
+//! `SECRET_EVICTION_PERIOD`, so an unwatched identity past its renewal time
+//! is not a renewal that failed. An alert on
+//! `time() > node_agent_certificate_renewal_timestamp_seconds + margin`
+//! therefore fires only for certificates that should have been renewed.
 //!
 //! `identity` is the only per-workload label: only cached identities carry
 //! it, and the cache holds at most `MAX_IDENTITIES`. The series with it are
@@ -16,7 +25,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::gauge::ConstGauge;
 
-use super::AgentReport;
+use super::{AgentReport, IdentityReport};
 
 /// The agent state read at scrape time; weak, so that metrics never keep a
 /// stopped agent's cache alive.
@@ -77,32 +86,46 @@ impl Collector for StateCollector {
                 "CA requests waiting for a slot (CA_MAX_CONCURRENCY)",
                 report.ca_queue_depth() as i64,
             )?;
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                gauge(
+                    &mut encoder,
+                    "tasks_alive",
+                    "Tasks alive in the agent's runtime (connections, streams and their fetches): flat while clients come and go",
+                    runtime.metrics().num_alive_tasks() as i64,
+                )?;
+            }
             return Ok(());
         }
 
-        let expiring: Vec<(&str, SystemTime)> = identities
-            .iter()
-            .filter_map(|i| Some((i.identity.as_str(), i.not_after?)))
-            .collect();
         let now = unix_seconds(report.now());
+        let expiry = |i: &IdentityReport| Some(unix_seconds(i.not_after?));
+        let left = |i: &IdentityReport| Some(unix_seconds(i.not_after?) - now);
+        let renewal =
+            |i: &IdentityReport| (i.streams_open > 0).then_some(unix_seconds(i.renewal_due?));
         let gauge_type = ConstGauge::new(0i64).metric_type();
         for (name, help, value) in [
             (
                 "certificate_expiry_timestamp_seconds",
                 "When the identity's certificate expires, in seconds since the Unix epoch",
-                (|t: i64, _now: i64| t) as fn(i64, i64) -> i64,
+                &expiry as &dyn Fn(&IdentityReport) -> Option<i64>,
             ),
             (
                 "certificate_expires_in_seconds",
                 "Seconds left before the identity's certificate expires (negative once expired)",
-                |t, now| t - now,
+                &left,
+            ),
+            (
+                "certificate_renewal_timestamp_seconds",
+                "When the identity's certificate falls due for renewal (failed attempts do not move it), in seconds since the Unix epoch; only identities a stream watches",
+                &renewal,
             ),
         ] {
             let mut family = encoder.encode_descriptor(name, help, None, gauge_type)?;
-            for (identity, not_after) in &expiring {
-                let labels = [("identity", *identity)];
-                ConstGauge::new(value(unix_seconds(*not_after), now))
-                    .encode(family.encode_family(&labels)?)?;
+            for i in &identities {
+                if let Some(v) = value(i) {
+                    let labels = [("identity", i.identity.as_str())];
+                    ConstGauge::new(v).encode(family.encode_family(&labels)?)?;
+                }
             }
         }
         Ok(())
@@ -144,20 +167,30 @@ mod tests {
         let m = Metrics::new();
         assert!(!m.encode(Format::Prometheus).contains("identities_cached"));
         let in_an_hour = SystemTime::UNIX_EPOCH + Duration::from_secs(NOW + 3600);
+        let in_half_an_hour = SystemTime::UNIX_EPOCH + Duration::from_secs(NOW + 1800);
         let report: Arc<dyn AgentReport> = Arc::new(Fixed(vec![
             IdentityReport {
                 identity: "spiffe://td/ns/a/sa/b".into(),
                 not_after: Some(in_an_hour),
+                renewal_due: Some(in_half_an_hour),
+                streams_open: 1,
                 ..IdentityReport::default()
             },
             IdentityReport {
                 identity: "spiffe://td/ns/a/sa/first-fetch-running".into(),
                 ..IdentityReport::default()
             },
+            IdentityReport {
+                identity: "spiffe://td/ns/a/sa/unwatched".into(),
+                not_after: Some(in_an_hour),
+                renewal_due: Some(in_half_an_hour),
+                streams_open: 0,
+                ..IdentityReport::default()
+            },
         ]));
         m.set_report(Arc::downgrade(&report));
         let text = m.encode(Format::Prometheus);
-        assert!(text.contains("node_agent_identities_cached 2\n"), "{text}");
+        assert!(text.contains("node_agent_identities_cached 3\n"), "{text}");
         assert!(text.contains("node_agent_ca_queue_depth 3\n"), "{text}");
         let ts = format!(
             "node_agent_certificate_expiry_timestamp_seconds{{identity=\"spiffe://td/ns/a/sa/b\"}} {}\n",
@@ -169,6 +202,19 @@ mod tests {
             .find_map(|l| l.strip_prefix("node_agent_certificate_expires_in_seconds{identity=\"spiffe://td/ns/a/sa/b\"} "))
             .expect("seconds left");
         assert_eq!(left, "3600", "counted from the agent's clock");
+        let due = format!(
+            "node_agent_certificate_renewal_timestamp_seconds{{identity=\"spiffe://td/ns/a/sa/b\"}} {}\n",
+            NOW + 1800
+        );
+        assert!(text.contains(&due), "{text}");
+        assert!(
+            !text.contains("node_agent_certificate_renewal_timestamp_seconds{identity=\"spiffe://td/ns/a/sa/unwatched\"}"),
+            "not renewed while nobody watches, so no renewal time: {text}"
+        );
+        assert!(
+            text.contains("node_agent_certificate_expiry_timestamp_seconds{identity=\"spiffe://td/ns/a/sa/unwatched\"}"),
+            "{text}"
+        );
         assert!(
             !text.contains("first-fetch-running"),
             "no expiry without a certificate: {text}"

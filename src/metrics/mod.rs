@@ -1,16 +1,18 @@
-//! Prometheus metrics, all named `node_agent_*`, built on `prometheus-client`.
+//! Prometheus metrics, named `node_agent_*` (and the process's own under
+//! the usual `process_*` names), built on `prometheus-client`.
 //!
 //! Instrumenting a site is one call of a free function of this module, which
 //! records into the process-wide [`Metrics`] ([`global`]):
 //!
 //! ```
-//! use node_agent::metrics::{self, CaKind, Refusal, Retry};
+//! use node_agent::metrics::{self, CaKind, Refusal, Retry, TrustRefresh};
 //! # async fn sign() -> Result<(), node_agent::ca::CaError> { Ok(()) }
 //! # async fn example() -> Result<(), node_agent::ca::CaError> {
 //! metrics::rotation();                 // a renewed certificate was installed
 //! metrics::retry(Retry::Renewal);      // a failed renewal is tried again
 //! metrics::pushed("default");          // an SDS response carried `default`
 //! metrics::refused(Refusal::Limits);   // a request was refused at a bound
+//! metrics::trust_refresh(TrustRefresh::Ok); // the CA's roots were read
 //! let _open = metrics::stream_opened(); // counted open until dropped
 //! // A request that reaches the CA, counted and timed by its outcome:
 //! metrics::ca_request(CaKind::Sign, sign()).await?;
@@ -22,8 +24,11 @@
 //!   by each CA provider around the call that reaches the CA;
 //! - `sds.rs`: pushes, streams, NACKs and refusals of the SDS server;
 //! - `renewal.rs`: rotations and retries of the secret manager;
-//! - `identities.rs`: what the agent holds (identities, their expiry, the
-//!   CA queue), read at scrape time from an [`AgentReport`] (`report.rs`);
+//! - `trust.rs`: refreshes of the trust bundle from the CA's roots;
+//! - `identities.rs`: what the agent holds (identities, their expiry and
+//!   renewal time, the CA queue), read at scrape time from an
+//!   [`AgentReport`] (`report.rs`);
+//! - `process.rs`: the process's memory, CPU and file descriptors;
 //! - `format.rs`: the exposition formats.
 //!
 //! Labels are bounded: each is an enum here, except `identity`, which only
@@ -38,20 +43,24 @@ use prometheus_client::registry::Registry;
 mod ca;
 mod format;
 mod identities;
+mod process;
 mod renewal;
 mod report;
 mod sds;
+mod trust;
 
 pub use ca::{CaKind, CaOutcome, ErrorOutcome};
 pub use format::Format;
 pub use renewal::Retry;
 pub use report::{AgentReport, IdentityReport};
 pub use sds::{Refusal, StreamOpen};
+pub use trust::TrustRefresh;
 
 use ca::CaMetrics;
 use identities::{Part, ReportSlot, StateCollector};
 use renewal::RenewalMetrics;
 use sds::SdsMetrics;
+use trust::TrustMetrics;
 
 /// Every metric of the agent. Use [`global`] and the free functions; a
 /// separate instance is for tests.
@@ -62,6 +71,7 @@ pub struct Metrics {
     ca: CaMetrics,
     sds: SdsMetrics,
     renewal: RenewalMetrics,
+    trust: TrustMetrics,
     report: Arc<ReportSlot>,
 }
 
@@ -73,26 +83,30 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("node_agent");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(process::ProcessCollector));
+        let registry = root.sub_registry_with_prefix("node_agent");
         registry.register(
             "build",
             "node-agent's version",
             Info::new([("version", env!("CARGO_PKG_VERSION"))]),
         );
-        let ca = CaMetrics::register(&mut registry);
-        let renewal = RenewalMetrics::register(&mut registry);
-        let sds = SdsMetrics::register(&mut registry);
+        let ca = CaMetrics::register(registry);
+        let renewal = RenewalMetrics::register(registry);
+        let sds = SdsMetrics::register(registry);
+        let trust = TrustMetrics::register(registry);
         let report = Arc::new(ReportSlot::default());
         registry.register_collector(Box::new(StateCollector(report.clone(), Part::NodeWide)));
         let mut per_identity = Registry::with_prefix("node_agent");
         per_identity
             .register_collector(Box::new(StateCollector(report.clone(), Part::PerIdentity)));
         Self {
-            registry,
+            registry: root,
             per_identity,
             ca,
             sds,
             renewal,
+            trust,
             report,
         }
     }
@@ -167,6 +181,11 @@ pub fn refused(reason: Refusal) {
     global().sds.refused(reason)
 }
 
+/// The trust bundle was refreshed from the CA's roots, or failed to be.
+pub fn trust_refresh(outcome: TrustRefresh) {
+    global().trust.refreshed(outcome)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,6 +207,8 @@ mod tests {
             "# TYPE node_agent_sds_streams_open gauge\n",
             "# TYPE node_agent_sds_nacks_total counter\n",
             "# TYPE node_agent_sds_requests_refused_total counter\n",
+            "# TYPE node_agent_trust_refreshes_total counter\n",
+            "# TYPE process_resident_memory_bytes gauge\n",
             "node_agent_ca_requests_total{kind=\"login\",outcome=\"bad_answer\"} 0\n",
             "node_agent_rotations_total 1\n",
             "node_agent_retries_total{operation=\"renewal\"} 1\n",

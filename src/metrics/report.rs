@@ -16,6 +16,10 @@ pub struct IdentityReport {
     /// When the next renewal is attempted: the scheduled time, or after a
     /// failure the time of the retry.
     pub renew_at: Option<SystemTime>,
+    /// When the current certificate falls due for renewal: its scheduled
+    /// time, which failed attempts do not move (unlike `renew_at`), so that
+    /// how long a renewal is overdue can be read from it.
+    pub renewal_due: Option<SystemTime>,
     /// SDS streams (and other watchers) of this identity.
     pub streams_open: usize,
     /// The last failure to issue or renew, until the next success.

@@ -59,7 +59,11 @@ impl SdsService {
         admitted: Admitted,
         metadata: MetadataMap,
     ) -> Result<Response<DiscoveryResponse>, Status> {
-        let Admitted { conn, mut reader } = admitted;
+        let Admitted {
+            conn,
+            mut reader,
+            proof,
+        } = admitted;
         let id = self.endpoint.next_stream_id();
         let credential = CredentialSource::from_metadata_on(
             &metadata,
@@ -108,6 +112,10 @@ impl SdsService {
         let admission: Admission = conn.admit(&credential).map_err(failed)?;
         let sub = self.manager.subscribe(&credential).await.map_err(failed)?;
         drop(admission);
+        // The CA accepted the credential: the connection makes room for
+        // newcomers no more.
+        proof.prove();
+        conn.prove();
         let state = sub.secret.borrow().clone();
         let secret = state
             .secret

@@ -166,6 +166,7 @@ mod props {
                     &service.endpoint,
                     conn,
                     CredentialSource::Header(jwt()),
+                    crate::endpoint::unproven::Proof::new(),
                 );
                 let mut s = <SdsStream as XdsStream>::new(driver, SdsLimits::default().max_resource_names, tx);
                 // Subscribed first, so that ACKs, NACKs and pushes are reachable.

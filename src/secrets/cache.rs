@@ -61,6 +61,9 @@ pub(super) struct Entry {
 pub(super) struct Progress {
     /// When the next renewal is attempted.
     pub renew_at: Option<SystemTime>,
+    /// The serial of the certificate served and when it falls due for
+    /// renewal: the scheduled time, which failed attempts do not move.
+    pub renewal_due: Option<(String, SystemTime)>,
     /// The last failure to issue or renew, until a certificate is installed.
     pub last_error: Option<String>,
 }
@@ -105,9 +108,12 @@ impl Entry {
         self.progress_lock().clone()
     }
 
-    /// The next renewal is attempted at `at`.
-    pub fn renews_at(&self, at: SystemTime) {
-        self.progress_lock().renew_at = Some(at);
+    /// The certificate `serial` falls due for renewal at `at`, and the next
+    /// renewal is attempted then.
+    pub fn renews_at(&self, serial: &str, at: SystemTime) {
+        let mut p = self.progress_lock();
+        p.renew_at = Some(at);
+        p.renewal_due = Some((serial.to_string(), at));
     }
 
     /// Issuing or renewing failed with `error`; the next attempt is at

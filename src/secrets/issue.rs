@@ -1,5 +1,6 @@
 //! Issuance: a fresh key and CSR, the CA's signature, the checks every
-//! answer passes before it is served, and an identity's first fetch.
+//! answer passes before it is served (a leaf that breaks an X.509-SVID rule
+//! Envoy tolerates is served with a warning), and an identity's first fetch.
 //!
 //! A sign the CA rejects may be a token the CA revoked (Vault rebuilt, the
 //! token revoked, the role changed): the token is dropped, the caller logs in
@@ -73,6 +74,12 @@ impl SecretManager {
                 self.ca.describe()
             )))
         })?;
+        self.svid_warnings.warn(
+            identity,
+            &leaf.serial_hex,
+            &self.ca.describe(),
+            &leaf.svid_breaches,
+        );
         Ok((chain, leaf))
     }
 

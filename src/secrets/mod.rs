@@ -11,6 +11,7 @@
 //! - [`jwts`]: the bounded JWTs of an identity's live streams;
 //! - [`eviction`]: identities nobody watches leave, their tokens released;
 //! - [`schedule`]: when a certificate is renewed;
+//! - `svid_warnings`: the warning about leaves that break X.509-SVID rules;
 //! - `report`: what the status server and the metrics read of the cache.
 //!
 //! Every CA request waits in the bounded CA queue
@@ -46,6 +47,7 @@ mod renew;
 mod report;
 mod rotation;
 pub mod schedule;
+mod svid_warnings;
 #[cfg(test)]
 pub(crate) mod test_support;
 #[cfg(test)]
@@ -55,6 +57,7 @@ use cache::{Cache, CacheKey};
 use issue::FetchError;
 use jwts::JwtLease;
 use schedule::RenewPolicy;
+use svid_warnings::SvidWarnings;
 
 /// Why a workload could not be given its secret.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -246,6 +249,7 @@ pub struct SecretManager {
     cache: Cache,
     trust: Arc<TrustBundle>,
     queue: CaQueue,
+    svid_warnings: SvidWarnings,
 }
 
 /// How often a subscribe starts over because its entry was forgotten under
@@ -265,6 +269,7 @@ impl SecretManager {
             cache: Cache::new(opts.max_identities, opts.max_jwts_per_identity),
             trust,
             opts,
+            svid_warnings: SvidWarnings::default(),
         });
         // Every change of the trust bundle reaches every identity's streams.
         // O(identities) per change; the bundle changes rarely (a rotation).
@@ -301,12 +306,18 @@ impl SecretManager {
             .map(|e| {
                 let cert = e.current();
                 let progress = e.progress();
+                // The schedule of the certificate served, not of one it replaced.
+                let renewal_due = match (&cert, progress.renewal_due) {
+                    (Some(c), Some((serial, at))) if serial == c.leaf.serial_hex => Some(at),
+                    _ => None,
+                };
                 crate::metrics::IdentityReport {
                     identity: e.key.identity.to_string(),
                     key_type: e.key.key_type.to_string(),
                     serial: cert.as_ref().map(|c| c.leaf.serial_hex.clone()),
                     not_after: cert.as_ref().map(|c| c.leaf.not_after),
                     renew_at: cert.and(progress.renew_at),
+                    renewal_due,
                     streams_open: e.watchers(),
                     last_error: progress.last_error,
                 }

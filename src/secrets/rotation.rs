@@ -51,7 +51,7 @@ impl SecretManager {
                         .renew
                         .renew_at(start, secret.leaf.not_after, rand::random());
                     tracing::debug!(identity = %id, renew_at = %rfc3339(at), "renewal scheduled");
-                    entry.renews_at(at);
+                    entry.renews_at(&secret.leaf.serial_hex, at);
                     schedule = Some((secret.leaf.serial_hex.clone(), clock.instant(at)));
                     retry_at = None;
                     clock.instant(at)

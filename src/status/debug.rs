@@ -54,6 +54,7 @@ mod tests {
                     serial: Some("0a:1b".into()),
                     not_after: Some(at),
                     renew_at: Some(at - Duration::from_secs(60)),
+                    renewal_due: Some(at - Duration::from_secs(60)),
                     streams_open: 2,
                     last_error: None,
                 },

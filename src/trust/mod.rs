@@ -38,6 +38,7 @@ use tokio::time::Instant;
 use crate::ca::queue::{CaQueue, Priority};
 use crate::ca::CaClient;
 use crate::clock::{rfc3339, Clock};
+use crate::metrics::{self, TrustRefresh};
 
 pub mod bundle;
 mod extra;
@@ -256,13 +257,16 @@ impl TrustBundle {
             Ok(_) => {
                 if st.ca_read {
                     tracing::warn!(ca = %self.ca.describe(), "the CA listed no roots; keeping the {served} root(s) of the trust bundle (ROOTCA)");
+                    metrics::trust_refresh(TrustRefresh::Failed);
                 } else {
+                    // A CA that has never listed roots: not a failure.
                     tracing::debug!(ca = %self.ca.describe(), "the CA lists no roots; ROOTCA holds the roots of issued chains and extra roots only");
                 }
                 return false;
             }
             Err(e) => {
                 tracing::warn!(ca = %self.ca.describe(), "cannot read the CA's roots: {e}; keeping the {served} root(s) of the trust bundle (ROOTCA)");
+                metrics::trust_refresh(TrustRefresh::Failed);
                 return false;
             }
         };
@@ -276,6 +280,7 @@ impl TrustBundle {
             }
         }
         if listed.is_empty() {
+            metrics::trust_refresh(TrustRefresh::Failed);
             return false;
         }
         for k in st.roots.values_mut() {
@@ -289,6 +294,7 @@ impl TrustBundle {
         }
         st.ca_read = true;
         self.recompute(&mut st);
+        metrics::trust_refresh(TrustRefresh::Ok);
         true
     }
 

@@ -216,21 +216,38 @@ async fn a_ca_that_cannot_be_read_keeps_the_last_good_bundle() {
     assert_eq!(s.indexes(), [0, new]);
     s.rx.borrow_and_update();
     let lists = s.lists();
+    let (failed, ok) = (refreshes("failed"), refreshes("ok"));
 
     // Down, then answering nothing: many refreshes, far past the window.
     s.ca.set_listing(Err(CaError::Unavailable("connection refused".into())));
     sleep(500.0).await;
     s.ca.set_listing(Ok(vec![]));
     sleep(500.0).await;
-    assert!(s.lists() >= lists + 10, "it kept trying: {}", s.lists());
+    let tries = s.lists() - lists;
+    assert!(tries >= 10, "it kept trying: {tries}");
     assert_eq!(s.indexes(), [0, new], "both roots kept");
     assert!(!s.rx.has_changed().unwrap(), "nothing pushed");
+    // Each try is counted as failed (other tests of this process may count
+    // more, never fewer).
+    assert!(refreshes("failed") >= failed + tries as u64);
 
     // Positive control: once the CA answers without root 0, it leaves
     // after the window.
     s.ca.set_listing(Ok(vec![new]));
     pushed(&mut s.rx, 200).await;
     assert_eq!(s.indexes(), [new]);
+    assert!(refreshes("ok") > ok);
+}
+
+/// `node_agent_trust_refreshes_total{outcome}` of the process's metrics.
+fn refreshes(outcome: &str) -> u64 {
+    let text = crate::metrics::global().encode(crate::metrics::Format::Prometheus);
+    let series = format!("node_agent_trust_refreshes_total{{outcome=\"{outcome}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test(start_paused = true)]

@@ -63,7 +63,8 @@ pub fn start(
     let Some(path) = config.surfaces.workload_api_socket.clone() else {
         return Ok(None);
     };
-    let listener = crate::endpoint::socket::bind_for(&path, "WORKLOAD_API_SOCKET")?;
+    let listener =
+        crate::endpoint::socket::bind_for(&path, "WORKLOAD_API_SOCKET", config.socket_dir_check)?;
     if config.workload_token_path.is_none() {
         tracing::warn!(
             "WORKLOAD_API_SOCKET is set without WORKLOAD_TOKEN_PATH: every Workload API call will be refused \

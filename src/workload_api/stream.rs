@@ -215,16 +215,6 @@ impl<Req, T: X509Message> ApiStream<Req, T> {
         if self.sent.as_ref() == Some(&v) {
             return Step::Continue;
         }
-        if self.kind == Kind::Svid {
-            if let Some(problem) = x509::svid_problem(&snap) {
-                tracing::warn!(
-                    stream = id,
-                    identity = %secret.identity,
-                    serial = %secret.leaf.serial_hex,
-                    "Workload API: the certificate is not a valid X509-SVID and SPIFFE clients will refuse it: {problem}"
-                );
-            }
-        }
         match T::build(&snap) {
             Err(status) => {
                 tracing::error!(stream = id, identity = %secret.identity, "Workload API {}: {}", self.kind.method(), status.message());

@@ -89,35 +89,3 @@ pub(super) fn bundles_response(s: &Snapshot<'_>) -> Result<X509BundlesResponse, 
         ..Default::default()
     })
 }
-
-/// Why the leaf is not a valid X509-SVID for SPIFFE clients, if it is not:
-/// the X509-SVID standard wants `basicConstraints` with `cA` false and a
-/// `keyUsage` with `digitalSignature` on every leaf, and go-spiffe,
-/// py-spiffe and the `spiffe` crate refuse one without them. Vault's PKI
-/// leaves a leaf's `basicConstraints` out unless the role says
-/// `basic_constraints_valid_for_non_ca=true`.
-pub(super) fn svid_problem(s: &Snapshot<'_>) -> Option<String> {
-    let der = match der_blocks(&s.secret.chain_pem, "CERTIFICATE") {
-        Ok(ders) => ders.into_iter().next()?,
-        Err(e) => return Some(e),
-    };
-    let (_, leaf) = match x509_parser::parse_x509_certificate(&der) {
-        Ok(c) => c,
-        Err(e) => return Some(format!("the leaf does not parse: {e}")),
-    };
-    let mut problems = Vec::new();
-    match leaf.basic_constraints() {
-        Ok(Some(bc)) if bc.value.ca => problems.push("its basicConstraints say cA=true"),
-        Ok(Some(_)) => {}
-        _ => problems.push(
-            "it has no basicConstraints extension (with Vault, set basic_constraints_valid_for_non_ca=true on the PKI role)",
-        ),
-    }
-    match leaf.key_usage() {
-        Ok(Some(ku)) if ku.value.digital_signature() => {}
-        _ => problems.push(
-            "its keyUsage lacks digitalSignature (with Vault, include DigitalSignature in the role's key_usage)",
-        ),
-    }
-    (!problems.is_empty()).then(|| problems.join("; "))
-}

@@ -1,5 +1,6 @@
 //! Integration tests of the agent with its local CA (LocalCA): the SDS and
-//! Workload API endpoints, their limits under attack, the certificate files.
+//! Workload API endpoints, their limits under attack, the certificate files,
+//! and pkilint's verdict on the certificates served.
 //! Few of them need a real OpenBao.
 
 #[path = "../support/mod.rs"]
@@ -7,6 +8,7 @@ mod support;
 
 mod attacks;
 mod cert_files;
+mod pkilint;
 mod sds_grpc;
 mod vault_answer_props;
 mod workload_api;

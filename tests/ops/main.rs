@@ -1,5 +1,6 @@
 //! What an operator runs: the node-agent CLI (fetch, vault-setup), the
-//! deploy/ manifests and container image, quickstart.sh.
+//! deploy/ manifests and container image, the monitoring (alert rules and
+//! dashboard, against a real Prometheus), quickstart.sh.
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -7,4 +8,5 @@ mod support;
 mod cli_fetch;
 mod cli_vault_setup;
 mod deploy;
+mod monitoring;
 mod quickstart;

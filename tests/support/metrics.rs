@@ -150,3 +150,19 @@ pub async fn scrape(url: &str, format: &str) -> Scrape {
     assert!(ctype.starts_with(expected), "content-type {ctype}");
     parse(&resp.text().await.unwrap(), format).await
 }
+
+/// The value of an unlabelled sample `name` of the agent's `/metrics` at
+/// `url`, read straight from the text exposition (no parser to start, so it
+/// can be polled often).
+pub async fn gauge(url: &str, name: &str) -> f64 {
+    let text = reqwest::get(url)
+        .await
+        .and_then(|r| r.error_for_status())
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("read /metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}

@@ -117,12 +117,18 @@ impl std::fmt::Debug for TestCa {
 impl TestCa {
     /// A root and a server certificate for `127.0.0.1`.
     pub fn generate() -> Arc<TestCa> {
+        Self::named("vault front test CA")
+    }
+
+    /// [`TestCa::generate`] with the root's common name: two CAs of one
+    /// name are told apart only by their signatures.
+    pub fn named(common_name: &str) -> Arc<TestCa> {
         use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
         use tokio_rustls::rustls;
         let root_key = KeyPair::generate().unwrap();
         let mut root = CertificateParams::new(Vec::<String>::new()).unwrap();
         root.distinguished_name
-            .push(rcgen::DnType::CommonName, "vault front test CA");
+            .push(rcgen::DnType::CommonName, common_name);
         root.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         let root_cert = root.self_signed(&root_key).unwrap();
         let issuer = Issuer::new(root, root_key);

@@ -1,11 +1,12 @@
 //! Integration tests against a real OpenBao (one dev server per test): the
 //! VaultCA client, bad answers from Vault, credential lifetimes, status and
-//! metrics.
+//! metrics, and pkilint's verdict on what a vault-setup role issues.
 
 #[path = "../support/mod.rs"]
 mod support;
 
 mod credential_lifetime;
+mod pkilint;
 mod status;
 mod vault_bad_answers;
 mod vault_ca;

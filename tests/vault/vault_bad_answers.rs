@@ -1,7 +1,8 @@
 //! A Vault that answers garbage, or a real certificate for another key, is
 //! refused with a clear log line and nothing is served. A small tampering
 //! front sits between the agent and a real OpenBao: logins pass through, and
-//! sign answers are replaced.
+//! sign answers are replaced. A genuine leaf that could sign certificates
+//! (a role's key_usage with CertSign) is refused too.
 
 use crate::support;
 
@@ -69,4 +70,35 @@ async fn a_certificate_for_another_key_is_refused() {
         "the certificate is not for the key this agent generated; not served",
     )
     .await;
+}
+
+/// A PKI role whose key_usage adds CertSign has Vault sign leaves that could
+/// sign certificates: refused as no X.509-SVID, naming the rule and the
+/// role setting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaf_that_could_sign_certificates_is_refused() {
+    use support::bao::{PKI_MOUNT, PKI_ROLE};
+    let env = VaultEnv::start().await;
+    let path = format!("{PKI_MOUNT}/roles/{PKI_ROLE}");
+    let mut role = env
+        .bao
+        .root(reqwest::Method::GET, &path, None)
+        .await
+        .unwrap()["data"]
+        .take();
+    role["key_usage"] = serde_json::json!(["DigitalSignature", "CertSign"]);
+    env.bao
+        .root(reqwest::Method::POST, &path, Some(role))
+        .await
+        .unwrap();
+    let agent = Agent::start(&env.agent_env());
+    let mut client = connect(&agent.socket).await;
+    let err = fetch(&mut client, &["default"], &env.jwt("default", "httpbin"))
+        .await
+        .expect_err("a leaf with keyCertSign must not be served");
+    assert_eq!(err.code(), Code::Internal, "{err:?}");
+    let expect = "returned a certificate that is not an X.509-SVID: its keyUsage has keyCertSign \
+                  (with Vault, set key_usage=[\"DigitalSignature\"] on the PKI role); not served";
+    assert!(err.message().contains(expect), "{}", err.message());
+    agent.wait_log(expect, Duration::from_secs(5));
 }

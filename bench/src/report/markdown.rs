@@ -25,9 +25,10 @@ impl Report {
         );
         let _ = writeln!(
             s,
-            "\nmode {}: {} repetition(s), medians shown; CA_MAX_CONCURRENCY {}; storm generator: {}; \
+            "\nmode {} ({}): {} repetition(s), medians shown; CA_MAX_CONCURRENCY {}; storm generator: {}; \
              Envoy's node ({}) is {} bytes",
             self.harness.mode,
+            self.harness.agent_bin,
             self.harness.repetitions,
             self.harness.ca_max_concurrency,
             self.harness.storm_generator,

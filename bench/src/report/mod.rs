@@ -46,6 +46,11 @@ pub struct Report {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Harness {
     pub mode: String,
+    /// The node-agent binary measured: a release build unless `--agent-bin`
+    /// named another (CI's check runs the tests' debug build, whose figures
+    /// only show that every measurement runs).
+    #[serde(default)]
+    pub agent_bin: String,
     pub identities: usize,
     pub large_identities: usize,
     pub rsa_identities: usize,

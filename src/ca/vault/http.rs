@@ -1,28 +1,19 @@
-//! Talking HTTP to Vault: one client with time-outs and a strict redirect
-//! policy, and one place that turns Vault's answers into [`CaError`]s whose
-//! text says what failed and where (Vault's own errors verbatim) and whose
-//! data carries the status and the `errors` list.
-//!
-//! Redirects: Vault's standbys answer `307 Temporary Redirect` to the active
-//! node when they cannot forward a request (forwarding off, the active node
-//! just died). Those are followed, at most [`MAX_REDIRECTS`] times, keeping
-//! the method, the body (the JWT) and `X-Vault-Token`, which the active node
-//! needs. Nothing else is followed: a `301`/`302`/`303` would turn the POST
-//! into a GET without its body, and a redirect from `https://` to `http://`
-//! would send the JWT and the token in clear text.
+//! Talking HTTP to Vault: requests through the client of
+//! [`super::http_client`] (time-outs, the CAs trusted, the redirect policy),
+//! and one place that turns Vault's answers into [`CaError`]s whose text
+//! says what failed and where (Vault's own errors verbatim) and whose data
+//! carries the status and the `errors` list.
 
-use std::time::Duration;
-
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use serde::Deserialize;
 
+use super::http_client::{
+    certificate_error, error_chain, vault_client, ClientError, ClientSpec, RefusedRedirect,
+    TlsRoots,
+};
 use crate::ca::{CaError, CaFailure};
 use crate::config::VaultConfig;
-use crate::crypto::split_pem_certs;
 
-/// Most redirects followed for one request (a standby to the active node,
-/// plus one more while a new active node is being elected).
-pub const MAX_REDIRECTS: usize = 2;
 /// Largest answer read from Vault: a sign answer is a few KiB; anything this
 /// big is not a Vault answer, and reading it would only cost memory.
 const MAX_ANSWER_BYTES: usize = 1 << 20;
@@ -30,7 +21,7 @@ const MAX_ANSWER_BYTES: usize = 1 << 20;
 /// Errors building the client.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot set up the Vault client: {0}")]
-pub struct VaultSetupError(pub(super) String);
+pub struct VaultSetupError(#[from] pub ClientError);
 
 /// Vault's base URL and namespace, and the HTTP client (cheap to clone).
 #[derive(Clone)]
@@ -38,57 +29,8 @@ pub(super) struct VaultHttp {
     client: reqwest::Client,
     addr: String,
     namespace: Option<String>,
-}
-
-/// A redirect the policy refused to follow.
-#[derive(Debug)]
-enum RefusedRedirect {
-    /// From `https://` to `http://`.
-    Insecure { from: String, to: String },
-    /// More than [`MAX_REDIRECTS`].
-    TooMany { to: String },
-}
-
-impl std::fmt::Display for RefusedRedirect {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RefusedRedirect::Insecure { from, to } => write!(
-                f,
-                "Vault redirected {from} to {to}: not followed, because a redirect from https to http \
-                 would send the JWT and the Vault token in clear text; check the api_addr of Vault's \
-                 nodes (it must be https://)"
-            ),
-            RefusedRedirect::TooMany { to } => write!(
-                f,
-                "more than {MAX_REDIRECTS} redirects (the last to {to}); Vault may be electing a new \
-                 active node"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for RefusedRedirect {}
-
-/// The redirect policy described in the module documentation.
-fn redirect_policy() -> reqwest::redirect::Policy {
-    reqwest::redirect::Policy::custom(|attempt| {
-        let status = attempt.status();
-        if status != StatusCode::TEMPORARY_REDIRECT && status != StatusCode::PERMANENT_REDIRECT {
-            // Handed back as an answer: `VaultHttp::call` explains it.
-            return attempt.stop();
-        }
-        let to = attempt.url().to_string();
-        let previous = attempt.previous();
-        let from = previous.last().map(|u| u.to_string()).unwrap_or_default();
-        if previous.iter().any(|u| u.scheme() == "https") && attempt.url().scheme() != "https" {
-            return attempt.error(RefusedRedirect::Insecure { from, to });
-        }
-        if previous.len() > MAX_REDIRECTS {
-            return attempt.error(RefusedRedirect::TooMany { to });
-        }
-        tracing::debug!(from = %from, to = %to, status = status.as_u16(), "following Vault's redirect");
-        attempt.follow()
-    })
+    /// What to do when Vault's TLS certificate is not trusted.
+    untrusted_hint: String,
 }
 
 /// An answer with a success status.
@@ -99,28 +41,22 @@ pub(super) struct Answer {
 
 impl VaultHttp {
     pub fn new(cfg: &VaultConfig) -> Result<Self, VaultSetupError> {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(cfg.connect_timeout)
-            .timeout(cfg.request_timeout)
-            .user_agent(concat!("node-agent/", env!("CARGO_PKG_VERSION")))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .redirect(redirect_policy());
-        if let Some(pem) = &cfg.tls_root_pem {
-            for cert in split_pem_certs(pem)
-                .map_err(|e| VaultSetupError(format!("VAULT_TLS_ROOT_CERT: {e}")))?
-            {
-                let c = reqwest::Certificate::from_pem(cert.as_bytes())
-                    .map_err(|e| VaultSetupError(format!("VAULT_TLS_ROOT_CERT: {e}")))?;
-                builder = builder.add_root_certificate(c);
-            }
-        }
-        let client = builder
-            .build()
-            .map_err(|e| VaultSetupError(e.to_string()))?;
+        let roots = TlsRoots {
+            setting: "VAULT_TLS_ROOT_CERT",
+            pem: cfg.tls_root_pem.as_deref(),
+            system_roots: cfg.tls_system_roots,
+        };
+        let client = vault_client(&ClientSpec {
+            connect_timeout: cfg.connect_timeout,
+            request_timeout: cfg.request_timeout,
+            user_agent: concat!("node-agent/", env!("CARGO_PKG_VERSION")),
+            roots,
+        })?;
         Ok(Self {
             client,
             addr: cfg.addr.clone(),
             namespace: cfg.namespace.clone(),
+            untrusted_hint: roots.untrusted_hint(),
         })
     }
 
@@ -181,7 +117,7 @@ impl VaultHttp {
         let prefix = format!("Error making API request. URL: {method} {url}");
         let mut resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => return Err(send_error(&prefix, &e)),
+            Err(e) => return Err(send_error(&prefix, &e, &self.untrusted_hint)),
         };
         let status = resp.status();
         let code = status.as_u16();
@@ -206,15 +142,10 @@ impl VaultHttp {
                 body: text,
             });
         }
-        if status.is_redirection() {
+        if let Some(refused) = RefusedRedirect::answered(status, location.as_deref()) {
             // Only a redirect the policy stopped gets here.
-            let to = location.unwrap_or_else(|| "(no Location)".into());
             return Err(CaError::BadAnswer(CaFailure::http(
-                format!(
-                    "{prefix} Code: {code}. Vault answered a redirect to {to}, which is not followed: only \
-                     307/308 redirects (from a standby) keep the request intact; set VAULT_ADDR to the \
-                     address Vault serves"
-                ),
+                format!("{prefix} Code: {code}. {refused}"),
                 code,
                 Vec::new(),
             )));
@@ -246,17 +177,19 @@ fn classify(code: u16, failure: CaFailure) -> CaError {
     }
 }
 
-fn send_error(prefix: &str, e: &reqwest::Error) -> CaError {
-    let mut src: Option<&dyn std::error::Error> = Some(e);
-    while let Some(inner) = src {
-        if let Some(r) = inner.downcast_ref::<RefusedRedirect>() {
-            let failure = CaFailure::new(format!("{prefix}: {r}"));
-            return match r {
-                RefusedRedirect::Insecure { .. } => CaError::BadAnswer(failure),
-                RefusedRedirect::TooMany { .. } => CaError::Unavailable(failure),
-            };
-        }
-        src = inner.source();
+fn send_error(prefix: &str, e: &reqwest::Error, untrusted_hint: &str) -> CaError {
+    if let Some(r) = RefusedRedirect::of(e) {
+        let failure = CaFailure::new(format!("{prefix}: {r}"));
+        return match r {
+            RefusedRedirect::TooMany { .. } => CaError::Unavailable(failure),
+            _ => CaError::BadAnswer(failure),
+        };
+    }
+    if let Some(tls) = certificate_error(e) {
+        // Retried like an outage: Vault's certificate may be replaced.
+        return CaError::unavailable(format!(
+            "{prefix}: Vault's TLS certificate is not trusted ({tls}): {untrusted_hint}"
+        ));
     }
     let what = if e.is_timeout() {
         "timed out"
@@ -339,20 +272,6 @@ fn format_errors(errors: &Option<Vec<String>>, body: &str) -> String {
             format!("(not a Vault answer) {start:?}")
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let m = inner.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        src = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]

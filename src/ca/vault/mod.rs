@@ -4,7 +4,9 @@
 //! its CSR is signed with the token Vault gave it (`POST /v1/{VAULT_SIGN_CSR_PATH}`),
 //! so Vault's auth role and PKI role decide who gets which identity.
 //!
-//! - [`http`]: the HTTP client (time-outs, redirects) and Vault's errors.
+//! - [`http_client`]: the one builder of HTTP clients for Vault (time-outs,
+//!   TLS roots, redirects), shared with `vault-setup`.
+//! - [`http`]: requests through it, and Vault's errors.
 //! - [`login`]: tokens cached per JWT, rejections held down, revocation.
 //! - [`chain`]: the chain and root served, from a sign answer.
 //! - [`roots`]: the roots the PKI mount lists (`ROOTCA` of every agent).
@@ -33,12 +35,14 @@ use crate::metrics::{self, CaKind};
 mod answer_props;
 mod chain;
 mod http;
+pub mod http_client;
 mod login;
 mod revoke;
 mod roots;
 
 pub use chain::chain_from_sign_answer;
-pub use http::{VaultSetupError, MAX_REDIRECTS};
+pub use http::VaultSetupError;
+pub use http_client::MAX_REDIRECTS;
 pub use login::REJECTION_HOLD_DOWN;
 pub use revoke::SHUTDOWN_REVOKE_BUDGET;
 pub use roots::MAX_ISSUERS;

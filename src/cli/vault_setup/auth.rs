@@ -366,6 +366,9 @@ pub async fn ensure_role(
             ),
     }
     .list("token_policies", std::slice::from_ref(&role.policy))
+    // Without Vault's `default` policy a workload's token may do only what
+    // the policy above grants (not look itself up, use cubbyhole, ...).
+    .bool("token_no_default_policy", true)
     .with("token_ttl", Want::Duration(role.token_ttl))
     .with("token_max_ttl", Want::Duration(role.token_ttl))
     .str("token_type", role.token_type);

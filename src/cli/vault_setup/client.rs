@@ -1,13 +1,20 @@
 //! The Vault admin API as `vault-setup` uses it: reads that may find nothing,
 //! writes that `--dry-run` prints instead of sending, and errors that say
 //! what to do. The token travels only in the `X-Vault-Token` header; it is
-//! never printed.
+//! never printed. The HTTP client is the agent's
+//! ([`crate::ca::vault::http_client`]): the same redirect policy, and
+//! `VAULT_CACERT` trusted instead of the system roots.
 
 use std::fmt;
 
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use zeroize::Zeroizing;
+
+use crate::ca::vault::http_client::{
+    certificate_error, error_chain, vault_client, ClientError, ClientSpec, RefusedRedirect,
+    TlsRoots,
+};
 
 /// Why `vault-setup` stopped.
 #[derive(Debug, thiserror::Error)]
@@ -20,7 +27,7 @@ pub enum SetupError {
     Unreachable {
         addr: String,
         cause: String,
-        hint: &'static str,
+        hint: String,
     },
     /// `VAULT_TOKEN` itself was refused.
     #[error(
@@ -63,6 +70,15 @@ pub enum SetupError {
         path: String,
         status: u16,
         errors: String,
+    },
+    /// Vault (or something before it) answered a redirect that is not
+    /// followed; nothing was sent where it points.
+    #[error("{method} /v1/{path} at {addr}: {refused}")]
+    Redirected {
+        addr: String,
+        method: Method,
+        path: String,
+        refused: Box<RefusedRedirect>,
     },
     /// Vault answered something that cannot be used.
     #[error("Vault answered {method} /v1/{path} with {detail}")]
@@ -110,6 +126,8 @@ pub struct VaultAdmin {
     token: Zeroizing<String>,
     namespace: Option<String>,
     http: reqwest::Client,
+    /// What to do when Vault's TLS certificate is not trusted.
+    untrusted_hint: String,
     dry_run: bool,
 }
 
@@ -120,38 +138,30 @@ pub enum Written {
 }
 
 impl VaultAdmin {
-    /// `addr` without a trailing slash; `ca_pem`: extra roots for Vault's TLS.
+    /// `addr` without a trailing slash; `roots`: the CAs trusted for Vault's TLS.
     pub fn new(
         addr: String,
         token: Zeroizing<String>,
         namespace: Option<String>,
-        ca_pem: Option<&str>,
+        roots: TlsRoots<'_>,
         dry_run: bool,
     ) -> Result<Self, SetupError> {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .timeout(std::time::Duration::from_secs(60))
-            .user_agent(concat!(
-                "node-agent-vault-setup/",
-                env!("CARGO_PKG_VERSION")
-            ));
-        if let Some(pem) = ca_pem {
-            let certs = crate::crypto::split_pem_certs(pem)
-                .map_err(|e| SetupError::usage("VAULT_CACERT", e))?;
-            for cert in certs {
-                let c = reqwest::Certificate::from_pem(cert.as_bytes())
-                    .map_err(|e| SetupError::usage("VAULT_CACERT", e))?;
-                builder = builder.add_root_certificate(c);
-            }
-        }
-        let http = builder
-            .build()
-            .map_err(|e| SetupError::usage("VAULT_CACERT", e))?;
+        let http = vault_client(&ClientSpec {
+            connect_timeout: std::time::Duration::from_secs(10),
+            request_timeout: std::time::Duration::from_secs(60),
+            user_agent: concat!("node-agent-vault-setup/", env!("CARGO_PKG_VERSION")),
+            roots,
+        })
+        .map_err(|e| match e {
+            ClientError::BadRoot { setting, reason } => SetupError::usage(setting, reason),
+            e @ ClientError::Build(_) => SetupError::usage(roots.setting, e),
+        })?;
         Ok(Self {
             addr,
             token,
             namespace,
             http,
+            untrusted_hint: roots.untrusted_hint(),
             dry_run,
         })
     }
@@ -272,7 +282,7 @@ impl VaultAdmin {
         let url = format!("{}/v1/{path}", self.addr);
         let mut req = self
             .http
-            .request(method, &url)
+            .request(method.clone(), &url)
             .header("X-Vault-Token", self.token.as_str())
             .header("X-Vault-Request", "true");
         if let Some(ns) = &self.namespace {
@@ -282,30 +292,46 @@ impl VaultAdmin {
             req = req.json(b);
         }
         let unreachable = |e: reqwest::Error| {
+            if let Some(refused) = RefusedRedirect::of(&e) {
+                return SetupError::Redirected {
+                    addr: self.addr.clone(),
+                    method: method.clone(),
+                    path: path.to_string(),
+                    refused: Box::new(refused.clone()),
+                };
+            }
             let cause = error_chain(&e);
-            let tls = [
-                "certificate",
-                "tls",
-                "handshake",
-                "InvalidCertificate",
-                "UnknownIssuer",
-            ]
-            .iter()
-            .any(|w| cause.contains(w));
             SetupError::Unreachable {
                 addr: self.addr.clone(),
-                hint: if tls {
-                    " and VAULT_CACERT (the CA that signed Vault's TLS certificate)"
+                hint: if let Some(tls) = certificate_error(&e) {
+                    format!(
+                        " and VAULT_CACERT: Vault's TLS certificate is not trusted ({tls}): {}",
+                        self.untrusted_hint
+                    )
                 } else if e.is_timeout() {
-                    " and that nothing between here and Vault drops the connection"
+                    " and that nothing between here and Vault drops the connection".into()
                 } else {
-                    " (is Vault running and listening there?)"
+                    " (is Vault running and listening there?)".into()
                 },
                 cause,
             }
         };
         let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status();
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        if let Some(refused) = RefusedRedirect::answered(status, location.as_deref()) {
+            // Only a redirect the policy stopped gets here.
+            return Err(SetupError::Redirected {
+                addr: self.addr.clone(),
+                method: method.clone(),
+                path: path.to_string(),
+                refused: Box::new(refused),
+            });
+        }
         let text = resp.text().await.map_err(unreachable)?;
         Ok((status, text))
     }
@@ -334,20 +360,6 @@ pub fn vault_errors(body: &str) -> String {
             format!("not a Vault answer: {:?}", crate::cli::one_line(&start))
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        let m = inner.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        src = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]

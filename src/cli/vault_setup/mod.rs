@@ -9,8 +9,10 @@
 //!    `spiffe://<trust-domain>/ns/<namespace>/sa/<name>` of the service
 //!    account that logged in, filled in by Vault from the login's entity
 //!    alias: even a compromised agent cannot have another identity signed;
-//! 5. the policy: `update` on the sign path, nothing else;
-//! 6. the auth role, bound to the given namespaces and service accounts.
+//! 5. the policy: `update` on the sign path and `auth/token/revoke-self`,
+//!    nothing else;
+//! 6. the auth role, bound to the given namespaces and service accounts,
+//!    its tokens without Vault's `default` policy.
 //!
 //! Progress goes to stderr; the settings (`KEY=value` lines) go to stdout, so
 //! `node-agent vault-setup ... > node-agent.env` keeps them.
@@ -31,6 +33,7 @@ mod object;
 mod pki;
 mod plan;
 mod report;
+mod role;
 
 pub use client::SetupError;
 use plan::{plan, settings};
@@ -75,7 +78,8 @@ impl AuthMethod {
 
 /// `node-agent vault-setup` flags. Vault is reached with the standard
 /// variables VAULT_ADDR, VAULT_TOKEN, VAULT_CACERT and VAULT_NAMESPACE
-/// (OpenBao's BAO_* spellings are read when those are unset).
+/// (OpenBao's BAO_* spellings are read when those are unset), and
+/// VAULT_TLS_SYSTEM_ROOTS as the agent reads it.
 #[derive(ClapArgs, Debug)]
 #[command(
     after_help = "Progress goes to stderr; the node-agent settings go to stdout:\n  \
@@ -247,7 +251,7 @@ async fn setup(args: Args) -> Result<(), SetupError> {
     )
     .await?;
     auth::ensure_config(v, &mut report, &plan.auth_path, &plan.auth, method.fresh).await?;
-    pki::ensure_role(
+    role::ensure_role(
         v,
         &mut report,
         &plan.pki_path,
@@ -259,7 +263,7 @@ async fn setup(args: Args) -> Result<(), SetupError> {
     )
     .await?;
     let sign_path = format!("{}/sign/{}", plan.pki_path, plan.pki_role);
-    pki::ensure_policy(v, &mut report, &plan.role.policy, &sign_path).await?;
+    role::ensure_policy(v, &mut report, &plan.role.policy, &sign_path).await?;
     auth::ensure_role(
         v,
         &mut report,

@@ -1,6 +1,5 @@
-//! The CA side: the PKI mount, its issuer (a generated root or an imported
-//! intermediate), the role that signs workload CSRs, and the policy that
-//! allows exactly that.
+//! The CA side: the PKI mount and its issuer (a generated root or an
+//! imported intermediate). The role and policy are [`super::role`].
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -11,7 +10,6 @@ use zeroize::Zeroizing;
 
 use super::client::{SetupError, VaultAdmin, Written};
 use super::desired::{Desired, Want};
-use super::object::Object;
 use super::report::{Outcome, Report};
 use crate::cli::show_duration;
 use crate::crypto::KeyType;
@@ -361,119 +359,13 @@ async fn set_default(v: &VaultAdmin, pki: &str, id: &str) -> Result<(), SetupErr
         .map(drop)
 }
 
-/// The URI SAN template that binds a certificate to the service account of
-/// the login: Vault fills it in from the login's entity alias of the auth
-/// mount `accessor` (both `kubernetes` and the `jwt` role's claim_mappings
-/// set these metadata keys).
-pub fn uri_san_template(trust_domain: &str, accessor: &str) -> String {
-    let alias = format!("identity.entity.aliases.{accessor}.metadata");
-    format!(
-        "spiffe://{trust_domain}/ns/{{{{{alias}.service_account_namespace}}}}/sa/{{{{{alias}.service_account_name}}}}"
-    )
-}
-
-/// The PKI role: signs CSRs whose only SAN is the caller's own SPIFFE ID.
-#[allow(clippy::too_many_arguments)]
-pub async fn ensure_role(
-    v: &VaultAdmin,
-    report: &mut Report,
-    pki: &str,
-    role: &str,
-    trust_domain: &str,
-    accessor: Option<&str>,
-    max_ttl: Duration,
-    mount_fresh: bool,
-) -> Result<Outcome, SetupError> {
-    let accessor = accessor.unwrap_or("<accessor of the auth method, known once it is enabled>");
-    let desired = Desired::new()
-        .list(
-            "allowed_uri_sans",
-            &[uri_san_template(trust_domain, accessor)],
-        )
-        .bool("allowed_uri_sans_template", true)
-        // No other name of any kind.
-        .bool("allow_any_name", false)
-        .bool("allow_localhost", false)
-        .bool("allow_bare_domains", false)
-        .bool("allow_subdomains", false)
-        .bool("allow_glob_domains", false)
-        .bool("allow_wildcard_certificates", false)
-        .bool("allow_ip_sans", false)
-        .list::<&str>("allowed_domains", &[])
-        .list::<&str>("allowed_other_sans", &[])
-        .bool("require_cn", false)
-        .bool("use_csr_common_name", false)
-        .bool("use_csr_sans", true)
-        .str("key_type", "any")
-        // Leaves carry basicConstraints (cA=false), as an X509-SVID must:
-        // SPIFFE clients (the Workload API's) refuse a leaf without it.
-        .bool("basic_constraints_valid_for_non_ca", true)
-        .bool("server_flag", true)
-        .bool("client_flag", true)
-        .bool("no_store", true)
-        .with("max_ttl", Want::Duration(max_ttl))
-        .str("issuer_ref", "default");
-    Object {
-        what: format!("PKI role {pki}/roles/{role}"),
-        path: format!("{pki}/roles/{role}"),
-        desired: &desired,
-        fresh: mount_fresh,
-        rewrite_secrets: false,
-    }
-    .ensure(v, report)
-    .await
-}
-
-/// The text of the policy: `update` on the sign path, nothing else.
-pub fn policy_text(sign_path: &str) -> String {
-    format!(
-        "# node-agent: a workload's token may only have its CSR signed by the mesh PKI role.\n\
-         path \"{sign_path}\" {{\n  capabilities = [\"update\"]\n}}\n"
-    )
-}
-
-pub async fn ensure_policy(
-    v: &VaultAdmin,
-    report: &mut Report,
-    name: &str,
-    sign_path: &str,
-) -> Result<Outcome, SetupError> {
-    let desired = Desired::new().str("policy", policy_text(sign_path));
-    Object {
-        what: format!("policy {name}"),
-        path: format!("sys/policies/acl/{name}"),
-        desired: &desired,
-        fresh: false,
-        rewrite_secrets: false,
-    }
-    .ensure(v, report)
-    .await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn template_names_both_alias_fields() {
-        assert_eq!(
-            uri_san_template("cluster.local", "auth_kubernetes_1"),
-            "spiffe://cluster.local/ns/{{identity.entity.aliases.auth_kubernetes_1.metadata.service_account_namespace}}\
-             /sa/{{identity.entity.aliases.auth_kubernetes_1.metadata.service_account_name}}"
-        );
-    }
-
-    #[test]
     fn serials_compare_across_spellings() {
         assert_eq!(norm_serial("04:5C:08"), norm_serial("45c08"));
         assert_eq!(norm_serial("00"), "0");
-    }
-
-    #[test]
-    fn policy_allows_only_update_on_the_sign_path() {
-        let p = policy_text("istio_ca/sign/istio-pki-role");
-        assert!(p.contains("path \"istio_ca/sign/istio-pki-role\""));
-        assert!(p.contains("capabilities = [\"update\"]"));
-        assert_eq!(p.matches("path ").count(), 1);
     }
 }

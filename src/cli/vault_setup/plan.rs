@@ -9,11 +9,14 @@ use zeroize::Zeroizing;
 
 use super::client::{SetupError, VaultAdmin};
 use super::{auth, pki, Args};
+use crate::ca::vault::http_client::{TlsRoots, SYSTEM_ROOTS_SETTING};
 
 /// Everything read and checked before Vault is contacted.
 pub(super) struct Plan {
     pub(super) admin: VaultAdmin,
     pub(super) ca_cert_path: Option<PathBuf>,
+    /// `VAULT_TLS_SYSTEM_ROOTS=true` was given with `VAULT_CACERT`.
+    pub(super) system_roots: bool,
     pub(super) namespace: Option<String>,
     pub(super) trust_domain: String,
     pub(super) pki_path: String,
@@ -41,6 +44,9 @@ pub(super) fn settings(plan: &Plan, sign_path: &str) -> String {
             "VAULT_TLS_ROOT_CERT={}",
             shell_word(&p.display().to_string())
         ));
+        if plan.system_roots {
+            lines.push(format!("{SYSTEM_ROOTS_SETTING}=true"));
+        }
     }
     if let Some(ns) = &plan.namespace {
         lines.push(format!("VAULT_NAMESPACE={}", shell_word(ns)));
@@ -96,14 +102,21 @@ pub(super) fn plan(args: Args, env: &dyn Fn(&str) -> Option<String>) -> Result<P
         None => None,
     };
     let ca_cert_path = ca_cert_path.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
+    // As for the agent: VAULT_CACERT replaces the system roots unless they
+    // are added back.
+    let system_roots = match var(&[SYSTEM_ROOTS_SETTING]) {
+        None => false,
+        Some((_, v)) => crate::config::parse_bool(&v)
+            .map_err(|r| SetupError::usage(format!("{SYSTEM_ROOTS_SETTING}={v}"), r))?,
+    };
     let namespace = var(&["VAULT_NAMESPACE", "BAO_NAMESPACE"]).map(|(_, n)| n);
-    let admin = VaultAdmin::new(
-        addr,
-        token,
-        namespace.clone(),
-        ca_pem.as_deref(),
-        args.dry_run,
-    )?;
+    let roots = TlsRoots {
+        setting: "VAULT_CACERT",
+        pem: ca_pem.as_deref(),
+        system_roots,
+    };
+    let admin = VaultAdmin::new(addr, token, namespace.clone(), roots, args.dry_run)?;
+    let system_roots = system_roots && ca_pem.is_some();
 
     crate::config::validate_trust_domain(&args.trust_domain)
         .map_err(|r| SetupError::usage(format!("--trust-domain {}", args.trust_domain), r))?;
@@ -155,6 +168,7 @@ pub(super) fn plan(args: Args, env: &dyn Fn(&str) -> Option<String>) -> Result<P
     Ok(Plan {
         admin,
         ca_cert_path,
+        system_roots,
         namespace,
         trust_domain: args.trust_domain,
         pki_path,
@@ -358,5 +372,42 @@ mod tests {
     fn short_max_ttl_is_passed_on_as_secret_ttl() {
         let p = plan_of(&[K8S, &["--max-ttl", "2h"]].concat(), ENV).unwrap();
         assert!(settings(&p, "x").contains("SECRET_TTL=7200s"));
+    }
+
+    #[test]
+    fn system_roots_added_back_to_vault_cacert_are_passed_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["vault".to_string()]).unwrap();
+        let ca_file = dir.path().join("vault-ca.pem");
+        std::fs::write(&ca_file, ca.cert.pem()).unwrap();
+        let ca_file = ca_file.to_str().unwrap();
+        let with = |extra: &[(&'static str, &'static str)]| {
+            let mut env = ENV.to_vec();
+            env.push(("VAULT_CACERT", ca_file));
+            env.extend_from_slice(extra);
+            plan_of(K8S, &env)
+        };
+        let only_cacert = settings(&with(&[]).unwrap(), "x");
+        assert!(
+            only_cacert.contains("VAULT_TLS_ROOT_CERT="),
+            "{only_cacert}"
+        );
+        assert!(
+            !only_cacert.contains("VAULT_TLS_SYSTEM_ROOTS"),
+            "{only_cacert}"
+        );
+        let added = settings(&with(&[("VAULT_TLS_SYSTEM_ROOTS", "true")]).unwrap(), "x");
+        assert!(
+            added.lines().any(|l| l == "VAULT_TLS_SYSTEM_ROOTS=true"),
+            "{added}"
+        );
+        let err = with(&[("VAULT_TLS_SYSTEM_ROOTS", "maybe")])
+            .err()
+            .expect("refused");
+        assert_eq!(err.exit_code(), 2);
+        assert!(
+            err.to_string().contains("VAULT_TLS_SYSTEM_ROOTS=maybe"),
+            "{err}"
+        );
     }
 }

@@ -1,9 +1,33 @@
-//! A stream is served no longer than its JWT holds: it ends with
-//! `UNAUTHENTICATED` at the JWT's `exp` (and not before), and with
-//! `PERMISSION_DENIED` when the CA rejects that JWT at a renewal, without
-//! receiving the certificate other streams' JWTs renewed.
+//! A request is served no longer than its JWT holds: an expired JWT is
+//! refused before any cache lookup, even when its identity is cached; a
+//! stream ends with `UNAUTHENTICATED` at its JWT's `exp` (and not before),
+//! and with `PERMISSION_DENIED` when the CA rejects that JWT at a renewal,
+//! without receiving the certificate other streams' JWTs renewed.
 
 use super::*;
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_jwt_is_refused_even_when_its_identity_is_cached() {
+    let agent = Agent::start(|_| {}).await;
+    let mut client = agent.client().await;
+    fetch(&mut client, &["default"], &jwt("x", None))
+        .await
+        .expect("the identity is served and cached");
+    let expired = jwt("x", Some(1000));
+    let err = fetch(&mut client, &["default"], &expired)
+        .await
+        .unwrap_err();
+    assert!(is(&err, Code::Unauthenticated, "expired"), "{err:?}");
+    let mut s = open_sotw(&mut client, &expired).await.unwrap();
+    s.send(request(&["ROOTCA"], None)).await;
+    let err = s.status().await;
+    assert!(is(&err, Code::Unauthenticated, "expired"), "{err:?}");
+    assert_eq!(
+        agent.log().matches("issued workload certificate").count(),
+        1
+    );
+    assert_eq!(agent.ca.signs(), 1);
+}
 
 #[tokio::test(start_paused = true)]
 async fn streams_end_unauthenticated_at_their_jwt_exp_and_not_before() {

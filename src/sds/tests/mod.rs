@@ -8,9 +8,19 @@
 //! - [`rotation`]: a renewal pushed to open streams, at its time and not before;
 //! - [`credentials`]: a stream ends at its JWT's `exp`, and when the CA
 //!   rejects its JWT at a renewal;
+//! - [`delta_protocol`]: `DeltaSecrets` subscriptions on one stream: unknown
+//!   names removed, unsubscribe, a reconnect's versions, one cache for both
+//!   protocols;
+//! - [`refusals`]: a missing or unparsable credential, an unknown name, a
+//!   wrong type, each with its status; the header spellings accepted;
 //! - [`bounds`]: the stream caps, `SDS_MAX_RESOURCE_NAMES`,
-//!   `SDS_FIRST_REQUEST_TIMEOUT`, and a client leaving while its first fetch
-//!   waits.
+//!   `SDS_MAX_REQUEST_BYTES`, `SDS_FIRST_REQUEST_TIMEOUT`,
+//!   `SDS_CONNECTION_NEW_JWT_BURST`;
+//! - [`half_close`]: a half-closed stream is answered, then ends; a client
+//!   leaving while its first fetch waits takes its stream with it.
+//!
+//! What the agent logs is captured ([`Agent::log`]), at `info` as the binary
+//! logs by default: the server's tasks run on the test's thread.
 //!
 //! Paused time with real sockets: tokio advances paused time on its own
 //! whenever every task waits, socket reads included. Server, client and CA
@@ -23,10 +33,14 @@
 mod acks;
 mod bounds;
 mod credentials;
+mod delta_protocol;
+mod half_close;
+mod refusals;
 mod rotation;
+mod unproven;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
@@ -76,6 +90,24 @@ pub(super) struct Agent {
     _dir: tempfile::TempDir,
     /// Held: the server stops when it is dropped.
     _shutdown: watch::Sender<bool>,
+    log: Log,
+    /// Held: the log is captured on this thread until it is dropped.
+    _logging: tracing::subscriber::DefaultGuard,
+}
+
+/// Log lines as written, shared with the subscriber that writes them.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Log {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The bounds of the agent's tests: the defaults, except that deadlines no
@@ -92,6 +124,17 @@ pub(super) fn test_limits() -> SdsLimits {
 impl Agent {
     /// An agent within [`test_limits`], changed by `f`.
     pub async fn start(f: impl FnOnce(&mut SdsLimits)) -> Self {
+        let log = Log::default();
+        let writer = log.clone();
+        let logging = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_max_level(tracing::Level::INFO)
+                .with_ansi(false)
+                .with_target(false)
+                .without_time()
+                .finish(),
+        );
         let mut cfg = test_limits();
         f(&mut cfg);
         let clock = Clock::paused_at(SystemTime::now());
@@ -105,7 +148,7 @@ impl Agent {
         let manager = crate::secrets::test_support::manager(ca.clone(), opts);
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("sds.sock");
-        let listener = crate::endpoint::socket::bind(&socket).unwrap();
+        let listener = crate::endpoint::socket::bind(&socket, Default::default()).unwrap();
         let limits = Limits::new(cfg);
         let (shutdown, rx) = watch::channel(false);
         tokio::spawn(super::serve_within(
@@ -122,7 +165,14 @@ impl Agent {
             socket,
             _dir: dir,
             _shutdown: shutdown,
+            log,
+            _logging: logging,
         }
+    }
+
+    /// What the agent logged so far.
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&self.log.0.lock().unwrap()).into_owned()
     }
 
     /// A client on a connection of its own.
@@ -177,24 +227,62 @@ fn with_jwt<T>(msg: T, jwt: &Credential) -> tonic::Request<T> {
     req
 }
 
+/// The client's side of a request stream, as a request carrying `jwt`, or
+/// no credential at all.
+fn requests<Req>(
+    jwt: Option<&Credential>,
+) -> (mpsc::Sender<Req>, tonic::Request<ReceiverStream<Req>>) {
+    let (tx, rx) = mpsc::channel(8);
+    let body = ReceiverStream::new(rx);
+    let req = match jwt {
+        Some(jwt) => with_jwt(body, jwt),
+        None => tonic::Request::new(body),
+    };
+    (tx, req)
+}
+
 /// Opens a `StreamSecrets` stream carrying `jwt`; `Err` when refused.
 pub(super) async fn open_sotw(client: &mut Client, jwt: &Credential) -> Result<Sotw, Status> {
-    let (tx, rx) = mpsc::channel(8);
-    let rx = client
-        .stream_secrets(with_jwt(ReceiverStream::new(rx), jwt))
-        .await?
-        .into_inner();
+    open_sotw_with(client, Some(jwt)).await
+}
+
+/// Opens a `StreamSecrets` stream carrying `jwt`, or no credential at all;
+/// `Err` when refused.
+pub(super) async fn open_sotw_with(
+    client: &mut Client,
+    jwt: Option<&Credential>,
+) -> Result<Sotw, Status> {
+    let (tx, req) = requests(jwt);
+    let rx = client.stream_secrets(req).await?.into_inner();
     Ok(Stream { tx: Some(tx), rx })
 }
 
 /// Opens a `DeltaSecrets` stream carrying `jwt`; `Err` when refused.
 pub(super) async fn open_delta(client: &mut Client, jwt: &Credential) -> Result<Delta, Status> {
-    let (tx, rx) = mpsc::channel(8);
-    let rx = client
-        .delta_secrets(with_jwt(ReceiverStream::new(rx), jwt))
-        .await?
-        .into_inner();
+    open_delta_with(client, Some(jwt)).await
+}
+
+/// Opens a `DeltaSecrets` stream carrying `jwt`, or no credential at all;
+/// `Err` when refused.
+pub(super) async fn open_delta_with(
+    client: &mut Client,
+    jwt: Option<&Credential>,
+) -> Result<Delta, Status> {
+    let (tx, req) = requests(jwt);
+    let rx = client.delta_secrets(req).await?.into_inner();
     Ok(Stream { tx: Some(tx), rx })
+}
+
+/// `FetchSecrets` for `names`, carrying `jwt`.
+pub(super) async fn fetch(
+    client: &mut Client,
+    names: &[&str],
+    jwt: &Credential,
+) -> Result<DiscoveryResponse, Status> {
+    let resp = client
+        .fetch_secrets(with_jwt(request(names, None), jwt))
+        .await?;
+    Ok(resp.into_inner())
 }
 
 impl<Req, Resp: Message + Default + std::fmt::Debug + 'static> Stream<Req, Resp> {
@@ -232,6 +320,15 @@ impl<Req, Resp: Message + Default + std::fmt::Debug + 'static> Stream<Req, Resp>
         }
     }
 
+    /// Waits for the stream to end with OK; panics on a message or a status.
+    pub async fn ends_ok(&mut self) {
+        match tokio::time::timeout(WAIT, self.rx.message()).await {
+            Ok(Ok(None)) => {}
+            Ok(got) => panic!("expected the end, got {got:?}"),
+            Err(_) => panic!("the stream did not end within {WAIT:?}"),
+        }
+    }
+
     /// Panics if anything (a message, a status, the end) comes within `d`.
     pub async fn silent(&mut self, d: Duration, what: &str) {
         if let Ok(got) = tokio::time::timeout(d, self.rx.message()).await {
@@ -256,7 +353,7 @@ pub(super) fn request(names: &[&str], ack_of: Option<&DiscoveryResponse>) -> Dis
 pub(super) fn nack_detail() -> Option<RpcStatus> {
     Some(RpcStatus {
         code: Code::InvalidArgument as i32,
-        message: "rejected by the test".into(),
+        message: "Failed to load certificate chain from <inline>".into(),
         ..Default::default()
     })
 }
@@ -320,6 +417,49 @@ pub(super) fn delta_serial(resp: &DeltaDiscoveryResponse) -> String {
         .find(|r| r.name == "default")
         .expect("the response carries default");
     leaf_serial(&decode(r.resource.as_ref().expect("a resource")))
+}
+
+/// The secret named `name` a `StreamSecrets` response carries.
+pub(super) fn secret_named(resp: &DiscoveryResponse, name: &str) -> Secret {
+    resp.resources
+        .iter()
+        .map(decode)
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("the response carries no {name}"))
+}
+
+/// The secret named `name` a `DeltaDiscoveryResponse` carries.
+pub(super) fn delta_secret_named(resp: &DeltaDiscoveryResponse, name: &str) -> Secret {
+    let r = resp
+        .resources
+        .iter()
+        .find(|r| r.name == name)
+        .unwrap_or_else(|| panic!("the response carries no {name}"));
+    decode(r.resource.as_ref().expect("a resource"))
+}
+
+/// The chain and key PEMs of a `default` secret.
+pub(super) fn chain_and_key(s: &Secret) -> (String, String) {
+    let c = crate::client::sds::tls_certificate(s).expect("a tls_certificate");
+    (c.chain_pem, c.key_pem.to_string())
+}
+
+/// The trusted CA PEM of a `ROOTCA` secret.
+pub(super) fn trusted_ca(s: &Secret) -> String {
+    crate::client::sds::trusted_ca(s).expect("a validation_context")
+}
+
+/// The URI SANs of the leaf of a `default` secret.
+pub(super) fn uris(s: &Secret) -> Vec<String> {
+    crate::client::sds::leaf_facts(&chain_and_key(s).0)
+        .expect("a leaf certificate")
+        .uri_sans
+}
+
+/// The URI SANs of the leaf a `StreamSecrets` response serves first, which
+/// must come with its private key.
+pub(super) fn served_uris(resp: &DiscoveryResponse) -> Vec<String> {
+    crate::client::sds::served_uris(resp).expect("a certificate and its key")
 }
 
 /// `true` when `status` has `code` and its message contains `text`.

@@ -33,6 +33,19 @@ async fn a_renewal_is_pushed_to_open_streams_at_its_time_and_not_before() {
     assert!(start.elapsed() >= RENEWAL - Duration::from_secs(30));
     assert_eq!(agent.ca.signs(), 2);
     assert_ne!(serial(&renewed), serial(&first), "the new certificate");
+    assert_ne!(renewed.version_info, first.version_info);
+    assert_ne!(renewed.nonce, first.nonce);
+    assert_ne!(
+        chain_and_key(&secret_named(&renewed, "default")),
+        chain_and_key(&secret_named(&first, "default")),
+        "a new certificate and key"
+    );
+    assert_eq!(
+        trusted_ca(&secret_named(&renewed, "ROOTCA")),
+        trusted_ca(&secret_named(&first, "ROOTCA")),
+        "the same root"
+    );
+    assert!(agent.log().contains("renewed workload certificate"));
     assert_eq!(serial(&renewed), delta_serial(&renewed_delta));
     // StreamSecrets sends its whole subscription; DeltaSecrets only what
     // changed (the roots did not).

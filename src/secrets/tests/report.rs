@@ -42,6 +42,7 @@ async fn each_identity_with_its_certificate_schedule_streams_and_last_error() {
     let start = not_before.max(received);
     let half = not_after - not_after.duration_since(start).unwrap().mul_f64(0.5);
     assert_eq!(r.renew_at, Some(half));
+    assert_eq!(r.renewal_due, Some(half));
     assert_eq!(r.streams_open, 1);
     assert_eq!(r.last_error, None);
 
@@ -64,6 +65,7 @@ async fn each_identity_with_its_certificate_schedule_streams_and_last_error() {
         retry > now && retry <= now + Duration::from_secs(1),
         "the first back-off step (1 s): {retry:?}, now {now:?}"
     );
+    assert_eq!(r.renewal_due, Some(half), "a failure does not move it");
 
     // The CA answers again: the renewed certificate, no error, a new schedule.
     *h.ca.sign_error.lock().unwrap() = None;
@@ -77,6 +79,7 @@ async fn each_identity_with_its_certificate_schedule_streams_and_last_error() {
         r.renew_at.unwrap() > half + Duration::from_secs(40),
         "{r:?}"
     );
+    assert_eq!(r.renewal_due, r.renew_at, "the new certificate's");
 }
 
 #[tokio::test(start_paused = true)]
@@ -98,7 +101,7 @@ async fn the_queue_depth_counts_requests_waiting_for_a_slot() {
     assert_eq!(list.len(), 3);
     assert!(list
         .iter()
-        .all(|r| r.serial.is_none() && r.renew_at.is_none()));
+        .all(|r| r.serial.is_none() && r.renew_at.is_none() && r.renewal_due.is_none()));
     for t in tasks {
         t.await.unwrap().unwrap();
     }

@@ -107,7 +107,9 @@ async fn streams_over_many_connections_past_the_total_cap() {
 }
 
 /// Streams that send no request are closed after SDS_FIRST_REQUEST_TIMEOUT
-/// with DEADLINE_EXCEEDED, and give their place back.
+/// with DEADLINE_EXCEEDED, and give their place back; while they fill
+/// SDS_MAX_STREAMS, a newcomer is served all the same: the oldest of them,
+/// which has proven nothing, makes room (RESOURCE_EXHAUSTED).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_that_send_nothing_are_closed() {
     let agent = local_agent(&[
@@ -132,13 +134,28 @@ async fn streams_that_send_nothing_are_closed() {
             .into_inner();
         silent.push((tx, inbound, client));
     }
-    // The silent streams fill SDS_MAX_STREAMS...
+    // The silent streams fill SDS_MAX_STREAMS; a newcomer is served, and
+    // the oldest silent stream gave it its place...
     let mut client = connect(&agent.socket).await;
-    let err = fetch(&mut client, &["default"], &fake_jwt("legit", "w"))
+    fetch(&mut client, &["default"], &fake_jwt("legit", "w"))
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    // ...until each is closed for want of a request.
+        .unwrap_or_else(|e| panic!("the newcomer was refused: {e:?}\n{}", agent.log()));
+    let mut silent = silent.into_iter();
+    let (_tx, mut oldest, _client) = silent.next().unwrap();
+    let e = next_within(
+        &mut oldest,
+        Duration::from_secs(10),
+        "oldest evicted",
+        || agent.log(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().contains("SDS_MAX_STREAMS=8") && e.message().contains("proven no credential"),
+        "{e:?}"
+    );
+    // ...and the others are closed for want of a request.
     for (_tx, mut inbound, _client) in silent {
         let e = next_within(
             &mut inbound,
@@ -161,13 +178,11 @@ async fn streams_that_send_nothing_are_closed() {
 }
 
 /// A peer that opens a stream and then goes dead (reads and writes nothing,
-/// answers no PING) is cut off by HTTP/2 keep-alive, and its stream's place
-/// is given back.
+/// answers no PING) is cut off by HTTP/2 keep-alive, and its stream ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepalive_reaps_a_dead_peer() {
     use tokio::io::AsyncWriteExt;
     let agent = local_agent(&[
-        ("SDS_MAX_STREAMS", "1"),
         ("SDS_KEEPALIVE_INTERVAL", "1s"),
         ("SDS_KEEPALIVE_TIMEOUT", "1s"),
         ("SDS_FIRST_REQUEST_TIMEOUT", "1h"),
@@ -180,28 +195,19 @@ async fn keepalive_reaps_a_dead_peer() {
         stream_one_accepted(&mut dead).await,
         "the dead peer's stream was accepted"
     );
-    // From here the peer reads and writes nothing. It holds the only place...
-    let mut client = connect(&agent.socket).await;
-    let err = fetch(&mut client, &["default"], &fake_jwt("legit", "w"))
-        .await
-        .expect_err("the dead peer's stream holds SDS_MAX_STREAMS=1");
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert!(err.message().contains("SDS_MAX_STREAMS=1"), "{err:?}");
+    // From here the peer reads and writes nothing. Its stream stays open...
+    let metrics = agent.status_url("/metrics");
+    let streams_open = || support::metrics::gauge(&metrics, "node_agent_sds_streams_open");
+    assert_eq!(streams_open().await, 1.0, "the dead peer's stream is open");
     // ...until keep-alive finds it dead and closes its connection.
     let started = Instant::now();
-    loop {
-        match fetch(&mut client, &["default"], &fake_jwt("legit", "w")).await {
-            Ok(_) => break,
-            Err(e) => {
-                assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
-                assert!(
-                    started.elapsed() < Duration::from_secs(15),
-                    "the dead peer was never reaped\n{}",
-                    agent.log()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
+    while streams_open().await != 0.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the dead peer was never reaped\n{}",
+            agent.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     println!("dead peer reaped after {:?}", started.elapsed());
     drop(dead);

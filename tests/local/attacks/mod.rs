@@ -8,7 +8,9 @@
 //! and what a request may name), [`connections`] (the node-wide caps on
 //! connections and streams, peers that go quiet or dead), [`logins`]
 //! (identities and forged JWTs that would each cost a CA login),
-//! [`malformed`] (bytes that are not gRPC, messages and headers too large).
+//! [`malformed`] (bytes that are not gRPC, messages and headers too large),
+//! [`squatters`] (places taken by what proves nothing, retaken as fast as
+//! they are freed).
 //! This file holds what every attack shares: the agent, the legitimate
 //! workload, and the checks on memory and on the agent's warnings.
 
@@ -24,6 +26,7 @@ use support::sds_client::*;
 mod connections;
 mod logins;
 mod malformed;
+mod squatters;
 mod streams;
 
 /// Every attack below must leave the agent's peak resident set under this

@@ -1,7 +1,6 @@
-//! The secret cache behind the streams: a renewed secret is pushed on the
-//! open stream, an identity nobody watches is evicted and not renewed (costing
-//! no CPU), a stream keeps reading requests while its first fetch waits on
-//! Vault, and what the server does is counted in metrics.
+//! The secret cache behind the streams: an identity nobody watches is evicted
+//! and not renewed (costing no CPU), a stream keeps reading requests while its
+//! first fetch waits on Vault, and what the server does is counted in metrics.
 
 use crate::support;
 
@@ -10,46 +9,9 @@ use std::time::Duration;
 use support::agent::Agent;
 use support::sds_client::fake_jwt;
 use support::sds_client::*;
-use tokio_stream::StreamExt;
 use tonic::Code;
 
 use super::{local_agent, nack, names_of, next};
-
-#[tokio::test]
-async fn the_open_stream_is_pushed_the_renewed_secret() {
-    let agent = Agent::start(&[
-        ("CA_PROVIDER", "LocalCA".into()),
-        ("SECRET_TTL", "4s".into()),
-    ]);
-    let mut client = connect(&agent.socket).await;
-    let (tx, mut inbound) = open_stream(&mut client, &fake_jwt("push", "me")).await;
-    tx.send(request(&["default", "ROOTCA"], None))
-        .await
-        .unwrap();
-    let first = inbound.next().await.unwrap().unwrap();
-    tx.send(request(&["default", "ROOTCA"], Some(&first)))
-        .await
-        .unwrap();
-    // Renewal at half the 4 s lifetime: pushed on this stream without asking.
-    let pushed = next_within(
-        &mut inbound,
-        Duration::from_secs(6),
-        "a renewed secret is pushed",
-        || agent.log(),
-    )
-    .await
-    .unwrap();
-    assert_ne!(pushed.version_info, first.version_info);
-    assert_ne!(pushed.nonce, first.nonce);
-    let (a, b) = (secrets(&first), secrets(&pushed));
-    assert_ne!(
-        tls_certificate(&a[0]),
-        tls_certificate(&b[0]),
-        "new certificate and key"
-    );
-    assert_eq!(trusted_ca(&a[1]), trusted_ca(&b[1]), "same root");
-    assert!(agent.log().contains("renewed workload certificate"));
-}
 
 #[tokio::test]
 async fn an_identity_nobody_watches_is_evicted() {

@@ -1,10 +1,11 @@
-//! The SDS server seen from a Rust gRPC client (the library's own,
-//! `node_agent::client::sds`): [`protocol`] (FetchSecrets, the stream state
-//! machine with its ACKs, NACKs and stale nonces, names, half-close, request
-//! budgets), [`credentials`] (which JWT a request is served for, and the token
-//! file), [`socket`] (the socket's lifecycle and the settings that place it or
-//! stop the agent), [`cache`] (renewals pushed to open streams, eviction and
-//! idle identities, metrics). This file holds the helpers they share.
+//! The SDS server of the real binary seen from a Rust gRPC client (the
+//! library's own, `node_agent::client::sds`): [`protocol`] (FetchSecrets,
+//! request budgets), [`token_file`] (`WORKLOAD_TOKEN_PATH`), [`socket`] (the
+//! socket's lifecycle and the settings that place it or stop the agent),
+//! [`cache`] (eviction and idle identities, a fetch waiting on Vault,
+//! metrics). The protocol's rules (ACKs, NACKs, stale nonces, names,
+//! half-close, renewals pushed, credentials refused) are tested in process,
+//! in `src/sds/tests/`. This file holds the helpers they share.
 
 use crate::support;
 
@@ -14,9 +15,9 @@ use support::agent::Agent;
 use support::sds_client::*;
 
 mod cache;
-mod credentials;
 mod protocol;
 mod socket;
+mod token_file;
 
 fn local_agent() -> Agent {
     Agent::start(&[

@@ -1,21 +1,14 @@
 //! The SDS protocol as a client sees it: FetchSecrets returns the workload's
-//! certificate and root (its key never logged); on a stream, ACKs, NACKs and
-//! stale nonces are answered as Envoy expects, a NACKed secret is not resent
-//! but the next change is, duplicate names collapse and too many are refused,
-//! a half-closed stream is answered before it ends, and streams waiting for
-//! the request budget are all answered.
+//! certificate and root (its key never logged), and streams waiting for the
+//! request budget are all answered.
 
 use crate::support;
-
-use std::time::Duration;
 
 use support::agent::Agent;
 use support::sds_client::fake_jwt;
 use support::sds_client::*;
-use tokio_stream::StreamExt;
-use tonic::Code;
 
-use super::{local_agent, nack, names_of, next};
+use super::local_agent;
 
 #[tokio::test]
 async fn fetch_secrets_returns_the_workload_certificate_and_root() {
@@ -76,192 +69,6 @@ fn ec_p256_secret(pem: &str) -> (Vec<String>, String) {
     let b64 = vec![body[48..64].to_string(), body[64..88].to_string()];
     let hex = scalar.iter().map(|b| format!("{b:02x}")).collect();
     (b64, hex)
-}
-
-/// Requests on a stream are read in order, so a message that must get no
-/// reply is followed by one that must: the next response answering the
-/// second proves the first was read and left unanswered, without waiting
-/// for "nothing".
-#[tokio::test]
-async fn stream_state_machine_acks_nacks_and_stale_nonces() {
-    let agent = local_agent();
-    let mut client = connect(&agent.socket).await;
-    let jwt = fake_jwt("ns1", "sa1");
-    let (tx, mut inbound) = open_stream(&mut client, &jwt).await;
-
-    tx.send(request(&["default"], None)).await.unwrap();
-    let first = next(&mut inbound, "the first request is answered", &agent).await;
-    assert_eq!(names_of(&first), ["default"]);
-    let (chain, key) = tls_certificate(&secrets(&first)[0]);
-    assert_eq!(
-        leaf_facts(&chain).0,
-        ["spiffe://cluster.local/ns/ns1/sa/sa1"]
-    );
-
-    // ACK, the name repeated (names are a set): no reply. Then a changed
-    // subscription, which is answered.
-    tx.send(request(&["default", "default"], Some(&first)))
-        .await
-        .unwrap();
-    tx.send(request(&["default", "ROOTCA"], Some(&first)))
-        .await
-        .unwrap();
-    let second = next(&mut inbound, "a changed subscription is answered", &agent).await;
-    assert_eq!(
-        names_of(&second),
-        ["default", "ROOTCA"],
-        "the ACK was not answered: the next response is the change's"
-    );
-    assert_ne!(second.nonce, first.nonce);
-
-    // NACK, the same names in another order: logged, not answered with the
-    // same secret. Then a changed subscription, which is answered.
-    tx.send(nack(&["ROOTCA", "default"], &second))
-        .await
-        .unwrap();
-    tx.send(request(&["ROOTCA"], Some(&second))).await.unwrap();
-    let third = next(&mut inbound, "a change after a NACK is answered", &agent).await;
-    assert_eq!(
-        names_of(&third),
-        ["ROOTCA"],
-        "the NACK was not answered: the next response is the change's"
-    );
-    agent.wait_log(
-        "Envoy rejected the SDS response (NACK): Failed to load certificate chain from <inline>",
-        Duration::from_secs(5),
-    );
-
-    // A stale nonce is ignored, even when it asks for something else.
-    tx.send(request(&["default", "ROOTCA"], Some(&second)))
-        .await
-        .unwrap();
-    tx.send(request(&["default"], Some(&third))).await.unwrap();
-    let fourth = next(&mut inbound, "a current change is answered", &agent).await;
-    assert_eq!(
-        names_of(&fourth),
-        ["default"],
-        "the stale request was ignored: the next response is the current one's"
-    );
-
-    // A NACK that also changes the names is a new subscription: answered.
-    tx.send(nack(&["default", "ROOTCA"], &fourth))
-        .await
-        .unwrap();
-    let fifth = next(
-        &mut inbound,
-        "a NACK changing the names is answered",
-        &agent,
-    )
-    .await;
-    assert_eq!(names_of(&fifth), ["default", "ROOTCA"]);
-    let s = secrets(&fifth);
-    assert_eq!(
-        tls_certificate(&s[0]),
-        (chain.clone(), key.clone()),
-        "no new key for a repeated request"
-    );
-
-    // Another stream for the same identity shares the certificate and key.
-    let mut other = connect(&agent.socket).await;
-    let resp = fetch(&mut other, &["default"], &jwt).await.unwrap();
-    assert_eq!(tls_certificate(&secrets(&resp)[0]), (chain, key));
-}
-
-/// After a NACK the same secret is never sent again, but the next change is:
-/// the renewal is the next message on the stream.
-#[tokio::test]
-async fn a_nacked_secret_is_not_resent_but_the_next_change_is_pushed() {
-    let agent = Agent::start(&[
-        ("CA_PROVIDER", "LocalCA".into()),
-        ("SECRET_TTL", "4s".into()),
-    ]);
-    let mut client = connect(&agent.socket).await;
-    let (tx, mut inbound) = open_stream(&mut client, &fake_jwt("nack", "me")).await;
-    tx.send(request(&["default", "ROOTCA"], None))
-        .await
-        .unwrap();
-    let first = next(&mut inbound, "the first request is answered", &agent).await;
-    tx.send(nack(&["default", "ROOTCA"], &first)).await.unwrap();
-    // Renewal at half the 4 s lifetime.
-    let pushed = next_within(
-        &mut inbound,
-        Duration::from_secs(6),
-        "the renewal after a NACK is pushed",
-        || agent.log(),
-    )
-    .await
-    .unwrap();
-    assert_ne!(
-        pushed.version_info, first.version_info,
-        "the NACKed version was sent again"
-    );
-    assert_ne!(
-        tls_certificate(&secrets(&pushed)[0]),
-        tls_certificate(&secrets(&first)[0]),
-        "the renewed certificate and key"
-    );
-    assert!(agent.log().contains("renewed workload certificate"));
-}
-
-/// Duplicate names collapse; too many distinct ones are refused, saying why.
-#[tokio::test]
-async fn duplicate_names_collapse_and_too_many_are_refused() {
-    let agent = local_agent();
-    let mut client = connect(&agent.socket).await;
-    let jwt = fake_jwt("many", "names");
-    let many = vec!["default"; 5000];
-    let resp = fetch(&mut client, &many, &jwt).await.unwrap();
-    assert_eq!(names_of(&resp), ["default"], "one resource, not 5000");
-    let mut dup = vec!["ROOTCA"; 10];
-    dup.extend(["default"; 10]);
-    let resp = fetch(&mut client, &dup, &jwt).await.unwrap();
-    assert_eq!(names_of(&resp), ["ROOTCA", "default"]);
-
-    let distinct: Vec<String> = (0..9).map(|i| format!("name{i}")).collect();
-    let distinct: Vec<&str> = distinct.iter().map(String::as_str).collect();
-    let err = fetch(&mut client, &distinct, &jwt).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(
-        err.message()
-            .contains("more than 8 distinct resources (SDS_MAX_RESOURCE_NAMES)"),
-        "{}",
-        err.message()
-    );
-    let (tx, mut inbound) = open_stream(&mut client, &jwt).await;
-    tx.send(request(&distinct, None)).await.unwrap();
-    let err = inbound.next().await.unwrap().unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-}
-
-/// A client that sends its request and half-closes (as grpcurl or a one-shot
-/// fetcher does) is answered before the stream ends: a half-close says "no
-/// more requests", not "cancel".
-#[tokio::test]
-async fn a_half_closed_stream_is_answered_then_ended() {
-    let agent = local_agent();
-    let mut client = connect(&agent.socket).await;
-    let jwt = fake_jwt("default", "half-closed");
-    let mut inbound = client
-        .stream_secrets(with_jwt(
-            tokio_stream::iter(vec![request(&["default"], None)]),
-            &jwt,
-        ))
-        .await
-        .expect("open StreamSecrets")
-        .into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(10), inbound.message())
-        .await
-        .expect("an answer within 10 s")
-        .expect("no error status")
-        .expect("a response before the stream ends");
-    assert_eq!(
-        served_uris(&first),
-        ["spiffe://cluster.local/ns/default/sa/half-closed"]
-    );
-    let end = tokio::time::timeout(Duration::from_secs(10), inbound.message())
-        .await
-        .expect("the stream ends once answered");
-    assert!(matches!(end, Ok(None)), "{end:?}");
 }
 
 /// Streams of one connection, each sending an Envoy-sized request (60 KiB)

@@ -1,10 +1,13 @@
 //! The socket and the settings around it, from the agent's process: a live
 //! socket is not taken over, a stale one is replaced, shutdown removes it;
-//! invalid settings stop the agent naming them; Istio's socket flag wins over
-//! the environment.
+//! a socket directory others can write stops the agent; invalid settings stop
+//! the agent naming them; Istio's socket flag wins over the environment.
 
 use crate::support;
 
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
 use std::time::Duration;
 
 use support::agent::Agent;
@@ -42,6 +45,88 @@ fn socket_lifecycle_live_stale_and_shutdown() {
     let _fourth = Agent::start_at(&socket, dir.path(), &local);
 }
 
+/// Spawns the agent on `socket` with `env` and asserts that it stops, its log
+/// holding every one of `expect`, with nothing bound at `socket`.
+fn refused(socket: &Path, env: &[(&str, String)], expect: &[String]) {
+    let log_dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::spawn(socket, log_dir.path(), env);
+    let st = agent.wait_exit(Duration::from_secs(20));
+    let log = agent.log();
+    assert!(!st.success(), "{st:?}: {log}");
+    for part in expect {
+        assert!(log.contains(part.as_str()), "{part:?} not in\n{log}");
+    }
+    assert!(!socket.exists(), "{log}");
+}
+
+#[test]
+fn a_socket_directory_others_can_write_stops_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let sds = dir.path().join("sds");
+    fs::create_dir(&sds).unwrap();
+    let me = fs::metadata(&sds).unwrap().uid();
+    let socket = sds.join("uds_path");
+    let local = [("CA_PROVIDER", "LocalCA".to_string())];
+    let set_mode = |mode| fs::set_permissions(&sds, fs::Permissions::from_mode(mode)).unwrap();
+    let says = |mode: u32, why: &str| {
+        vec![
+            format!("refusing the socket directory {}", sds.display()),
+            format!("of WORKLOAD_UDS_PATH (mode {mode:04o}, owner uid {me}): {why}"),
+            format!("chown {me} {} && chmod 0755", sds.display()),
+            "SOCKET_DIR_CHECK=pod".to_string(),
+        ]
+    };
+    for (mode, why) in [
+        (0o777, "every user can write it"),
+        (0o1777, "every user can write it"),
+        (0o775, "its group can write it"),
+    ] {
+        set_mode(mode);
+        refused(&socket, &local, &says(mode, why));
+    }
+    // Owned by someone else: only root can make such a directory here.
+    if me == 0 {
+        set_mode(0o755);
+        std::os::unix::fs::chown(&sds, Some(4321), None).unwrap();
+        refused(
+            &socket,
+            &local,
+            &["owned by uid 4321, neither the agent's uid nor root".to_string()],
+        );
+        std::os::unix::fs::chown(&sds, Some(me), None).unwrap();
+    }
+    // The Workload API's socket is held to the same rule.
+    set_mode(0o755);
+    let open = dir.path().join("open");
+    fs::create_dir(&open).unwrap();
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+    let api = (
+        "WORKLOAD_API_SOCKET",
+        open.join("api.sock").display().to_string(),
+    );
+    let log_dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::spawn(&socket, log_dir.path(), &[local[0].clone(), api]);
+    assert!(!agent.wait_exit(Duration::from_secs(20)).success());
+    let log = agent.log();
+    assert!(
+        log.contains(&format!(
+            "refusing the socket directory {} of WORKLOAD_API_SOCKET",
+            open.display()
+        )),
+        "{log}"
+    );
+    assert!(!open.join("api.sock").exists());
+
+    // The agent's own 0755 directory serves.
+    let mut agent = Agent::start_at(&socket, dir.path(), &local);
+    assert!(agent.terminate().success());
+    // A pod's own emptyDir (0777), said to be one, serves too.
+    set_mode(0o777);
+    let pod = ("SOCKET_DIR_CHECK", "pod".to_string());
+    let mut agent = Agent::start_at(&socket, dir.path(), &[local[0].clone(), pod]);
+    assert!(agent.terminate().success());
+}
+
 #[test]
 fn invalid_settings_stop_the_agent_naming_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -53,6 +138,7 @@ fn invalid_settings_stop_the_agent_naming_them() {
         ),
         ("SECRET_TTL", "tomorrow", "SECRET_TTL=\"tomorrow\""),
         ("KEY_TYPE", "dsa-1024", "KEY_TYPE=\"dsa-1024\""),
+        ("SOCKET_DIR_CHECK", "off", "SOCKET_DIR_CHECK=\"off\""),
         (
             "TRUST_DOMAIN",
             "Not A Domain",

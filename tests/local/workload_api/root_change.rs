@@ -140,4 +140,27 @@ async fn a_vault_root_change_reaches_the_open_stream_and_the_files() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(agent.log().contains("wrote the certificate files"));
+
+    // The role keeps Vault's default key_usage, so every leaf of the EC key
+    // also broke the X.509-SVID rule against keyEncipherment: one warning
+    // for the first leaf (naming both role settings), one more when the
+    // rules broken changed with the role, none at the renewals between.
+    let log = agent.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("breaks X.509-SVID rules"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:#?}");
+    let key_usage = r#"key_usage=["DigitalSignature"]"#;
+    assert!(
+        warnings[0].contains("basic_constraints_valid_for_non_ca=true")
+            && warnings[0].contains(key_usage),
+        "{}",
+        warnings[0]
+    );
+    assert!(
+        !warnings[1].contains("basicConstraints") && warnings[1].contains(key_usage),
+        "{}",
+        warnings[1]
+    );
 }

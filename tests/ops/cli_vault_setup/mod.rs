@@ -6,7 +6,9 @@
 //! same; and the failures an operator hits get a clear message and exit 1.
 //!
 //! [`setups`] runs each auth method end to end, [`mistakes`] the operator's
-//! errors, [`ca_bundle`] an intermediate CA given with `--ca-bundle`; this file
+//! errors, [`ca_bundle`] an intermediate CA given with `--ca-bundle`,
+//! [`redirects`] the redirects it follows and refuses, [`tls_roots`] the
+//! CAs it trusts for Vault's TLS; this file
 //! holds the OpenBao they share and the checks every run makes.
 
 use crate::support;
@@ -28,7 +30,9 @@ use support::vault_env::issuer;
 
 mod ca_bundle;
 mod mistakes;
+mod redirects;
 mod setups;
+mod tls_roots;
 
 /// An empty OpenBao, a TokenReview stand-in, and the files vault-setup reads.
 struct Fixture {
@@ -205,7 +209,8 @@ fn uris_of(pem: &str) -> Vec<String> {
 }
 
 /// Proof 1: node-agent with exactly the printed settings serves two real
-/// Envoys that do mTLS with the identities Vault signed.
+/// Envoys that do mTLS with the identities Vault signed, its Vault tokens
+/// carrying only the policy vault-setup wrote.
 async fn agent_serves_a_mesh(f: &Fixture, out: &Output) -> Agent {
     let vars = settings(&out.stdout);
     let env: Vec<(&str, String)> = vars.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
@@ -223,6 +228,9 @@ async fn agent_serves_a_mesh(f: &Fixture, out: &Output) -> Agent {
     assert_eq!(resp.headers()[HDR_SERVER_SAW_CLIENT_URI], CLIENT_ID);
     assert_eq!(resp.headers()[HDR_CLIENT_SAW_SERVER_URI], SERVER_ID);
     assert_eq!(resp.text().await.unwrap(), "hello through vault-setup");
+    for p in agent_token_policies(f) {
+        assert_eq!(p, json!(["istio-cert-policy"]), "no `default` policy");
+    }
     agent
 }
 
@@ -277,11 +285,28 @@ async fn vault_binds_the_identity_in(f: &Fixture, method: &str, trust_domain: &s
     let (status, cn) = f.sign(&token, with_cn).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{cn}");
 
-    // Least privilege: the login's token may not issue (Vault-made keys),
-    // read the role, or touch anything else.
+    // Least privilege: the login's token has the one policy, without Vault's
+    // `default`...
+    let lookup = f
+        .bao
+        .root(
+            Method::POST,
+            "auth/token/lookup",
+            Some(json!({ "token": token })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        lookup["data"]["policies"],
+        json!(["istio-cert-policy"]),
+        "{lookup}"
+    );
+    // ...so it may not issue (Vault-made keys), read the role, look itself
+    // up (which `default` grants), or touch anything else.
     for (method, path) in [
         (Method::POST, "istio_ca/issue/istio-pki-role"),
         (Method::GET, "istio_ca/roles/istio-pki-role"),
+        (Method::GET, "auth/token/lookup-self"),
         (Method::GET, "sys/mounts"),
     ] {
         let (status, body) = f
@@ -296,6 +321,34 @@ async fn vault_binds_the_identity_in(f: &Fixture, method: &str, trust_domain: &s
             .unwrap();
         assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}: {body}");
     }
+}
+
+/// The policies of the tokens the agent logged in for and signed with,
+/// from the audit log: each login's answer, and each sign request's token.
+fn agent_token_policies(f: &Fixture) -> Vec<Value> {
+    let log = std::fs::read_to_string(f.bao.audit_log_path()).unwrap_or_default();
+    let entries: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let logins = entries.iter().filter(|e| {
+        e["type"] == "response"
+            && e["request"]["path"]
+                .as_str()
+                .is_some_and(|p| p.ends_with("/login"))
+    });
+    let signs = entries.iter().filter(|e| {
+        e["type"] == "request" && e["request"]["path"] == "istio_ca/sign/istio-pki-role"
+    });
+    let policies: Vec<Value> = logins
+        .map(|e| e["response"]["auth"]["policies"].clone())
+        .chain(signs.map(|e| e["auth"]["policies"].clone()))
+        .collect();
+    assert!(
+        policies.len() >= 2,
+        "the agent logged in and signed: {policies:?}"
+    );
+    policies
 }
 
 fn outcomes(out: &Output) -> Vec<String> {

@@ -85,6 +85,12 @@ async fn kubernetes_setup_serves_envoys_binds_identities_and_runs_again_unchange
     }
     assert!(!first.both().contains(&reviewer));
 
+    let role = f
+        .bao
+        .root(Method::GET, "auth/kubernetes/role/istio-cert", None)
+        .await
+        .unwrap();
+    assert_eq!(role["data"]["token_no_default_policy"], true, "{role}");
     let agent = agent_serves_a_mesh(&f, &first).await;
     vault_binds_the_identity(&f, "kubernetes").await;
 
@@ -95,6 +101,32 @@ async fn kubernetes_setup_serves_envoys_binds_identities_and_runs_again_unchange
     assert_eq!(outcomes(&again), vec!["unchanged"; 7], "{}", again.both());
     assert_eq!(again.stdout, first.stdout);
     assert_eq!(f.writes(), writes, "an unchanged run sent a write");
+
+    // A role that gives tokens the `default` policy again is set back,
+    // saying so.
+    f.bao
+        .root(
+            Method::POST,
+            "auth/kubernetes/role/istio-cert",
+            Some(json!({ "token_no_default_policy": false })),
+        )
+        .await
+        .unwrap();
+    let drifted = f.setup(&args, &[]).await;
+    assert_eq!(drifted.code, 0, "{}", drifted.both());
+    assert_eq!(
+        items(&drifted.stderr)
+            .into_iter()
+            .filter(|(o, _)| o != "unchanged")
+            .collect::<Vec<_>>(),
+        [(
+            "updated".to_string(),
+            "auth role auth/kubernetes/role/istio-cert (token_no_default_policy: false -> true)"
+                .to_string()
+        )],
+        "{}",
+        drifted.both()
+    );
 
     // A changed flag updates exactly its item, saying what changed...
     let longer = f.setup(&args, &["--token-ttl", "2h"]).await;
@@ -119,6 +151,36 @@ async fn kubernetes_setup_serves_envoys_binds_identities_and_runs_again_unchange
         .unwrap();
     assert_eq!(role["data"]["token_ttl"], 7200);
 
+    // A PKI role with Vault's default key usage (as written before
+    // vault-setup set it): the run names the difference and fixes it.
+    let pki_role = "istio_ca/roles/istio-pki-role";
+    let mut written = f.bao.root(Method::GET, pki_role, None).await.unwrap()["data"].take();
+    written["key_usage"] = json!(["DigitalSignature", "KeyAgreement", "KeyEncipherment"]);
+    f.bao
+        .root(Method::POST, pki_role, Some(written))
+        .await
+        .unwrap();
+    let fixed = f.setup(&args, &["--token-ttl", "2h"]).await;
+    assert_eq!(fixed.code, 0, "{}", fixed.both());
+    let changed: Vec<_> = items(&fixed.stderr)
+        .into_iter()
+        .filter(|(o, _)| o != "unchanged")
+        .collect();
+    assert_eq!(changed.len(), 1, "{}", fixed.both());
+    assert_eq!(
+        changed[0],
+        (
+            "updated".to_string(),
+            "PKI role istio_ca/roles/istio-pki-role (key_usage: \
+             [DigitalSignature, KeyAgreement, KeyEncipherment] -> [DigitalSignature])"
+                .to_string()
+        ),
+        "{}",
+        fixed.both()
+    );
+    let role = f.bao.root(Method::GET, pki_role, None).await.unwrap();
+    assert_eq!(role["data"]["key_usage"], json!(["DigitalSignature"]));
+
     // ...and proof 4 on a configured Vault: --dry-run shows the update, sends nothing.
     let before = f.state().await;
     let writes = f.writes();
@@ -139,7 +201,9 @@ async fn kubernetes_setup_serves_envoys_binds_identities_and_runs_again_unchange
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jwt_setup_serves_envoys_and_binds_identities() {
     let f = Fixture::start().await;
-    let args = f.jwt_args();
+    // Service tokens, which the agent revokes when it stops.
+    let mut args = f.jwt_args();
+    args.extend(["--token-type".to_string(), "service".to_string()]);
     let first = f.setup(&args, &[]).await;
     assert_eq!(first.code, 0, "{}", first.both());
     assert_eq!(outcomes(&first), vec!["created"; 7], "{}", first.both());
@@ -148,8 +212,15 @@ async fn jwt_setup_serves_envoys_and_binds_identities() {
         "{}",
         first.stdout
     );
-    let _agent = agent_serves_a_mesh(&f, &first).await;
+    let mut agent = agent_serves_a_mesh(&f, &first).await;
     vault_binds_the_identity(&f, "jwt").await;
+    // The policy lets the tokens revoke themselves, without `default`.
+    assert!(agent.terminate().success(), "{}", agent.log());
+    assert!(
+        agent.log().contains("revoked the agent's Vault tokens"),
+        "{}",
+        agent.log()
+    );
 
     // Outside the bound service accounts, the login itself is refused.
     let (status, body) = f

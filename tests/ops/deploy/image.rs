@@ -49,9 +49,18 @@ async fn the_container_image_builds_and_serves() {
     let dir = tempfile::tempdir().unwrap();
     let sds_dir = dir.path().join("sds");
     std::fs::create_dir(&sds_dir).unwrap();
-    // The image's user must be able to create its socket, as on the emptyDir.
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&sds_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // As the DaemonSet's init container leaves it: the image's user owns the
+    // directory, mode 0755, which node-agent accepts (it refuses one that
+    // others can write). Rootless podman maps that user to a subordinate uid.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    std::fs::set_permissions(&sds_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    if std::fs::metadata(&sds_dir).unwrap().uid() == 0 {
+        std::os::unix::fs::chown(&sds_dir, Some(65532), Some(65532)).unwrap();
+    } else {
+        run(Command::new("podman")
+            .args(["unshare", "chown", "65532:65532"])
+            .arg(&sds_dir));
+    }
     let status = format!("127.0.0.1:{}", free_port());
     let name = tag.replace([':', '/'], "-");
     let flags = run(Command::new(&script).arg("--print-run-flags"));

@@ -169,6 +169,12 @@ fn check_node_agent_in_istio_pod(what: &str, pod: &Value, trust_domain: &str, ex
         "{what}: istio-proxy mounts the same volume there"
     );
     assert!(volume(&shared[0])["emptyDir"].is_object(), "{what}");
+    // kubelet makes an emptyDir 0777: node-agent is told it is the pod's own.
+    assert_eq!(
+        env.get("SOCKET_DIR_CHECK").map(String::as_str),
+        Some("pod"),
+        "{what}"
+    );
 
     // The token: the pod's own, projected with an audience for Vault.
     let token = Path::new(&env["WORKLOAD_TOKEN_PATH"]);

@@ -2,8 +2,9 @@
 //!
 //! - every kustomization under deploy/ renders (`kubectl kustomize`) and each
 //!   object validates strictly against the Kubernetes 1.37 schemas
-//!   (PyPI `kubernetes-validate`), with the security settings both layouts
-//!   promise;
+//!   (PyPI `kubernetes-validate`), or for the Prometheus Operator's kinds
+//!   against their API (tests/ops/monitoring/), with the security settings
+//!   both layouts promise;
 //! - every variable the manifests give node-agent is a setting it reads (the
 //!   list comes from running node-agent's own settings parser, not a copy),
 //!   and the values parse;
@@ -13,7 +14,10 @@
 //!   mTLS with certificates node-agent got from a real OpenBao, with the
 //!   manifests' settings and token audience ([`envoy`]);
 //! - the container image builds FROM scratch with podman and runs, as its
-//!   non-root user, read-only and without capabilities ([`image`]).
+//!   non-root user, read-only and without capabilities ([`image`]);
+//! - the DaemonSet's socket directory is node-agent's alone, and its
+//!   workloads reach it through the SPIFFE CSI driver, without hostPath
+//!   ([`socket_dir`]).
 //!
 //! The offline checks of the rendered manifests are in this file.
 
@@ -25,9 +29,16 @@ use support::manifests::*;
 mod envoy;
 mod image;
 mod istio;
+mod socket_dir;
 
 /// The layouts docs/kubernetes.md documents; each must be among the rendered overlays.
-const LAYOUTS: &[&str] = &["sidecar", "daemonset", "daemonset/workloads"];
+const LAYOUTS: &[&str] = &[
+    "sidecar",
+    "daemonset",
+    "daemonset/workloads",
+    "daemonset-hostpath",
+    "daemonset-hostpath/workloads",
+];
 
 #[test]
 fn every_overlay_renders_and_validates_strictly() {
@@ -41,13 +52,24 @@ fn every_overlay_renders_and_validates_strictly() {
     for overlay in &found {
         let objs = rendered(overlay);
         assert!(!objs.is_empty(), "deploy/{overlay} renders nothing");
-        validate_strictly(&format!("deploy/{overlay}"), &objs);
+        // The Prometheus Operator's kinds are CRDs, absent from the
+        // Kubernetes schemas: checked against their own API instead.
+        let (operator, core): (Vec<_>, Vec<_>) = objs.into_iter().partition(|o| {
+            o["apiVersion"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("monitoring.coreos.com/"))
+        });
+        operator
+            .iter()
+            .for_each(crate::monitoring::check_operator_object);
+        validate_strictly(&format!("deploy/{overlay}"), &core);
     }
 }
 
 /// Both layouts: read-only root filesystems, no capabilities, no privilege
 /// escalation, non-root, requests and limits on every container, and probes
-/// on node-agent's status endpoints.
+/// on node-agent's status endpoints. The exceptions are named, each with the
+/// one thing it needs (its manifest says why).
 #[test]
 fn layouts_are_locked_down_and_probed() {
     for layout in LAYOUTS {
@@ -59,23 +81,35 @@ fn layouts_are_locked_down_and_probed() {
             for key in ["initContainers", "containers"] {
                 for c in containers(pod, key) {
                     let what = format!("{layout}: {workload} {}", c["name"]);
-                    let sc = &c["securityContext"];
-                    assert_eq!(sc["readOnlyRootFilesystem"], true, "{what}");
-                    assert_eq!(sc["allowPrivilegeEscalation"], false, "{what}");
-                    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{what}");
-                    assert!(sc["capabilities"]["add"].is_null(), "{what}");
-                    let non_root = sc["runAsNonRoot"] == true
-                        || (pod_non_root && sc["runAsNonRoot"].is_null());
-                    // The one exception, documented in the manifest: the
-                    // DaemonSet's init container that opens the hostPath
-                    // directory, as root without any capability.
-                    let exception = *layout == "daemonset" && c["name"] == "socket-dir";
-                    assert!(non_root || exception, "{what} may run as root");
                     for r in ["requests", "limits"] {
                         for k in ["cpu", "memory"] {
                             assert!(c["resources"][r][k].is_string(), "{what}: no {r}.{k}");
                         }
                     }
+                    let sc = &c["securityContext"];
+                    assert_eq!(sc["readOnlyRootFilesystem"], true, "{what}");
+                    let exception = (workload.as_str(), c["name"].as_str().unwrap());
+                    // Mounts into pods' volumes, propagated to the node.
+                    if exception == ("DaemonSet/spiffe-csi-driver", "spiffe-csi-driver") {
+                        assert_eq!(sc["privileged"], true, "{what}");
+                        continue;
+                    }
+                    assert!(sc["privileged"].is_null(), "{what}");
+                    assert_eq!(sc["allowPrivilegeEscalation"], false, "{what}");
+                    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{what}");
+                    let (root_may, adds) = match exception {
+                        // Gives the socket directory to node-agent's uid.
+                        ("DaemonSet/node-agent", "socket-dir") => (true, json!(["CHOWN"])),
+                        // Owns kubelet's plugin directories, as root does.
+                        ("DaemonSet/spiffe-csi-driver", "node-driver-registrar") => {
+                            (true, json!(null))
+                        }
+                        _ => (false, json!(null)),
+                    };
+                    assert_eq!(sc["capabilities"]["add"], adds, "{what}");
+                    let non_root = sc["runAsNonRoot"] == true
+                        || (pod_non_root && sc["runAsNonRoot"].is_null());
+                    assert!(non_root || root_may, "{what} may run as root");
                 }
             }
         }

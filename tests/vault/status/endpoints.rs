@@ -163,7 +163,7 @@ async fn ready_only_while_the_sds_socket_serves() {
     assert_eq!(code, 503, "before the socket exists: {body}");
     assert!(body.contains("cannot connect"), "{body}");
 
-    let listener = node_agent::endpoint::socket::bind(&socket).unwrap();
+    let listener = node_agent::endpoint::socket::bind(&socket, Default::default()).unwrap();
     let (sds_tx, sds_rx) = tokio::sync::watch::channel(false);
     let sds = tokio::spawn(node_agent::sds::serve(
         listener,

@@ -329,8 +329,9 @@ fn readme_metrics() -> BTreeSet<String> {
         .unwrap();
     section
         .lines()
-        .filter_map(|l| l.strip_prefix("| `node_agent_"))
-        .map(|rest| format!("node_agent_{}", rest.split('`').next().unwrap()))
+        .filter_map(|l| l.strip_prefix("| `"))
+        .filter(|rest| rest.starts_with("node_agent_") || rest.starts_with("process_"))
+        .map(|rest| rest.split('`').next().unwrap().to_string())
         .collect()
 }
 

@@ -4,7 +4,8 @@
 //! rejects, gets nothing (even when its identity is cached); the `jwt` auth
 //! method; the Vault namespace on every call; and an agent with no CA
 //! configured stopping with a message naming the two choices.
-//! Vault down, hanging or refusing is in [`outages`]; SIGTERM while Vault
+//! Vault down, hanging or refusing is in [`outages`]; streams cancelled
+//! while Vault refuses connections in [`cancels`]; SIGTERM while Vault
 //! hangs and the tokens revoked at shutdown in [`shutdown`].
 
 use crate::support;
@@ -21,6 +22,7 @@ use support::vault_env::VaultEnv;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
+mod cancels;
 mod outages;
 mod shutdown;
 

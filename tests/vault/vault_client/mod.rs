@@ -1,7 +1,8 @@
 //! The Vault client (`VaultCa`) used directly against a real OpenBao: token
 //! lifetimes, invalidation and revocation, sign hold-downs ([`tokens`]), the
-//! roots of the PKI mount and chains without their root ([`roots`]), and
-//! redirects through real fronts ([`redirects`]). This file builds the client
+//! roots of the PKI mount and chains without their root ([`roots`]),
+//! redirects through real fronts ([`redirects`]), and the CAs trusted for
+//! Vault's TLS ([`tls_roots`]). This file builds the client
 //! and the CSRs they share.
 
 use std::collections::HashMap;
@@ -14,6 +15,7 @@ use node_agent::identity::SpiffeId;
 
 mod redirects;
 mod roots;
+mod tls_roots;
 mod tokens;
 
 /// A Vault client configured from `vars` as the agent would be.

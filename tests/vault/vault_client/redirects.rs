@@ -133,7 +133,7 @@ async fn a_redirect_from_https_to_http_is_never_followed() {
     assert!(matches!(err, CaError::BadAnswer(_)), "{err:?}");
     assert!(
         err.message()
-            .contains("a redirect from https to http would send the JWT"),
+            .contains("a redirect from https to http would send the Vault token"),
         "{}",
         err.message()
     );

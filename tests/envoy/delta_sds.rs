@@ -1,7 +1,9 @@
 //! Real Envoys on delta SDS sources: with `google_grpc` and with `envoy_grpc`
 //! (an agent per pod), mTLS through two rotations seen by both Envoys with
 //! every request served, then an agent restart after which Envoy reconnects,
-//! reports the versions it holds and gets a new certificate.
+//! reports the versions it holds and gets a new certificate. The delta
+//! protocol's rules and bounds, which need no Envoy, are tested in process
+//! (`src/sds/tests/`).
 
 use crate::support;
 
