@@ -183,8 +183,17 @@ async fn streams_without_a_credential_reopened_as_fast_as_they_end() {
                             let mut req = request(&["default"], None);
                             req.response_nonce = "1".into();
                             let _ = tx.send(req).await;
-                            // Held until the agent ends it.
-                            let _ = tokio_stream::StreamExt::next(&mut inbound).await;
+                            // Held until the agent ends it (or the attack ends).
+                            loop {
+                                tokio::select! {
+                                    _ = tokio_stream::StreamExt::next(&mut inbound) => break,
+                                    _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                                        if stop.load(Ordering::SeqCst) {
+                                            break;
+                                        }
+                                    }
+                                }
+                            }
                         }
                     }));
                 }
