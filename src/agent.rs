@@ -80,6 +80,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
         },
     )?;
     let manager = SecretManager::new(ca.clone(), trust, opts);
+    let _trimming = crate::memory::give_back_free_memory(shutdown.clone());
     let _status = crate::status::serve_agent(&config, &manager, shutdown.clone()).await?;
     let listener =
         crate::endpoint::socket::bind(&config.workload_uds_path, config.socket_dir_check)?;

@@ -7,9 +7,9 @@
 //! [`trust`] bundle (`ROOTCA`, the CA's roots) and [`ca`] providers (local,
 //! Vault) → [`crypto`] (keys, CSR, checks). [`agent`] wires them from
 //! [`config`]. [`identity`] turns a workload's JWT into its SPIFFE ID;
-//! [`clock`] is the time they all read. [`status`] serves health,
-//! [`metrics`] and debug pages over HTTP. [`cli`] holds the operator
-//! subcommands (`vault-setup`, `fetch`).
+//! [`clock`] is the time they all read; [`memory`] gives freed memory back.
+//! [`status`] serves health, [`metrics`] and debug pages over HTTP. [`cli`]
+//! holds the operator subcommands (`vault-setup`, `fetch`).
 
 pub mod agent;
 pub mod backoff;
@@ -23,6 +23,7 @@ pub mod driver;
 pub mod duration;
 pub mod endpoint;
 pub mod identity;
+pub mod memory;
 pub mod metrics;
 pub mod output;
 pub mod sds;
