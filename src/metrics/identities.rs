@@ -1,17 +1,23 @@
 //! What the agent holds, read from its [`AgentReport`] at each scrape (so
-//! that it cannot drift from the cache): `node_agent_identities_cached`,
+//! that it cannot drift from the cache).
+//!
+//! Node-wide, shown to every scraper: `node_agent_identities_cached`,
 //! `node_agent_ca_queue_depth`, `node_agent_tasks_alive` (of the runtime
-//! scraped in), and per identity
-//! `node_agent_certificate_expiry_timestamp_seconds`,
+//! scraped in), and over the watched identities (those a stream watches)
+//! `node_agent_certificates_renewal_overdue`,
+//! `node_agent_certificates_expired`,
+//! `node_agent_certificate_earliest_expiry_timestamp_seconds` and
+//! `node_agent_certificate_earliest_renewal_timestamp_seconds`. The two
+//! counts are what the certificate alerts read: they fire on them without
+//! any series naming a workload.
+//!
+//! Per identity: `node_agent_certificate_expiry_timestamp_seconds`,
 //! `node_agent_certificate_expires_in_seconds` and
 //! `node_agent_certificate_renewal_timestamp_seconds`.
 //!
-//! The renewal time is shown only for identities a stream watches: the
-//! agent renews only those, and forgets the others after
-//! `SECRET_EVICTION_PERIOD`, so an unwatched identity past its renewal time
-//! is not a renewal that failed. An alert on
-//! `time() > node_agent_certificate_renewal_timestamp_seconds + margin`
-//! therefore fires only for certificates that should have been renewed.
+//! Only watched identities count for renewals: the agent renews only those,
+//! and forgets the others after `SECRET_EVICTION_PERIOD`, so an unwatched
+//! identity past its renewal time is not a renewal that failed.
 //!
 //! `identity` is the only per-workload label: only cached identities carry
 //! it, and the cache holds at most `MAX_IDENTITIES`. The series with it are
@@ -19,7 +25,7 @@
 //! metrics can be served without the per-workload series.
 
 use std::sync::{Arc, RwLock, Weak};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -86,6 +92,37 @@ impl Collector for StateCollector {
                 "CA requests waiting for a slot (CA_MAX_CONCURRENCY)",
                 report.ca_queue_depth() as i64,
             )?;
+            let now = report.now();
+            let watched: Vec<&IdentityReport> =
+                identities.iter().filter(|i| i.streams_open > 0).collect();
+            gauge(
+                &mut encoder,
+                "certificates_renewal_overdue",
+                "Watched identities whose certificate is still served past its renewal time by more than a tenth of its renewal-to-expiry time (20 s to 1 h); expired ones included",
+                watched.iter().filter(|i| renewal_overdue(i, now)).count() as i64,
+            )?;
+            gauge(
+                &mut encoder,
+                "certificates_expired",
+                "Watched identities whose served certificate has expired",
+                watched.iter().filter(|i| expired(i, now)).count() as i64,
+            )?;
+            for (name, help, earliest) in [
+                (
+                    "certificate_earliest_expiry_timestamp_seconds",
+                    "When the first certificate of a watched identity expires, in seconds since the Unix epoch",
+                    watched.iter().filter_map(|i| i.not_after).min(),
+                ),
+                (
+                    "certificate_earliest_renewal_timestamp_seconds",
+                    "When the first certificate of a watched identity falls due for renewal (failed attempts do not move it), in seconds since the Unix epoch",
+                    watched.iter().filter_map(|i| i.renewal_due).min(),
+                ),
+            ] {
+                if let Some(t) = earliest {
+                    gauge(&mut encoder, name, help, unix_seconds(t))?;
+                }
+            }
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 gauge(
                     &mut encoder,
@@ -130,6 +167,38 @@ impl Collector for StateCollector {
         }
         Ok(())
     }
+}
+
+/// The least time a renewal may be late before it counts as overdue: longer
+/// than one Vault request may take (`VAULT_REQUEST_TIMEOUT`, 15 s by
+/// default), so that a renewal in flight is not called overdue.
+const OVERDUE_MARGIN_MIN: Duration = Duration::from_secs(20);
+/// The most: 24 h certificates renewed at half their life count as overdue
+/// an hour after their renewal time, 11 h before they expire.
+const OVERDUE_MARGIN_MAX: Duration = Duration::from_secs(3600);
+
+/// How late past `due` the renewal of a certificate expiring at `not_after`
+/// may be before it is overdue: a tenth of the time between the two, within
+/// [`OVERDUE_MARGIN_MIN`, `OVERDUE_MARGIN_MAX`].
+fn overdue_margin(due: SystemTime, not_after: SystemTime) -> Duration {
+    let span = not_after.duration_since(due).unwrap_or_default();
+    (span / 10).clamp(OVERDUE_MARGIN_MIN, OVERDUE_MARGIN_MAX)
+}
+
+/// The identity's certificate is served more than its margin past its
+/// renewal time (counted from the agent's clock, `now`). The caller keeps
+/// only watched identities.
+fn renewal_overdue(i: &IdentityReport, now: SystemTime) -> bool {
+    let (Some(due), Some(not_after)) = (i.renewal_due, i.not_after) else {
+        return false;
+    };
+    now.duration_since(due)
+        .is_ok_and(|late| late > overdue_margin(due, not_after))
+}
+
+/// The identity's served certificate has expired by the agent's clock.
+fn expired(i: &IdentityReport, now: SystemTime) -> bool {
+    i.not_after.is_some_and(|not_after| not_after <= now)
 }
 
 pub(super) fn unix_seconds(t: SystemTime) -> i64 {
@@ -245,10 +314,114 @@ mod tests {
             assert!(node.contains("node_agent_identities_cached 1\n"), "{node}");
             assert!(node.contains("node_agent_ca_queue_depth 3\n"), "{node}");
             assert!(node.contains("node_agent_rotations_total"), "{node}");
+            for name in [
+                "node_agent_certificates_renewal_overdue 0\n",
+                "node_agent_certificates_expired 0\n",
+            ] {
+                assert!(node.contains(name), "{node}");
+            }
             if format == Format::OpenMetrics {
                 assert!(all.ends_with("# EOF\n") && node.ends_with("# EOF\n"));
                 assert_eq!(all.matches("# EOF").count(), 1, "{all}");
             }
         }
+    }
+
+    /// A watched identity due for renewal `late` seconds ago (negative: not
+    /// yet), whose certificate expires `span` seconds after its renewal time.
+    fn due(late: i64, span: i64) -> IdentityReport {
+        let at = |s: i64| SystemTime::UNIX_EPOCH + Duration::from_secs((NOW as i64 + s) as u64);
+        IdentityReport {
+            identity: format!("spiffe://td/ns/a/sa/late-{late}-span-{span}"),
+            renewal_due: Some(at(-late)),
+            not_after: Some(at(span - late)),
+            streams_open: 1,
+            ..IdentityReport::default()
+        }
+    }
+
+    /// The margin is a tenth of the renewal-to-expiry time, at least 20 s and
+    /// at most an hour, and a renewal is overdue only once strictly past it.
+    #[test]
+    fn a_renewal_is_overdue_past_a_tenth_of_its_renewal_to_expiry_time_within_20s_to_1h() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(NOW);
+        for (late, span, overdue) in [
+            (-10, 1200, false),
+            (0, 1200, false),
+            // A tenth of 1200 s: 120 s.
+            (120, 1200, false),
+            (121, 1200, true),
+            // A tenth of 100 s is 10 s: the 20 s floor.
+            (15, 100, false),
+            (20, 100, false),
+            (21, 100, true),
+            // 24 h certificates renewed at half their life: the 1 h cap.
+            (3600, 43_200, false),
+            (3601, 43_200, true),
+            // Expired, and still overdue.
+            (200, 100, true),
+            // Expiring before its renewal time: the floor.
+            (21, -50, true),
+        ] {
+            assert_eq!(
+                renewal_overdue(&due(late, span), now),
+                overdue,
+                "{late} s late, {span} s to expiry"
+            );
+        }
+    }
+
+    /// The node-wide counts and earliest times cover the watched identities
+    /// only, and name none of them.
+    #[test]
+    fn node_wide_counts_watched_identities_overdue_and_expired() {
+        let m = Metrics::new();
+        let unwatched = |mut i: IdentityReport| {
+            i.streams_open = 0;
+            i
+        };
+        let report: Arc<dyn AgentReport> = Arc::new(Fixed(vec![
+            due(100, 1200),
+            due(121, 1200),
+            due(21, 100),
+            due(150, 100),
+            due(-30, 1200),
+            unwatched(due(5000, 1000)),
+            IdentityReport {
+                identity: "spiffe://td/ns/a/sa/first-fetch-running".into(),
+                streams_open: 1,
+                ..IdentityReport::default()
+            },
+        ]));
+        m.set_report(Arc::downgrade(&report));
+        let node = m.encode_node_wide(Format::Prometheus);
+        assert!(!node.contains("spiffe://"), "{node}");
+        for line in [
+            "node_agent_certificates_renewal_overdue 3\n".to_string(),
+            "node_agent_certificates_expired 1\n".to_string(),
+            format!(
+                "node_agent_certificate_earliest_expiry_timestamp_seconds {}\n",
+                NOW - 50
+            ),
+            format!(
+                "node_agent_certificate_earliest_renewal_timestamp_seconds {}\n",
+                NOW - 150
+            ),
+        ] {
+            assert!(node.contains(&line), "no {line:?} in\n{node}");
+        }
+
+        let idle: Arc<dyn AgentReport> = Arc::new(Fixed(vec![unwatched(due(5000, 1000))]));
+        m.set_report(Arc::downgrade(&idle));
+        let node = m.encode_node_wide(Format::Prometheus);
+        assert!(
+            node.contains("node_agent_certificates_renewal_overdue 0\n"),
+            "{node}"
+        );
+        assert!(
+            node.contains("node_agent_certificates_expired 0\n"),
+            "{node}"
+        );
+        assert!(!node.contains("earliest"), "no watched identity: {node}");
     }
 }

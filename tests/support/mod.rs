@@ -12,6 +12,7 @@ pub mod k8s;
 pub mod manifests;
 pub mod mesh;
 pub mod metrics;
+pub mod net;
 pub mod pkilint;
 pub mod ports;
 pub mod raft;

@@ -10,8 +10,10 @@
 //! - every alert has a summary, a severity, a description and a runbook_url
 //!   naming its section of docs/monitoring.md, and every such section an alert;
 //! - the dashboard is Grafana JSON whose panels query the metrics the
-//!   operator looks at first;
-//! - a real Prometheus scraping a real agent against OpenBao fires the
+//!   operator looks at first, and neither a panel nor an alert reads a
+//!   series labelled with an `identity` (served only to STATUS_DEBUG_FROM);
+//! - a real Prometheus scraping a real agent against OpenBao over a
+//!   non-loopback address (so without the per-identity series) fires the
 //!   renewal alert before the certificate expires and resolves it once
 //!   Vault is back, and every panel's query returns data ([`live`]).
 
@@ -144,6 +146,12 @@ fn every_alert_says_what_to_do_and_has_a_runbook_section() {
     let mut runbooks = BTreeSet::new();
     for r in alerting_rules(&rule_groups()) {
         let name = r["alert"].as_str().unwrap();
+        for series in PER_IDENTITY {
+            assert!(
+                !r["expr"].as_str().unwrap().contains(series),
+                "{name} reads {series}, which a Prometheus scraping the pod IP does not get by default"
+            );
+        }
         let severity = r["labels"]["severity"].as_str().unwrap_or_default();
         assert!(["warning", "critical"].contains(&severity), "{name}: {r}");
         let a = &r["annotations"];
@@ -183,6 +191,14 @@ fn github_anchor(heading: &str) -> String {
         .collect()
 }
 
+/// The series labelled with an `identity`, which the agent serves only to
+/// the clients STATUS_DEBUG_FROM allows (loopback by default).
+const PER_IDENTITY: &[&str] = &[
+    "node_agent_certificate_expiry_timestamp_seconds",
+    "node_agent_certificate_expires_in_seconds",
+    "node_agent_certificate_renewal_timestamp_seconds",
+];
+
 #[test]
 fn the_dashboard_has_the_panels_an_operator_looks_at_first() {
     let panels = dashboard_panels();
@@ -203,14 +219,23 @@ fn the_dashboard_has_the_panels_an_operator_looks_at_first() {
                 expr.contains("job=~\"$job\", instance=~\"$instance\""),
                 "{title}: {expr}"
             );
+            for name in PER_IDENTITY {
+                assert!(
+                    !expr.contains(name),
+                    "{title}: {name} is served only to STATUS_DEBUG_FROM, which a Prometheus scraping the pod IP is not in by default"
+                );
+            }
             exprs.push_str(expr);
         }
     }
-    // Identities and time to expiry; CA rate, errors, latency; pushes and
-    // rotations; streams and refusals; memory.
+    // Identities, time to expiry and renewal, overdue and expired; CA rate,
+    // errors, latency; pushes and rotations; streams and refusals; memory.
     for metric in [
         "node_agent_identities_cached",
-        "node_agent_certificate_expires_in_seconds",
+        "node_agent_certificate_earliest_expiry_timestamp_seconds",
+        "node_agent_certificate_earliest_renewal_timestamp_seconds",
+        "node_agent_certificates_renewal_overdue",
+        "node_agent_certificates_expired",
         "node_agent_ca_requests_total",
         "outcome!=\"ok\"",
         "node_agent_ca_request_duration_seconds_bucket",
