@@ -8,6 +8,7 @@ mod support;
 
 mod attacks;
 mod cert_files;
+mod issuer_race;
 mod pkilint;
 mod sds_grpc;
 mod vault_answer_props;

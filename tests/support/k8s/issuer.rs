@@ -55,15 +55,27 @@ impl TestIssuer {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let tmp = path.with_extension("tmp");
+        // Each writer has its own temporary file; the first to link it into
+        // place wins, and every other process and thread loads the winner's
+        // key, so parallel test binaries agree on one issuer.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("tmp.{}.{seq}", std::process::id()));
         std::fs::write(&tmp, issuer.private_key_pem()?.as_bytes())?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
         }
-        // Rename is atomic, so parallel test binaries never read half a key.
-        std::fs::rename(&tmp, path)?;
+        let linked = std::fs::hard_link(&tmp, path);
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Self::from_pem(&std::fs::read_to_string(path)?);
+            }
+            Err(e) => return Err(e.into()),
+        }
         Ok(issuer)
     }
 
