@@ -2,11 +2,25 @@
 //! requests in flight, first-time requests (a workload waiting for its first
 //! certificate) served before background rotations, so that a node full of
 //! starting pods is served first and a rotation storm cannot starve them.
+//!
+//! First fetches are asked for by whoever reaches the socket, and each
+//! presented JWT, forged or not, costs a login. So they never starve
+//! renewals and trust refreshes in turn:
+//! - while any rotation waits, a freed permit goes to it until rotations
+//!   hold [`rotation_reserve`] of the N (a quarter, rounded down);
+//! - a rotation that has waited [`ROTATION_AGING`] goes before every first
+//!   fetch, whatever N is.
+//!
+//! The queue stays work-conserving: when no rotation waits, first fetches
+//! may use every permit.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
+use std::time::Duration;
+
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 /// Which line a request waits in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,15 +42,30 @@ pub struct CaQueue {
 struct State {
     available: usize,
     in_flight: usize,
+    /// Rotations among `in_flight`.
+    rotations_in_flight: usize,
+    /// Permits set aside for rotations while any waits.
+    rotation_reserve: usize,
     max_seen: usize,
     first: VecDeque<oneshot::Sender<Permit>>,
-    rotation: VecDeque<oneshot::Sender<Permit>>,
+    /// Rotations waiting, with when each began to.
+    rotation: VecDeque<(Instant, oneshot::Sender<Permit>)>,
 }
 
 /// One CA request's right to run; released on drop.
 pub struct Permit {
     queue: Option<CaQueue>,
+    priority: Priority,
 }
+
+/// How many of `max_concurrency` permits a waiting rotation is given ahead
+/// of first fetches: a quarter, rounded down.
+pub fn rotation_reserve(max_concurrency: usize) -> usize {
+    max_concurrency / 4
+}
+
+/// How long a rotation waits behind first fetches at most: then it is next.
+pub const ROTATION_AGING: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for CaQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -50,10 +79,13 @@ impl std::fmt::Debug for CaQueue {
 
 impl CaQueue {
     pub fn new(max_concurrency: usize) -> Self {
+        let max = max_concurrency.max(1);
         Self {
             inner: Arc::new(Mutex::new(State {
-                available: max_concurrency.max(1),
+                available: max,
                 in_flight: 0,
+                rotations_in_flight: 0,
+                rotation_reserve: rotation_reserve(max),
                 max_seen: 0,
                 first: VecDeque::new(),
                 rotation: VecDeque::new(),
@@ -70,16 +102,12 @@ impl CaQueue {
                 && (priority == Priority::FirstFetch || st.rotation.is_empty())
             {
                 st.available -= 1;
-                st.in_flight += 1;
-                st.max_seen = st.max_seen.max(st.in_flight);
-                return Permit {
-                    queue: Some(self.clone()),
-                };
+                return st.grant(self, priority);
             }
             let (tx, rx) = oneshot::channel();
             match priority {
                 Priority::FirstFetch => st.first.push_back(tx),
-                Priority::Rotation => st.rotation.push_back(tx),
+                Priority::Rotation => st.rotation.push_back((Instant::now(), tx)),
             }
             rx
         };
@@ -92,7 +120,7 @@ impl CaQueue {
         let st = self.inner.lock().expect("queue lock");
         st.first
             .iter()
-            .chain(&st.rotation)
+            .chain(st.rotation.iter().map(|(_, tx)| tx))
             .filter(|tx| !tx.is_closed())
             .count()
     }
@@ -102,28 +130,63 @@ impl CaQueue {
         self.inner.lock().expect("queue lock").max_seen
     }
 
-    fn release(&self) {
+    fn release(&self, priority: Priority) {
         let mut st = self.inner.lock().expect("queue lock");
         st.in_flight -= 1;
+        if priority == Priority::Rotation {
+            st.rotations_in_flight -= 1;
+        }
         loop {
-            let next = st.first.pop_front().or_else(|| st.rotation.pop_front());
-            let Some(tx) = next else {
+            // A waiting rotation goes first while rotations hold less than
+            // their reserve, or once it has waited long enough; otherwise
+            // first fetches do.
+            let rotation_first = st.rotations_in_flight < st.rotation_reserve
+                || st
+                    .rotation
+                    .front()
+                    .is_some_and(|(since, _)| since.elapsed() >= ROTATION_AGING);
+            let rotation = |st: &mut State| {
+                st.rotation
+                    .pop_front()
+                    .map(|(_, tx)| (tx, Priority::Rotation))
+            };
+            let first = |st: &mut State| st.first.pop_front().map(|tx| (tx, Priority::FirstFetch));
+            let next = if rotation_first {
+                rotation(&mut st).or_else(|| first(&mut st))
+            } else {
+                first(&mut st).or_else(|| rotation(&mut st))
+            };
+            let Some((tx, priority)) = next else {
                 st.available += 1;
                 return;
             };
-            st.in_flight += 1;
-            st.max_seen = st.max_seen.max(st.in_flight);
-            let permit = Permit {
-                queue: Some(self.clone()),
-            };
+            let permit = st.grant(self, priority);
             match tx.send(permit) {
                 Ok(()) => return,
                 Err(mut p) => {
                     // The waiter gave up: take the permit back without recursion.
                     p.queue = None;
                     st.in_flight -= 1;
+                    if priority == Priority::Rotation {
+                        st.rotations_in_flight -= 1;
+                    }
                 }
             }
+        }
+    }
+}
+
+impl State {
+    /// Counts a permit of `priority` in flight.
+    fn grant(&mut self, queue: &CaQueue, priority: Priority) -> Permit {
+        self.in_flight += 1;
+        if priority == Priority::Rotation {
+            self.rotations_in_flight += 1;
+        }
+        self.max_seen = self.max_seen.max(self.in_flight);
+        Permit {
+            queue: Some(queue.clone()),
+            priority,
         }
     }
 }
@@ -131,7 +194,7 @@ impl CaQueue {
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some(q) = self.queue.take() {
-            q.release();
+            q.release(self.priority);
         }
     }
 }
@@ -177,6 +240,87 @@ mod tests {
             "first fetches first, each line in order"
         );
         assert_eq!(q.max_in_flight(), 1);
+    }
+
+    /// Holds `n` permits of `p` until the returned senders are used.
+    fn busy(q: &CaQueue, p: Priority, n: usize) -> Vec<oneshot::Sender<()>> {
+        (0..n)
+            .map(|_| {
+                let (tx, rx) = oneshot::channel::<()>();
+                let q = q.clone();
+                tokio::spawn(async move {
+                    let _permit = q.acquire(p).await;
+                    let _ = rx.await;
+                });
+                tx
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flood_of_first_fetches_leaves_rotations_their_reserve() {
+        let q = CaQueue::new(8);
+        assert_eq!(rotation_reserve(8), 2);
+        // First fetches hold every permit, and more keep coming.
+        let mut first = busy(&q, Priority::FirstFetch, 8);
+        tokio::task::yield_now().await;
+        let mut waiting_first = busy(&q, Priority::FirstFetch, 100);
+        let rotations = Arc::new(AtomicUsize::new(0));
+        for _ in 0..3 {
+            let (q, rotations) = (q.clone(), rotations.clone());
+            tokio::spawn(async move {
+                let _p = q.acquire(Priority::Rotation).await;
+                rotations.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+            });
+        }
+        tokio::task::yield_now().await;
+        // Two first fetches end: both permits go to rotations, not to the
+        // 100 first fetches ahead of them.
+        for tx in first.drain(..2) {
+            tx.send(()).unwrap();
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(rotations.load(Ordering::SeqCst), 2);
+        // The reserve is held: the next permit goes to a first fetch.
+        first.pop().unwrap().send(()).unwrap();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            rotations.load(Ordering::SeqCst),
+            2,
+            "within its reserve only"
+        );
+        drop(waiting_first.drain(..));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rotation_that_waited_long_enough_goes_next_even_with_one_permit() {
+        let q = CaQueue::new(1);
+        assert_eq!(rotation_reserve(1), 0);
+        let held = q.acquire(Priority::FirstFetch).await;
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let spawn = |i: usize, p: Priority| {
+            let (q, order) = (q.clone(), order.clone());
+            tokio::spawn(async move {
+                let _p = q.acquire(p).await;
+                order.lock().unwrap().push(i);
+            })
+        };
+        let mut tasks = vec![spawn(0, Priority::Rotation)];
+        tokio::task::yield_now().await;
+        tokio::time::advance(ROTATION_AGING).await;
+        tasks.push(spawn(1, Priority::FirstFetch));
+        tasks.push(spawn(2, Priority::FirstFetch));
+        tokio::task::yield_now().await;
+        drop(held);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), [0, 1, 2], "the aged rotation first");
     }
 
     #[tokio::test]

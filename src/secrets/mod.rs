@@ -15,7 +15,8 @@
 //! - `report`: what the status server and the metrics read of the cache.
 //!
 //! Every CA request waits in the bounded CA queue
-//! ([`crate::ca::queue`]), first fetches ahead of renewals; the trust
+//! ([`crate::ca::queue`]), first fetches ahead of renewals (which keep a
+//! reserved share and age, so they are never starved); the trust
 //! bundle's reads of the CA's roots wait in the same one.
 //!
 //! The trust bundle (`ROOTCA`) is [`crate::trust`]; the manager only
