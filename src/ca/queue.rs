@@ -8,8 +8,8 @@
 //! renewals and trust refreshes in turn:
 //! - while any rotation waits, a freed permit goes to it until rotations
 //!   hold [`rotation_reserve`] of the N (a quarter, rounded down);
-//! - a rotation that has waited [`ROTATION_AGING`] goes before every first
-//!   fetch, whatever N is.
+//! - while a rotation waits, at most [`FIRST_FETCHES_PER_ROTATION`] first
+//!   fetches are let in before it, whatever N is.
 //!
 //! The queue stays work-conserving: when no rotation waits, first fetches
 //! may use every permit.
@@ -17,10 +17,7 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use std::time::Duration;
-
 use tokio::sync::oneshot;
-use tokio::time::Instant;
 
 /// Which line a request waits in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,8 +45,9 @@ struct State {
     rotation_reserve: usize,
     max_seen: usize,
     first: VecDeque<oneshot::Sender<Permit>>,
-    /// Rotations waiting, with when each began to.
-    rotation: VecDeque<(Instant, oneshot::Sender<Permit>)>,
+    rotation: VecDeque<oneshot::Sender<Permit>>,
+    /// First fetches let in while a rotation waited, since a rotation was.
+    passed_over: usize,
 }
 
 /// One CA request's right to run; released on drop.
@@ -64,8 +62,9 @@ pub fn rotation_reserve(max_concurrency: usize) -> usize {
     max_concurrency / 4
 }
 
-/// How long a rotation waits behind first fetches at most: then it is next.
-pub const ROTATION_AGING: Duration = Duration::from_secs(1);
+/// How many first fetches are let in at most while a rotation waits: the
+/// next permit is then the rotation's.
+pub const FIRST_FETCHES_PER_ROTATION: usize = 3;
 
 impl std::fmt::Debug for CaQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -86,6 +85,7 @@ impl CaQueue {
                 in_flight: 0,
                 rotations_in_flight: 0,
                 rotation_reserve: rotation_reserve(max),
+                passed_over: 0,
                 max_seen: 0,
                 first: VecDeque::new(),
                 rotation: VecDeque::new(),
@@ -107,7 +107,7 @@ impl CaQueue {
             let (tx, rx) = oneshot::channel();
             match priority {
                 Priority::FirstFetch => st.first.push_back(tx),
-                Priority::Rotation => st.rotation.push_back((Instant::now(), tx)),
+                Priority::Rotation => st.rotation.push_back(tx),
             }
             rx
         };
@@ -120,7 +120,7 @@ impl CaQueue {
         let st = self.inner.lock().expect("queue lock");
         st.first
             .iter()
-            .chain(st.rotation.iter().map(|(_, tx)| tx))
+            .chain(&st.rotation)
             .filter(|tx| !tx.is_closed())
             .count()
     }
@@ -138,18 +138,12 @@ impl CaQueue {
         }
         loop {
             // A waiting rotation goes first while rotations hold less than
-            // their reserve, or once it has waited long enough; otherwise
-            // first fetches do.
+            // their reserve, or once enough first fetches went before it;
+            // otherwise first fetches do.
             let rotation_first = st.rotations_in_flight < st.rotation_reserve
-                || st
-                    .rotation
-                    .front()
-                    .is_some_and(|(since, _)| since.elapsed() >= ROTATION_AGING);
-            let rotation = |st: &mut State| {
-                st.rotation
-                    .pop_front()
-                    .map(|(_, tx)| (tx, Priority::Rotation))
-            };
+                || st.passed_over >= FIRST_FETCHES_PER_ROTATION;
+            let rotation =
+                |st: &mut State| st.rotation.pop_front().map(|tx| (tx, Priority::Rotation));
             let first = |st: &mut State| st.first.pop_front().map(|tx| (tx, Priority::FirstFetch));
             let next = if rotation_first {
                 rotation(&mut st).or_else(|| first(&mut st))
@@ -180,8 +174,13 @@ impl State {
     /// Counts a permit of `priority` in flight.
     fn grant(&mut self, queue: &CaQueue, priority: Priority) -> Permit {
         self.in_flight += 1;
-        if priority == Priority::Rotation {
-            self.rotations_in_flight += 1;
+        match priority {
+            Priority::Rotation => {
+                self.rotations_in_flight += 1;
+                self.passed_over = 0;
+            }
+            Priority::FirstFetch if !self.rotation.is_empty() => self.passed_over += 1,
+            Priority::FirstFetch => self.passed_over = 0,
         }
         self.max_seen = self.max_seen.max(self.in_flight);
         Permit {
@@ -297,8 +296,8 @@ mod tests {
         drop(waiting_first.drain(..));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_rotation_that_waited_long_enough_goes_next_even_with_one_permit() {
+    #[tokio::test]
+    async fn with_one_permit_a_rotation_is_let_in_after_a_few_first_fetches() {
         let q = CaQueue::new(1);
         assert_eq!(rotation_reserve(1), 0);
         let held = q.acquire(Priority::FirstFetch).await;
@@ -312,15 +311,19 @@ mod tests {
         };
         let mut tasks = vec![spawn(0, Priority::Rotation)];
         tokio::task::yield_now().await;
-        tokio::time::advance(ROTATION_AGING).await;
-        tasks.push(spawn(1, Priority::FirstFetch));
-        tasks.push(spawn(2, Priority::FirstFetch));
-        tokio::task::yield_now().await;
+        for i in 1..=8 {
+            tasks.push(spawn(i, Priority::FirstFetch));
+            tokio::task::yield_now().await;
+        }
         drop(held);
         for t in tasks {
             t.await.unwrap();
         }
-        assert_eq!(*order.lock().unwrap(), [0, 1, 2], "the aged rotation first");
+        assert_eq!(
+            *order.lock().unwrap(),
+            [1, 2, 3, 0, 4, 5, 6, 7, 8],
+            "first fetches first, but the rotation after three of them"
+        );
     }
 
     #[tokio::test]

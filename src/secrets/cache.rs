@@ -188,6 +188,35 @@ impl Cache {
         self.map().values().cloned().collect()
     }
 
+    /// Whether `key` is cached or would fit under `MAX_IDENTITIES`, taking
+    /// nothing: checked before the CA is asked, so that a credential proven
+    /// only to be refused for want of room costs no login.
+    pub fn has_room_for(&self, key: &CacheKey) -> Result<(), SecretError> {
+        let map = self.map();
+        if map.contains_key(key) {
+            return Ok(());
+        }
+        self.room_in(&map, key)
+    }
+
+    fn room_in(
+        &self,
+        map: &HashMap<CacheKey, Arc<Entry>>,
+        key: &CacheKey,
+    ) -> Result<(), SecretError> {
+        if map.len() >= self.inner.max {
+            return Err(SecretError::LimitReached {
+                setting: "MAX_IDENTITIES",
+                message: format!(
+                    "this agent already serves {} identities (MAX_IDENTITIES); refusing a new one, {}",
+                    map.len(),
+                    key.identity
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// The entry of `key`, made (`Initializing`) if there is none, with the
     /// caller counted as subscribing until the returned guard drops. A new
     /// identity past `MAX_IDENTITIES` is refused here, before the CA is asked.
@@ -196,16 +225,7 @@ impl Cache {
         let entry = match map.get(key) {
             Some(e) => e.clone(),
             None => {
-                if map.len() >= self.inner.max {
-                    return Err(SecretError::LimitReached {
-                        setting: "MAX_IDENTITIES",
-                        message: format!(
-                            "this agent already serves {} identities (MAX_IDENTITIES); refusing a new one, {}",
-                            map.len(),
-                            key.identity
-                        ),
-                    });
-                }
+                self.room_in(&map, key)?;
                 let entry = Arc::new(Entry {
                     key: key.clone(),
                     guarded: Mutex::new(Guarded {

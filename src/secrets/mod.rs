@@ -355,10 +355,17 @@ impl SecretManager {
             identity: identity.clone(),
             key_type: self.opts.key_type,
         };
+        // The JWT is proven before it may take a place under
+        // `MAX_IDENTITIES`: a forged one never holds an identity slot. When
+        // there is no room, the CA is not asked at all.
+        self.cache.has_room_for(&key)?;
+        let auth = self.login(credential).await?;
         for _ in 0..SUBSCRIBE_ATTEMPTS {
             let pending = self.cache.reserve(&key, self.trust.current())?;
-            let auth = self.login(credential).await?;
-            match self.first_fetch(pending.entry(), credential, auth).await {
+            match self
+                .first_fetch(pending.entry(), credential, auth.clone())
+                .await
+            {
                 Ok(()) => {}
                 Err(FetchError::Forgotten) => continue,
                 Err(FetchError::Failed(e)) => {

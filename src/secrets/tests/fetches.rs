@@ -109,3 +109,23 @@ async fn a_renewal_onto_a_new_root_is_one_change_holding_both() {
         "and the old root stays: the CA lists it"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_jwt_the_ca_has_not_proven_holds_no_identity_slot() {
+    let h = harness(|o| o.max_identities = 1);
+    *h.ca.login_latency.lock().unwrap() = Duration::from_secs(10);
+    let forged = jwt("forged", None);
+    h.ca.reject(&forged);
+    let m = h.m.clone();
+    let forged_login = tokio::spawn(async move { m.subscribe(&forged).await });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(h.m.cached_identities(), 0, "no slot while the CA judges it");
+    // A real workload arriving meanwhile takes the only slot.
+    let real = h.m.subscribe(&jwt("real", None)).await;
+    assert!(real.is_ok(), "{real:?}");
+    assert!(matches!(
+        forged_login.await.unwrap(),
+        Err(SecretError::Login(_))
+    ));
+    assert_eq!(h.m.cached_identities(), 1);
+}
