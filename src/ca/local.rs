@@ -294,6 +294,10 @@ impl CaClient for LocalCa {
         Ok(Authorization::default())
     }
 
+    async fn login_anew(&self, _credential: &Credential) -> Result<Authorization, CaError> {
+        Ok(Authorization::default())
+    }
+
     async fn cached_login(&self, _credential: &Credential) -> Option<Authorization> {
         Some(Authorization::default())
     }

@@ -252,6 +252,13 @@ pub trait CaClient: Send + Sync + 'static {
     /// refused without asking the CA ([`CaError::credential_error`]).
     async fn login(&self, credential: &Credential) -> Result<Authorization, CaError>;
 
+    /// Proves `credential` to the CA again, whatever is cached for it: the
+    /// authorization earned replaces the cached one (which is released). A
+    /// renewal proves every JWT of the identity's streams this way, so that
+    /// a JWT the CA no longer accepts (a deleted pod's) is found out before
+    /// its stream receives the renewed certificate.
+    async fn login_anew(&self, credential: &Credential) -> Result<Authorization, CaError>;
+
     /// The authorization cached for `credential`, if still valid, without
     /// contacting the CA (renewals use it before trying a new login). A login
     /// in flight for the same credential is waited for, not reported as none.

@@ -11,7 +11,7 @@ use tonic::Status;
 use crate::clock::Clock;
 use crate::endpoint::credential::CredentialSource;
 use crate::identity::{Claims, Credential};
-use crate::secrets::Subscription;
+use crate::secrets::{Standing, Subscription};
 
 /// How long before its JWT expires a stream that reads `WORKLOAD_TOKEN_PATH`
 /// reads it again: this, or a tenth of the token's life (`exp - iat`) if
@@ -69,16 +69,34 @@ impl Current {
         }
     }
 
-    /// `PERMISSION_DENIED` once the CA has rejected this stream's JWT at a
-    /// renewal of its identity.
+    /// When its JWT expired (`exp`), if it has by `clock`.
+    pub fn expired(&self, clock: &Clock) -> Option<i64> {
+        self.expires
+            .map(|(exp, _)| exp)
+            .filter(|exp| *exp <= clock.unix_now())
+    }
+
+    /// Why this stream may not be served its identity's current
+    /// certificate: `PERMISSION_DENIED` once the CA has rejected its JWT at
+    /// a renewal; `UNAVAILABLE` when its JWT was not proven again at the
+    /// last renewal (the identity keeps `MAX_JWTS_PER_IDENTITY` JWTs for
+    /// renewals, and this one was not among them), so that Envoy reconnects
+    /// and proves it anew.
     pub fn rejection(&self) -> Option<Status> {
-        self.sub.credential_rejected().then(|| {
-            Status::permission_denied(format!(
+        match self.sub.standing() {
+            Standing::Proven => None,
+            Standing::Rejected => Some(Status::permission_denied(format!(
                 "the CA no longer accepts the JWT this stream was opened with (it was refused at a \
                  renewal of {}): open a new stream with the workload's current token",
                 self.sub.identity
-            ))
-        })
+            ))),
+            Standing::Unproven => Some(Status::unavailable(format!(
+                "the JWT this stream was opened with was not proven again at the renewal of {} \
+                 (MAX_JWTS_PER_IDENTITY JWTs that expire later are kept for renewals): reconnect \
+                 to prove it and be served the renewed certificate",
+                self.sub.identity
+            ))),
+        }
     }
 }
 

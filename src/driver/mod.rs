@@ -317,8 +317,14 @@ impl Driver {
     fn on_identity(&mut self, event: IdentityEvent) -> Option<Event> {
         match event {
             IdentityEvent::Changed => {
-                // Sent, unless the CA has meanwhile rejected the JWT this
-                // stream proved its identity with.
+                // Sent, unless the JWT this stream proved its identity with
+                // has expired, or was not proven for the certificate now
+                // served.
+                if let Some(exp) = self.current.as_ref().and_then(|c| c.expired(&self.clock)) {
+                    let status = expired_status(exp, &self.source);
+                    self.limits.credential_ended(self.id, &status);
+                    return Some(Event::End(Some(status)));
+                }
                 if let Some(status) = self.current.as_ref().and_then(Current::rejection) {
                     self.limits.credential_ended(self.id, &status);
                     return Some(Event::End(Some(status)));

@@ -14,10 +14,19 @@
 //!   with it learn that it no longer proves their identity and end
 //!   ([`JwtLease::rejected`]), rather than keep receiving the certificates
 //!   other pods' JWTs renew.
+//! - Every renewal proves each live JWT to the CA again ([`Jwts::proven`]),
+//!   whatever login is cached for it, before the renewed certificate is
+//!   installed. A stream is served a renewed certificate only if its JWT was
+//!   proven for it: proven at that renewal, or by the stream's own subscribe
+//!   since the renewal began ([`JwtLease::standing`]). Any other stream (its
+//!   JWT rejected, or never remembered because the identity is full of JWTs
+//!   that outlive it) ends instead.
 //! - A JWT is live while a stream holds it. When its last stream ends it
 //!   leaves the renewal set but is kept, idle, so that a reconnect with the
-//!   same JWT reuses its CA login; it is released when displaced, when it
-//!   expires, or when the identity leaves the cache.
+//!   same JWT finds its place; its CA login is released at the next renewal,
+//!   so that no token outlives the renewal that last proved its JWT. It is
+//!   forgotten when displaced, when it expires, or when the identity leaves
+//!   the cache.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
@@ -34,6 +43,26 @@ pub(super) struct Jwts {
     next_epoch: u64,
     /// Epochs of the JWTs the CA rejected, newest last, bounded.
     rejected: VecDeque<u64>,
+    /// Counts proofs of JWTs (a stream's subscribe, a renewal's login).
+    proofs: u64,
+    /// `proofs` when the last completed renewal began proving: a JWT last
+    /// proven at or before it was not proven for the certificate served.
+    renewed_from: u64,
+    /// `proofs` when the renewal in progress (which may take several
+    /// attempts) began.
+    renewing_since: Option<u64>,
+}
+
+/// Where a stream stands with the certificate its identity now serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Its JWT was proven for it.
+    Proven,
+    /// The CA rejected its JWT at a renewal.
+    Rejected,
+    /// Its JWT was not proven at the last renewal (not remembered: the
+    /// identity holds `MAX_JWTS_PER_IDENTITY` JWTs that outlive it).
+    Unproven,
 }
 
 /// How many rejected JWTs an identity remembers for its streams to see.
@@ -45,6 +74,10 @@ struct Held {
     expires_at: i64,
     streams: usize,
     epoch: u64,
+    /// The proof (see [`Jwts::proofs`]) that last proved it.
+    proven: u64,
+    /// The proof made by the last renewal's login with it.
+    reproven: u64,
 }
 
 impl Jwts {
@@ -54,14 +87,25 @@ impl Jwts {
             held: Vec::new(),
             next_epoch: 0,
             rejected: VecDeque::new(),
+            proofs: 0,
+            renewed_from: 0,
+            renewing_since: None,
         }
     }
 
-    /// Counts one more stream for `credential`, remembering it if it is new.
-    /// Returns its epoch if it is remembered, and the JWTs it displaced.
+    fn next_proof(&mut self) -> u64 {
+        self.proofs += 1;
+        self.proofs
+    }
+
+    /// Counts one more stream for `credential`, which the stream has just
+    /// proven, remembering it if it is new. Returns its epoch if it is
+    /// remembered, and the JWTs it displaced.
     fn hold(&mut self, credential: &Credential) -> (Option<u64>, Vec<Credential>) {
+        let proof = self.next_proof();
         if let Some(h) = self.held.iter_mut().find(|h| h.credential == *credential) {
             h.streams += 1;
+            h.proven = proof;
             return (Some(h.epoch), Vec::new());
         }
         let expires_at = expiry(credential);
@@ -95,6 +139,8 @@ impl Jwts {
             expires_at,
             streams: 1,
             epoch,
+            proven: proof,
+            reproven: 0,
         });
         (Some(epoch), displaced)
     }
@@ -119,6 +165,63 @@ impl Jwts {
             .collect();
         live.sort_by_key(|h| std::cmp::Reverse(h.expires_at));
         live.into_iter().map(|h| h.credential.clone()).collect()
+    }
+
+    /// An attempt at renewing begins proving the live JWTs: the mark of
+    /// the renewal (the same for every attempt until one succeeds), to pass
+    /// to [`Jwts::renewed`] once they are proven.
+    pub fn begin_renewal(&mut self) -> u64 {
+        *self.renewing_since.get_or_insert(self.proofs)
+    }
+
+    /// The CA accepted `credential` again at a renewal.
+    pub fn proven(&mut self, credential: &Credential) {
+        let proof = self.next_proof();
+        if let Some(h) = self.held.iter_mut().find(|h| h.credential == *credential) {
+            h.proven = proof;
+            h.reproven = proof;
+        }
+    }
+
+    /// True when an earlier attempt of the renewal that began at `mark`
+    /// already proved `credential` to the CA: its login is not made again.
+    pub fn proven_in_renewal(&self, credential: &Credential, mark: u64) -> bool {
+        self.held
+            .iter()
+            .any(|h| h.credential == *credential && h.reproven > mark)
+    }
+
+    /// The renewal that began at `mark` is about to serve its certificate:
+    /// from now on only JWTs proven since `mark` stand.
+    pub fn renewed(&mut self, mark: u64) {
+        self.renewed_from = self.renewed_from.max(mark);
+        self.renewing_since = None;
+    }
+
+    /// The idle JWTs (no stream holds them), whose CA logins a renewal
+    /// releases.
+    pub fn idle(&self) -> Vec<Credential> {
+        self.held
+            .iter()
+            .filter(|h| h.streams == 0)
+            .map(|h| h.credential.clone())
+            .collect()
+    }
+
+    /// Where a lease of the JWT remembered as `epoch` (or of a JWT never
+    /// remembered, proven as `joined`) stands.
+    fn standing(&self, held: Option<u64>, joined: u64) -> Standing {
+        if held.is_some_and(|epoch| self.was_rejected(epoch)) {
+            return Standing::Rejected;
+        }
+        let proven = held
+            .and_then(|epoch| self.held.iter().find(|h| h.epoch == epoch))
+            .map_or(joined, |h| h.proven);
+        if proven > self.renewed_from {
+            Standing::Proven
+        } else {
+            Standing::Unproven
+        }
     }
 
     /// True when some stream holds a remembered JWT.
@@ -173,30 +276,34 @@ fn expiry(credential: &Credential) -> i64 {
 pub struct JwtLease {
     entry: Weak<Entry>,
     held: Option<(Credential, u64)>,
+    /// The proof its subscribe made (see [`Jwts::proofs`]).
+    joined: u64,
 }
 
 impl JwtLease {
     /// Counts a stream for `credential` on `entry` (the caller holds the
     /// cache lock). Also returns the JWTs it displaced.
     pub(super) fn hold(entry: &Arc<Entry>, credential: &Credential) -> (Self, Vec<Credential>) {
-        let (epoch, displaced) = entry.jwts().hold(credential);
+        let mut jwts = entry.jwts();
+        let (epoch, displaced) = jwts.hold(credential);
         let lease = JwtLease {
             entry: Arc::downgrade(entry),
             held: epoch.map(|e| (credential.clone(), e)),
+            joined: jwts.proofs,
         };
         (lease, displaced)
     }
 }
 
 impl JwtLease {
-    /// True when the CA rejected this lease's JWT at a renewal of its
-    /// identity: the stream holding it no longer proves the identity. (A
-    /// JWT never remembered, because the identity was full of JWTs that
-    /// outlive it, is not tracked: its stream ends when it expires.)
-    pub fn rejected(&self) -> bool {
-        match (self.entry.upgrade(), &self.held) {
-            (Some(entry), Some((_, epoch))) => entry.jwts().was_rejected(*epoch),
-            _ => false,
+    /// Where the stream holding this lease stands with the certificate its
+    /// identity serves now (see [`Standing`]).
+    pub fn standing(&self) -> Standing {
+        match self.entry.upgrade() {
+            Some(entry) => entry
+                .jwts()
+                .standing(self.held.as_ref().map(|(_, e)| *e), self.joined),
+            None => Standing::Proven,
         }
     }
 }

@@ -57,6 +57,7 @@ mod tests;
 use cache::{Cache, CacheKey};
 use issue::FetchError;
 use jwts::JwtLease;
+pub use jwts::Standing;
 use schedule::RenewPolicy;
 use svid_warnings::SvidWarnings;
 
@@ -190,7 +191,14 @@ impl Subscription {
     /// identity and should end (`PERMISSION_DENIED`), though the identity
     /// may still be renewed with other streams' JWTs.
     pub fn credential_rejected(&self) -> bool {
-        self.jwt.rejected()
+        self.jwt.standing() == Standing::Rejected
+    }
+
+    /// Where this stream stands with the certificate its identity serves
+    /// now: its JWT proven for it, rejected by the CA, or not proven at the
+    /// last renewal (see [`jwts`]).
+    pub fn standing(&self) -> Standing {
+        self.jwt.standing()
     }
 }
 

@@ -4,10 +4,13 @@
 //!   identity's fetch lock, so a first fetch of the same identity never
 //!   queues behind it; if a fetch is running when its turn comes, the
 //!   renewal stands down and the schedule looks again.
-//! - It uses the JWTs of the identity's live streams, latest expiry first:
-//!   the cached CA login of one, else a new login. A JWT the CA rejects is
-//!   forgotten (and released) and the next is tried. Only when none is left
-//!   do the identity's streams end, with `UNAVAILABLE`.
+//! - It proves every JWT of the identity's live streams to the CA again
+//!   (one login each, whatever is cached), latest expiry first, and signs
+//!   with the first proven. A JWT the CA rejects is forgotten (and
+//!   released): its streams end with `PERMISSION_DENIED` before the renewed
+//!   certificate is installed, and never receive it. Only when no JWT is
+//!   proven do the identity's streams end, with `UNAVAILABLE`. The logins
+//!   of idle JWTs are released.
 //! - A sign the CA rejects drops the token, logs in once more and retries
 //!   the sign once, then reports.
 
@@ -57,54 +60,82 @@ impl SecretManager {
         let expired = entry.jwts().take_expired(now);
         let expired_count = expired.len();
         self.release(expired);
-        let candidates = entry.jwts().live(now);
+        // No login outlives the renewal that last proved its JWT: an idle
+        // JWT's reconnect logs in anew.
+        let (candidates, mark, idle) = {
+            let mut jwts = entry.jwts();
+            (jwts.live(now), jwts.begin_renewal(), jwts.idle())
+        };
+        self.release(idle);
+        // Every live JWT is proven again, whatever login is cached for it;
+        // the first proven signs.
         let mut rejected = 0;
-        let mut sign_retried = false;
-        let mut i = 0;
-        while let Some(jwt) = candidates.get(i) {
-            let auth = match self.ca.cached_login(jwt).await {
-                Some(auth) => auth,
-                None => match self.ca.login(jwt).await {
-                    Ok(auth) => auth,
-                    Err(e) if e.is_rejection() => {
-                        tracing::warn!(
-                            identity = %identity,
-                            jwt = %jwt.fingerprint(),
-                            "the CA no longer accepts this JWT of a stream of the identity: {e}; forgetting it and renewing with another"
-                        );
-                        self.release(entry.jwts().forget(jwt));
-                        rejected += 1;
-                        i += 1;
-                        continue;
-                    }
-                    Err(e) => return Renewal::Failed(SecretError::Login(e)),
-                },
+        let mut signer = None;
+        for jwt in &candidates {
+            // One login per JWT per renewal: an attempt after a failed one
+            // uses the login the renewal already made with it.
+            let again = if entry.jwts().proven_in_renewal(jwt, mark) {
+                self.ca.cached_login(jwt).await
+            } else {
+                None
             };
-            match self.sign_checked(identity, &auth, &key).await {
-                Ok((chain, leaf)) => {
-                    let secret = self.secret(identity, key, chain, leaf);
-                    tracing::info!(
-                        identity = %identity,
-                        serial = %secret.leaf.serial_hex,
-                        expires = %rfc3339(secret.leaf.not_after),
-                        "renewed workload certificate; pushing it to every stream of this identity"
-                    );
-                    return match self.cache.install(entry, secret, self.trust.current()) {
-                        Ok(Installed::Replaced | Installed::First) => Renewal::Renewed,
-                        Err(_) => Renewal::StoodDown,
-                    };
+            let proof = match again {
+                Some(auth) => Ok(auth),
+                None => self.ca.login_anew(jwt).await,
+            };
+            match proof {
+                Ok(auth) => {
+                    entry.jwts().proven(jwt);
+                    signer.get_or_insert((jwt, auth));
                 }
-                Err(e) if e.is_token_refused() => {
-                    self.ca.invalidate(&auth);
-                    if sign_retried {
+                Err(e) if e.is_rejection() => {
+                    tracing::warn!(
+                        identity = %identity,
+                        jwt = %jwt.fingerprint(),
+                        "the CA no longer accepts this JWT of a stream of the identity: {e}; forgetting it and \
+                         renewing with another: its streams end with PERMISSION_DENIED"
+                    );
+                    self.release(entry.jwts().forget(jwt));
+                    rejected += 1;
+                }
+                Err(e) => return Renewal::Failed(SecretError::Login(e)),
+            }
+        }
+        if let Some((jwt, mut auth)) = signer {
+            let mut sign_retried = false;
+            loop {
+                match self.sign_checked(identity, &auth, &key).await {
+                    Ok((chain, leaf)) => {
+                        let secret = self.secret(identity, key, chain, leaf);
+                        tracing::info!(
+                            identity = %identity,
+                            serial = %secret.leaf.serial_hex,
+                            expires = %rfc3339(secret.leaf.not_after),
+                            "renewed workload certificate; pushing it to every stream of this identity whose JWT was proven"
+                        );
+                        entry.jwts().renewed(mark);
+                        return match self.cache.install(entry, secret, self.trust.current()) {
+                            Ok(Installed::Replaced | Installed::First) => Renewal::Renewed,
+                            Err(_) => Renewal::StoodDown,
+                        };
+                    }
+                    Err(e) if e.is_token_refused() && !sign_retried => {
+                        self.ca.invalidate(&auth);
+                        tracing::warn!(identity = %identity, "the CA refused to sign with the token it just gave: {e}; logging in again and retrying once");
+                        sign_retried = true;
+                        crate::metrics::retry(crate::metrics::Retry::CaRequest);
+                        auth = match self.ca.login_anew(jwt).await {
+                            Ok(auth) => auth,
+                            Err(e) => return Renewal::Failed(SecretError::Login(e)),
+                        };
+                    }
+                    Err(e) => {
+                        if e.is_token_refused() {
+                            self.ca.invalidate(&auth);
+                        }
                         return Renewal::Failed(e);
                     }
-                    tracing::warn!(identity = %identity, "the CA refused to sign with a cached authorization: {e}; logging in again and retrying once");
-                    // The same JWT again: its token is gone, so this logs in anew.
-                    sign_retried = true;
-                    crate::metrics::retry(crate::metrics::Retry::CaRequest);
                 }
-                Err(e) => return Renewal::Failed(e),
             }
         }
         Renewal::NoCredential(if rejected == 0 && expired_count > 0 {

@@ -120,6 +120,8 @@ pub struct FakeCa {
     pub listing: Mutex<Result<Vec<usize>, CaError>>,
     /// Signs fail with this while set.
     pub sign_error: Mutex<Option<CaError>>,
+    /// The next sign only is refused with this.
+    pub next_sign_error: Mutex<Option<CaError>>,
     pub login_latency: Mutex<Duration>,
     pub sign_latency: Mutex<Duration>,
     pub list_latency: Mutex<Duration>,
@@ -149,6 +151,7 @@ impl FakeCa {
             signing: Mutex::new(0),
             listing: Mutex::new(Ok(vec![0])),
             sign_error: Mutex::new(None),
+            next_sign_error: Mutex::new(None),
             login_latency: Mutex::new(Duration::ZERO),
             sign_latency: Mutex::new(Duration::ZERO),
             list_latency: Mutex::new(Duration::ZERO),
@@ -276,6 +279,14 @@ impl CaClient for FakeCa {
         Ok(Self::auth(token))
     }
 
+    async fn login_anew(&self, credential: &Credential) -> Result<Authorization, CaError> {
+        self.tokens
+            .lock()
+            .unwrap()
+            .remove(&credential.fingerprint());
+        self.login(credential).await
+    }
+
     async fn cached_login(&self, credential: &Credential) -> Option<Authorization> {
         let token = *self.tokens.lock().unwrap().get(&credential.fingerprint())?;
         Some(Self::auth(token))
@@ -291,6 +302,9 @@ impl CaClient for FakeCa {
         let _busy = self.record(Call::Sign(token));
         let latency = *self.sign_latency.lock().unwrap();
         tokio::time::sleep(latency).await;
+        if let Some(e) = self.next_sign_error.lock().unwrap().take() {
+            return Err(e);
+        }
         if let Some(e) = self.sign_error.lock().unwrap().clone() {
             return Err(e);
         }

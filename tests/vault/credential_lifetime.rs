@@ -6,6 +6,9 @@
 //! - a JWT Vault rejects at a renewal (its pod deleted) ends its stream with
 //!   `PERMISSION_DENIED`, while the identity is renewed with another
 //!   stream's JWT and that stream gets the new certificate;
+//! - every renewal proves each stream's JWT to Vault again, though Vault's
+//!   tokens are cached, so that a deleted pod's stream never receives a
+//!   certificate issued after its JWT was refused;
 //! - a stream reading `WORKLOAD_TOKEN_PATH` moves to the token kubelet puts
 //!   in the file before the old one expires, and ends only when the file is
 //!   left holding an expired token.
@@ -211,6 +214,84 @@ async fn a_jwt_vault_rejects_at_renewal_ends_its_stream_and_the_identity_renews_
         "{}",
         agent.log()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_renewal_proves_each_pods_jwt_again_though_vault_tokens_are_cached() {
+    // Vault tokens outlive every renewal here: only a new login finds out
+    // that a pod was deleted.
+    let env = VaultEnv::start().await;
+    let agent = Agent::started(&env.agent_env_with(&[("SECRET_TTL", "8s")])).await;
+    // Two pods of one service account. The deleted one's JWT expires first,
+    // so it is never the one a renewal signs with.
+    let kept = env
+        .issuer
+        .mint("default", "httpbin", Duration::from_secs(7200));
+    let gone = env.jwt("default", "httpbin");
+    let (tx_k, mut kept_stream, first) = served(&agent, Some(&kept)).await;
+    let (tx_g, mut gone_stream, _) = served(&agent, Some(&gone)).await;
+
+    // A renewal while both pods live: both streams get it, after one login
+    // per JWT.
+    let logins = env.count("auth/kubernetes/login");
+    let renewed = next_serial(
+        &agent,
+        &tx_k,
+        &mut kept_stream,
+        &serial(&first),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(
+        env.count("auth/kubernetes/login") - logins,
+        2,
+        "one login per distinct JWT at the renewal"
+    );
+    let seen = next_serial(
+        &agent,
+        &tx_g,
+        &mut gone_stream,
+        &serial(&first),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(seen, renewed, "the live pod's stream is renewed too");
+
+    // The pod of `gone` is deleted: the TokenReview stand-in refuses its JWT.
+    env.review.revoke(&gone);
+    let next = next_serial(
+        &agent,
+        &tx_k,
+        &mut kept_stream,
+        &renewed,
+        Duration::from_secs(20),
+    )
+    .await;
+    let end = loop {
+        match next_within(
+            &mut gone_stream,
+            Duration::from_secs(10),
+            "the stream of the deleted pod's JWT was not ended",
+            || agent.log(),
+        )
+        .await
+        {
+            Ok(resp) => assert_ne!(
+                serial(&resp),
+                next,
+                "a certificate issued after the refusal reached the deleted pod's stream"
+            ),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(end.code(), Code::PermissionDenied, "{end:?}");
+    // The deleted pod gets nothing by a new stream either.
+    let mut client = connect(&agent.socket).await;
+    let refused = client
+        .fetch_secrets(with_jwt(request(&["default"], None), &gone))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

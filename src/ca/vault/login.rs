@@ -233,13 +233,16 @@ impl Logins {
         lock(&self.slots).map.get(key).cloned()
     }
 
-    /// Logs in with `credential` (see the module documentation).
+    /// Logs in with `credential` (see the module documentation). With
+    /// `anew`, a cached token is not used: Vault judges the JWT again, and
+    /// the token it gives replaces the cached one, which is revoked.
     pub async fn login(
         &self,
         http: &VaultHttp,
         auth_path: &str,
         role: &str,
         credential: &Credential,
+        anew: bool,
     ) -> Result<Authorization, CaError> {
         // An expired JWT proves nothing, whatever Vault said about it before:
         // refused before any cache lookup.
@@ -266,7 +269,7 @@ impl Logins {
         let stale = {
             let mut st = lock(&slot.state);
             if let Some(t) = &st.token {
-                if t.until > now {
+                if t.until > now && !anew {
                     return Ok(authorization(&t.token, key));
                 }
             }
@@ -275,7 +278,11 @@ impl Logins {
                     return Err(CaError::RecentlyRejected(failure.clone()));
                 }
             }
-            st.take_lapsed(now)
+            if anew {
+                st.token.take()
+            } else {
+                st.take_lapsed(now)
+            }
         };
         if let Some(t) = stale.filter(|t| t.revocable(now)) {
             revoke_in_background(http, vec![Revocable(t.token)]);

@@ -169,7 +169,25 @@ impl CaClient for VaultCa {
 
     async fn login(&self, credential: &Credential) -> Result<Authorization, CaError> {
         self.logins
-            .login(&self.http, &self.cfg.auth_path, &self.cfg.role, credential)
+            .login(
+                &self.http,
+                &self.cfg.auth_path,
+                &self.cfg.role,
+                credential,
+                false,
+            )
+            .await
+    }
+
+    async fn login_anew(&self, credential: &Credential) -> Result<Authorization, CaError> {
+        self.logins
+            .login(
+                &self.http,
+                &self.cfg.auth_path,
+                &self.cfg.role,
+                credential,
+                true,
+            )
             .await
     }
 

@@ -39,11 +39,89 @@ async fn a_renewal_uses_another_live_jwt_when_the_ca_rejects_one() {
         "the rejected JWT is released"
     );
 
-    // Next renewal: b was forgotten, a's cached login serves.
+    // Next renewal: b was forgotten; a, though its login is cached, is
+    // proven again, once.
     let before = serial(&sub_a);
-    let logins_now = h.ca.count(|c| matches!(c, Call::Login(_)));
+    let since = h.ca.calls().len();
     next_cert(&mut sub_a, &before, Duration::from_secs(60)).await;
-    assert_eq!(h.ca.count(|c| matches!(c, Call::Login(_))), logins_now);
+    let logins: Vec<Call> = calls_since(&h.ca, since)
+        .into_iter()
+        .map(|(_, c)| c)
+        .filter(|c| matches!(c, Call::Login(_)))
+        .collect();
+    assert_eq!(logins, [Call::Login(a.fingerprint())]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_live_jwt_is_proven_again_at_each_renewal_and_a_rejected_one_never_gets_its_certificate(
+) {
+    let h = harness(|_| {});
+    let (a, b) = (
+        jwt("x", Some(h.unix(20_000))),
+        jwt("x", Some(h.unix(10_000))),
+    );
+    let mut sub_a = h.m.subscribe(&a).await.unwrap();
+    let mut sub_b = h.m.subscribe(&b).await.unwrap();
+    let first = serial(&sub_a);
+    // Renewals while both are accepted: one login per JWT per renewal,
+    // their cached logins notwithstanding.
+    for _ in 0..2 {
+        let since = h.ca.calls().len();
+        let before = serial(&sub_a);
+        next_cert(&mut sub_a, &before, Duration::from_secs(60)).await;
+        let logins: Vec<Call> = calls_since(&h.ca, since)
+            .into_iter()
+            .map(|(_, c)| c)
+            .filter(|c| matches!(c, Call::Login(_)))
+            .collect();
+        assert_eq!(
+            logins,
+            [Call::Login(a.fingerprint()), Call::Login(b.fingerprint())]
+        );
+        assert_eq!(sub_b.standing(), Standing::Proven);
+        sub_b.secret.borrow_and_update();
+    }
+    assert_ne!(serial(&sub_a), first);
+    // b's pod is deleted: b is refused at the next renewal, though a token
+    // of it is cached, and its stream learns so before the certificate
+    // issued after the refusal is installed.
+    h.ca.reject(&b);
+    sub_b.secret.changed().await.unwrap();
+    assert_eq!(sub_b.standing(), Standing::Rejected);
+    assert_eq!(sub_a.standing(), Standing::Proven);
+    // A new stream with b is refused too.
+    assert!(matches!(
+        h.m.subscribe(&b).await,
+        Err(SecretError::Login(_))
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_whose_jwt_was_not_remembered_is_unproven_after_a_renewal() {
+    let h = harness(|o| o.max_jwts_per_identity = 1);
+    let (a, b) = (
+        jwt("x", Some(h.unix(20_000))),
+        jwt("x", Some(h.unix(10_000))),
+    );
+    let mut sub_a = h.m.subscribe(&a).await.unwrap();
+    // b expires before a, which fills the identity's JWTs: not remembered.
+    let sub_b = h.m.subscribe(&b).await.unwrap();
+    assert_eq!(
+        sub_b.standing(),
+        Standing::Proven,
+        "proven by its subscribe"
+    );
+    let before = serial(&sub_a);
+    next_cert(&mut sub_a, &before, Duration::from_secs(60)).await;
+    assert_eq!(sub_a.standing(), Standing::Proven);
+    assert_eq!(
+        sub_b.standing(),
+        Standing::Unproven,
+        "not proven at the renewal"
+    );
+    // Subscribing again proves it for the certificate now served.
+    let again = h.m.subscribe(&b).await.unwrap();
+    assert_eq!(again.standing(), Standing::Proven);
 }
 
 #[tokio::test(start_paused = true)]
@@ -93,40 +171,44 @@ async fn a_jwt_leaves_the_renewal_set_when_its_last_stream_ends() {
     let sub_a1 = h.m.subscribe(&a).await.unwrap();
     let sub_a2 = h.m.subscribe(&a).await.unwrap();
     let mut sub_b = h.m.subscribe(&b).await.unwrap();
+    let renewal_logins = |since: usize| -> Vec<Call> {
+        calls_since(&h.ca, since)
+            .into_iter()
+            .map(|(_, c)| c)
+            .filter(|c| matches!(c, Call::Login(_)))
+            .collect()
+    };
     drop(sub_a1);
-    h.ca.drop_tokens();
+    let since = h.ca.calls().len();
     let before = serial(&sub_b);
     next_cert(&mut sub_b, &before, Duration::from_secs(60)).await;
     assert_eq!(
-        h.ca.calls()
-            .iter()
-            .rev()
-            .find(|(_, c)| matches!(c, Call::Login(_)))
-            .unwrap()
-            .1,
-        Call::Login(a.fingerprint()),
+        renewal_logins(since),
+        [Call::Login(a.fingerprint()), Call::Login(b.fingerprint())],
         "a still has a stream"
     );
+    assert_eq!(h.ca.count(|c| matches!(c, Call::Release(_))), 0);
 
     drop(sub_a2);
-    h.ca.drop_tokens();
+    let since = h.ca.calls().len();
     let before = serial(&sub_b);
     next_cert(&mut sub_b, &before, Duration::from_secs(60)).await;
     assert_eq!(
-        h.ca.calls()
-            .iter()
-            .rev()
-            .find(|(_, c)| matches!(c, Call::Login(_)))
-            .unwrap()
-            .1,
-        Call::Login(b.fingerprint()),
+        renewal_logins(since),
+        [Call::Login(b.fingerprint())],
         "a's last stream ended"
     );
+    tokio::task::yield_now().await;
     assert_eq!(
-        h.ca.count(|c| matches!(c, Call::Release(_))),
-        0,
-        "idle, not released"
+        h.ca.count(|c| *c == Call::Release(a.fingerprint())),
+        1,
+        "the idle JWT's login is released at the renewal"
     );
+    // Still remembered: a reconnect with it logs in anew and is served.
+    let since = h.ca.calls().len();
+    let back = h.m.subscribe(&a).await.unwrap();
+    assert_eq!(renewal_logins(since), [Call::Login(a.fingerprint())]);
+    assert_eq!(back.standing(), Standing::Proven);
 }
 
 #[tokio::test(start_paused = true)]
@@ -156,8 +238,11 @@ async fn a_sign_rejection_drops_the_token_logs_in_again_and_retries_once() {
     let h = harness(|_| {});
     let a = jwt("x", None);
     let mut sub = h.m.subscribe(&a).await.unwrap();
-    // Vault was rebuilt: every token it gave is refused.
-    h.ca.revoke_tokens();
+    // The token the renewal's login gets is refused at its sign (Vault
+    // revoked it meanwhile).
+    *h.ca.next_sign_error.lock().unwrap() = Some(CaError::Rejected(
+        CaFailure::new("permission denied").token_refused(),
+    ));
     let since = h.ca.calls().len();
     let before = serial(&sub);
     next_cert(&mut sub, &before, Duration::from_secs(60)).await;
@@ -167,14 +252,15 @@ async fn a_sign_rejection_drops_the_token_logs_in_again_and_retries_once() {
     assert_eq!(
         kinds,
         [
-            Call::Sign(1),
-            Call::Invalidate(1),
             Call::Login(a.fingerprint()),
-            Call::Sign(2)
+            Call::Sign(2),
+            Call::Invalidate(2),
+            Call::Login(a.fingerprint()),
+            Call::Sign(3)
         ],
     );
     assert_eq!(
-        calls[3].0, calls[0].0,
+        calls[4].0, calls[1].0,
         "retried at once, not after a back-off"
     );
 
@@ -185,21 +271,22 @@ async fn a_sign_rejection_drops_the_token_logs_in_again_and_retries_once() {
     let since = h.ca.calls().len();
     tokio::time::sleep(Duration::from_secs(52)).await;
     let calls = calls_since(&h.ca, since);
-    let kinds: Vec<&Call> = calls.iter().map(|(_, c)| c).take(5).collect();
+    let kinds: Vec<&Call> = calls.iter().map(|(_, c)| c).take(6).collect();
     assert!(
         matches!(
             kinds.as_slice(),
             [
-                Call::Sign(2),
-                Call::Invalidate(2),
                 Call::Login(_),
-                Call::Sign(3),
-                Call::Invalidate(3)
+                Call::Sign(4),
+                Call::Invalidate(4),
+                Call::Login(_),
+                Call::Sign(5),
+                Call::Invalidate(5)
             ]
         ),
         "{kinds:?}"
     );
-    let pause = calls[5].0 - calls[4].0;
+    let pause = calls[6].0 - calls[5].0;
     assert!(
         pause >= Duration::from_millis(500),
         "backed off {pause:?} before trying again"
