@@ -265,7 +265,7 @@ impl Driver {
         {
             return Ok(Want::Waiting);
         }
-        match FirstFetch::admit(&self.conn, credential) {
+        match FirstFetch::admit(&self.conn, &self.manager, credential) {
             Ok(fetch) => {
                 self.pending = Some(fetch);
                 Ok(Want::Waiting)
@@ -336,6 +336,7 @@ impl Driver {
                 // from, while the old one still serves.
                 if let Some(fetch) = refresh_fetch(
                     &self.conn,
+                    &self.manager,
                     &self.current,
                     &self.source,
                     self.pending.is_some(),
@@ -366,7 +367,10 @@ impl Driver {
                     .current
                     .as_ref()
                     .is_some_and(|c| c.sub.identity == sub.identity);
-                self.current = Some(Current::new(fetch.into_credential(), sub, &self.clock));
+                let (credential, admission) = fetch.into_parts();
+                // The CA proved the JWT: known to the peer from now on.
+                self.conn.proven(admission);
+                self.current = Some(Current::new(credential, sub, &self.clock));
                 // The CA accepted the stream's credential: neither the stream
                 // nor its connection makes room for newcomers any more.
                 self.proof.prove();
