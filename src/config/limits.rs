@@ -1,6 +1,7 @@
 //! The bounds of the SDS server (`SDS_*`): every workload that can reach the
 //! socket may be hostile, so connections, streams, request sizes, resource
-//! names and the Vault logins one connection can cause are all capped. Each
+//! names and the Vault logins one connection can cause are all capped, and
+//! each peer (a pod, by default) has a share of each (`SDS_PEER_*`). Each
 //! bound is a setting with a default sized for a node of Envoys (two streams
 //! each); the settings table of docs/settings.md lists them.
 
@@ -46,9 +47,9 @@ pub struct SdsLimits {
     /// `SDS_MAX_RESOURCE_NAMES`: most distinct resource names in one request.
     pub max_resource_names: usize,
     /// `SDS_CONNECTION_MAX_LOGINS_IN_FLIGHT`: first fetches with JWTs new to
-    /// the connection that may wait on the CA at once.
+    /// its peer that one connection may have waiting on the CA at once.
     pub connection_max_logins_in_flight: usize,
-    /// `SDS_CONNECTION_NEW_JWT_BURST`: JWTs new to a connection it may
+    /// `SDS_CONNECTION_NEW_JWT_BURST`: JWTs new to its peer a connection may
     /// present at once before the rate applies (token bucket size).
     pub connection_new_jwt_burst: u32,
     /// `SDS_CONNECTION_NEW_JWT_INTERVAL`: after the burst, one more new JWT

@@ -1,6 +1,7 @@
 //! The fetch of a stream's identity: its first, or one proving a token
-//! file's new token. It holds its place among the connection's logins in
-//! flight until it ends, and waits with back-off after a transient failure.
+//! file's new token. It holds its places among the logins in flight of
+//! its connection and peer until it ends, and waits with back-off after a
+//! transient failure; on success its JWT becomes known to the peer.
 //!
 //! A stream keeps reading requests while a fetch waits on the CA: the fetch
 //! is a future the stream's loop polls beside its requests
@@ -35,7 +36,7 @@ pub(crate) struct FirstFetch {
     backoff: Backoff,
     /// Held until the fetch has ended: its place among the connection's
     /// logins in flight.
-    _admission: Admission,
+    admission: Admission,
     attempt: Attempt,
 }
 
@@ -59,7 +60,7 @@ impl FirstFetch {
         Ok(Self {
             credential,
             backoff: Backoff::new(FIRST_FETCH_RETRY.0, FIRST_FETCH_RETRY.1),
-            _admission: admission,
+            admission,
             attempt: Attempt::Due(tokio::time::Instant::now()),
         })
     }
@@ -72,7 +73,7 @@ impl FirstFetch {
     /// The credential and its admission, once the fetch has succeeded (to
     /// be handed to [`Connection::proven`]).
     pub fn into_parts(self) -> (Credential, Admission) {
-        (self.credential, self._admission)
+        (self.credential, self.admission)
     }
 
     /// Waits until the attempt is due, starts the fetch, and returns its
@@ -110,7 +111,8 @@ impl FirstFetch {
 
 /// On [`CredentialDue::Refresh`]: a fetch proving the token file's new
 /// token, when it holds one and no fetch is under way (`fetching`); it runs
-/// under the connection's login budget while the old token still serves.
+/// under the login budgets of the connection and its peer while the old
+/// token still serves.
 pub(crate) fn refresh_fetch(
     conn: &Connection,
     manager: &SecretManager,

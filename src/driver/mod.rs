@@ -5,7 +5,8 @@
 //!
 //! - the credential a stream proves its identity with, where it comes from
 //!   ([`CredentialSource`]) and its checks;
-//! - the fetch of the identity under the connection's login budget, retried
+//! - the fetch of the identity under the login budgets of the connection and
+//!   its peer (its JWT known to the peer once the CA proved it), retried
 //!   with back-off while the stream waits ([`fetch::FirstFetch`]);
 //! - the subscription it is served from ([`credential::Current`]), and what
 //!   happens to it: a change, the CA rejecting the stream's JWT at a renewal,

@@ -7,10 +7,9 @@
 //! (`SDS_PEER_MAX_IDENTITIES`).
 //!
 //! A peer's entry outlives its connections, so that reconnecting refills
-//! nothing: it is forgotten only once it has had no connection for
-//! [`PEER_RETENTION`], and only when the registry is full, which it is at
-//! twice `SDS_MAX_CONNECTIONS` entries (the idle one that left longest ago
-//! goes first). Peers with a connection open are never forgotten, and there
+//! nothing. Entries are forgotten only when the registry is full, which it
+//! is at twice `SDS_MAX_CONNECTIONS` entries: first those idle for over
+//! [`PEER_RETENTION`], else the idle one that left longest ago. Peers with a connection open are never forgotten, and there
 //! are at most `SDS_MAX_CONNECTIONS` of them, so the registry never refuses.
 
 use std::collections::{HashMap, HashSet};
@@ -26,7 +25,7 @@ use super::peer::{attribute, Cred, PeerKey};
 use crate::config::SdsLimits;
 use crate::secrets::SecretError;
 
-/// How long a peer with no connection left is remembered at least.
+/// Peers idle this long are the first forgotten when the registry is full.
 pub const PEER_RETENTION: Duration = Duration::from_secs(600);
 
 /// What one peer holds of the node-wide places.
