@@ -77,6 +77,16 @@ pub struct SdsLimits {
     pub peer_max_identities: usize,
 }
 
+impl std::fmt::Display for PeerMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PeerMode::Cgroup => "cgroup",
+            PeerMode::Pid => "pid",
+            PeerMode::Uid => "uid",
+        })
+    }
+}
+
 /// What one peer of the socket is: the client whose connections share the
 /// `SDS_PEER_*` bounds. Read from `SO_PEERCRED` of each accepted connection;
 /// when the kernel cannot say (no pid, `/proc` unreadable, the process gone),

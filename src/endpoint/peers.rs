@@ -179,7 +179,7 @@ impl Peers {
             Err((key, why)) => {
                 if !self.fallback_logged.swap(true, Ordering::SeqCst) {
                     tracing::warn!(
-                        "SDS_PEER={:?}: {why}; such connections are attributed to {key} \
+                        "SDS_PEER={}: {why}; such connections are attributed to {key} \
                          (logged once)",
                         self.cfg.peer
                     );
