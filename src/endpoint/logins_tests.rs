@@ -213,3 +213,42 @@ async fn identities_a_peer_adds_to_the_cache_are_bounded() {
         "SDS_PEER_MAX_IDENTITIES"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_defaults_leave_a_normal_pod_alone() {
+    use crate::endpoint::limits::Limits;
+    let limits = Limits::new(SdsLimits::default());
+    let cfg = limits.config().clone();
+    let mut id = 0;
+    // A day of one pod: its Envoy's two connections, two streams each,
+    // reconnecting every 8 minutes (and ten times at once when it
+    // restarts), its token rotated every 48 minutes and presented on every
+    // stream; the first fetch adds its identity.
+    for rotation in 0..30u32 {
+        for reconnect in 0..6 {
+            let times = if reconnect == 0 { 10 } else { 1 };
+            for _ in 0..times {
+                let (mut held, mut conns) = (Vec::new(), Vec::new());
+                for _ in 0..2 {
+                    id += 1;
+                    let (peer, place) = limits.peers.connect(PeerKey::Pid(1)).unwrap();
+                    let conn = Arc::new(Connection::of_peer(id, &cfg, peer, None));
+                    for _ in 0..2 {
+                        let slot = limits.open_stream(&conn).unwrap();
+                        // The connection's and the peer's streams, at most.
+                        assert!(conn.peer.open_streams() <= 4);
+                        let identity = match rotation {
+                            0 => Identity::New("spiffe://cluster.local/ns/a/sa/b".into()),
+                            _ => Identity::Cached,
+                        };
+                        let admission = conn.admit(&cred(rotation), identity).unwrap();
+                        conn.proven(admission);
+                        held.push(slot);
+                    }
+                    conns.push((place, conn));
+                }
+            }
+            tokio::time::advance(Duration::from_secs(8 * 60)).await;
+        }
+    }
+}
