@@ -1,6 +1,7 @@
 //! The bounds of the SDS server (`SDS_*`): every workload that can reach the
 //! socket may be hostile, so connections, streams, request sizes, resource
-//! names and the Vault logins one connection can cause are all capped. Each
+//! names and the Vault logins one connection can cause are all capped, and
+//! each peer (a pod, by default) has a share of each (`SDS_PEER_*`). Each
 //! bound is a setting with a default sized for a node of Envoys (two streams
 //! each); the settings table of docs/settings.md lists them.
 
@@ -46,14 +47,59 @@ pub struct SdsLimits {
     /// `SDS_MAX_RESOURCE_NAMES`: most distinct resource names in one request.
     pub max_resource_names: usize,
     /// `SDS_CONNECTION_MAX_LOGINS_IN_FLIGHT`: first fetches with JWTs new to
-    /// the connection that may wait on the CA at once.
+    /// its peer that one connection may have waiting on the CA at once.
     pub connection_max_logins_in_flight: usize,
-    /// `SDS_CONNECTION_NEW_JWT_BURST`: JWTs new to a connection it may
+    /// `SDS_CONNECTION_NEW_JWT_BURST`: JWTs new to its peer a connection may
     /// present at once before the rate applies (token bucket size).
     pub connection_new_jwt_burst: u32,
     /// `SDS_CONNECTION_NEW_JWT_INTERVAL`: after the burst, one more new JWT
     /// per connection per this interval (token bucket refill).
     pub connection_new_jwt_interval: Duration,
+    /// `SDS_PEER`: what a peer is, whose shares the `SDS_PEER_*` settings
+    /// bound (see [`PeerMode`]).
+    pub peer: PeerMode,
+    /// `SDS_PEER_MAX_CONNECTIONS`: open connections of one peer.
+    pub peer_max_connections: usize,
+    /// `SDS_PEER_MAX_STREAMS`: open streams of one peer, over its
+    /// connections.
+    pub peer_max_streams: usize,
+    /// `SDS_PEER_MAX_LOGINS_IN_FLIGHT`: first fetches with JWTs new to a
+    /// peer that may wait on the CA at once, over its connections.
+    pub peer_max_logins_in_flight: usize,
+    /// `SDS_PEER_NEW_JWT_BURST`: JWTs new to a peer it may present at once
+    /// before the rate applies; reconnecting does not refill it.
+    pub peer_new_jwt_burst: u32,
+    /// `SDS_PEER_NEW_JWT_INTERVAL`: after the burst, one more new JWT per
+    /// peer per this interval.
+    pub peer_new_jwt_interval: Duration,
+    /// `SDS_PEER_MAX_IDENTITIES`: identities one peer may add to the cache
+    /// (first fetches of identities not cached yet), of `MAX_IDENTITIES`.
+    pub peer_max_identities: usize,
+}
+
+impl std::fmt::Display for PeerMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PeerMode::Cgroup => "cgroup",
+            PeerMode::Pid => "pid",
+            PeerMode::Uid => "uid",
+        })
+    }
+}
+
+/// What one peer of the socket is: the client whose connections share the
+/// `SDS_PEER_*` bounds. Read from `SO_PEERCRED` of each accepted connection;
+/// when the kernel cannot say (no pid, `/proc` unreadable, the process gone),
+/// the peer is the connection's uid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerMode {
+    /// The control group of the peer's process, up to its pod's (in
+    /// Kubernetes every pod has its own): a peer is a pod.
+    Cgroup,
+    /// The peer's process id: a peer is a process.
+    Pid,
+    /// The peer's user id.
+    Uid,
 }
 
 impl Default for SdsLimits {
@@ -73,6 +119,13 @@ impl Default for SdsLimits {
             connection_max_logins_in_flight: 2,
             connection_new_jwt_burst: 4,
             connection_new_jwt_interval: Duration::from_secs(10),
+            peer: PeerMode::Cgroup,
+            peer_max_connections: 32,
+            peer_max_streams: 64,
+            peer_max_logins_in_flight: 4,
+            peer_new_jwt_burst: 8,
+            peer_new_jwt_interval: Duration::from_secs(10),
+            peer_max_identities: 8,
         }
     }
 }
@@ -178,6 +231,40 @@ pub(super) fn limits_from_lookup(
             Duration::ZERO,
             hour * 24,
         )?,
+        peer: match get("SDS_PEER") {
+            None => d.peer,
+            Some(v) => match v.trim() {
+                "cgroup" => PeerMode::Cgroup,
+                "pid" => PeerMode::Pid,
+                "uid" => PeerMode::Uid,
+                _ => {
+                    return Err(ConfigError::new(
+                        "SDS_PEER",
+                        v,
+                        "must be cgroup, pid or uid".to_string(),
+                    ))
+                }
+            },
+        },
+        peer_max_connections: count("SDS_PEER_MAX_CONNECTIONS", d.peer_max_connections, 1 << 20)?,
+        peer_max_streams: count("SDS_PEER_MAX_STREAMS", d.peer_max_streams, 1 << 20)?,
+        peer_max_logins_in_flight: count(
+            "SDS_PEER_MAX_LOGINS_IN_FLIGHT",
+            d.peer_max_logins_in_flight,
+            1024,
+        )?,
+        peer_new_jwt_burst: count(
+            "SDS_PEER_NEW_JWT_BURST",
+            d.peer_new_jwt_burst as usize,
+            1 << 20,
+        )? as u32,
+        peer_new_jwt_interval: duration(
+            "SDS_PEER_NEW_JWT_INTERVAL",
+            d.peer_new_jwt_interval,
+            Duration::ZERO,
+            hour * 24,
+        )?,
+        peer_max_identities: count("SDS_PEER_MAX_IDENTITIES", d.peer_max_identities, 1 << 20)?,
     };
     if limits.max_buffered_request_bytes < limits.max_request_bytes {
         return Err(ConfigError::new(
@@ -241,6 +328,8 @@ mod tests {
             ("SDS_FIRST_REQUEST_TIMEOUT", "1500ms"),
             ("SDS_HANDSHAKE_TIMEOUT", "2s"),
             ("SDS_CONNECTION_NEW_JWT_INTERVAL", "0"),
+            ("SDS_PEER", "pid"),
+            ("SDS_PEER_MAX_STREAMS", "3"),
         ])
         .unwrap();
         assert_eq!(l.max_streams, 64);
@@ -250,6 +339,7 @@ mod tests {
         assert_eq!(l.first_request_timeout, Duration::from_millis(1500));
         assert_eq!(l.handshake_timeout, Duration::from_secs(2));
         assert_eq!(l.connection_new_jwt_interval, Duration::ZERO);
+        assert_eq!((l.peer, l.peer_max_streams), (PeerMode::Pid, 3));
         // The buffer must hold at least one whole request.
         let e = limits(&[("SDS_MAX_BUFFERED_REQUEST_BYTES", "64KiB")]).unwrap_err();
         assert_eq!(e.var, "SDS_MAX_BUFFERED_REQUEST_BYTES");
@@ -277,6 +367,13 @@ mod tests {
             ("SDS_CONNECTION_MAX_LOGINS_IN_FLIGHT", "0"),
             ("SDS_CONNECTION_NEW_JWT_BURST", "0"),
             ("SDS_CONNECTION_NEW_JWT_INTERVAL", "3d"),
+            ("SDS_PEER", "pod"),
+            ("SDS_PEER_MAX_CONNECTIONS", "0"),
+            ("SDS_PEER_MAX_STREAMS", "lots"),
+            ("SDS_PEER_MAX_LOGINS_IN_FLIGHT", "2000"),
+            ("SDS_PEER_NEW_JWT_BURST", "0"),
+            ("SDS_PEER_NEW_JWT_INTERVAL", "25h"),
+            ("SDS_PEER_MAX_IDENTITIES", "0"),
         ] {
             let e = limits(&[(var, bad)]).unwrap_err();
             assert_eq!(e.var, var, "{var}={bad}: {e}");

@@ -41,7 +41,7 @@ pub use debug_from::DebugFrom;
 mod surfaces;
 mod vault;
 use limits::limits_from_lookup;
-pub use limits::SdsLimits;
+pub use limits::{PeerMode, SdsLimits};
 pub use observe::ObserveConfig;
 use surfaces::surfaces_from_lookup;
 pub use surfaces::SurfacesConfig;

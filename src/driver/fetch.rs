@@ -1,6 +1,7 @@
 //! The fetch of a stream's identity: its first, or one proving a token
-//! file's new token. It holds its place among the connection's logins in
-//! flight until it ends, and waits with back-off after a transient failure.
+//! file's new token. It holds its places among the logins in flight of
+//! its connection and peer until it ends, and waits with back-off after a
+//! transient failure; on success its JWT becomes known to the peer.
 //!
 //! A stream keeps reading requests while a fetch waits on the CA: the fetch
 //! is a future the stream's loop polls beside its requests
@@ -18,6 +19,7 @@ use crate::backoff::Backoff;
 use crate::clock::Clock;
 use crate::endpoint::connection::{Admission, Connection};
 use crate::endpoint::credential::CredentialSource;
+use crate::endpoint::logins::Identity;
 use crate::identity::Credential;
 use crate::metrics::{self, Retry};
 use crate::secrets::{SecretError, SecretManager, Subscription};
@@ -34,7 +36,7 @@ pub(crate) struct FirstFetch {
     backoff: Backoff,
     /// Held until the fetch has ended: its place among the connection's
     /// logins in flight.
-    _admission: Admission,
+    admission: Admission,
     attempt: Attempt,
 }
 
@@ -46,15 +48,19 @@ enum Attempt {
 }
 
 impl FirstFetch {
-    /// A fetch for `credential`, if `conn`'s login budget lets it reach the
-    /// CA (`SDS_CONNECTION_*`); else the bound it would pass, and nothing is
-    /// asked of the CA.
-    pub fn admit(conn: &Connection, credential: Credential) -> Result<Self, SecretError> {
-        let admission = conn.admit(&credential)?;
+    /// A fetch for `credential`, if the login budgets of `conn` and its peer
+    /// let it reach the CA (`SDS_CONNECTION_*`, `SDS_PEER_*`); else the bound
+    /// it would pass, and nothing is asked of the CA.
+    pub fn admit(
+        conn: &Connection,
+        manager: &SecretManager,
+        credential: Credential,
+    ) -> Result<Self, SecretError> {
+        let admission = conn.admit(&credential, identity_state(manager, &credential))?;
         Ok(Self {
             credential,
             backoff: Backoff::new(FIRST_FETCH_RETRY.0, FIRST_FETCH_RETRY.1),
-            _admission: admission,
+            admission,
             attempt: Attempt::Due(tokio::time::Instant::now()),
         })
     }
@@ -64,10 +70,10 @@ impl FirstFetch {
         &self.credential
     }
 
-    /// The credential, once the fetch has succeeded (and its place among
-    /// the logins in flight is given back).
-    pub fn into_credential(self) -> Credential {
-        self.credential
+    /// The credential and its admission, once the fetch has succeeded (to
+    /// be handed to [`Connection::proven`]).
+    pub fn into_parts(self) -> (Credential, Admission) {
+        (self.credential, self.admission)
     }
 
     /// Waits until the attempt is due, starts the fetch, and returns its
@@ -105,9 +111,11 @@ impl FirstFetch {
 
 /// On [`CredentialDue::Refresh`]: a fetch proving the token file's new
 /// token, when it holds one and no fetch is under way (`fetching`); it runs
-/// under the connection's login budget while the old token still serves.
+/// under the login budgets of the connection and its peer while the old
+/// token still serves.
 pub(crate) fn refresh_fetch(
     conn: &Connection,
+    manager: &SecretManager,
     current: &Option<Current>,
     source: &CredentialSource,
     fetching: bool,
@@ -118,7 +126,7 @@ pub(crate) fn refresh_fetch(
         return None;
     }
     let credential = token_file_update(current, source, clock)?;
-    match FirstFetch::admit(conn, credential) {
+    match FirstFetch::admit(conn, manager, credential) {
         Ok(fetch) => {
             tracing::debug!(stream, "proving the new token of WORKLOAD_TOKEN_PATH");
             Some(fetch)
@@ -127,5 +135,14 @@ pub(crate) fn refresh_fetch(
             tracing::debug!(stream, "the new token of WORKLOAD_TOKEN_PATH waits: {e}");
             None
         }
+    }
+}
+
+/// Whether the identity `credential` names is cached; one it cannot name
+/// (its fetch fails before the CA) counts as cached.
+pub(crate) fn identity_state(manager: &SecretManager, credential: &Credential) -> Identity {
+    match manager.identity_of(credential) {
+        Ok(id) if !manager.is_cached(&id) => Identity::New(id.0),
+        _ => Identity::Cached,
     }
 }

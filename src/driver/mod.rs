@@ -5,7 +5,8 @@
 //!
 //! - the credential a stream proves its identity with, where it comes from
 //!   ([`CredentialSource`]) and its checks;
-//! - the fetch of the identity under the connection's login budget, retried
+//! - the fetch of the identity under the login budgets of the connection and
+//!   its peer (its JWT known to the peer once the CA proved it), retried
 //!   with back-off while the stream waits ([`fetch::FirstFetch`]);
 //! - the subscription it is served from ([`credential::Current`]), and what
 //!   happens to it: a change, the CA rejecting the stream's JWT at a renewal,
@@ -265,7 +266,7 @@ impl Driver {
         {
             return Ok(Want::Waiting);
         }
-        match FirstFetch::admit(&self.conn, credential) {
+        match FirstFetch::admit(&self.conn, &self.manager, credential) {
             Ok(fetch) => {
                 self.pending = Some(fetch);
                 Ok(Want::Waiting)
@@ -342,6 +343,7 @@ impl Driver {
                 // from, while the old one still serves.
                 if let Some(fetch) = refresh_fetch(
                     &self.conn,
+                    &self.manager,
                     &self.current,
                     &self.source,
                     self.pending.is_some(),
@@ -372,7 +374,10 @@ impl Driver {
                     .current
                     .as_ref()
                     .is_some_and(|c| c.sub.identity == sub.identity);
-                self.current = Some(Current::new(fetch.into_credential(), sub, &self.clock));
+                let (credential, admission) = fetch.into_parts();
+                // The CA proved the JWT: known to the peer from now on.
+                self.conn.proven(admission);
+                self.current = Some(Current::new(credential, sub, &self.clock));
                 // The CA accepted the stream's credential: neither the stream
                 // nor its connection makes room for newcomers any more.
                 self.proof.prove();

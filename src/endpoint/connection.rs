@@ -1,57 +1,48 @@
 //! One accepted connection on a socket of the agent, and what it keeps about
-//! it: an id for the log, how many streams it has open, and the JWTs it has
-//! presented, which decide how many Vault logins it may cause.
-//!
-//! Every pod that reaches the socket holds a JWT Vault accepts, and can mint
-//! none that it does not; but nothing stops it from presenting thousands of
-//! forged ones, each of which would cost a Vault login and a TokenReview. So
-//! a JWT that is new to a connection spends a token of that connection's
-//! bucket (`SDS_CONNECTION_NEW_JWT_BURST`, refilled one per
-//! `SDS_CONNECTION_NEW_JWT_INTERVAL`), and at most
-//! `SDS_CONNECTION_MAX_LOGINS_IN_FLIGHT` of them may wait on the CA at once.
-//! A JWT the connection presented before costs nothing: its login is cached
-//! or coalesced by the CA client. An Envoy presents one JWT per connection,
-//! and a new one when kubelet rotates its token.
+//! it: an id for the log, its peer ([`super::peers`]), how many streams it
+//! has open, and its login budget ([`super::logins`]).
 //!
 //! The state is reached from a request through tonic's connect info: the
 //! accepted socket is wrapped in [`ConnIo`], whose [`Connected`] impl hands
 //! an `Arc<Connection>` to every request of the connection.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
 use tonic::transport::server::Connected;
 
 use super::caps::{CapPlace, Caps};
 use super::credential::LastCredential;
 use super::limits::Limits;
+pub use super::logins::Admission;
+use super::logins::{Budget, Identity, CONNECTION};
+use super::peer::{Cred, PeerKey};
+use super::peers::{Peer, PeerPlace};
 use super::unproven::Proof;
 use crate::config::SdsLimits;
 use crate::identity::Credential;
 use crate::secrets::SecretError;
 
-/// How many JWT fingerprints a connection remembers (32 bytes each). A JWT
-/// forgotten this way costs a token again if presented again.
-const KNOWN_JWTS: usize = 64;
-
 /// What the agent keeps about one connection.
 pub struct Connection {
     /// For the log: `connection=7`.
     pub id: u64,
+    /// Whose connection it is.
+    pub peer: Arc<Peer>,
+    /// Why its streams are refused: its peer already held
+    /// `SDS_PEER_MAX_CONNECTIONS` when it connected.
+    pub(crate) refused: Option<String>,
     /// Streams open on this connection (see [`super::limits`]).
     pub(crate) streams: AtomicUsize,
-    logins: LoginGate,
+    logins: Budget,
     /// The credential header its requests last carried (see [`LastCredential`]).
     pub(crate) last_credential: LastCredential,
     /// Whether a credential of it was proven (see [`super::unproven`]).
@@ -61,11 +52,24 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// A connection that is a peer of its own.
     pub fn new(id: u64, limits: &SdsLimits) -> Self {
+        Self::of_peer(id, limits, Peer::new(PeerKey::Unknown, limits), None)
+    }
+
+    /// A connection of `peer`; `refused` says why its streams are refused.
+    pub fn of_peer(id: u64, limits: &SdsLimits, peer: Arc<Peer>, refused: Option<String>) -> Self {
         Self {
             id,
+            peer,
+            refused,
             streams: AtomicUsize::new(0),
-            logins: LoginGate::new(limits),
+            logins: Budget::new(
+                &CONNECTION,
+                limits.connection_max_logins_in_flight,
+                limits.connection_new_jwt_burst,
+                limits.connection_new_jwt_interval,
+            ),
             last_credential: LastCredential::default(),
             proof: Proof::new(),
             streamed: AtomicBool::new(false),
@@ -82,11 +86,26 @@ impl Connection {
         self.streamed.store(true, Ordering::SeqCst);
     }
 
-    /// Lets `credential` go to the CA on behalf of this connection, or says
-    /// which bound it would pass. Hold the returned admission until the
-    /// fetch it allows has ended.
-    pub fn admit(&self, credential: &Credential) -> Result<Admission, SecretError> {
-        self.logins.admit(credential)
+    /// Lets `credential` go to the CA on behalf of this connection and its
+    /// peer, or says which bound it would pass (see [`super::logins`]);
+    /// `identity` says whether its identity is cached. Hold the returned
+    /// admission until the fetch it allows has ended.
+    pub fn admit(
+        &self,
+        credential: &Credential,
+        identity: Identity,
+    ) -> Result<Admission, SecretError> {
+        super::logins::admit(&self.logins, &self.peer, credential, identity)
+    }
+
+    /// The fetch `admission` allowed succeeded: the CA proved its JWT, which
+    /// is known to the peer from now on, and the identity it added to the
+    /// cache counts against the peer's share.
+    pub fn proven(&self, admission: Admission) {
+        self.peer.known.prove(admission.key);
+        if let Some(identity) = admission.new_identity {
+            self.peer.added_identity(identity);
+        }
     }
 
     /// Streams open on this connection.
@@ -99,131 +118,9 @@ impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
             .field("id", &self.id)
+            .field("peer", &self.peer.key)
             .field("streams", &self.open_streams())
             .finish_non_exhaustive()
-    }
-}
-
-/// Permission for one fetch to reach the CA with a credential.
-#[derive(Debug)]
-pub enum Admission {
-    /// The connection presented this JWT before: its login is cached or
-    /// being made.
-    Known,
-    /// A JWT new to the connection; the permit is its place among the logins
-    /// in flight.
-    New(#[allow(dead_code)] OwnedSemaphorePermit),
-}
-
-/// The login budget of one connection.
-struct LoginGate {
-    state: Mutex<GateState>,
-    in_flight: Arc<Semaphore>,
-    max_in_flight: usize,
-    burst: u32,
-    interval: Duration,
-}
-
-struct GateState {
-    bucket: TokenBucket,
-    /// SHA-256 of the JWTs presented, oldest first.
-    known: VecDeque<[u8; 32]>,
-}
-
-impl LoginGate {
-    fn new(limits: &SdsLimits) -> Self {
-        Self {
-            state: Mutex::new(GateState {
-                bucket: TokenBucket::new(
-                    limits.connection_new_jwt_burst,
-                    limits.connection_new_jwt_interval,
-                ),
-                known: VecDeque::new(),
-            }),
-            in_flight: Arc::new(Semaphore::new(limits.connection_max_logins_in_flight)),
-            max_in_flight: limits.connection_max_logins_in_flight,
-            burst: limits.connection_new_jwt_burst,
-            interval: limits.connection_new_jwt_interval,
-        }
-    }
-
-    fn admit(&self, credential: &Credential) -> Result<Admission, SecretError> {
-        let key = credential.sha256();
-        let mut state = self.state.lock().expect("login gate lock");
-        if state.known.contains(&key) {
-            return Ok(Admission::Known);
-        }
-        // In flight first: a refusal for that reason spends no token.
-        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
-            return Err(SecretError::LimitReached {
-                setting: "SDS_CONNECTION_MAX_LOGINS_IN_FLIGHT",
-                message: format!(
-                    "this connection already has {} logins with new JWTs waiting on the CA \
-                     (SDS_CONNECTION_MAX_LOGINS_IN_FLIGHT={}); the CA was not asked",
-                    self.max_in_flight, self.max_in_flight
-                ),
-            });
-        };
-        if !state.bucket.try_take(Instant::now()) {
-            return Err(SecretError::LimitReached {
-                setting: "SDS_CONNECTION_NEW_JWT_BURST",
-                message: format!(
-                    "this connection presented too many different JWTs \
-                     (SDS_CONNECTION_NEW_JWT_BURST={}, then one per SDS_CONNECTION_NEW_JWT_INTERVAL={:?}); \
-                     the CA was not asked",
-                    self.burst, self.interval
-                ),
-            });
-        }
-        if state.known.len() == KNOWN_JWTS {
-            state.known.pop_front();
-        }
-        state.known.push_back(key);
-        Ok(Admission::New(permit))
-    }
-}
-
-/// A token bucket: `capacity` tokens, one more every `interval` (an
-/// interval of zero means no rate limit).
-#[derive(Debug)]
-pub(crate) struct TokenBucket {
-    tokens: u32,
-    capacity: u32,
-    interval: Duration,
-    /// When the next token is added (while below capacity).
-    next: Instant,
-}
-
-impl TokenBucket {
-    pub(crate) fn new(capacity: u32, interval: Duration) -> Self {
-        Self {
-            tokens: capacity,
-            capacity,
-            interval,
-            next: Instant::now() + interval,
-        }
-    }
-
-    /// Takes a token if there is one at `now`.
-    pub(crate) fn try_take(&mut self, now: Instant) -> bool {
-        if self.interval.is_zero() {
-            return true;
-        }
-        if self.tokens < self.capacity && now >= self.next {
-            let periods = (now - self.next).as_nanos() / self.interval.as_nanos() + 1;
-            let add = periods.min(u128::from(self.capacity - self.tokens)) as u32;
-            self.tokens += add;
-            self.next += self.interval * add;
-        }
-        if self.tokens == 0 {
-            return false;
-        }
-        if self.tokens == self.capacity {
-            // Refill starts counting when the bucket stops being full.
-            self.next = now + self.interval;
-        }
-        self.tokens -= 1;
-        true
     }
 }
 
@@ -236,6 +133,7 @@ pub struct ConnIo {
     conn: Arc<Connection>,
     limits: Arc<Limits>,
     _place: Option<CapPlace>,
+    _peer: Option<PeerPlace>,
     /// Until the connection opens its first stream: when it must have
     /// (`SDS_HANDSHAKE_TIMEOUT`).
     handshake: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -374,14 +272,36 @@ pub fn incoming(
                             },
                         };
                         let id = next_id.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(connection = id, "connection accepted");
-                        let conn = Arc::new(Connection::new(id, limits.config()));
+                        let cred = io.peer_cred().ok().map(|c| Cred {
+                            pid: c.pid(),
+                            uid: c.uid(),
+                        });
+                        let key = limits.peers.attribute(cred);
+                        tracing::debug!(connection = id, peer = %key, "connection accepted");
+                        let (peer, peer_place, refused) = match limits.peers.connect(key) {
+                            Ok((peer, place)) => (peer, Some(place), None),
+                            Err((peer, msg)) => {
+                                // Kept open so that its streams can be told
+                                // why; it proves nothing, so it is the first
+                                // to make room, and closes at
+                                // SDS_HANDSHAKE_TIMEOUT.
+                                crate::metrics::refused(crate::metrics::Refusal::Limits);
+                                limits.warn(
+                                    "SDS_PEER_MAX_CONNECTIONS",
+                                    format!("connection {id}: refusing its streams: {msg}"),
+                                );
+                                (peer, None, Some(msg))
+                            }
+                        };
+                        let conn =
+                            Arc::new(Connection::of_peer(id, limits.config(), peer, refused));
                         limits.unproven_connections.register(&conn.proof);
                         let io = ConnIo {
                             io,
                             conn,
                             limits: limits.clone(),
                             _place: place,
+                            _peer: peer_place,
                             handshake: Some(Box::pin(tokio::time::sleep(
                                 limits.config().handshake_timeout,
                             ))),
@@ -404,89 +324,5 @@ pub fn incoming(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cred(n: u32) -> Credential {
-        Credential::new(format!("jwt-{n}"))
-    }
-
-    fn limits(burst: u32, interval_s: u64, in_flight: usize) -> SdsLimits {
-        SdsLimits {
-            connection_new_jwt_burst: burst,
-            connection_new_jwt_interval: Duration::from_secs(interval_s),
-            connection_max_logins_in_flight: in_flight,
-            ..SdsLimits::default()
-        }
-    }
-
-    fn setting(r: Result<Admission, SecretError>) -> &'static str {
-        match r {
-            Err(SecretError::LimitReached { setting, .. }) => setting,
-            other => panic!("expected a limit, got {other:?}"),
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn new_jwts_spend_the_bucket_known_ones_do_not() {
-        let c = Connection::new(1, &limits(3, 10, 100));
-        let mut held = Vec::new();
-        for n in 0..3 {
-            held.push(c.admit(&cred(n)).unwrap());
-        }
-        assert_eq!(setting(c.admit(&cred(3))), "SDS_CONNECTION_NEW_JWT_BURST");
-        // Known JWTs cost nothing, however often.
-        for _ in 0..100 {
-            assert!(matches!(c.admit(&cred(1)), Ok(Admission::Known)));
-        }
-        // One token per interval, not before.
-        tokio::time::advance(Duration::from_secs(9)).await;
-        assert!(c.admit(&cred(3)).is_err());
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(matches!(c.admit(&cred(3)), Ok(Admission::New(_))));
-        assert!(c.admit(&cred(4)).is_err());
-        // A long pause refills up to the burst, no further.
-        tokio::time::advance(Duration::from_secs(3600)).await;
-        for n in 10..13 {
-            assert!(matches!(c.admit(&cred(n)), Ok(Admission::New(_))));
-        }
-        assert!(c.admit(&cred(13)).is_err());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn logins_in_flight_are_bounded_and_freed() {
-        let c = Connection::new(1, &limits(100, 1, 2));
-        let a = c.admit(&cred(0)).unwrap();
-        let _b = c.admit(&cred(1)).unwrap();
-        assert_eq!(
-            setting(c.admit(&cred(2))),
-            "SDS_CONNECTION_MAX_LOGINS_IN_FLIGHT"
-        );
-        // A JWT already being logged in with is not a second login.
-        assert!(matches!(c.admit(&cred(0)), Ok(Admission::Known)));
-        drop(a);
-        assert!(matches!(c.admit(&cred(2)), Ok(Admission::New(_))));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_rate_can_be_turned_off_and_fingerprints_are_bounded() {
-        let c = Connection::new(1, &limits(1, 0, 1000));
-        let held: Vec<_> = (0..200).map(|n| c.admit(&cred(n)).unwrap()).collect();
-        assert_eq!(c.logins.state.lock().unwrap().known.len(), KNOWN_JWTS);
-        drop(held);
-    }
-
-    #[test]
-    fn bucket_arithmetic() {
-        let start = Instant::now();
-        let mut b = TokenBucket::new(2, Duration::from_secs(5));
-        assert!(b.try_take(start));
-        assert!(b.try_take(start));
-        assert!(!b.try_take(start + Duration::from_secs(4)));
-        assert!(b.try_take(start + Duration::from_secs(5)));
-        // Two periods later: two tokens (the burst), not three.
-        assert!(b.try_take(start + Duration::from_secs(30)));
-        assert!(b.try_take(start + Duration::from_secs(30)));
-        assert!(!b.try_take(start + Duration::from_secs(30)));
-    }
-}
+#[path = "logins_tests.rs"]
+mod tests;

@@ -20,6 +20,7 @@ use tonic::Status;
 use super::caps::CapPlace;
 use super::connection::Connection;
 use super::framing::{FramingError, RequestReader};
+use super::peers::Peers;
 use super::unproven::{Proof, Unproven};
 use super::warn::{shorten, Warnings};
 use crate::config::SdsLimits;
@@ -40,6 +41,8 @@ pub struct Limits {
     /// first: they make room at the caps (see [`super::unproven`]).
     pub(crate) unproven_connections: Unproven,
     unproven_streams: Unproven,
+    /// Every peer's share of the places (see [`super::peers`]).
+    pub(crate) peers: Peers,
     warnings: Warnings,
 }
 
@@ -47,12 +50,13 @@ impl Limits {
     pub fn new(cfg: SdsLimits) -> Arc<Self> {
         Arc::new(Self {
             request_budget: Arc::new(Semaphore::new(cfg.max_buffered_request_bytes)),
-            cfg,
             streams: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             unproven_connections: Unproven::default(),
             unproven_streams: Unproven::default(),
+            peers: Peers::new(&cfg),
             warnings: Warnings::default(),
+            cfg,
         })
     }
 
@@ -114,6 +118,14 @@ impl Limits {
     /// `RESOURCE_EXHAUSTED` naming the bound (and logs one warning per
     /// interval). Streams already open are not affected.
     pub fn open_stream(self: &Arc<Self>, conn: &Arc<Connection>) -> Result<StreamSlot, Status> {
+        if let Some(msg) = &conn.refused {
+            metrics::refused(Refusal::Limits);
+            self.warn(
+                "SDS_PEER_MAX_CONNECTIONS",
+                format!("connection {}: refusing a stream: {msg}", conn.id),
+            );
+            return Err(Status::resource_exhausted(msg.clone()));
+        }
         let per_conn = self.cfg.connection_max_streams;
         if conn.streams.fetch_add(1, Ordering::SeqCst) >= per_conn {
             conn.streams.fetch_sub(1, Ordering::SeqCst);
@@ -128,12 +140,22 @@ impl Limits {
             );
             return Err(Status::resource_exhausted(msg));
         }
+        if let Err(msg) = conn.peer.open_stream() {
+            conn.streams.fetch_sub(1, Ordering::SeqCst);
+            metrics::refused(Refusal::Limits);
+            self.warn(
+                "SDS_PEER_MAX_STREAMS",
+                format!("connection {}: refusing a stream: {msg}", conn.id),
+            );
+            return Err(Status::resource_exhausted(msg));
+        }
         let total = self.cfg.max_streams;
         if self.streams.fetch_add(1, Ordering::SeqCst) >= total
             && !self.evict_unproven_stream(total)
         {
             self.streams.fetch_sub(1, Ordering::SeqCst);
             conn.streams.fetch_sub(1, Ordering::SeqCst);
+            conn.peer.streams.fetch_sub(1, Ordering::SeqCst);
             metrics::refused(Refusal::Limits);
             let msg = format!(
                 "the agent serves too many streams: SDS_MAX_STREAMS={total} are open; \
@@ -264,7 +286,8 @@ impl Limits {
     }
 }
 
-/// A stream's place under `SDS_MAX_STREAMS` and `SDS_CONNECTION_MAX_STREAMS`;
+/// A stream's place under `SDS_MAX_STREAMS`, `SDS_CONNECTION_MAX_STREAMS`
+/// and `SDS_PEER_MAX_STREAMS`;
 /// given back when dropped.
 pub struct StreamSlot {
     limits: Arc<Limits>,
@@ -283,6 +306,7 @@ impl Drop for StreamSlot {
     fn drop(&mut self) {
         self.limits.streams.fetch_sub(1, Ordering::SeqCst);
         self.conn.streams.fetch_sub(1, Ordering::SeqCst);
+        self.conn.peer.streams.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -10,10 +10,15 @@
 //!
 //! - [`socket`]: binding a socket of the agent, never stealing a live one.
 //! - [`connection`]: each accepted connection gets an id and its own state
-//!   (stream count, the JWTs it presented, its login budget); at
+//!   (its peer, stream count, its login budget); at
 //!   `SDS_MAX_CONNECTIONS` the oldest connection that has proven nothing
 //!   makes room, else a new one is closed at once; a connection that opens
 //!   no stream within `SDS_HANDSHAKE_TIMEOUT` is closed.
+//! - [`peer`], [`peers`]: whose each connection is (a pod, by default), and
+//!   each peer's share of connections, streams, logins and identities, kept
+//!   across its reconnects.
+//! - [`logins`]: what a JWT costs before it reaches the CA; a JWT is known
+//!   only once the CA has proven it.
 //! - [`unproven`]: what has proven no credential holds its place only until
 //!   a newcomer needs it.
 //! - [`limits`]: streams per connection and in total, the first-request
@@ -33,6 +38,9 @@ pub mod connection;
 pub mod credential;
 pub mod framing;
 pub mod limits;
+pub mod logins;
+pub mod peer;
+pub mod peers;
 pub mod server;
 pub mod socket;
 pub mod unproven;

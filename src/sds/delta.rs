@@ -23,7 +23,7 @@
 //! taken by the endpoint ([`crate::endpoint`]); a request naming more than
 //! `SDS_MAX_RESOURCE_NAMES` distinct names (to subscribe, or to
 //! unsubscribe) is refused with `INVALID_ARGUMENT`; the identity side
-//! (credential, fetch under the connection's login budget, changes, expiry)
+//! (credential, fetch under the login budgets, changes, expiry)
 //! is the stream's [`Driver`]; refusals are logged once per interval.
 
 use std::collections::{HashMap, VecDeque};

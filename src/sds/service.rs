@@ -21,6 +21,7 @@ use super::request::RequestWithoutNode;
 use super::resources::{self, names_for_log, NamesError, ResourceNames};
 use super::stream::SdsStream;
 use crate::config::SdsLimits;
+use crate::driver::fetch::identity_state;
 use crate::driver::run::{start, Outbound, Protocol};
 use crate::driver::{failed_to_sign, status_for, Driver, Surface};
 use crate::endpoint::codec::grpc_for;
@@ -109,9 +110,10 @@ impl SdsService {
             self.limits().log_refusal(id, &what, &e);
             Status::new(status_for(&e).code(), what)
         };
-        let admission: Admission = conn.admit(&credential).map_err(failed)?;
+        let identity = identity_state(&self.manager, &credential);
+        let admission: Admission = conn.admit(&credential, identity).map_err(failed)?;
         let sub = self.manager.subscribe(&credential).await.map_err(failed)?;
-        drop(admission);
+        conn.proven(admission);
         // The CA accepted the credential: the connection makes room for
         // newcomers no more.
         proof.prove();

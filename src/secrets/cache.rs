@@ -183,6 +183,11 @@ impl Cache {
         self.map().len()
     }
 
+    /// Whether `key` has an entry (being fetched, or cached).
+    pub fn holds(&self, key: &CacheKey) -> bool {
+        self.map().contains_key(key)
+    }
+
     /// Every cached entry, now.
     pub fn entries(&self) -> Vec<Arc<Entry>> {
         self.map().values().cloned().collect()

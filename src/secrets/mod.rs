@@ -348,6 +348,15 @@ impl SecretManager {
             .spiffe_id(&self.opts.trust_domain))
     }
 
+    /// Whether `identity` is in the cache (or being fetched): a first fetch
+    /// of it would not add an identity.
+    pub fn is_cached(&self, identity: &SpiffeId) -> bool {
+        self.cache.holds(&CacheKey {
+            identity: identity.clone(),
+            key_type: self.opts.key_type,
+        })
+    }
+
     /// Proves `credential` to the CA, makes sure its identity has a valid
     /// certificate, and returns a watch on that identity's state (already
     /// holding a certificate when this returns `Ok`).

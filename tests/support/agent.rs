@@ -78,6 +78,12 @@ impl Agent {
             .env("STATUS_ADDR", &status_addr)
             .stdout(Stdio::null())
             .stderr(log);
+        // Every client of a test runs in the test's process, so it is one
+        // peer: its shares are as large as the node-wide bounds, which the
+        // tests aim at, unless a test sets them (the peers' own tests do).
+        for (k, v) in UNSHARED {
+            cmd.env(k, v);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -196,6 +202,16 @@ impl Agent {
 
 /// A blocking sleep that, on a multi-thread tokio runtime, first hands this
 /// worker's tasks to another thread, so that servers on the runtime go on.
+/// Per-peer shares no larger than the node-wide bounds.
+pub const UNSHARED: [(&str, &str); 6] = [
+    ("SDS_PEER_MAX_CONNECTIONS", "1048576"),
+    ("SDS_PEER_MAX_STREAMS", "1048576"),
+    ("SDS_PEER_MAX_LOGINS_IN_FLIGHT", "1024"),
+    ("SDS_PEER_NEW_JWT_BURST", "1048576"),
+    ("SDS_PEER_NEW_JWT_INTERVAL", "0"),
+    ("SDS_PEER_MAX_IDENTITIES", "1048576"),
+];
+
 fn blocking_sleep(d: Duration) {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current() {

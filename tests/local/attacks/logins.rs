@@ -48,9 +48,12 @@ async fn identities_past_max_identities_are_refused() {
     let rss = RssSampler::start(agent.pid());
     let started = Instant::now();
     // A third identity, again and again: on new streams and by FetchSecrets.
+    // Each time on a new connection: a JWT the CA never proved spends a
+    // token of its connection's budget at each try, and this test is about
+    // MAX_IDENTITIES, not that budget.
     let third = fake_jwt("attacker", "third");
-    let mut client = connect(&agent.socket).await;
     for _ in 0..50 {
+        let mut client = connect(&agent.socket).await;
         let (tx, mut inbound) = open_stream(&mut client, &third).await;
         tx.send(request(&["default"], None)).await.unwrap();
         let e = next_within(

@@ -10,7 +10,8 @@
 //! (identities and forged JWTs that would each cost a CA login),
 //! [`malformed`] (bytes that are not gRPC, messages and headers too large),
 //! [`squatters`] (places taken by what proves nothing, retaken as fast as
-//! they are freed).
+//! they are freed), [`peers`] (one peer past its share of every place,
+//! another peer served).
 //! This file holds what every attack shares: the agent, the legitimate
 //! workload, and the checks on memory and on the agent's warnings.
 
@@ -26,6 +27,7 @@ use support::sds_client::*;
 mod connections;
 mod logins;
 mod malformed;
+mod peers;
 mod squatters;
 mod streams;
 

@@ -132,12 +132,16 @@ async fn unauthorized_service_account_gets_nothing_until_the_role_accepts_it() {
     let err = inbound.next().await.unwrap().unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
 
-    // The operator fixes the role: the workload is served without any restart.
+    // The operator fixes the role: the workload is served without any
+    // restart. It retries on a new connection each time, as a reconnecting
+    // Envoy does: a JWT the CA rejected spends its connection's budget at
+    // every try.
     set_k8s_role_accounts(&env.bao, &["httpbin", "sleep", "intruder"], &["default"])
         .await
         .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let resp = loop {
+        let mut client = connect(&agent.socket).await;
         match fetch(&mut client, &["default"], &intruder).await {
             Ok(r) => break r,
             Err(e) => {

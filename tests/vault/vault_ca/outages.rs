@@ -95,9 +95,11 @@ async fn a_refused_envoy_heals_when_the_role_is_fixed_without_restarts() {
         .contains(&"spiffe://cluster.local/ns/default/sa/intruder".to_string()));
 }
 
-/// A refused workload retries for `window` (a fetch every 100 ms, as a
-/// reconnecting Envoy would); returns (attempts, requests to `path` Vault
-/// saw during the window). Every attempt must be refused.
+/// A refused workload retries for `window` (a fetch every 100 ms, each on a
+/// new connection, as a reconnecting Envoy would: a JWT the CA rejected
+/// spends its connection's budget at every try); returns (attempts,
+/// requests to `path` Vault saw during the window). Every attempt must be
+/// refused.
 async fn requests_while_refused(
     env: &VaultEnv,
     agent: &Agent,
@@ -105,11 +107,11 @@ async fn requests_while_refused(
     path: &str,
     window: Duration,
 ) -> (usize, usize) {
-    let mut client = connect(&agent.socket).await;
     let before = env.count(path);
     let started = tokio::time::Instant::now();
     let mut attempts = 0;
     while started.elapsed() < window {
+        let mut client = connect(&agent.socket).await;
         let err = fetch(&mut client, &["default"], jwt)
             .await
             .expect_err("refused");
