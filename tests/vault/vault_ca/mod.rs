@@ -23,6 +23,7 @@ use tokio_stream::StreamExt;
 use tonic::Code;
 
 mod cancels;
+mod forged_churn;
 mod outages;
 mod shutdown;
 
