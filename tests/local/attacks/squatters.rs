@@ -2,7 +2,9 @@
 //! take each one back as soon as the agent frees it. At the default limits,
 //! a new workload on a new connection is served within 2 s all the same,
 //! and a workload already connected keeps receiving its pushes: what has
-//! proven no credential gives its place up first.
+//! proven no credential gives its place up first. The attacks: streams that
+//! send a nonce and no JWT, connections that never send the HTTP/2 preface,
+//! and streams with a JWT that announce a 255 KiB request and never send it.
 
 use crate::support;
 
@@ -95,7 +97,7 @@ impl Drop for Watcher {
 
 /// Runs `attack` until told to stop, new workloads arriving meanwhile; then
 /// checks each was served in time, the watcher was pushed to, and RSS.
-async fn under_attack<F, Fut>(name: &str, agent: &Agent, attack: F)
+async fn under_attack<F, Fut>(name: &str, agent: &Agent, min_attempts: usize, attack: F)
 where
     F: Fn(Arc<AtomicBool>) -> Fut,
     Fut: std::future::Future<Output = usize> + Send + 'static,
@@ -138,7 +140,7 @@ where
         took.len()
     );
     assert!(
-        attempts > 600,
+        attempts >= min_attempts,
         "{name}: the squatters made only {attempts} attempts: no attack"
     );
     assert!(
@@ -161,7 +163,7 @@ fn agent() -> Agent {
 async fn streams_without_a_credential_reopened_as_fast_as_they_end() {
     let agent = agent();
     let socket = agent.socket.clone();
-    under_attack("nonce streams without a JWT", &agent, move |stop| {
+    under_attack("nonce streams without a JWT", &agent, 600, move |stop| {
         let socket = socket.clone();
         async move {
             let attempts = Arc::new(AtomicUsize::new(0));
@@ -213,7 +215,7 @@ async fn streams_without_a_credential_reopened_as_fast_as_they_end() {
 async fn connections_without_a_preface_reopened_as_fast_as_they_close() {
     let agent = agent();
     let socket = agent.socket.clone();
-    under_attack("connections without a preface", &agent, move |stop| {
+    under_attack("connections without a preface", &agent, 600, move |stop| {
         let socket = socket.clone();
         async move {
             let attempts = Arc::new(AtomicUsize::new(0));
@@ -239,6 +241,152 @@ async fn connections_without_a_preface_reopened_as_fast_as_they_close() {
                                         if stop.load(Ordering::SeqCst) {
                                             break;
                                         }
+                                    }
+                                }
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                let _ = t.await;
+            }
+            attempts.load(Ordering::SeqCst)
+        }
+    })
+    .await;
+}
+
+/// An HPACK integer with an `n`-bit prefix, the prefix's other bits `flags`.
+fn hpack_int(out: &mut Vec<u8>, flags: u8, n: u8, mut v: usize) {
+    let max = (1usize << n) - 1;
+    if v < max {
+        out.push(flags | v as u8);
+        return;
+    }
+    out.push(flags | max as u8);
+    v -= max;
+    while v >= 128 {
+        out.push((v % 128) as u8 | 0x80);
+        v /= 128;
+    }
+    out.push(v as u8);
+}
+
+/// The raw frames that open stream `id` with a well-formed JWT in its
+/// metadata and send only the 5-byte gRPC prefix of a 255 KiB message:
+/// HEADERS, then DATA holding the prefix, neither ending the stream.
+fn prefix_only_stream(id: u32, jwt: &str) -> Vec<u8> {
+    use base64::Engine;
+    // The HEADERS frame of stream 1, from after the preface and SETTINGS,
+    // with the credential header added to its block.
+    let mut out = h2_open_stream_bytes()[24 + 9..].to_vec();
+    out[5..9].copy_from_slice(&id.to_be_bytes());
+    let name = node_agent::endpoint::credential::CREDENTIAL_HEADER;
+    let value = base64::engine::general_purpose::STANDARD_NO_PAD.encode(jwt);
+    out.push(0x00); // literal without indexing, new name
+    hpack_int(&mut out, 0, 7, name.len());
+    out.extend(name.as_bytes());
+    hpack_int(&mut out, 0, 7, value.len());
+    out.extend(value.as_bytes());
+    let len = out.len() as u32 - 9;
+    out[0..3].copy_from_slice(&len.to_be_bytes()[1..]);
+    let announced: u32 = 255 * 1024;
+    let mut prefix = vec![0u8];
+    prefix.extend(announced.to_be_bytes());
+    // DATA, no flags.
+    out.extend([0, 0, 5, 0, 0]);
+    out.extend(id.to_be_bytes());
+    out.extend(prefix);
+    out
+}
+
+/// 2 connections × 16 `StreamSecrets` streams, each with a well-formed JWT
+/// in its metadata and sending only the prefix of a 255 KiB message and
+/// nothing more; each stream the agent ends is opened again at once, and
+/// each connection it closes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_announcing_large_messages_that_never_come() {
+    use tokio::io::AsyncWriteExt;
+    let agent = agent();
+    let socket = agent.socket.clone();
+    under_attack("prefixes of 255 KiB messages", &agent, 64, move |stop| {
+        let socket = socket.clone();
+        async move {
+            let attempts = Arc::new(AtomicUsize::new(0));
+            let tasks: Vec<_> = (0..2)
+                .map(|_| {
+                    let (socket, stop, attempts) = (socket.clone(), stop.clone(), attempts.clone());
+                    tokio::spawn(async move {
+                        while !stop.load(Ordering::SeqCst) {
+                            let Ok(mut s) = tokio::net::UnixStream::connect(&socket).await else {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                                continue;
+                            };
+                            let jwt = fake_jwt("squatter", "envoy");
+                            let mut out = h2_open_stream_bytes()[..24 + 9].to_vec();
+                            let mut next_id = 1u32;
+                            for _ in 0..16 {
+                                out.extend(prefix_only_stream(next_id, &jwt));
+                                next_id += 2;
+                                attempts.fetch_add(1, Ordering::SeqCst);
+                            }
+                            if s.write_all(&out).await.is_err() {
+                                continue;
+                            }
+                            // Each stream the agent ends is opened again; the
+                            // agent's SETTINGS and PINGs are answered. When the
+                            // agent stops reading the connection (its requests
+                            // wait for budget), the squatter reconnects.
+                            while !stop.load(Ordering::SeqCst) {
+                                let mut head = [0u8; 9];
+                                let read = tokio::select! {
+                                    r = s.read_exact(&mut head) => r.is_ok(),
+                                    _ = async {
+                                        while !stop.load(Ordering::SeqCst) {
+                                            tokio::time::sleep(Duration::from_millis(200)).await;
+                                        }
+                                    } => false,
+                                };
+                                if !read {
+                                    break;
+                                }
+                                let len =
+                                    u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                                let (kind, flags) = (head[3], head[4]);
+                                let mut payload = vec![0u8; len];
+                                let body = tokio::time::timeout(
+                                    Duration::from_secs(1),
+                                    s.read_exact(&mut payload),
+                                );
+                                if !matches!(body.await, Ok(Ok(_))) {
+                                    break;
+                                }
+                                let reply = match (kind, flags & 0x1) {
+                                    // SETTINGS: acknowledged.
+                                    (0x4, 0) => vec![0, 0, 0, 4, 1, 0, 0, 0, 0],
+                                    // PING: answered.
+                                    (0x6, 0) => {
+                                        let mut r = vec![0, 0, 8, 6, 1, 0, 0, 0, 0];
+                                        r.extend(&payload);
+                                        r
+                                    }
+                                    // RST_STREAM, or the end of a response.
+                                    (0x3, _) | (0x1, 1) | (0x0, 1) => {
+                                        attempts.fetch_add(1, Ordering::SeqCst);
+                                        let open = prefix_only_stream(next_id, &jwt);
+                                        next_id += 2;
+                                        open
+                                    }
+                                    _ => Vec::new(),
+                                };
+                                if !reply.is_empty() {
+                                    let sent = tokio::time::timeout(
+                                        Duration::from_secs(1),
+                                        s.write_all(&reply),
+                                    );
+                                    if !matches!(sent.await, Ok(Ok(()))) {
+                                        break;
                                     }
                                 }
                             }
