@@ -84,6 +84,18 @@ pub struct AgentProc {
     pub spawned: Instant,
 }
 
+/// The harness opens every connection from its own process, where a node
+/// has one pod per workload: the per-peer shares are lifted so that the
+/// node-wide bounds (sized per run) are what the figures meet.
+const ONE_PROCESS_MANY_PODS: [(&str, &str); 6] = [
+    ("SDS_PEER_MAX_CONNECTIONS", "1048576"),
+    ("SDS_PEER_MAX_STREAMS", "1048576"),
+    ("SDS_PEER_MAX_LOGINS_IN_FLIGHT", "1024"),
+    ("SDS_PEER_NEW_JWT_BURST", "1048576"),
+    ("SDS_PEER_NEW_JWT_INTERVAL", "0"),
+    ("SDS_PEER_MAX_IDENTITIES", "1048576"),
+];
+
 impl AgentProc {
     /// Spawns `bin` with only `env` (plus the socket path) and returns at once.
     pub fn spawn(
@@ -104,6 +116,9 @@ impl AgentProc {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);
+        for (k, v) in ONE_PROCESS_MANY_PODS.iter().copied() {
+            cmd.env(k, v);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -200,9 +200,8 @@ impl Agent {
     }
 }
 
-/// A blocking sleep that, on a multi-thread tokio runtime, first hands this
-/// worker's tasks to another thread, so that servers on the runtime go on.
-/// Per-peer shares no larger than the node-wide bounds.
+/// Per-peer shares no larger than the node-wide bounds: a test process
+/// stands for many pods at once.
 pub const UNSHARED: [(&str, &str); 6] = [
     ("SDS_PEER_MAX_CONNECTIONS", "1048576"),
     ("SDS_PEER_MAX_STREAMS", "1048576"),
@@ -212,6 +211,8 @@ pub const UNSHARED: [(&str, &str); 6] = [
     ("SDS_PEER_MAX_IDENTITIES", "1048576"),
 ];
 
+/// A blocking sleep that, on a multi-thread tokio runtime, first hands this
+/// worker's tasks to another thread, so that servers on the runtime go on.
 fn blocking_sleep(d: Duration) {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current() {
