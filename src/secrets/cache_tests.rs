@@ -96,6 +96,7 @@ async fn an_install_brings_its_roots_and_roots_only_move_forward() {
         Arc::new(RootBundle {
             pems: vec![format!("root {g}")],
             generation: g,
+            ..Default::default()
         })
     };
     let s = secret_for(&p.entry().key.identity).await;

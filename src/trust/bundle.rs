@@ -1,12 +1,20 @@
 //! What `ROOTCA` serves: a set of root certificates, and the facts about
-//! each root that the trust bundle decides and logs by.
+//! each root that the trust bundle decides and logs by; beside them, the
+//! roots of every federated trust domain.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use x509_parser::prelude::*;
 
+use super::spiffe_bundle::TrustDomain;
 use crate::crypto::{der_to_pem, CryptoError};
+
+/// The roots of each federated (foreign) trust domain, PEM, one block
+/// each: the last good bundle read from each domain's source.
+pub type Federated = BTreeMap<TrustDomain, Vec<String>>;
 
 /// The roots served as `ROOTCA`, PEM, in a stable order (latest expiry first).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -15,6 +23,10 @@ pub struct RootBundle {
     /// Counts the bundle's changes; a later bundle has a higher number. Lets a
     /// consumer that receives bundles by two paths keep the newest.
     pub generation: u64,
+    /// Federated trust domains' roots. Not part of `ROOTCA`, nor of
+    /// [`RootBundle::version`]; served by the resources that name each
+    /// trust domain (`ALL`, the Workload API's federated bundles).
+    pub federated: Arc<Federated>,
 }
 
 impl RootBundle {
@@ -26,6 +38,22 @@ impl RootBundle {
     /// Changes exactly when the bundle's content does.
     pub fn version(&self) -> String {
         let d = Sha256::digest(self.pem().as_bytes());
+        d[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Changes exactly when this mesh's roots or any federated domain's do.
+    pub fn all_version(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(self.pem().as_bytes());
+        for (td, pems) in self.federated.iter() {
+            h.update([0u8]);
+            h.update(td.as_str().as_bytes());
+            h.update([0u8]);
+            for p in pems {
+                h.update(p.as_bytes());
+            }
+        }
+        let d = h.finalize();
         d[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 }
@@ -96,12 +124,31 @@ mod tests {
         let b = RootBundle {
             pems: vec![roots[0].pem.clone()],
             generation: 1,
+            ..Default::default()
         };
         let other = RootBundle {
             pems: vec![],
             generation: 2,
+            ..Default::default()
         };
         assert_ne!(b.version(), other.version());
         assert_eq!(b.pem(), roots[0].pem);
+
+        // Federated roots change the version of everything, not ROOTCA's.
+        let td = TrustDomain::parse("other.example").unwrap();
+        let with = RootBundle {
+            federated: Arc::new(Federated::from([(td.clone(), vec![roots[0].pem.clone()])])),
+            ..b.clone()
+        };
+        assert_eq!(with.version(), b.version());
+        assert_ne!(with.all_version(), b.all_version());
+        let moved = RootBundle {
+            federated: Arc::new(Federated::from([(
+                TrustDomain::parse("third.example").unwrap(),
+                vec![roots[0].pem.clone()],
+            )])),
+            ..b.clone()
+        };
+        assert_ne!(moved.all_version(), with.all_version());
     }
 }

@@ -43,8 +43,9 @@ use crate::metrics::{self, TrustRefresh};
 pub mod bundle;
 mod extra;
 mod refresh;
+pub mod spiffe_bundle;
 
-pub use bundle::{RootBundle, RootCert};
+pub use bundle::{Federated, RootBundle, RootCert};
 use extra::ExtraRoots;
 pub use extra::ExtraRootsError;
 
@@ -195,6 +196,23 @@ impl TrustBundle {
     /// The bundle now.
     pub fn current(&self) -> Arc<RootBundle> {
         self.tx.borrow().clone()
+    }
+
+    /// Publishes the federated trust domains' roots beside this mesh's; the
+    /// streams that serve them (`ALL`, the Workload API) push the change,
+    /// `ROOTCA` streams do not (its content is unchanged).
+    pub fn set_federated(&self, federated: Arc<Federated>) {
+        self.tx.send_if_modified(|cur| {
+            if cur.federated == federated {
+                return false;
+            }
+            *cur = Arc::new(RootBundle {
+                pems: cur.pems.clone(),
+                generation: cur.generation + 1,
+                federated,
+            });
+            true
+        });
     }
 
     /// Registers the roots of a certificate just issued (`roots_pem`, the top
@@ -408,6 +426,7 @@ impl TrustBundle {
             let bundle = RootBundle {
                 pems,
                 generation: cur.generation + 1,
+                federated: cur.federated.clone(),
             };
             tracing::info!(roots = bundle.pems.len(), version = %bundle.version(), "trust bundle (ROOTCA) changed; pushing it on every ROOTCA stream");
             *cur = Arc::new(bundle);
