@@ -89,9 +89,10 @@ fn what_is_written_reads_back_for_ec_and_rsa_roots() {
 #[test]
 fn other_uses_are_skipped_and_bad_keys_refuse_the_bundle() {
     let der = root(KeyType::EcP256);
-    let good: serde_json::Value =
-        serde_json::from_str(&to_json(&[der.clone()], 1, Duration::from_secs(60)).unwrap())
-            .unwrap();
+    let good: serde_json::Value = serde_json::from_str(
+        &to_json(std::slice::from_ref(&der), 1, Duration::from_secs(60)).unwrap(),
+    )
+    .unwrap();
     let key = good["keys"][0].clone();
 
     // A jwt-svid key and a key of unknown use are skipped.
