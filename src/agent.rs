@@ -13,6 +13,7 @@ use crate::clock::Clock;
 use crate::config::{CaProvider, Config};
 use crate::secrets::schedule::RenewPolicy;
 use crate::secrets::{ManagerOptions, SecretManager};
+use crate::trust::federation::Federation;
 use crate::trust::{TrustBundle, TrustOptions};
 
 /// Builds the configured CA client, reading time from `clock`.
@@ -79,6 +80,24 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
             queue: Some(queue),
         },
     )?;
+    // Foreign trust domains' roots, beside the mesh's own (FEDERATION_CONFIG).
+    let _federation = match &config.federation {
+        Some(f) => {
+            let to = Arc::downgrade(&trust);
+            let publish: crate::trust::federation::Publish = Arc::new(move |fed| {
+                if let Some(t) = to.upgrade() {
+                    t.set_federated(fed)
+                }
+            });
+            tracing::info!(
+                config = %f.path.display(),
+                trust_domains = %f.domains.iter().map(|d| d.trust_domain.to_string()).collect::<Vec<_>>().join(","),
+                "federation: reading the bundles of the federated trust domains"
+            );
+            Some(Federation::start(f, clock, publish)?)
+        }
+        None => None,
+    };
     let manager = SecretManager::new(ca.clone(), trust, opts);
     let _trimming = crate::memory::give_back_free_memory(shutdown.clone());
     let _status = crate::status::serve_agent(&config, &manager, shutdown.clone()).await?;

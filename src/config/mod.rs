@@ -47,7 +47,9 @@ use surfaces::surfaces_from_lookup;
 pub use surfaces::SurfacesConfig;
 use vault::vault_from_lookup;
 pub use vault::VaultConfig;
+mod federation;
 mod trust;
+pub use federation::{BundleSource, FederatedDomain, FederationConfig, DEFAULT_FEDERATION_REFRESH};
 pub use trust::TrustConfig;
 mod secrets;
 pub use secrets::SecretLimits;
@@ -103,6 +105,8 @@ pub struct Config {
     pub observe: ObserveConfig,
     /// Where `ROOTCA` comes from (`TRUST_*`).
     pub trust: TrustConfig,
+    /// `FEDERATION_*`: foreign trust domains and their bundles' sources.
+    pub federation: Option<FederationConfig>,
     /// `MAX_IDENTITIES`, `MAX_JWTS_PER_IDENTITY`.
     pub secret_limits: SecretLimits,
     /// `SDS_*`: the SDS server's bounds (connections, streams, sizes, logins).
@@ -229,6 +233,7 @@ impl Config {
         let ca = Self::ca_from_lookup(&get)?;
         let observe = observe::observe_from_lookup(&lookup)?;
         let trust = trust::trust_from_lookup(&get)?;
+        let federation = federation::federation_from_lookup(&get, &trust_domain)?;
         let secret_limits = secrets::secret_limits_from_lookup(&get)?;
         let sds = limits_from_lookup(&get)?;
         let surfaces =
@@ -248,6 +253,7 @@ impl Config {
             eviction_period,
             observe,
             trust,
+            federation,
             secret_limits,
             sds,
             surfaces,

@@ -7,7 +7,7 @@ use x509_parser::prelude::*;
 
 use super::CryptoError;
 
-pub(super) fn pem_to_der(pem: &str) -> Result<Vec<Vec<u8>>, CryptoError> {
+pub fn pem_to_der(pem: &str) -> Result<Vec<Vec<u8>>, CryptoError> {
     let mut out = Vec::new();
     for block in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
         let block =

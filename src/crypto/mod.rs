@@ -14,7 +14,8 @@ pub mod svid_rules;
 mod verify;
 
 pub use cert::{
-    cert_not_after, cert_summary, der_to_pem, is_issued_by, is_self_signed, split_pem_certs,
+    cert_not_after, cert_summary, der_to_pem, is_issued_by, is_self_signed, pem_to_der,
+    split_pem_certs,
 };
 pub use key::{KeyType, PrivateKey};
 pub use svid_rules::{Breach, SvidRule};

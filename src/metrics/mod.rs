@@ -25,6 +25,7 @@
 //! - `sds.rs`: pushes, streams, NACKs and refusals of the SDS server;
 //! - `renewal.rs`: rotations and retries of the secret manager;
 //! - `trust.rs`: refreshes of the trust bundle from the CA's roots;
+//! - `federation.rs`: reads of federated trust domains' bundles;
 //! - `identities.rs`: what the agent holds (identities, their expiry and
 //!   renewal time, the CA queue), read at scrape time from an
 //!   [`AgentReport`] (`report.rs`);
@@ -32,7 +33,8 @@
 //! - `format.rs`: the exposition formats.
 //!
 //! Labels are bounded: each is an enum here, except `identity`, which only
-//! the cached identities carry, and the cache is bounded (`MAX_IDENTITIES`).
+//! the cached identities carry, and the cache is bounded (`MAX_IDENTITIES`),
+//! and `trust_domain`, which only the configured federated domains carry.
 
 use std::future::Future;
 use std::sync::{Arc, LazyLock, Weak};
@@ -41,6 +43,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
 mod ca;
+mod federation;
 mod format;
 mod identities;
 mod process;
@@ -50,6 +53,7 @@ mod sds;
 mod trust;
 
 pub use ca::{CaKind, CaOutcome, ErrorOutcome};
+pub use federation::FederationRefresh;
 pub use format::Format;
 pub use renewal::Retry;
 pub use report::{AgentReport, IdentityReport};
@@ -57,6 +61,7 @@ pub use sds::{Refusal, StreamOpen};
 pub use trust::TrustRefresh;
 
 use ca::CaMetrics;
+use federation::FederationMetrics;
 use identities::{Part, ReportSlot, StateCollector};
 use renewal::RenewalMetrics;
 use sds::SdsMetrics;
@@ -72,6 +77,7 @@ pub struct Metrics {
     sds: SdsMetrics,
     renewal: RenewalMetrics,
     trust: TrustMetrics,
+    federation: FederationMetrics,
     report: Arc<ReportSlot>,
 }
 
@@ -95,6 +101,7 @@ impl Metrics {
         let renewal = RenewalMetrics::register(registry);
         let sds = SdsMetrics::register(registry);
         let trust = TrustMetrics::register(registry);
+        let federation = FederationMetrics::register(registry);
         let report = Arc::new(ReportSlot::default());
         registry.register_collector(Box::new(StateCollector(report.clone(), Part::NodeWide)));
         let mut per_identity = Registry::with_prefix("node_agent");
@@ -107,6 +114,7 @@ impl Metrics {
             sds,
             renewal,
             trust,
+            federation,
             report,
         }
     }
@@ -184,6 +192,19 @@ pub fn refused(reason: Refusal) {
 /// The trust bundle was refreshed from the CA's roots, or failed to be.
 pub fn trust_refresh(outcome: TrustRefresh) {
     global().trust.refreshed(outcome)
+}
+
+/// A federated trust domain is configured: its series start at zero.
+pub fn federation_configured(trust_domain: &str) {
+    global().federation.configured(trust_domain)
+}
+
+/// A federated trust domain's bundle was read (or not); `roots_served` is
+/// what is served for it now.
+pub fn federation_refresh(trust_domain: &str, outcome: FederationRefresh, roots_served: usize) {
+    global()
+        .federation
+        .refreshed(trust_domain, outcome, roots_served)
 }
 
 #[cfg(test)]

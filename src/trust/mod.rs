@@ -42,6 +42,7 @@ use crate::metrics::{self, TrustRefresh};
 
 pub mod bundle;
 mod extra;
+pub mod federation;
 mod refresh;
 pub mod spiffe_bundle;
 
