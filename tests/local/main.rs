@@ -8,6 +8,7 @@ mod support;
 
 mod attacks;
 mod cert_files;
+mod federation;
 mod issuer_race;
 mod pkilint;
 mod sds_grpc;

@@ -3,9 +3,9 @@
 //!
 //! The waits come in two forms. The `async` ones (`started`, `log_shows`,
 //! `exited`) sleep with tokio and are what a test whose runtime also runs
-//! servers (TokenReview, proxies, fronts) must use. The blocking ones keep
-//! their old names for existing callers; on a multi-thread runtime they step
-//! aside with `block_in_place`, so that the runtime's other tasks go on.
+//! servers (TokenReview, proxies, fronts) must use. The blocking ones, on a
+//! multi-thread runtime, step aside with `block_in_place`, so that the
+//! runtime's other tasks go on.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

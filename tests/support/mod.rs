@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod attack;
 pub mod bao;
+pub mod bundle_server;
 pub mod cli;
 pub mod envoy;
 pub mod istio;

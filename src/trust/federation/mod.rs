@@ -217,9 +217,9 @@ impl Domain {
                     tracing::warn!(
                         trust_domain = %td,
                         source = %from,
-                        "federation: {what} the bundle of {td}: {why}; {keeping}; retrying in {}s \
+                        "federation: {what} the bundle of {td}: {why}; {keeping}; retrying in {:.1}s \
                          (check the bundle endpoint and FEDERATION_CONFIG)",
-                        wait.as_secs()
+                        wait.as_secs_f64()
                     );
                     metrics::federation_refresh(td.as_str(), kind, served.len());
                     wait
