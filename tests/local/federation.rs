@@ -98,7 +98,7 @@ async fn bad_endpoint_answers_are_refused_and_the_last_good_bundle_stays() {
     read_twice(&server, &agent).await;
     assert_eq!(state(&agent).await, (1.0, 1.0));
 
-    let mut big = bundle(&[good.clone()]);
+    let mut big = bundle(std::slice::from_ref(&good));
     big.resize(5000, b' ');
     for (status, body, says) in [
         (
