@@ -64,6 +64,9 @@ impl Source {
                 .connect_timeout(FETCH_TIMEOUT)
                 .timeout(FETCH_TIMEOUT)
                 .redirect(reqwest::redirect::Policy::none())
+                // A read every FEDERATION_REFRESH_MIN or longer: a new
+                // connection each time, whose server is checked anew.
+                .pool_max_idle_per_host(0)
                 .user_agent(concat!("node-agent/", env!("CARGO_PKG_VERSION")))
         };
         let kind = match source {
@@ -111,7 +114,7 @@ impl Source {
                     roots.into_iter().map(CertificateDer::from).collect();
                 let verifier =
                     SpiffeServerVerifier::new(endpoint_spiffe_id.clone(), endpoint_roots.clone());
-                let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+                let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
                     rustls::crypto::ring::default_provider(),
                 ))
                 .with_safe_default_protocol_versions()
@@ -119,6 +122,9 @@ impl Source {
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(verifier))
                 .with_no_client_auth();
+                // Every connection checks the endpoint's SVID against the
+                // roots of now: a resumed session would skip that check.
+                tls.resumption = rustls::client::Resumption::disabled();
                 Kind::Http {
                     url: url.clone(),
                     client: builder()

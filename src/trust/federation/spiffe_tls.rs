@@ -97,3 +97,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         self.algs.supported_schemes()
     }
 }
+
+#[cfg(test)]
+#[path = "spiffe_tls_tests.rs"]
+mod tests;
