@@ -6,6 +6,7 @@ mod support;
 
 mod delta_sds;
 mod envoy_mtls;
+mod federation;
 mod istio;
 mod root_rotation;
 mod rotation;

@@ -25,7 +25,7 @@ mod bundle;
 const READY: Duration = Duration::from_secs(60);
 
 /// Envoy's spelling of a certificate's serial (lowercase hex, no colons).
-fn serial_of(pem: &str) -> String {
+pub(crate) fn serial_of(pem: &str) -> String {
     leaf_facts(pem).1.replace(':', "").to_lowercase()
 }
 
@@ -41,7 +41,7 @@ async fn default_issuer(env: &VaultEnv) -> String {
 
 /// Step 1 of the rotation: a new root issuer, not (yet) the default.
 /// Returns its ID and PEM.
-async fn new_root(env: &VaultEnv) -> (String, String) {
+pub(crate) async fn new_root(env: &VaultEnv) -> (String, String) {
     let v = env
         .bao
         .root(
@@ -56,7 +56,7 @@ async fn new_root(env: &VaultEnv) -> (String, String) {
     (id, pem)
 }
 
-async fn make_default(env: &VaultEnv, issuer: &str) {
+pub(crate) async fn make_default(env: &VaultEnv, issuer: &str) {
     env.bao
         .root(
             Method::POST,
@@ -70,14 +70,14 @@ async fn make_default(env: &VaultEnv, issuer: &str) {
 /// Requests through the client Envoy every `every`, each on a new mTLS
 /// connection between the Envoys, until dropped. Counts requests and keeps
 /// every failure.
-struct Traffic {
+pub(crate) struct Traffic {
     requests: Arc<AtomicUsize>,
     failures: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Traffic {
-    fn start(port: u16, every: Duration) -> Traffic {
+    pub(crate) fn start(port: u16, every: Duration) -> Traffic {
         let requests = Arc::new(AtomicUsize::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let (r, f) = (requests.clone(), failures.clone());
@@ -113,7 +113,7 @@ impl Traffic {
         }
     }
 
-    fn failures(&self) -> Vec<String> {
+    pub(crate) fn failures(&self) -> Vec<String> {
         self.failures.lock().unwrap().clone()
     }
 }
@@ -126,8 +126,23 @@ impl Drop for Traffic {
 
 /// A client Envoy whose every request opens a new connection (and so a new
 /// mTLS handshake, checked against its current `ROOTCA`) to the server.
-async fn start_fresh_handshake_client(sds: SdsSource, port: u16, server_port: u16) -> EnvoyProc {
-    let mut cfg = client_config(&sds, port, server_port, SERVER_ID);
+pub(crate) async fn start_fresh_handshake_client(
+    sds: SdsSource,
+    port: u16,
+    server_port: u16,
+) -> EnvoyProc {
+    EnvoyProc::start(&fresh_handshake_client_config(&sds, port, server_port))
+        .await
+        .unwrap()
+}
+
+/// The bootstrap of [`start_fresh_handshake_client`].
+pub(crate) fn fresh_handshake_client_config(
+    sds: &SdsSource,
+    port: u16,
+    server_port: u16,
+) -> serde_json::Value {
+    let mut cfg = client_config(sds, port, server_port, SERVER_ID);
     let clusters = cfg["static_resources"]["clusters"].as_array_mut().unwrap();
     let upstream = clusters
         .iter_mut()
@@ -140,10 +155,10 @@ async fn start_fresh_handshake_client(sds: SdsSource, port: u16, server_port: u1
             "explicit_http_config": { "http_protocol_options": {} }
         }
     });
-    EnvoyProc::start(&cfg).await.unwrap()
+    cfg
 }
 
-fn token_source(dir: &Path, name: &str, jwt: &str, socket: &Path) -> SdsSource {
+pub(crate) fn token_source(dir: &Path, name: &str, jwt: &str, socket: &Path) -> SdsSource {
     let token = dir.join(name);
     std::fs::write(&token, jwt).unwrap();
     SdsSource::GoogleGrpc {
