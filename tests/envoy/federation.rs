@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use node_agent::crypto::{is_issued_by, split_pem_certs};
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 use support::agent::Agent;
 use support::envoy::*;
 use support::mesh::SERVER_ID;
@@ -138,6 +139,31 @@ impl BundleEndpoint {
     }
 }
 
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// tests/pyspiffe/check.py's `bundles` mode on `socket`.
+fn py_spiffe_bundles(socket: &Path, agent: &Agent) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pyspiffe/check.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg("bundles")
+        .arg(socket)
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "py-spiffe failed ({}):\n{stdout}\n{}\nagent log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        agent.log()
+    );
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
 /// `cfg` with every SDS validation context named `ALL` instead of `ROOTCA`.
 fn with_all(mut cfg: Value) -> Value {
     fn walk(v: &mut Value) {
@@ -199,8 +225,15 @@ async fn two_trust_domains_federate_through_their_bundle_endpoints() {
     ];
     let local_fed = other_endpoint.federation_file(dir.path(), OTHER);
     let other_fed = local_endpoint.federation_file(dir.path(), "cluster.local");
+    let api_socket = dir.path().join("api").join("workload.sock");
+    let api_token = dir.path().join("api-token");
+    std::fs::write(&api_token, local.jwt("default", "httpbin")).unwrap();
     let mut local_vars = common.to_vec();
-    local_vars.push(("FEDERATION_CONFIG", local_fed.to_str().unwrap()));
+    local_vars.extend([
+        ("FEDERATION_CONFIG", local_fed.to_str().unwrap()),
+        ("WORKLOAD_API_SOCKET", api_socket.to_str().unwrap()),
+        ("WORKLOAD_TOKEN_PATH", api_token.to_str().unwrap()),
+    ]);
     let local_agent = Agent::started(&local.agent_env_with(&local_vars)).await;
     let mut other_vars = common.to_vec();
     other_vars.extend([
@@ -372,6 +405,52 @@ async fn two_trust_domains_federate_through_their_bundle_endpoints() {
         traffic.failures(),
         logs()
     );
+
+    // The Workload API gives both trust domains to py-spiffe and to the
+    // Rust spiffe crate, other.example with both its roots as its bundle
+    // endpoint publishes them.
+    let published = other_endpoint
+        .client()
+        .get(&other_endpoint.url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let published = node_agent::trust::spiffe_bundle::parse(&published).unwrap();
+    assert_eq!(published.roots.len(), 2);
+    let digests = |ders: Vec<&[u8]>| -> Vec<String> {
+        let mut v: Vec<String> = ders.into_iter().map(|d| hex(&Sha256::digest(d))).collect();
+        v.sort();
+        v
+    };
+    let want_other = digests(published.roots.iter().map(Vec::as_slice).collect());
+    let py = py_spiffe_bundles(&api_socket, &local_agent);
+    for call in ["fetch_x509_bundles", "fetch_x509_svid"] {
+        assert_eq!(py[call][OTHER], json!(want_other), "py-spiffe {call}: {py}");
+        assert_eq!(
+            py[call]["cluster.local"].as_array().map(Vec::len),
+            Some(1),
+            "{py}"
+        );
+    }
+    let rust = spiffe::WorkloadApiClient::connect_to(format!("unix:{}", api_socket.display()))
+        .await
+        .unwrap();
+    let td = spiffe::TrustDomain::new(OTHER).unwrap();
+    let from_bundles = rust.fetch_x509_bundles().await.unwrap();
+    let from_svid = rust.fetch_x509_context().await.unwrap();
+    for (call, set) in [
+        ("fetch_x509_bundles", std::sync::Arc::new(from_bundles)),
+        ("fetch_x509_context", from_svid.bundle_set().clone()),
+    ] {
+        let b = set
+            .get(&td)
+            .unwrap_or_else(|| panic!("the spiffe crate's {call} has no {OTHER}"));
+        let got = digests(b.authorities().iter().map(|c| c.as_ref()).collect());
+        assert_eq!(got, want_other, "the spiffe crate's {call}");
+    }
 
     // other.example's bundle endpoint goes down: cluster.local's agent says
     // so and keeps serving the last good bundle; requests go on.

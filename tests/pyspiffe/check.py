@@ -10,8 +10,13 @@ line and exits 0 when every check passed; a failed check raises (exit 1).
       py-spiffe's own generated stub on a channel without its header.
   check.py denied SOCKET
       WorkloadApiClient against an agent without WORKLOAD_TOKEN_PATH.
+  check.py bundles SOCKET
+      Every trust domain's authorities (SHA-256 of each DER, sorted), as
+      fetch_x509_bundles and as fetch_x509_context (FetchX509SVID's bundle
+      and federated bundles) give them.
 """
 
+import hashlib
 import json
 import sys
 import threading
@@ -118,6 +123,24 @@ def denied(socket):
             return {"error": str(e)}
 
 
+def authorities(bundle_set):
+    out = {}
+    for bundle in bundle_set.bundles:
+        out[bundle.trust_domain.name] = sorted(
+            hashlib.sha256(a.public_bytes(serialization.Encoding.DER)).hexdigest()
+            for a in bundle.x509_authorities
+        )
+    return out
+
+
+def bundles(socket):
+    with WorkloadApiClient(socket_path="unix://" + socket) as client:
+        return {
+            "fetch_x509_bundles": authorities(client.fetch_x509_bundles()),
+            "fetch_x509_svid": authorities(client.fetch_x509_context().x509_bundle_set),
+        }
+
+
 def main():
     mode, socket = sys.argv[1], sys.argv[2]
     if mode == "svid":
@@ -126,6 +149,8 @@ def main():
         result = no_header(socket)
     elif mode == "denied":
         result = denied(socket)
+    elif mode == "bundles":
+        result = bundles(socket)
     else:
         raise SystemExit("unknown mode " + mode)
     print(json.dumps(result))
