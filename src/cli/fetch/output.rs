@@ -409,4 +409,69 @@ mod tests {
         );
         assert_eq!(show_time(t0), "1970-01-12 13:46:40 UTC");
     }
+
+    #[test]
+    fn all_shows_each_trust_domain_and_its_roots() {
+        use super::super::inspect::certs;
+        let root =
+            |td: &str| certs(crate::ca::local::LocalCa::new(None, td).unwrap().root_pem()).unwrap();
+        let (own, other) = (root("td"), root("other.example"));
+        let all = |domains: Vec<(String, Vec<CertInfo>)>| Resource::TrustDomains {
+            name: "ALL".into(),
+            domains,
+        };
+        let before = [
+            Resource::Roots {
+                name: "ROOTCA".into(),
+                roots: own.clone(),
+            },
+            all(vec![("td".into(), own.clone())]),
+        ];
+        let after = [
+            Resource::Roots {
+                name: "ROOTCA".into(),
+                roots: own.clone(),
+            },
+            all(vec![
+                ("other.example".into(), other.clone()),
+                ("td".into(), own.clone()),
+            ]),
+        ];
+        let now = SystemTime::now();
+        let t = text(&after, "v1", now);
+        assert!(
+            t.contains("ALL: 2 trust domain(s), for Envoy's SPIFFE validator (version v1)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("  other.example: 1 root(s)\n    [0] root\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains(&format!("subject:    {}", other[0].subject)),
+            "{t}"
+        );
+        // Each root once: ROOTCA's, then the federated one.
+        assert_eq!(
+            pem(&after, false),
+            format!("{}{}", own[0].pem, other[0].pem)
+        );
+        let j = json(&after, "v1", false, now);
+        assert_eq!(
+            j["resources"][1]["trust_domains"][0]["name"],
+            "other.example"
+        );
+        assert_eq!(
+            j["resources"][1]["trust_domains"][0]["roots"][0]["pem"],
+            other[0].pem.as_str()
+        );
+        assert_eq!(
+            changes(&before, &after),
+            ["ALL: trust domain other.example added (1 root(s))"]
+        );
+        assert_eq!(
+            changes(&after, &before),
+            ["ALL: trust domain other.example removed"]
+        );
+    }
 }
