@@ -196,6 +196,12 @@ impl SpiffeId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The trust domain, without the scheme: `cluster.local`.
+    pub fn trust_domain(&self) -> &str {
+        let rest = self.0.strip_prefix("spiffe://").unwrap_or(&self.0);
+        rest.split('/').next().unwrap_or(rest)
+    }
 }
 
 impl fmt::Display for SpiffeId {

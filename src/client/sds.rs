@@ -1,8 +1,9 @@
 //! An SDS client over the agent's Unix socket, speaking as Envoy does:
-//! `StreamSecrets` (or `FetchSecrets`) for `default` and `ROOTCA`, the
+//! `StreamSecrets` (or `FetchSecrets`) for `default`, `ROOTCA` and `ALL`, the
 //! workload's JWT in `istio_sds_credentials_header-bin` metadata, each
 //! response ACKed with its version and nonce. Also reads what a response
-//! serves: the certificate chain and key, the trusted CA, the SPIFFE ID.
+//! serves: the certificate chain and key, the trusted CA, every trust
+//! domain's roots, the SPIFFE ID.
 //!
 //! Connecting, requests and streams return errors rather than panicking:
 //! `node-agent fetch` turns them into one-line messages, the tests into
@@ -303,6 +304,9 @@ pub enum Served {
     Certificate(TlsCertificate),
     /// `ROOTCA`: the trusted CA bundle of a validation context, as PEM.
     Roots(String),
+    /// `ALL`: every trust domain (name without the scheme) and its roots
+    /// (PEM), from the validation context's SPIFFE validator.
+    TrustDomains(Vec<(String, String)>),
 }
 
 /// Reads what `s` serves, inline data only (the agent sends nothing else).
@@ -319,9 +323,15 @@ pub fn read(s: &Secret) -> Result<Served, SecretError> {
             chain_pem: field("certificate_chain", &t.certificate_chain)?,
             key_pem: Zeroizing::new(field("private_key", &t.private_key)?),
         })),
-        Some(secret::Type::ValidationContext(v)) => {
-            Ok(Served::Roots(field("trusted_ca", &v.trusted_ca)?))
-        }
+        Some(secret::Type::ValidationContext(v)) => match crate::sds::all::read(v) {
+            Ok(Some(domains)) => Ok(Served::TrustDomains(domains)),
+            Ok(None) => Ok(Served::Roots(field("trusted_ca", &v.trusted_ca)?)),
+            Err(problem) => Err(SecretError::Data {
+                name: s.name.clone(),
+                field: "custom_validator_config",
+                problem,
+            }),
+        },
         other => Err(SecretError::Type {
             name: s.name.clone(),
             found: format!("{other:?}"),
@@ -344,7 +354,7 @@ fn inline(ds: &Option<DataSource>) -> Result<String, String> {
 pub fn tls_certificate(s: &Secret) -> Result<TlsCertificate, SecretError> {
     match read(s)? {
         Served::Certificate(c) => Ok(c),
-        Served::Roots(_) => Err(wrong_type(s)),
+        Served::Roots(_) | Served::TrustDomains(_) => Err(wrong_type(s)),
     }
 }
 
@@ -352,7 +362,15 @@ pub fn tls_certificate(s: &Secret) -> Result<TlsCertificate, SecretError> {
 pub fn trusted_ca(s: &Secret) -> Result<String, SecretError> {
     match read(s)? {
         Served::Roots(pem) => Ok(pem),
-        Served::Certificate(_) => Err(wrong_type(s)),
+        Served::Certificate(_) | Served::TrustDomains(_) => Err(wrong_type(s)),
+    }
+}
+
+/// The trust domains and their roots (PEM) of an `ALL` secret, sorted by name.
+pub fn trust_domains(s: &Secret) -> Result<Vec<(String, String)>, SecretError> {
+    match read(s)? {
+        Served::TrustDomains(domains) => Ok(domains),
+        Served::Certificate(_) | Served::Roots(_) => Err(wrong_type(s)),
     }
 }
 

@@ -42,9 +42,10 @@ impl Refusal {
     }
 }
 
-/// The values of the `resource` label: the names of the two SDS resources
-/// the agent serves (the workload's certificate and the trust bundle).
-const RESOURCES: [&str; 2] = ["default", "ROOTCA"];
+/// The values of the `resource` label: the names of the SDS resources the
+/// agent serves (the workload's certificate, this mesh's trust bundle, and
+/// every trust domain's).
+const RESOURCES: [&str; 3] = ["default", "ROOTCA", "ALL"];
 
 /// SDS resource label: a name served, anything else as `other` (never a
 /// name a client chose, so the label stays bounded).
@@ -70,7 +71,7 @@ impl SdsMetrics {
         let pushes = Family::<Labels, Counter>::default();
         registry.register(
             "sds_pushes",
-            "SDS responses sent, by resource (default, ROOTCA)",
+            "SDS responses sent, by resource (default, ROOTCA, ALL)",
             pushes.clone(),
         );
         let streams_open = Gauge::default();
@@ -166,6 +167,7 @@ mod tests {
         for line in [
             "node_agent_sds_pushes_total{resource=\"default\"} 1\n",
             "node_agent_sds_pushes_total{resource=\"ROOTCA\"} 0\n",
+            "node_agent_sds_pushes_total{resource=\"ALL\"} 0\n",
             "node_agent_sds_pushes_total{resource=\"other\"} 1\n",
             "node_agent_sds_requests_refused_total{reason=\"limits\"} 1\n",
             "node_agent_sds_requests_refused_total{reason=\"credential\"} 0\n",

@@ -7,8 +7,10 @@
 //! - [`stream`]: one `StreamSecrets` stream, the xDS state machine.
 //! - [`delta`]: one `DeltaSecrets` stream, incremental xDS.
 //! - [`request`]: how a `DiscoveryRequest` is read (without Envoy's node).
-//! - [`resources`]: the two resources served, and the checks on names.
+//! - [`resources`]: the resources served, and the checks on names;
+//!   [`all`]: the `ALL` resource, every trust domain's roots.
 
+pub mod all;
 mod delta;
 pub mod request;
 pub mod resources;

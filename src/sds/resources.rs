@@ -1,4 +1,7 @@
-//! The two SDS resources node-agent serves and how they are encoded.
+//! The SDS resources node-agent serves and how they are encoded:
+//! `default` (the workload's certificate and key), `ROOTCA` (this mesh's
+//! roots, `trusted_ca`) and `ALL` (every trust domain's roots, for Envoy's
+//! SPIFFE validator; [`super::all`]).
 
 use envoy_types::pb::envoy::config::core::v3::{data_source::Specifier, DataSource};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
@@ -19,8 +22,9 @@ pub const SECRET_TYPE_URL: &str =
 pub const DEFAULT: &str = "default";
 /// The trusted root bundle.
 pub const ROOTCA: &str = "ROOTCA";
+pub use super::all::ALL;
 /// Every resource name served, for error messages.
-pub const SERVED: &[&str] = &[DEFAULT, ROOTCA];
+pub const SERVED: &[&str] = &[DEFAULT, ROOTCA, ALL];
 
 /// The distinct resource names of a request, in the order first named.
 /// Duplicates collapse (a request naming `default` 300 000 times is a
@@ -123,12 +127,15 @@ pub struct Snapshot<'a> {
     pub roots: &'a RootBundle,
 }
 
-/// The version of one resource, so that a stream can tell which resources changed.
+/// The version of one resource, so that a stream can tell which resources
+/// changed: `ROOTCA`'s follows this mesh's roots only, so that a change of
+/// the federated roots alone pushes nothing on its streams; `ALL`'s follows
+/// every trust domain's.
 pub fn resource_version(name: &str, snap: &Snapshot<'_>) -> String {
-    if name == ROOTCA {
-        snap.roots.version()
-    } else {
-        snap.secret.cert_version()
+    match name {
+        ROOTCA => snap.roots.version(),
+        ALL => snap.roots.all_version(),
+        _ => snap.secret.cert_version(),
     }
 }
 
@@ -141,17 +148,20 @@ fn inline(data: &str) -> Option<DataSource> {
 
 /// Encodes the named resource (already checked by [`ResourceNames::parse`]).
 pub fn encode(name: &str, snap: &Snapshot<'_>) -> Any {
-    let kind = if name == ROOTCA {
-        secret::Type::ValidationContext(CertificateValidationContext {
+    let kind = match name {
+        ROOTCA => secret::Type::ValidationContext(CertificateValidationContext {
             trusted_ca: inline(&snap.roots.pem()),
             ..Default::default()
-        })
-    } else {
-        secret::Type::TlsCertificate(TlsCertificate {
+        }),
+        ALL => secret::Type::ValidationContext(super::all::validation_context(
+            snap.secret.identity.trust_domain(),
+            snap.roots,
+        )),
+        _ => secret::Type::TlsCertificate(TlsCertificate {
             certificate_chain: inline(&snap.secret.chain_pem),
             private_key: inline(snap.secret.key.pkcs8_pem()),
             ..Default::default()
-        })
+        }),
     };
     let msg = Secret {
         name: name.to_string(),
@@ -200,6 +210,12 @@ mod tests {
         assert_eq!(n.as_slice(), ["ROOTCA", "default"]);
         assert!(n.same_set(&v(&["default", "ROOTCA", "default"])));
         assert!(!n.same_set(&v(&["default"])));
+        assert_eq!(
+            ResourceNames::parse(&v(&["ALL", "default"]), 8)
+                .unwrap()
+                .as_slice(),
+            ["ALL", "default"]
+        );
         assert_eq!(ResourceNames::parse(&[], 8), Err(NamesError::Empty));
         let nine: Vec<String> = (0..9).map(|i| format!("n{i}")).collect();
         assert_eq!(
@@ -221,6 +237,7 @@ mod tests {
                 prop_oneof![
                     Just("default".to_string()),
                     Just("ROOTCA".to_string()),
+                    Just("ALL".to_string()),
                     ".{0,80}",
                 ],
                 0..200,

@@ -357,7 +357,15 @@ impl Drop for InFlight {
 
 /// A secret manager on `ca` with `opts`, sharing one CA queue with its trust
 /// bundle as the agent's do (the trust bundle reads `opts.clock`).
-pub fn manager(ca: Arc<FakeCa>, mut opts: super::ManagerOptions) -> Arc<super::SecretManager> {
+pub fn manager(ca: Arc<FakeCa>, opts: super::ManagerOptions) -> Arc<super::SecretManager> {
+    manager_and_trust(ca, opts).0
+}
+
+/// [`manager`], and its trust bundle (to publish federated roots in).
+pub fn manager_and_trust(
+    ca: Arc<FakeCa>,
+    mut opts: super::ManagerOptions,
+) -> (Arc<super::SecretManager>, Arc<crate::trust::TrustBundle>) {
     let queue = crate::ca::queue::CaQueue::new(opts.max_concurrency);
     opts.queue = Some(queue.clone());
     let trust = crate::trust::TrustBundle::start(
@@ -369,5 +377,5 @@ pub fn manager(ca: Arc<FakeCa>, mut opts: super::ManagerOptions) -> Arc<super::S
         },
     )
     .expect("the fake CA's roots start a trust bundle");
-    super::SecretManager::new(ca, trust, opts)
+    (super::SecretManager::new(ca, trust.clone(), opts), trust)
 }

@@ -45,6 +45,8 @@ use crate::secrets::SecretManager;
 pub mod pb;
 mod server;
 pub mod stream;
+#[cfg(test)]
+mod tests;
 mod x509;
 
 pub use server::{

@@ -40,19 +40,33 @@ pub enum Resource {
         chain: Vec<CertInfo>,
         key_pem: Zeroizing<String>,
         key_type: String,
-        /// Whether chain, key and roots fit, when the roots were fetched too.
-        check: Option<Result<(), String>>,
+        /// Whether chain, key and roots fit, when the roots were fetched
+        /// too: `Ok` says where the root it chains to was served.
+        check: Option<Result<String, String>>,
     },
     /// `ROOTCA`: the trusted roots.
     Roots { name: String, roots: Vec<CertInfo> },
+    /// `ALL`: every trust domain (sorted by name) and its roots.
+    TrustDomains {
+        name: String,
+        domains: Vec<(String, Vec<CertInfo>)>,
+    },
 }
 
 impl Resource {
     pub fn name(&self) -> &str {
         match self {
-            Resource::Certificate { name, .. } | Resource::Roots { name, .. } => name,
+            Resource::Certificate { name, .. }
+            | Resource::Roots { name, .. }
+            | Resource::TrustDomains { name, .. } => name,
         }
     }
+}
+
+/// The trust domain of a chain's leaf, from its one URI SAN.
+pub fn leaf_trust_domain(chain: &[CertInfo]) -> Option<String> {
+    let id = crate::identity::SpiffeId(chain.first()?.uri_sans.first()?.clone());
+    Some(id.trust_domain().to_string())
 }
 
 /// Reads every resource of `resp`.
@@ -82,24 +96,45 @@ pub fn decode(resp: &DiscoveryResponse) -> Result<Vec<Resource>, String> {
                     roots: certs(&roots_pem).map_err(what)?,
                 });
             }
+            Served::TrustDomains(domains) => {
+                let domains = domains
+                    .into_iter()
+                    .map(|(td, pem)| {
+                        certs(&pem)
+                            .map(|roots| (td.clone(), roots))
+                            .map_err(|e| what(format!("trust domain {td:?}: {e}")))
+                    })
+                    .collect::<Result<_, _>>()?;
+                out.push(Resource::TrustDomains {
+                    name: s.name.clone(),
+                    domains,
+                });
+            }
         }
     }
     check_fit(&mut out, SystemTime::now());
     Ok(out)
 }
 
-/// Checks each certificate resource against the roots served alongside:
-/// the agent's own check (our key, one SPIFFE ID, valid now, chain up to a
+/// Checks each certificate resource against the roots served alongside
+/// (`ROOTCA`'s, else those `ALL` serves for the leaf's trust domain): the
+/// agent's own check (our key, one SPIFFE ID, valid now, chain up to a
 /// served root).
 fn check_fit(resources: &mut [Resource], now: SystemTime) {
-    let roots: Vec<String> = resources
-        .iter()
-        .filter_map(|r| match r {
-            Resource::Roots { roots, .. } => Some(roots.iter().map(|c| c.pem.clone())),
-            _ => None,
-        })
-        .flatten()
-        .collect();
+    let pems = |roots: &[CertInfo]| roots.iter().map(|c| c.pem.clone()).collect::<Vec<_>>();
+    let rootca: Option<Vec<String>> = resources.iter().find_map(|r| match r {
+        Resource::Roots { roots, .. } => Some(pems(roots)),
+        _ => None,
+    });
+    let all: Option<Vec<(String, Vec<String>)>> = resources.iter().find_map(|r| match r {
+        Resource::TrustDomains { domains, .. } => Some(
+            domains
+                .iter()
+                .map(|(td, roots)| (td.clone(), pems(roots)))
+                .collect(),
+        ),
+        _ => None,
+    });
     for r in resources.iter_mut() {
         if let Resource::Certificate {
             chain,
@@ -108,7 +143,24 @@ fn check_fit(resources: &mut [Resource], now: SystemTime) {
             ..
         } = r
         {
-            *check = Some(fit(chain, key_pem, &roots, now));
+            let (roots, from) = match (&rootca, &all) {
+                (Some(roots), _) => (roots.clone(), "ROOTCA".to_string()),
+                (None, Some(domains)) => {
+                    let td = leaf_trust_domain(chain).unwrap_or_default();
+                    match domains.iter().find(|(name, _)| *name == td) {
+                        Some((_, roots)) => (roots.clone(), format!("ALL for trust domain {td}")),
+                        None => {
+                            *check = Some(Err(format!(
+                                "ALL serves no trust domain {td:?}, the leaf's"
+                            )));
+                            continue;
+                        }
+                    }
+                }
+                // Only the key can be checked.
+                (None, None) => (Vec::new(), String::new()),
+            };
+            *check = Some(fit(chain, key_pem, &roots, now).map(|()| from));
         }
     }
 }

@@ -149,8 +149,11 @@ pub fn text(resources: &[Resource], version: &str, now: SystemTime) -> String {
                     "  private key: {key_type}, PKCS#8 (not shown; -o pem or -o json with --include-key writes it)"
                 );
                 match check {
-                    Some(Ok(())) => {
-                        let _ = writeln!(out, "  check: the key matches the certificate, which is valid now and chains to a root served in ROOTCA");
+                    Some(Ok(from)) if from.is_empty() => {
+                        let _ = writeln!(out, "  check: the key matches the certificate (no roots asked for: the chain was not checked)");
+                    }
+                    Some(Ok(from)) => {
+                        let _ = writeln!(out, "  check: the key matches the certificate, which is valid now and chains to a root served in {from}");
                     }
                     Some(Err(e)) => {
                         let _ = writeln!(out, "  check: FAILED: {e}");
@@ -169,15 +172,45 @@ pub fn text(resources: &[Resource], version: &str, now: SystemTime) -> String {
                     cert_text(&mut out, c, now, "      ");
                 }
             }
+            Resource::TrustDomains { name, domains } => {
+                let _ = writeln!(
+                    out,
+                    "{name}: {} trust domain(s), for Envoy's SPIFFE validator (version {version})",
+                    domains.len()
+                );
+                let own = own_trust_domain(resources);
+                for (td, roots) in domains {
+                    let whose = match &own {
+                        Some(o) if o == td => " (this mesh)",
+                        Some(_) => " (federated)",
+                        None => "",
+                    };
+                    let _ = writeln!(out, "  {td}{whose}: {} root(s)", roots.len());
+                    for (i, c) in roots.iter().enumerate() {
+                        let _ = writeln!(out, "    [{i}] root");
+                        cert_text(&mut out, c, now, "        ");
+                    }
+                }
+            }
         }
     }
     out
 }
 
+/// The trust domain of the certificate served beside, if one was asked for.
+fn own_trust_domain(resources: &[Resource]) -> Option<String> {
+    resources.iter().find_map(|r| match r {
+        Resource::Certificate { chain, .. } => super::inspect::leaf_trust_domain(chain),
+        _ => None,
+    })
+}
+
 /// The PEM blocks of one response: chains (and keys, when asked) then roots,
-/// in the order of the resources.
+/// in the order of the resources; a root `ALL` serves that `ROOTCA` already
+/// wrote is not written again.
 pub fn pem(resources: &[Resource], include_key: bool) -> String {
     let mut out = String::new();
+    let mut roots_written: Vec<&str> = Vec::new();
     for r in resources {
         match r {
             Resource::Certificate { chain, key_pem, .. } => {
@@ -192,6 +225,15 @@ pub fn pem(resources: &[Resource], include_key: bool) -> String {
             Resource::Roots { roots, .. } => {
                 for c in roots {
                     out.push_str(&c.pem);
+                    roots_written.push(&c.pem);
+                }
+            }
+            Resource::TrustDomains { domains, .. } => {
+                for c in domains.iter().flat_map(|(_, roots)| roots) {
+                    if !roots_written.contains(&c.pem.as_str()) {
+                        out.push_str(&c.pem);
+                        roots_written.push(&c.pem);
+                    }
                 }
             }
         }
@@ -238,7 +280,8 @@ pub fn json(resources: &[Resource], version: &str, include_key: bool, now: Syste
                     "certificates": chain.iter().map(|c| cert_json(c, now)).collect::<Vec<_>>(),
                     "private_key": key,
                     "check": match check {
-                        Some(Ok(())) => json!({ "ok": true }),
+                        Some(Ok(from)) if from.is_empty() => json!({ "ok": true }),
+                        Some(Ok(from)) => json!({ "ok": true, "roots_from": from }),
                         Some(Err(e)) => json!({ "ok": false, "error": e }),
                         None => Value::Null,
                     },
@@ -247,6 +290,13 @@ pub fn json(resources: &[Resource], version: &str, include_key: bool, now: Syste
             Resource::Roots { name, roots } => json!({
                 "name": name,
                 "roots": roots.iter().map(|c| cert_json(c, now)).collect::<Vec<_>>(),
+            }),
+            Resource::TrustDomains { name, domains } => json!({
+                "name": name,
+                "trust_domains": domains.iter().map(|(td, roots)| json!({
+                    "name": td,
+                    "roots": roots.iter().map(|c| cert_json(c, now)).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
             }),
         })
         .collect();
@@ -290,7 +340,45 @@ pub fn changes(before: &[Resource], after: &[Resource]) -> Vec<String> {
                     ));
                 }
             }
+            (
+                Resource::TrustDomains { domains: db, .. },
+                Resource::TrustDomains { domains: da, .. },
+            ) => out.extend(domain_changes(a.name(), db, da)),
             _ => {}
+        }
+    }
+    out
+}
+
+/// What changed in `ALL`: trust domains added or removed, roots of one
+/// added or removed.
+fn domain_changes(
+    name: &str,
+    before: &[(String, Vec<CertInfo>)],
+    after: &[(String, Vec<CertInfo>)],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (td, ra) in after {
+        match before.iter().find(|(b, _)| b == td) {
+            None => out.push(format!(
+                "{name}: trust domain {td} added ({} root(s))",
+                ra.len()
+            )),
+            Some((_, rb)) => {
+                let added = ra.iter().filter(|r| !rb.iter().any(|o| o.pem == r.pem));
+                let removed = rb.iter().filter(|r| !ra.iter().any(|o| o.pem == r.pem));
+                let (added, removed) = (added.count(), removed.count());
+                if added + removed > 0 {
+                    out.push(format!(
+                        "{name}: {td}: {added} root(s) added, {removed} removed"
+                    ));
+                }
+            }
+        }
+    }
+    for (td, _) in before {
+        if !after.iter().any(|(a, _)| a == td) {
+            out.push(format!("{name}: trust domain {td} removed"));
         }
     }
     out
@@ -320,5 +408,70 @@ mod tests {
             "not valid for 30s yet"
         );
         assert_eq!(show_time(t0), "1970-01-12 13:46:40 UTC");
+    }
+
+    #[test]
+    fn all_shows_each_trust_domain_and_its_roots() {
+        use super::super::inspect::certs;
+        let root =
+            |td: &str| certs(crate::ca::local::LocalCa::new(None, td).unwrap().root_pem()).unwrap();
+        let (own, other) = (root("td"), root("other.example"));
+        let all = |domains: Vec<(String, Vec<CertInfo>)>| Resource::TrustDomains {
+            name: "ALL".into(),
+            domains,
+        };
+        let before = [
+            Resource::Roots {
+                name: "ROOTCA".into(),
+                roots: own.clone(),
+            },
+            all(vec![("td".into(), own.clone())]),
+        ];
+        let after = [
+            Resource::Roots {
+                name: "ROOTCA".into(),
+                roots: own.clone(),
+            },
+            all(vec![
+                ("other.example".into(), other.clone()),
+                ("td".into(), own.clone()),
+            ]),
+        ];
+        let now = SystemTime::now();
+        let t = text(&after, "v1", now);
+        assert!(
+            t.contains("ALL: 2 trust domain(s), for Envoy's SPIFFE validator (version v1)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("  other.example: 1 root(s)\n    [0] root\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains(&format!("subject:    {}", other[0].subject)),
+            "{t}"
+        );
+        // Each root once: ROOTCA's, then the federated one.
+        assert_eq!(
+            pem(&after, false),
+            format!("{}{}", own[0].pem, other[0].pem)
+        );
+        let j = json(&after, "v1", false, now);
+        assert_eq!(
+            j["resources"][1]["trust_domains"][0]["name"],
+            "other.example"
+        );
+        assert_eq!(
+            j["resources"][1]["trust_domains"][0]["roots"][0]["pem"],
+            other[0].pem.as_str()
+        );
+        assert_eq!(
+            changes(&before, &after),
+            ["ALL: trust domain other.example added (1 root(s))"]
+        );
+        assert_eq!(
+            changes(&after, &before),
+            ["ALL: trust domain other.example removed"]
+        );
     }
 }

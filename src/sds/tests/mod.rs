@@ -17,7 +17,9 @@
 //!   `SDS_MAX_REQUEST_BYTES`, `SDS_FIRST_REQUEST_TIMEOUT`,
 //!   `SDS_CONNECTION_NEW_JWT_BURST`;
 //! - [`half_close`]: a half-closed stream is answered, then ends; a client
-//!   leaving while its first fetch waits takes its stream with it.
+//!   leaving while its first fetch waits takes its stream with it;
+//! - [`federated`]: `ALL` serves every trust domain, and pushes a change of
+//!   the federated roots, which `default` and `ROOTCA` streams never see.
 //!
 //! What the agent logs is captured ([`Agent::log`]), at `info` as the binary
 //! logs by default: the server's tasks run on the test's thread.
@@ -34,6 +36,7 @@ mod acks;
 mod bounds;
 mod credentials;
 mod delta_protocol;
+mod federated;
 mod half_close;
 mod refusals;
 mod rotation;
@@ -84,6 +87,8 @@ pub(super) type Client = SecretDiscoveryServiceClient<Channel>;
 /// An agent serving SDS on a temporary socket.
 pub(super) struct Agent {
     pub ca: Arc<FakeCa>,
+    /// The trust bundle the streams serve (federated roots are set here).
+    pub trust: Arc<crate::trust::TrustBundle>,
     pub limits: Arc<Limits>,
     pub clock: Clock,
     socket: PathBuf,
@@ -145,7 +150,7 @@ impl Agent {
             grace_ratio: 0.5,
             jitter: 0.0,
         };
-        let manager = crate::secrets::test_support::manager(ca.clone(), opts);
+        let (manager, trust) = crate::secrets::test_support::manager_and_trust(ca.clone(), opts);
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("sds.sock");
         let listener = crate::endpoint::socket::bind(&socket, Default::default()).unwrap();
@@ -160,6 +165,7 @@ impl Agent {
         ));
         Self {
             ca,
+            trust,
             limits,
             clock,
             socket,

@@ -78,6 +78,9 @@ async fn every_output_shows_what_envoy_gets(agent: &Agent, jwt: &str, dir: &std:
         format!("{ID}  issued by  {}", leaf.issuer()),
         format!("ROOTCA: {} trusted root(s)", roots.len()),
         format!("subject:    {root_subject}"),
+        // ALL: this mesh's trust domain alone (nothing is federated).
+        "ALL: 1 trust domain(s), for Envoy's SPIFFE validator".to_string(),
+        format!("  cluster.local (this mesh): {} root(s)", roots.len()),
         "check: the key matches the certificate, which is valid now and chains to a root served in ROOTCA".to_string(),
     ] {
         assert!(out.contains(&want), "{want:?} missing:\n{out}");
@@ -85,7 +88,8 @@ async fn every_output_shows_what_envoy_gets(agent: &Agent, jwt: &str, dir: &std:
     assert!(out.contains(" left)"), "time left:\n{out}");
     assert!(!out.contains("PRIVATE KEY"), "{out}");
 
-    // PEM: the chain then the roots, exactly as served; the key only when asked.
+    // PEM: the chain then the roots, exactly as served (ALL's, the same,
+    // not again); the key only when asked.
     let pem = run_fetch(&socket, &token, &["-o", "pem"]).await;
     assert_eq!(pem.code, 0, "{}", pem.both());
     let mut expected = chain.clone();
@@ -135,6 +139,11 @@ async fn every_output_shows_what_envoy_gets(agent: &Agent, jwt: &str, dir: &std:
     assert_eq!(def["check"]["ok"], true);
     assert_eq!(v["resources"][1]["name"], "ROOTCA");
     assert_eq!(v["resources"][1]["roots"][0]["subject"], root_subject);
+    let all = &v["resources"][2];
+    assert_eq!(all["name"], "ALL");
+    assert_eq!(all["trust_domains"][0]["name"], "cluster.local");
+    assert_eq!(all["trust_domains"][0]["roots"][0]["subject"], root_subject);
+    assert_eq!(all["trust_domains"].as_array().unwrap().len(), 1);
     let json_key = run_fetch(&socket, &token, &["-o", "json", "--include-key"]).await;
     let v: Value = serde_json::from_str(&json_key.stdout).unwrap();
     assert!(v["resources"][0]["private_key"]["pem"]
