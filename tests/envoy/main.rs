@@ -4,6 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod all_resource;
 mod delta_sds;
 mod envoy_mtls;
 mod federation;
