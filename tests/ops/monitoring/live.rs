@@ -69,7 +69,20 @@ async fn the_renewal_alert_fires_before_expiry_and_every_panel_returns_data() {
     // STATUS_DEBUG_FROM.
     let target = format!("{}:{port}", non_loopback_ipv4());
     let loopback = format!("http://127.0.0.1:{port}/metrics");
+    // A federated trust domain (its roots from a file: the tutorial's root
+    // stands in), so that the federation series exist.
+    let fed_dir = tempfile::tempdir().unwrap();
+    let roots = fed_dir.path().join("partner.pem");
+    std::fs::write(&roots, &env.setup.root_pem).unwrap();
+    let federation = fed_dir.path().join("federation.json");
+    std::fs::write(
+        &federation,
+        serde_json::json!({"trust_domains": {"partner.example": {"bundle_file": roots}}})
+            .to_string(),
+    )
+    .unwrap();
     let agent = Agent::started(&env.agent_env_with(&[
+        ("FEDERATION_CONFIG", federation.to_str().unwrap()),
         ("STATUS_ADDR", &everywhere),
         ("SECRET_TTL", "40s"),
         ("SECRET_GRACE_PERIOD_RATIO", "0.9"),
