@@ -10,6 +10,7 @@ use node_agent::trust::spiffe_bundle::to_json;
 use support::agent::Agent;
 use support::bundle_server::BundleServer;
 use support::metrics::scrape;
+use support::sds_client::{connect, fake_jwt, fetch, secrets};
 
 const TD: &str = "bad.example";
 
@@ -40,6 +41,20 @@ async fn state(agent: &Agent) -> (f64, f64) {
         m.get("node_agent_federation_bundle_roots", &td),
         m.get("node_agent_federation_bundle_fresh", &td),
     )
+}
+
+/// What `ALL` serves for `bad.example` (PEM), asked over SDS.
+async fn served_all(agent: &Agent) -> String {
+    let mut c = connect(&agent.socket).await;
+    let resp = fetch(&mut c, &["ALL"], &fake_jwt("default", "sleep"))
+        .await
+        .unwrap();
+    let domains = node_agent::client::sds::trust_domains(&secrets(&resp)[0]).unwrap();
+    domains
+        .into_iter()
+        .find(|(td, _)| td == TD)
+        .map(|(_, pem)| pem)
+        .unwrap_or_default()
 }
 
 /// Waits until the endpoint has been read twice more (the answer set
@@ -97,6 +112,8 @@ async fn bad_endpoint_answers_are_refused_and_the_last_good_bundle_stays() {
     );
     read_twice(&server, &agent).await;
     assert_eq!(state(&agent).await, (1.0, 1.0));
+    let good_pem = node_agent::crypto::der_to_pem(&good);
+    assert_eq!(served_all(&agent).await, good_pem);
 
     let mut big = bundle(std::slice::from_ref(&good));
     big.resize(5000, b' ');
@@ -124,6 +141,7 @@ async fn bad_endpoint_answers_are_refused_and_the_last_good_bundle_stays() {
             "{log}"
         );
         assert_eq!(state(&agent).await, (1.0, 0.0), "after {says}");
+        assert_eq!(served_all(&agent).await, good_pem, "after {says}");
     }
     assert!(
         !agent.log().contains("federation: removed a root"),
