@@ -1,6 +1,7 @@
 //! The `node-agent` binary: settings from the environment (Istio 1.1's names)
 //! and a few flags; logs to stderr; stops cleanly on SIGTERM or SIGINT.
-//! The operator subcommands (`vault-setup`, `fetch`) live in `node_agent::cli`.
+//! The operator subcommands (`vault-setup`, `fetch`, `bundle-endpoint`) live
+//! in `node_agent::cli`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +63,12 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(command) = args.command {
+        if command.logs() {
+            if let Err(e) = init_logging() {
+                tracing::error!("{e}");
+                return ExitCode::from(2);
+            }
+        }
         return node_agent::cli::run(command);
     }
     let config = init_logging()

@@ -1,9 +1,10 @@
 //! The `node-agent` subcommands, for operators: `vault-setup` configures
 //! Vault/OpenBao as the mesh CA, `fetch` shows what the agent serves a
-//! workload's Envoy. `node-agent` without a subcommand runs the agent
+//! workload's Envoy, `bundle-endpoint` serves the mesh's roots to federated
+//! trust domains. `node-agent` without a subcommand runs the agent
 //! (src/main.rs).
 //!
-//! Both print a one-line error on stderr and exit 1 when something fails,
+//! Each prints a one-line error on stderr and exits 1 when something fails,
 //! 2 when the command line or a file it names cannot be used.
 
 use std::process::ExitCode;
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 
+pub mod bundle_endpoint;
 pub mod fetch;
 pub mod vault_setup;
 
@@ -24,6 +26,17 @@ pub enum Command {
     /// Ask the agent's SDS socket for a workload's certificate and trust
     /// bundle, as Envoy does, and show them.
     Fetch(fetch::Args),
+    /// Serve the PKI mount's roots as a SPIFFE bundle over HTTPS, for
+    /// SPIRE servers and other meshes that federate with this trust domain.
+    BundleEndpoint(bundle_endpoint::Args),
+}
+
+impl Command {
+    /// Whether it runs as a server that logs like the agent (`LOG_LEVEL`,
+    /// `LOG_FORMAT`) rather than printing its outcome.
+    pub fn logs(&self) -> bool {
+        matches!(self, Command::BundleEndpoint(_))
+    }
 }
 
 /// Runs a subcommand to completion and returns its exit code.
@@ -41,6 +54,7 @@ pub fn run(command: Command) -> ExitCode {
     match command {
         Command::VaultSetup(args) => runtime.block_on(vault_setup::run(*args)),
         Command::Fetch(args) => runtime.block_on(fetch::run(args)),
+        Command::BundleEndpoint(args) => runtime.block_on(bundle_endpoint::run(args)),
     }
 }
 

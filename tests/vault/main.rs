@@ -1,10 +1,12 @@
 //! Integration tests against a real OpenBao (one dev server per test): the
 //! VaultCA client, bad answers from Vault, credential lifetimes, status and
-//! metrics, and pkilint's verdict on what a vault-setup role issues.
+//! metrics, pkilint's verdict on what a vault-setup role issues, and
+//! `node-agent bundle-endpoint` serving the PKI mount's roots.
 
 #[path = "../support/mod.rs"]
 mod support;
 
+mod bundle_endpoint;
 mod credential_lifetime;
 mod pkilint;
 mod status;
