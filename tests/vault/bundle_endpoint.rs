@@ -356,7 +356,9 @@ async fn serves_the_mounts_roots_as_a_spiffe_bundle_through_rotation_and_outage(
         .await;
     let log = ep.agent.log();
     assert!(
-        log.contains(&format!("cannot read the roots of the PKI mount {MOUNT} at Vault")),
+        log.contains(&format!(
+            "cannot read the roots of the PKI mount {MOUNT} at Vault"
+        )),
         "the log names the mount and Vault:\n{log}"
     );
     let (status, _, body, _) = ep.get().await.expect("still answering");
@@ -387,15 +389,20 @@ async fn answers_503_until_vault_answers_and_rereads_its_tls_certificate() {
     );
     assert_eq!(status, 503);
     ep.agent
-        .log_shows("answering 503 until a read succeeds", Duration::from_secs(10))
+        .log_shows(
+            "answering 503 until a read succeeds",
+            Duration::from_secs(10),
+        )
         .await;
 
     // cert-manager renews the certificate: the new one is served.
     let leaf2 = ep.tls.write_leaf(ep.dir.path());
     assert_ne!(leaf1, leaf2);
-    ep.until(Duration::from_secs(20), "the renewed TLS certificate", |a| {
-        a.3 == leaf2
-    })
+    ep.until(
+        Duration::from_secs(20),
+        "the renewed TLS certificate",
+        |a| a.3 == leaf2,
+    )
     .await;
     ep.agent
         .log_shows(
