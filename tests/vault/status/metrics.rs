@@ -27,9 +27,24 @@ use super::{
 /// only, the expiry gauges moving to the new certificate, and the streams.
 #[tokio::test]
 async fn a_rotation_shows_in_the_counters() {
+    // One federated trust domain (from a file), so that its series exist.
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let roots = dir.path().join("partner.pem");
+    std::fs::write(&roots, ca.self_signed(&key).unwrap().pem()).unwrap();
+    let federation = dir.path().join("federation.json");
+    std::fs::write(
+        &federation,
+        serde_json::json!({"trust_domains": {"partner.example": {"bundle_file": roots}}})
+            .to_string(),
+    )
+    .unwrap();
     let agent = local_agent(&[
         ("SECRET_TTL", "8s"),
         ("SECRET_GRACE_PERIOD_RATIO_JITTER", "0"),
+        ("FEDERATION_CONFIG", federation.to_str().unwrap()),
     ]);
     let log = || agent.log();
     let jwt = fake_jwt("default", "httpbin");
