@@ -18,6 +18,7 @@ use node_agent::crypto::{is_issued_by, split_pem_certs};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use support::agent::Agent;
+use support::bundle_server::loopback_tls;
 use support::envoy::*;
 use support::mesh::SERVER_ID;
 use support::metrics::scrape;
@@ -53,22 +54,13 @@ impl Drop for BundleEndpoint {
 
 impl BundleEndpoint {
     async fn start(env: &VaultEnv, dir: &Path, name: &str) -> BundleEndpoint {
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca, ca_key);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        p.subject_alt_names
-            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
-        let cert = p.signed_by(&key, &issuer).unwrap();
+        let (ca_pem, cert, key) = loopback_tls();
         let file = |n: &str, text: String| {
             let path = dir.join(format!("{name}-{n}"));
             std::fs::write(&path, text).unwrap();
             path
         };
-        let ca_file = file("endpoint-ca.pem", ca_cert.pem());
+        let ca_file = file("endpoint-ca.pem", ca_pem);
         let cert_file = file("endpoint.pem", cert.pem());
         let key_file = file("endpoint-key.pem", key.serialize_pem());
         let port = free_port();

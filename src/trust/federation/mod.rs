@@ -104,19 +104,25 @@ impl Federation {
     }
 }
 
-/// The roots (DER) of a bundle's bytes: a SPIFFE bundle, or PEM.
-pub(crate) fn roots_of(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+/// The roots (DER) of a bundle's bytes, a SPIFFE bundle or PEM, and the
+/// refresh hint a SPIFFE bundle may give.
+fn read_bundle(bytes: &[u8]) -> Result<(Vec<Vec<u8>>, Option<Duration>), String> {
     let text = std::str::from_utf8(bytes).unwrap_or("");
     if text.trim_start().starts_with("-----BEGIN") {
         let ders = pem_to_der(text).map_err(|e| e.to_string())?;
         if ders.is_empty() {
             return Err(BundleError::NoRoots.to_string());
         }
-        return Ok(ders);
+        return Ok((ders, None));
     }
     spiffe_bundle::parse(bytes)
-        .map(|b| b.roots)
+        .map(|b| (b.roots, b.refresh_hint))
         .map_err(|e| e.to_string())
+}
+
+/// The roots (DER) of a bundle's bytes: a SPIFFE bundle, or PEM.
+pub(crate) fn roots_of(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    read_bundle(bytes).map(|(roots, _)| roots)
 }
 
 /// What a read that was accepted gives.
@@ -128,13 +134,7 @@ pub(crate) struct Accepted {
 
 /// Checks a bundle read for `td` (see the module documentation).
 pub(crate) fn accept(td: &TrustDomain, bytes: &[u8], now: SystemTime) -> Result<Accepted, String> {
-    let text = std::str::from_utf8(bytes).unwrap_or("");
-    let (ders, refresh_hint) = if text.trim_start().starts_with("-----BEGIN") {
-        (roots_of(bytes)?, None)
-    } else {
-        let b = spiffe_bundle::parse(bytes).map_err(|e| e.to_string())?;
-        (b.roots, b.refresh_hint)
-    };
+    let (ders, refresh_hint) = read_bundle(bytes)?;
     let mut roots = Vec::new();
     for der in &ders {
         for uri in spiffe_tls::uri_sans(der)? {
