@@ -146,22 +146,22 @@ async fn the_peers_budget_survives_reconnects() {
     // Each connection is new and has a fresh budget of its own; the peer's
     // is spent over all of them.
     for id in 0..3 {
-        let (c, _place) = connect(&peers, &cfg, id, PeerKey::Pid(7));
+        let (c, _place) = connect(&peers, &cfg, id, PeerKey::Pid(7, 0));
         assert!(admit(&c, n).unwrap().is_new());
         n += 1;
     }
     for id in 3..6 {
-        let (c, _place) = connect(&peers, &cfg, id, PeerKey::Pid(7));
+        let (c, _place) = connect(&peers, &cfg, id, PeerKey::Pid(7, 0));
         let m = message(admit(&c, n));
         assert!(m.contains("SDS_PEER_NEW_JWT_BURST=3"), "{m}");
         assert!(m.contains("SDS_PEER_NEW_JWT_INTERVAL=10s"), "{m}");
     }
     // Another peer is not affected.
-    let (other, _place) = connect(&peers, &cfg, 9, PeerKey::Pid(8));
+    let (other, _place) = connect(&peers, &cfg, 9, PeerKey::Pid(8, 0));
     assert!(admit(&other, 100).unwrap().is_new());
     // The peer's rate applies across reconnects: one token per interval.
     tokio::time::advance(Duration::from_secs(10)).await;
-    let (c, _place) = connect(&peers, &cfg, 10, PeerKey::Pid(7));
+    let (c, _place) = connect(&peers, &cfg, 10, PeerKey::Pid(7, 0));
     assert!(admit(&c, n).unwrap().is_new());
     assert_eq!(setting(admit(&c, n + 1)), "SDS_PEER_NEW_JWT_BURST");
 }
@@ -231,7 +231,7 @@ async fn the_defaults_leave_a_normal_pod_alone() {
                 let (mut held, mut conns) = (Vec::new(), Vec::new());
                 for _ in 0..2 {
                     id += 1;
-                    let (peer, place) = limits.peers.connect(PeerKey::Pid(1)).unwrap();
+                    let (peer, place) = limits.peers.connect(PeerKey::Pid(1, 0)).unwrap();
                     let conn = Arc::new(Connection::of_peer(id, &cfg, peer, None));
                     for _ in 0..2 {
                         let slot = limits.open_stream(&conn).unwrap();

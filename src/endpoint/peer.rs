@@ -6,7 +6,9 @@
 //!   `…-pod<uid>.slice` with systemd), so that the containers of one pod are
 //!   one peer. A cgroup with no pod component (a process outside
 //!   Kubernetes) is a peer of its own.
-//! - `pid`: the connecting process.
+//! - `pid`: the connecting process, told apart from a later process given
+//!   the same pid by its start time (`/proc/<pid>/stat`), so that a new
+//!   process never inherits what an earlier one used.
 //! - `uid`: the connecting process's user.
 //!
 //! When the kernel cannot say — `SO_PEERCRED` gives no pid (the client is
@@ -15,8 +17,13 @@
 //! the connection's uid; when even the uid is unknown, every such connection
 //! is one peer. The agent must see the pods' processes (`hostPID`) for
 //! `cgroup` and `pid` to tell pods apart.
+//!
+//! The files of `/proc` read here are made by the kernel from memory, with
+//! no disk behind them, so they are read on the accepting task; each read
+//! is bounded by [`MAX_PROC_READ`].
 
 use std::fmt;
+use std::io::Read;
 use std::path::Path;
 
 use crate::config::PeerMode;
@@ -25,7 +32,8 @@ use crate::config::PeerMode;
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum PeerKey {
     Cgroup(Box<str>),
-    Pid(i32),
+    /// A process: its pid and its start time, in clock ticks since boot.
+    Pid(i32, u64),
     Uid(u32),
     /// No credentials at all: every such connection is this one peer.
     Unknown,
@@ -35,7 +43,7 @@ impl fmt::Display for PeerKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PeerKey::Cgroup(c) => write!(f, "cgroup {c}"),
-            PeerKey::Pid(p) => write!(f, "pid {p}"),
+            PeerKey::Pid(p, _) => write!(f, "pid {p}"),
             PeerKey::Uid(u) => write!(f, "uid {u}"),
             PeerKey::Unknown => f.write_str("a peer of unknown credentials"),
         }
@@ -69,17 +77,46 @@ pub fn attribute(
         (_, Some(pid)) if pid > 0 => pid,
         _ => return fallback("SO_PEERCRED gave no pid (another pid namespace)".into()),
     };
+    let dir = proc.join(pid.to_string());
     if mode == PeerMode::Pid {
-        return Ok(PeerKey::Pid(pid));
+        let path = dir.join("stat");
+        return match read_proc(&path) {
+            Ok(text) => match start_time(&text) {
+                Some(start) => Ok(PeerKey::Pid(pid, start)),
+                None => fallback(format!("{} gives no start time", path.display())),
+            },
+            Err(e) => fallback(format!("cannot read {}: {e}", path.display())),
+        };
     }
-    let path = proc.join(pid.to_string()).join("cgroup");
-    match std::fs::read_to_string(&path) {
+    let path = dir.join("cgroup");
+    match read_proc(&path) {
         Ok(text) => match pod_cgroup(&text) {
             Some(cgroup) => Ok(PeerKey::Cgroup(cgroup.into())),
             None => fallback(format!("{} names no cgroup", path.display())),
         },
         Err(e) => fallback(format!("cannot read {}: {e}", path.display())),
     }
+}
+
+/// The most read of one file of `/proc`: a cgroup file lists one line per
+/// hierarchy, each path at most `PATH_MAX`, far below this in practice.
+pub const MAX_PROC_READ: u64 = 16 * 1024;
+
+/// A file of `/proc`, at most [`MAX_PROC_READ`] bytes of it.
+fn read_proc(path: &Path) -> std::io::Result<String> {
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_PROC_READ)
+        .read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// A process's start time from its `/proc/<pid>/stat`: the 22nd field,
+/// counted after the command name, which is in parentheses and may hold
+/// spaces and parentheses itself.
+fn start_time(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// The cgroup of a `/proc/<pid>/cgroup`: the unified hierarchy's (`0::`),
@@ -140,13 +177,46 @@ mod tests {
             attribute(PeerMode::Cgroup, cred, proc.path()),
             Ok(PeerKey::Cgroup("/kubepods/pod1".into()))
         );
+        std::fs::write(
+            proc.path().join("7/stat"),
+            "7 (a (b) c) S 1 7 7 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 4242 1 1\n",
+        )
+        .unwrap();
         assert_eq!(
             attribute(PeerMode::Pid, cred, proc.path()),
-            Ok(PeerKey::Pid(7))
+            Ok(PeerKey::Pid(7, 4242))
         );
         assert_eq!(
             attribute(PeerMode::Uid, cred, proc.path()),
             Ok(PeerKey::Uid(5))
+        );
+    }
+
+    #[test]
+    fn a_pid_given_again_is_another_peer() {
+        let me = std::process::id() as i32;
+        let cred = Some(Cred {
+            pid: Some(me),
+            uid: 0,
+        });
+        let proc = Path::new("/proc");
+        let PeerKey::Pid(pid, start) = attribute(PeerMode::Pid, cred, proc).unwrap() else {
+            panic!("not a pid peer");
+        };
+        assert_eq!(pid, me);
+        assert!(start > 0);
+        let reused = proc_with(me, "");
+        std::fs::write(
+            reused.path().join(format!("{me}/stat")),
+            format!(
+                "{me} (x) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {} 1 1\n",
+                start + 1
+            ),
+        )
+        .unwrap();
+        assert_ne!(
+            attribute(PeerMode::Pid, cred, reused.path()),
+            Ok(PeerKey::Pid(me, start))
         );
     }
 

@@ -260,16 +260,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_peers_connections_are_capped_and_given_back() {
         let peers = Peers::new(&cfg(100, 2));
-        let a = peers.connect(PeerKey::Pid(1)).unwrap();
-        let _b = peers.connect(PeerKey::Pid(1)).unwrap();
-        let (peer, msg) = peers.connect(PeerKey::Pid(1)).unwrap_err();
+        let a = peers.connect(PeerKey::Pid(1, 0)).unwrap();
+        let _b = peers.connect(PeerKey::Pid(1, 0)).unwrap();
+        let (peer, msg) = peers.connect(PeerKey::Pid(1, 0)).unwrap_err();
         assert!(msg.contains("SDS_PEER_MAX_CONNECTIONS=2"), "{msg}");
         assert!(msg.contains("pid 1"), "{msg}");
         assert_eq!(peer.open_connections(), 2);
         // Another peer is not affected.
-        let _c = peers.connect(PeerKey::Pid(2)).unwrap();
+        let _c = peers.connect(PeerKey::Pid(2, 0)).unwrap();
         drop(a);
-        assert!(peers.connect(PeerKey::Pid(1)).is_ok());
+        assert!(peers.connect(PeerKey::Pid(1, 0)).is_ok());
     }
 
     #[tokio::test(start_paused = true)]
@@ -299,7 +299,7 @@ mod tests {
         });
         let cfg = limits.config().clone();
         let conn = |id| {
-            let (peer, place) = limits.peers.connect(PeerKey::Pid(1)).unwrap();
+            let (peer, place) = limits.peers.connect(PeerKey::Pid(1, 0)).unwrap();
             (Arc::new(Connection::of_peer(id, &cfg, peer, None)), place)
         };
         let ((a, _pa), (b, _pb)) = (conn(1), conn(2));
@@ -314,7 +314,7 @@ mod tests {
         let _b2 = limits.open_stream(&b).unwrap();
         // A connection past the peer's share is refused its every stream,
         // with the setting named.
-        let (peer, msg) = limits.peers.connect(PeerKey::Pid(1)).unwrap_err();
+        let (peer, msg) = limits.peers.connect(PeerKey::Pid(1, 0)).unwrap_err();
         let c = Arc::new(Connection::of_peer(3, &cfg, peer, Some(msg)));
         let e = limits.open_stream(&c).unwrap_err();
         assert_eq!(e.code(), tonic::Code::ResourceExhausted);
@@ -325,10 +325,10 @@ mod tests {
     async fn idle_peers_are_remembered_then_forgotten_and_the_registry_is_bounded() {
         // Two connections at most: four entries.
         let peers = Peers::new(&cfg(2, 2));
-        let (kept, _place) = peers.connect(PeerKey::Pid(1)).unwrap();
-        drop(peers.connect(PeerKey::Pid(2)).unwrap());
+        let (kept, _place) = peers.connect(PeerKey::Pid(1, 0)).unwrap();
+        drop(peers.connect(PeerKey::Pid(2, 0)).unwrap());
         // An idle peer is the same entry when it comes back.
-        let (again, _p2) = peers.connect(PeerKey::Pid(2)).unwrap();
+        let (again, _p2) = peers.connect(PeerKey::Pid(2, 0)).unwrap();
         assert_eq!(peers.len(), 2);
         drop(_p2);
         // Many peers come and go: the registry stays bounded, the idle
@@ -336,12 +336,12 @@ mod tests {
         // connection open is never forgotten.
         for pid in 10..100 {
             tokio::time::advance(Duration::from_secs(1)).await;
-            drop(peers.connect(PeerKey::Pid(pid)).unwrap());
+            drop(peers.connect(PeerKey::Pid(pid, 0)).unwrap());
             assert!(peers.len() <= 4, "{}", peers.len());
         }
-        let (same, _p) = peers.connect(PeerKey::Pid(1)).unwrap();
+        let (same, _p) = peers.connect(PeerKey::Pid(1, 0)).unwrap();
         assert!(Arc::ptr_eq(&kept, &same));
-        let (fresh, _p) = peers.connect(PeerKey::Pid(2)).unwrap();
+        let (fresh, _p) = peers.connect(PeerKey::Pid(2, 0)).unwrap();
         assert!(!Arc::ptr_eq(&again, &fresh), "forgotten, made anew");
     }
 
