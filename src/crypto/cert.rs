@@ -76,7 +76,51 @@ fn with_first_cert<R>(pem: &str, f: impl FnOnce(&X509Certificate<'_>) -> R) -> O
 }
 
 pub(super) fn self_signed(cert: &X509Certificate<'_>) -> bool {
-    cert.subject() == cert.issuer() && cert.verify_signature(None).is_ok()
+    cert.subject() == cert.issuer() && signed_by(cert, None)
+}
+
+/// How many CA signatures [`signed_by`] remembers.
+const VERIFIED_CA_SIGNATURES: usize = 256;
+
+/// CA certificates whose signature was verified, each with the key that
+/// verified it: a digest of both.
+static VERIFIED: std::sync::Mutex<Option<std::collections::HashSet<[u8; 32]>>> =
+    std::sync::Mutex::new(None);
+
+/// True when `cert`'s signature verifies with `issuer` (with its own key when
+/// `None`). Every issued chain ends in the same few roots and intermediates,
+/// so a CA certificate's signature, once verified with a key, is remembered
+/// by the digest of the certificate's bytes and the key's: a signature check
+/// is the dearest part of reading a sign answer. A leaf's is checked every
+/// time, and a failure is never remembered.
+pub(super) fn signed_by(
+    cert: &X509Certificate<'_>,
+    issuer: Option<&SubjectPublicKeyInfo<'_>>,
+) -> bool {
+    use sha2::{Digest, Sha256};
+    if !cert.is_ca() {
+        return cert.verify_signature(issuer).is_ok();
+    }
+    let key = issuer.unwrap_or_else(|| cert.public_key());
+    let mut digest = Sha256::new();
+    digest.update((cert.as_ref().len() as u64).to_be_bytes());
+    digest.update(cert.as_ref());
+    digest.update(key.raw);
+    let digest: [u8; 32] = digest.finalize().into();
+    let lock = || VERIFIED.lock().unwrap_or_else(|e| e.into_inner());
+    if lock().as_ref().is_some_and(|seen| seen.contains(&digest)) {
+        return true;
+    }
+    if cert.verify_signature(issuer).is_err() {
+        return false;
+    }
+    let mut seen = lock();
+    let seen = seen.get_or_insert_with(Default::default);
+    if seen.len() >= VERIFIED_CA_SIGNATURES {
+        seen.clear();
+    }
+    seen.insert(digest);
+    true
 }
 
 /// True when the first certificate of `pem` is self-signed: its issuer is its
@@ -97,7 +141,7 @@ pub fn is_issued_by(child: &str, issuer: &str) -> bool {
     let (Ok(child), Ok(issuer)) = (parse_cert(&child), parse_cert(&issuer)) else {
         return false;
     };
-    child.issuer() == issuer.subject() && child.verify_signature(Some(issuer.public_key())).is_ok()
+    child.issuer() == issuer.subject() && signed_by(&child, Some(issuer.public_key()))
 }
 
 /// Subject, serial (hex) and NotAfter of the first certificate of `pem`, for

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use x509_parser::prelude::*;
 
-use super::cert::{asn1_to_system_time, parse_cert, pem_to_der, self_signed};
+use super::cert::{asn1_to_system_time, parse_cert, pem_to_der, self_signed, signed_by};
 use super::svid_rules::{self, Breach};
 use super::CryptoError;
 use crate::identity::SpiffeId;
@@ -154,29 +154,28 @@ pub fn verify_issued(
 
     // Walk up: each certificate must be signed by the next; the last one by a root.
     for (i, cert) in certs.iter().enumerate() {
-        let issuer = match certs.get(i + 1) {
-            Some(next) => next,
-            None => roots
-                .iter()
-                .find(|r| {
-                    r.subject() == cert.issuer()
-                        && cert.verify_signature(Some(r.public_key())).is_ok()
-                })
-                .ok_or_else(|| {
-                    bad(format!(
+        match certs.get(i + 1) {
+            Some(issuer) => {
+                if !signed_by(cert, Some(issuer.public_key())) {
+                    return Err(bad(format!(
+                        "certificate {:?} is not signed by {:?}",
+                        cert.subject().to_string(),
+                        issuer.subject().to_string()
+                    )));
+                }
+            }
+            None => {
+                if !roots
+                    .iter()
+                    .any(|r| r.subject() == cert.issuer() && signed_by(cert, Some(r.public_key())))
+                {
+                    return Err(bad(format!(
                         "the chain does not verify up to the root served (no root for issuer {})",
                         cert.issuer()
-                    ))
-                })?,
-        };
-        cert.verify_signature(Some(issuer.public_key()))
-            .map_err(|_| {
-                bad(format!(
-                    "certificate {:?} is not signed by {:?}",
-                    cert.subject().to_string(),
-                    issuer.subject().to_string()
-                ))
-            })?;
+                    )));
+                }
+            }
+        }
         if i > 0 && !cert.is_ca() {
             return Err(bad(format!("intermediate {} is not a CA", cert.subject())));
         }
