@@ -125,15 +125,19 @@ pub async fn storm(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let workloads = storm::connect_all(&agent.socket, &names, &jwts).await?;
     let mark = audit::mark(&v.audit_log());
-    let (workloads, first) = storm::open_all(workloads, "default")
+    let cpu_before = procs::cpu_time(agent.pid());
+    let (workloads, mut first) = storm::open_all(workloads, "default")
         .await
         .with_context(|| format!("storm of {size}; agent log:\n{}", agent.log_tail()))?;
+    let cpu = procs::cpu_time(agent.pid()).saturating_sub(cpu_before);
+    first.agent_cpu_ms_per_certificate = cpu.as_secs_f64() * 1e3 / size as f64;
     eprintln!(
-        "bench: storm   M={size:<5} {:.2} s ({}), p50 {:.0} ms, p99 {:.0} ms",
+        "bench: storm   M={size:<5} {:.2} s ({}), p50 {:.0} ms, p99 {:.0} ms, agent CPU {:.3} ms per certificate",
         first.wall_s,
         key.as_str(),
         first.p50_ms,
-        first.p99_ms
+        first.p99_ms,
+        first.agent_cpu_ms_per_certificate
     );
     let point = |rss: procs::Rss, streams| MemPoint {
         identities: size,

@@ -23,6 +23,11 @@ pub struct Timing {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// The agent's CPU (user + system) during the storm, per certificate it
+    /// issued: key, CSR, login and sign calls, the checks of each answer,
+    /// and the push; 0 where not measured (the floor has no agent).
+    #[serde(default)]
+    pub agent_cpu_ms_per_certificate: f64,
 }
 
 impl Timing {
@@ -35,6 +40,7 @@ impl Timing {
             p50_ms: ms(percentile(&done, 0.50)),
             p99_ms: ms(percentile(&done, 0.99)),
             max_ms: ms(done.last().copied().unwrap_or_default()),
+            agent_cpu_ms_per_certificate: 0.0,
         }
     }
 }

@@ -251,7 +251,7 @@ pub(super) fn limits_from_lookup(
         peer_max_logins_in_flight: count(
             "SDS_PEER_MAX_LOGINS_IN_FLIGHT",
             d.peer_max_logins_in_flight,
-            1024,
+            1 << 20,
         )?,
         peer_new_jwt_burst: count(
             "SDS_PEER_NEW_JWT_BURST",
@@ -370,7 +370,7 @@ mod tests {
             ("SDS_PEER", "pod"),
             ("SDS_PEER_MAX_CONNECTIONS", "0"),
             ("SDS_PEER_MAX_STREAMS", "lots"),
-            ("SDS_PEER_MAX_LOGINS_IN_FLIGHT", "2000"),
+            ("SDS_PEER_MAX_LOGINS_IN_FLIGHT", "2000000"),
             ("SDS_PEER_NEW_JWT_BURST", "0"),
             ("SDS_PEER_NEW_JWT_INTERVAL", "25h"),
             ("SDS_PEER_MAX_IDENTITIES", "0"),
