@@ -79,35 +79,43 @@ pub(super) fn self_signed(cert: &X509Certificate<'_>) -> bool {
     cert.subject() == cert.issuer() && signed_by(cert, None)
 }
 
-/// How many CA signatures [`signed_by`] remembers.
+/// How many CA signatures, and how many leaf signatures, [`signed_by`]
+/// remembers.
 const VERIFIED_CA_SIGNATURES: usize = 256;
+const VERIFIED_LEAF_SIGNATURES: usize = 64;
 
-/// CA certificates whose signature was verified, each with the key that
-/// verified it: a digest of both.
-static VERIFIED: std::sync::Mutex<Option<std::collections::HashSet<[u8; 32]>>> =
-    std::sync::Mutex::new(None);
+type Verified = std::sync::Mutex<Option<std::collections::HashSet<[u8; 32]>>>;
+
+/// Signatures verified, each the digest of a certificate and the key that
+/// verified it: CA certificates, and leaves apart, so that a stream of new
+/// leaves never pushes the few roots out.
+static VERIFIED_CA: Verified = std::sync::Mutex::new(None);
+static VERIFIED_LEAF: Verified = std::sync::Mutex::new(None);
 
 /// True when `cert`'s signature verifies with `issuer` (with its own key when
-/// `None`). Every issued chain ends in the same few roots and intermediates,
-/// so a CA certificate's signature, once verified with a key, is remembered
-/// by the digest of the certificate's bytes and the key's: a signature check
-/// is the dearest part of reading a sign answer. A leaf's is checked every
-/// time, and a failure is never remembered.
+/// `None`). A signature check is the dearest part of reading a sign answer,
+/// and the same ones recur: every issued chain ends in the same few roots and
+/// intermediates, and a new leaf is checked once where its root is chosen
+/// and again where the whole chain is. So a signature verified with a key is
+/// remembered by the digest of the certificate's bytes and the key's; a
+/// failure is never remembered.
 pub(super) fn signed_by(
     cert: &X509Certificate<'_>,
     issuer: Option<&SubjectPublicKeyInfo<'_>>,
 ) -> bool {
     use sha2::{Digest, Sha256};
-    if !cert.is_ca() {
-        return cert.verify_signature(issuer).is_ok();
-    }
+    let (verified, max) = if cert.is_ca() {
+        (&VERIFIED_CA, VERIFIED_CA_SIGNATURES)
+    } else {
+        (&VERIFIED_LEAF, VERIFIED_LEAF_SIGNATURES)
+    };
     let key = issuer.unwrap_or_else(|| cert.public_key());
     let mut digest = Sha256::new();
     digest.update((cert.as_ref().len() as u64).to_be_bytes());
     digest.update(cert.as_ref());
     digest.update(key.raw);
     let digest: [u8; 32] = digest.finalize().into();
-    let lock = || VERIFIED.lock().unwrap_or_else(|e| e.into_inner());
+    let lock = || verified.lock().unwrap_or_else(|e| e.into_inner());
     if lock().as_ref().is_some_and(|seen| seen.contains(&digest)) {
         return true;
     }
@@ -116,7 +124,7 @@ pub(super) fn signed_by(
     }
     let mut seen = lock();
     let seen = seen.get_or_insert_with(Default::default);
-    if seen.len() >= VERIFIED_CA_SIGNATURES {
+    if seen.len() >= max {
         seen.clear();
     }
     seen.insert(digest);

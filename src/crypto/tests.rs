@@ -193,6 +193,9 @@ fn self_signed_and_issued_by_are_read_from_the_certificates() {
     let (_, other_int, other_root) = chain((-1, 100), (-1, 50), &key, &id);
     assert!(!is_issued_by(&int, &other_root), "same names, another key");
     assert!(!is_issued_by(&other_int, &root));
+    // A leaf's signature, once verified with a key, is not taken as
+    // verified with another key of the same name.
+    assert!(is_issued_by(&leaf, &int) && !is_issued_by(&leaf, &other_int));
     let (subject, _, not_after) = cert_summary(&root).unwrap();
     assert_eq!(subject, "CN=root");
     assert!(not_after > SystemTime::now());
