@@ -38,8 +38,11 @@ pub struct Serving {
     pub p50_us: f64,
     pub p99_us: f64,
     pub p999_us: f64,
-    /// gRPC payload per response: a certificate answer is a few KiB; an
-    /// error (trailers only) would be 0.
+    /// Bytes received per response outside header blocks: its DATA frames
+    /// (the gRPC message, a certificate answer of a few KiB, with their
+    /// frame headers) and its share of the other frames; an error (trailers
+    /// only) would be a few dozen. h2load's `data` counter also counts the
+    /// warm-up, its `total` and `headers` do not, so they are what is used.
     pub bytes_per_response: f64,
     /// CPU the agent and h2load used during the run, seconds.
     pub agent_cpu_s: f64,
@@ -126,7 +129,8 @@ impl Run<'_> {
         if parsed.failed > 0 || parsed.errored > 0 || parsed.done == 0 {
             bail!("h2load saw failed or errored requests:\n{text}");
         }
-        let bytes_per_response = parsed.data_bytes as f64 / parsed.done as f64;
+        let bytes_per_response =
+            parsed.total_bytes.saturating_sub(parsed.header_bytes) as f64 / parsed.done as f64;
         if bytes_per_response < 500.0 {
             bail!(
                 "responses carry {bytes_per_response:.0} bytes each: not certificates (gRPC errors?):\n{text}"
@@ -165,7 +169,8 @@ struct Summary {
     done: u64,
     failed: u64,
     errored: u64,
-    data_bytes: u64,
+    total_bytes: u64,
+    header_bytes: u64,
 }
 
 impl Summary {
@@ -198,10 +203,14 @@ impl Summary {
                 }
                 seen.1 = true;
             } else if line.starts_with("traffic:") {
-                // traffic: ... total, ... headers (space savings x%), 23.25MB (24375000) data
-                if let Some(close) = line.rfind(") data") {
-                    let open = line[..close].rfind('(').unwrap_or(0);
-                    s.data_bytes = line[open + 1..close].parse().unwrap_or(0);
+                // traffic: 24.57MB (25763245) total, 1.29MB (1349213) headers (space savings x%), 23.25MB (24375000) data
+                let count = |what: &str| -> Option<u64> {
+                    let end = line.find(&format!(") {what}"))?;
+                    let open = line[..end].rfind('(')?;
+                    line[open + 1..end].parse().ok()
+                };
+                if let (Some(total), Some(headers)) = (count("total"), count("headers")) {
+                    (s.total_bytes, s.header_bytes) = (total, headers);
                     seen.2 = true;
                 }
             }
@@ -224,7 +233,10 @@ mod tests {
             status codes: 61728 2xx, 0 3xx, 0 4xx, 0 5xx\n\
             traffic: 24.57MB (25763245) total, 1.29MB (1349213) headers (space savings 94.14%), 23.25MB (24375000) data\n";
         let s = Summary::parse(text).unwrap();
-        assert_eq!((s.done, s.failed, s.data_bytes), (61728, 0, 24375000));
+        assert_eq!(
+            (s.done, s.failed, s.total_bytes, s.header_bytes),
+            (61728, 0, 25763245, 1349213)
+        );
         assert!((s.req_per_s - 12345.6).abs() < 1e-9);
         assert!(Summary::parse("nothing").is_err());
     }
