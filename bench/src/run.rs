@@ -87,6 +87,7 @@ pub async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
     if args.serving_only {
         let cached = cached_serving(&v, &bin, &work, &s, generator).await?;
         println!("{}", report::serving_table(&cached));
+        println!("{}", report::goals_table(&report::serving_goals(&cached)));
         println!(
             "{} ({}, {}) · {h2load_version} · {cores} cores ({}) · load average before {:?}, after {:?}",
             command_line(&bin.display().to_string(), &["--version"]),

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Cached, Report};
+use super::{Cached, Goal, Report};
 use crate::streams::StreamsMemory;
 
 impl Report {
@@ -124,26 +124,34 @@ impl Report {
                 mib(o.peak_rss_kib)
             );
         }
-        let _ = writeln!(s, "\n| goal | target | figure | met |");
-        let _ = writeln!(s, "|---|---|---|---|");
-        for g in &self.goals {
-            let note = if g.note.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", g.note)
-            };
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} {}{note} | {} |",
-                g.goal,
-                g.target,
-                fmt_figure(g.figure),
-                g.unit,
-                if g.met { "yes" } else { "**no**" }
-            );
-        }
+        s.push('\n');
+        s.push_str(&goals_table(&self.goals));
         s
     }
+}
+
+/// Each goal, its target, the figure and whether it is met.
+pub fn goals_table(goals: &[Goal]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "| goal | target | figure | met |");
+    let _ = writeln!(s, "|---|---|---|---|");
+    for g in goals {
+        let note = if g.note.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", g.note)
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} {}{note} | {} |",
+            g.goal,
+            g.target,
+            fmt_figure(g.figure),
+            g.unit,
+            if g.met { "yes" } else { "**no**" }
+        );
+    }
+    s
 }
 
 fn fmt_figure(x: f64) -> String {

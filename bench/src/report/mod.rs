@@ -21,7 +21,8 @@ use crate::streams::StreamsMemory;
 
 pub use check::check;
 pub use fit::{fit, Fit};
-pub use markdown::{serving_table, streams_table};
+pub use goals::serving_goals;
+pub use markdown::{goals_table, serving_table, streams_table};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
