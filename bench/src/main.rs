@@ -6,8 +6,11 @@
 //! 1. storm: M identities asking at once, each with its own JWT;
 //! 2. floor: the same M login+sign pairs straight to OpenBao (same HTTP
 //!    client settings and concurrency, CSRs made beforehand); storm / floor;
-//! 3. cached serving with h2load: FetchSecrets and a new stream's first
-//!    response at 1, 100 and 1000 streams;
+//! 3. cached serving with h2load, each figure next to the serving floor's
+//!    (tonic answering with node-agent's bytes, `floor_server`) measured in
+//!    the same run: FetchSecrets at 1×1, 100×1, 10×10 and 1000×1
+//!    connections × streams, a new StreamSecrets or DeltaSecrets stream's
+//!    first response at 1×1, 10×10 and 100×10;
 //! 4. memory: idle, M × 1 and M × 2 streams at two sizes, fitted per identity
 //!    and per stream;
 //! 5. Vault load from OpenBao's audit log;
@@ -27,6 +30,8 @@
 
 mod audit;
 mod envoy_node;
+mod floor;
+mod floor_server;
 mod h2load;
 mod measure;
 mod peer;
@@ -34,6 +39,7 @@ mod procs;
 mod report;
 mod run;
 mod sds;
+mod serving;
 mod storm;
 mod streams;
 mod support;
@@ -83,7 +89,7 @@ pub struct Args {
     /// Repetitions of storms and floors [default: 3; quick 1].
     #[arg(long)]
     pub repetitions: Option<usize>,
-    /// Seconds each h2load run measures [default: 5; quick 2].
+    /// Seconds each h2load run measures [default: 5; quick 1].
     #[arg(long)]
     pub serve_seconds: Option<f64>,
     /// The node-agent binary [default: builds target/release/node-agent].
@@ -100,11 +106,14 @@ pub struct Args {
     /// their fit, printed; no report.json. For work on memory.
     #[arg(long)]
     pub memory_only: bool,
-    /// Only the cached-serving runs (h2load), printed; no report.json. For
-    /// work on the serving path (e.g. with `--agent-bin` a script that
-    /// records the agent with perf).
+    /// Only the cached-serving runs (h2load, the floor and the agent),
+    /// printed; no report.json. For work on the serving path (e.g. with
+    /// `--agent-bin` a script that records the agent with perf).
     #[arg(long)]
     pub serving_only: bool,
+    /// Runs the serving floor on the answers in DIR (the harness starts it).
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub floor_server: Option<PathBuf>,
     /// Only memory per open stream of StreamSecrets, DeltaSecrets and
     /// FetchX509SVID (LocalCA, no Vault), printed; no report.json.
     #[arg(long)]
@@ -134,6 +143,9 @@ fn target_dir() -> PathBuf {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(dir) = &args.floor_server {
+        return floor_server::main(dir);
+    }
     if let Some(path) = &args.check {
         report::check(path)?;
         println!("{}: complete", path.display());

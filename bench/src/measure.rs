@@ -1,6 +1,6 @@
 //! The measurements a run is made of, each on a fresh agent: idle memory,
-//! a floor, a storm (with its memory points and Vault load), cached serving
-//! with h2load, and `--memory-only`'s points with their fit.
+//! a floor, a storm (with its memory points and Vault load), and
+//! `--memory-only`'s points with their fit. Cached serving is in `serving`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -10,8 +10,7 @@ use anyhow::{bail, Context};
 use crate::report::{self, MemPoint};
 use crate::storm::{self, Timing};
 use crate::vault::{self, VaultBench};
-use crate::{audit, h2load, procs, sds, Sizes, CA_MAX_CONCURRENCY, EXTRA_ENV, LOG_LEVEL};
-use node_agent::client::sds as sds_client;
+use crate::{audit, procs, Sizes, CA_MAX_CONCURRENCY, EXTRA_ENV, LOG_LEVEL};
 use node_agent::crypto::{KeyType, PrivateKey};
 use node_agent::identity::SpiffeId;
 
@@ -192,67 +191,4 @@ pub async fn storm(
     drop(workloads);
     agent.stop();
     Ok((first, second, vec![one, two], load))
-}
-
-pub async fn cached_serving(
-    v: &VaultBench,
-    bin: &Path,
-    work: &Path,
-    s: &Sizes,
-) -> anyhow::Result<(Vec<h2load::Serving>, Vec<h2load::Serving>)> {
-    let agent =
-        procs::AgentProc::start(bin, work, "cached", &agent_env(v, KeyType::EcP256, 1000)).await?;
-    let jwt = v.mint(&["cached".to_string()]).remove(0);
-    // Cache the identity first, and check that a fetch serves it.
-    let mut client = sds::connect(&agent.socket).await?;
-    let resp = client
-        .fetch_secrets(sds_client::with_jwt(sds::request("default", "warm"), &jwt))
-        .await?
-        .into_inner();
-    anyhow::ensure!(sds_client::served_identity(&resp)? == vault::spiffe_id("cached"));
-    drop(client);
-    // FetchSecrets as a small client asks (names only); a new stream as
-    // Envoy opens one (with its node).
-    let small = work.join("fetch-request.bin");
-    h2load::write_body(&small, sds_client::request(&["default"], None))?;
-    let envoy_like = work.join("stream-request.bin");
-    h2load::write_body(
-        &envoy_like,
-        sds::request(
-            "default",
-            "sidecar~10.0.0.1~h2load.bench~bench.svc.cluster.local",
-        ),
-    )?;
-    let run = h2load::Run {
-        socket: &agent.socket,
-        jwt: &jwt,
-        work,
-        agent_pid: agent.pid(),
-        duration: s.serve,
-        warm_up: s.warm_up,
-    };
-    let mut fetch = Vec::new();
-    let mut streams = Vec::new();
-    for (conns, per) in [(1, 1), (10, 10), (100, 10)] {
-        let f = run.run(h2load::FETCH, &small, conns, per).await?;
-        eprintln!(
-            "bench: FetchSecrets {:>4} streams: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms",
-            f.concurrency,
-            f.req_per_s,
-            f.p50_us / 1e3,
-            f.p99_us / 1e3
-        );
-        fetch.push(f);
-        let n = run.run(h2load::STREAM, &envoy_like, conns, per).await?;
-        eprintln!(
-            "bench: new stream   {:>4} streams: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms",
-            n.concurrency,
-            n.req_per_s,
-            n.p50_us / 1e3,
-            n.p99_us / 1e3
-        );
-        streams.push(n);
-    }
-    agent.stop();
-    Ok((fetch, streams))
 }

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-use crate::measure::{cached_serving, floor, idle_memory, memory_only, storm};
+use crate::measure::{floor, idle_memory, memory_only, storm};
 use crate::report::{self, median, FloorSet, MemPoint, Report, StormSet};
+use crate::serving::cached_serving;
 use crate::storm::Timing;
 use crate::vault::VaultBench;
 use crate::{
@@ -25,8 +26,9 @@ pub async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
         large: args.large.unwrap_or(if quick { 1000 } else { 5000 }),
         rsa: args.rsa_identities.unwrap_or(if quick { 50 } else { 200 }),
         reps: args.repetitions.unwrap_or(if quick { 1 } else { 3 }).max(1),
-        serve: Duration::from_secs_f64(args.serve_seconds.unwrap_or(if quick { 2.0 } else { 5.0 })),
-        warm_up: Duration::from_millis(if quick { 500 } else { 1000 }),
+        // 20 h2load runs (10 shapes, floor and agent): --quick keeps them short.
+        serve: Duration::from_secs_f64(args.serve_seconds.unwrap_or(if quick { 1.0 } else { 5.0 })),
+        warm_up: Duration::from_millis(if quick { 250 } else { 1000 }),
     };
     if s.large == s.m {
         bail!("--large must differ from --identities (two sizes are needed to fit memory)");
@@ -81,23 +83,20 @@ pub async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
     if args.memory_only {
         return memory_only(&v, &bin, &work, &s).await;
     }
+    let generator = format!("{h2load_version}, one thread, over the Unix socket");
     if args.serving_only {
-        let (fetch, streams) = cached_serving(&v, &bin, &work, &s).await?;
-        println!("| method | streams | req/s | mean | p50 | p99 | p99.9 | agent CPU per request |\n|---|---|---|---|---|---|---|---|");
-        for r in fetch.iter().chain(&streams) {
-            println!(
-                "| {} | {} | {:.0} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {:.1} us |",
-                r.method,
-                r.concurrency,
-                r.req_per_s,
-                r.mean_us / 1e3,
-                r.p50_us / 1e3,
-                r.p99_us / 1e3,
-                r.p999_us / 1e3,
-                // The CPU figure spans the warm-up too; h2load's rate does not.
-                r.agent_cpu_s * 1e6 / (r.req_per_s * (s.serve + s.warm_up).as_secs_f64()).max(1.0)
-            );
-        }
+        let cached = cached_serving(&v, &bin, &work, &s, generator).await?;
+        println!("{}", report::serving_table(&cached));
+        println!("{}", report::goals_table(&report::serving_goals(&cached)));
+        println!(
+            "{} ({}, {}) · {h2load_version} · {cores} cores ({}) · load average before {:?}, after {:?}",
+            command_line(&bin.display().to_string(), &["--version"]),
+            command_line("git", &["-C", &workspace_root().display().to_string(), "rev-parse", "--short", "HEAD"]),
+            bin.display(),
+            cpu_model(),
+            load_before,
+            load_average(),
+        );
         return Ok(());
     }
     let openbao = v
@@ -142,8 +141,8 @@ pub async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
         rsa_runs.push((st, second));
     }
 
-    eprintln!("bench: cached serving (h2load)");
-    let (fetch_secrets, new_stream) = cached_serving(&v, &bin, &work, &s).await?;
+    eprintln!("bench: cached serving (h2load), against the floor");
+    let cached = cached_serving(&v, &bin, &work, &s, generator).await?;
 
     eprintln!("bench: memory per open stream (LocalCA, a fresh agent per protocol)");
     let stream_memory = streams::measure_all(&bin, &work, stream_sizes, &node).await?;
@@ -252,11 +251,7 @@ pub async fn run(args: Args, cores: usize) -> anyhow::Result<()> {
         storms,
         floors,
         storm_over_floor: ratios,
-        cached: report::Cached {
-            generator: format!("{h2load_version}, one thread, over the Unix socket"),
-            fetch_secrets,
-            new_stream,
-        },
+        cached,
         memory: report::Memory {
             idle,
             points,

@@ -6,6 +6,14 @@ use std::path::Path;
 use anyhow::{bail, Context};
 
 use super::Report;
+use crate::serving::{FETCH_SHAPES, NEW_STREAM_SHAPES};
+
+/// The goals a complete report judges: memory (3), storm / floor (2), Vault
+/// load (2), RSS against bao agent's (1), memory per stream of each
+/// protocol (3), cached FetchSecrets' rate and CPU over the floor's at each
+/// of its shapes (2 × 4), a new stream's rate over the floor's at each shape
+/// of each protocol (2 × 3).
+const GOALS: usize = 25;
 
 /// `--check`: the report parses into every field above (a missing or null
 /// figure fails), holds every measurement the run promises, and every
@@ -60,14 +68,30 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
             }
         }
     }
-    for (what, runs) in [
-        ("FetchSecrets", &r.cached.fetch_secrets),
-        ("new stream", &r.cached.new_stream),
+    // Every load shape, measured against the floor and the agent.
+    for (what, runs, shapes) in [
+        ("FetchSecrets", &r.cached.fetch_secrets, &FETCH_SHAPES[..]),
+        (
+            "new StreamSecrets stream",
+            &r.cached.new_stream,
+            &NEW_STREAM_SHAPES[..],
+        ),
+        (
+            "new DeltaSecrets stream",
+            &r.cached.delta_new_stream,
+            &NEW_STREAM_SHAPES[..],
+        ),
     ] {
-        let have: BTreeSet<usize> = runs.iter().map(|s| s.concurrency).collect();
-        for c in [1, 100, 1000] {
-            if !have.contains(&c) {
-                missing.push(format!("{what} at {c} streams"));
+        for &(c, m) in shapes {
+            let measured = runs.iter().any(|p| {
+                p.connections == c
+                    && p.streams_per_connection == m
+                    && [&p.floor, &p.agent]
+                        .iter()
+                        .all(|s| s.requests > 0 && s.server_cpu_s > 0.0)
+            });
+            if !measured {
+                missing.push(format!("{what} at {c}×{m}, floor and node-agent"));
             }
         }
     }
@@ -86,8 +110,8 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
         }
     }
     let have: BTreeSet<&str> = r.goals.iter().map(|g| g.goal.as_str()).collect();
-    if have.len() < 13 {
-        missing.push(format!("goals (have {}, want 13)", have.len()));
+    if have.len() < GOALS {
+        missing.push(format!("goals (have {}, want {GOALS})", have.len()));
     }
     for (name, v) in [
         ("versions.git_commit", &r.versions.git_commit),

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::Report;
+use super::{Cached, Goal, Report};
 use crate::streams::StreamsMemory;
 
 impl Report {
@@ -58,36 +58,8 @@ impl Report {
                 ratio.map_or("–".into(), |r| format!("{:.2}", r.storm_over_floor)),
             );
         }
-        let _ = writeln!(s, "\n| cached serving ({}) | streams | request | req/s | mean | p50 | p99 | p99.9 | CPU agent / h2load |", self.cached.generator);
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|");
-        for r in self
-            .cached
-            .fetch_secrets
-            .iter()
-            .chain(&self.cached.new_stream)
-        {
-            let what = if r.method == "FetchSecrets" {
-                "FetchSecrets"
-            } else {
-                "new stream, first response"
-            };
-            let _ = writeln!(
-                s,
-                "| {what} | {} ({}×{}) | {} B | {:.0} | {:.3} ms | {:.3} ms | {:.3} ms | {:.3} ms | {:.1} s / {:.1} s of {:.0} s |",
-                r.concurrency,
-                r.connections,
-                r.streams_per_connection,
-                r.request_bytes,
-                r.req_per_s,
-                r.mean_us / 1e3,
-                r.p50_us / 1e3,
-                r.p99_us / 1e3,
-                r.p999_us / 1e3,
-                r.agent_cpu_s,
-                r.generator_cpu_s,
-                r.duration_s,
-            );
-        }
+        s.push('\n');
+        s.push_str(&serving_table(&self.cached));
         let _ = writeln!(
             s,
             "\n| node-agent memory | identities (connections) | streams | settled RSS | peak RSS |"
@@ -152,26 +124,34 @@ impl Report {
                 mib(o.peak_rss_kib)
             );
         }
-        let _ = writeln!(s, "\n| goal | target | figure | met |");
-        let _ = writeln!(s, "|---|---|---|---|");
-        for g in &self.goals {
-            let note = if g.note.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", g.note)
-            };
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} {}{note} | {} |",
-                g.goal,
-                g.target,
-                fmt_figure(g.figure),
-                g.unit,
-                if g.met { "yes" } else { "**no**" }
-            );
-        }
+        s.push('\n');
+        s.push_str(&goals_table(&self.goals));
         s
     }
+}
+
+/// Each goal, its target, the figure and whether it is met.
+pub fn goals_table(goals: &[Goal]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "| goal | target | figure | met |");
+    let _ = writeln!(s, "|---|---|---|---|");
+    for g in goals {
+        let note = if g.note.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", g.note)
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} {}{note} | {} |",
+            g.goal,
+            g.target,
+            fmt_figure(g.figure),
+            g.unit,
+            if g.met { "yes" } else { "**no**" }
+        );
+    }
+    s
 }
 
 fn fmt_figure(x: f64) -> String {
@@ -186,6 +166,72 @@ fn fmt_figure(x: f64) -> String {
 
 fn short(commit: &str) -> &str {
     &commit[..commit.len().min(10)]
+}
+
+/// Cached serving: each figure of the floor and the agent, and the agent's
+/// over the floor's.
+pub fn serving_table(c: &Cached) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| cached serving ({}): serving floor / node-agent (node-agent ÷ floor) | connections × streams | request | response | req/s | server CPU per request | mean | p50 | p99 | p99.9 | h2load CPU, its warm-up included |",
+        c.generator
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let ms = |us: f64| us / 1e3;
+    for p in c
+        .fetch_secrets
+        .iter()
+        .chain(&c.new_stream)
+        .chain(&c.delta_new_stream)
+    {
+        let what = if p.method == "FetchSecrets" {
+            "FetchSecrets".to_string()
+        } else {
+            format!("new {} stream, first response", p.method)
+        };
+        let (f, a) = (&p.floor, &p.agent);
+        let answer = match p.method.as_str() {
+            "FetchSecrets" => c.answer_bytes[0],
+            "StreamSecrets" => c.answer_bytes[1],
+            _ => c.answer_bytes[2],
+        };
+        let _ = writeln!(
+            s,
+            "| {what} | {}×{} | {} B | {answer} B | {} | {} | {} | {} | {} | {} | {:.1} / {:.1} s |",
+            p.connections,
+            p.streams_per_connection,
+            a.request_bytes,
+            cell(f.req_per_s, a.req_per_s, 0, ""),
+            cell(f.server_cpu_us_per_request, a.server_cpu_us_per_request, 1, " µs"),
+            cell(ms(f.mean_us), ms(a.mean_us), 3, " ms"),
+            cell(ms(f.p50_us), ms(a.p50_us), 3, " ms"),
+            cell(ms(f.p99_us), ms(a.p99_us), 3, " ms"),
+            cell(ms(f.p999_us), ms(a.p999_us), 3, " ms"),
+            f.generator_cpu_s,
+            a.generator_cpu_s,
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\n(The serving floor: {}. Request and response: the gRPC message h2load sends, and the one node-agent \
+         answered it with, which the floor serves. Each run measures {:.0} s after a warm-up; rates and \
+         latencies leave the warm-up out; server CPU is from the warm-up's end to h2load's exit, over the \
+         requests counted.)",
+        c.floor,
+        c.fetch_secrets
+            .first()
+            .map_or(f64::NAN, |p| p.agent.duration_s)
+    );
+    s
+}
+
+/// `floor / agent (agent ÷ floor)`, with `digits` decimals.
+fn cell(floor: f64, agent: f64, digits: usize, unit: &str) -> String {
+    format!(
+        "{floor:.digits$} / {agent:.digits$}{unit} ({:.2})",
+        agent / floor
+    )
 }
 
 /// Memory per open stream of each protocol, with how it was measured.

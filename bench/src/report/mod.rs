@@ -21,7 +21,8 @@ use crate::streams::StreamsMemory;
 
 pub use check::check;
 pub use fit::{fit, Fit};
-pub use markdown::streams_table;
+pub use goals::serving_goals;
+pub use markdown::{goals_table, serving_table, streams_table};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
@@ -120,11 +121,37 @@ pub struct Ratio {
     pub storm_over_floor: f64,
 }
 
+/// Cached serving: every load shape measured against the floor and the
+/// agent in the same run (see `serving`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Cached {
     pub generator: String,
-    pub fetch_secrets: Vec<Serving>,
-    pub new_stream: Vec<Serving>,
+    /// What the floor is.
+    pub floor: String,
+    /// Sizes of the answers the floor serves (node-agent's, captured),
+    /// gRPC messages without their 5-byte prefix:
+    /// FetchSecrets, StreamSecrets, DeltaSecrets.
+    pub answer_bytes: [usize; 3],
+    pub fetch_secrets: Vec<Paired>,
+    /// A new StreamSecrets stream's first response, Envoy's request.
+    pub new_stream: Vec<Paired>,
+    /// A new DeltaSecrets stream's first response, Envoy's request.
+    pub delta_new_stream: Vec<Paired>,
+}
+
+/// One load shape against the floor and the agent, and the agent's figures
+/// over the floor's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Paired {
+    pub method: String,
+    pub connections: usize,
+    pub streams_per_connection: usize,
+    pub floor: Serving,
+    pub agent: Serving,
+    pub req_per_s_ratio: f64,
+    pub cpu_per_request_ratio: f64,
+    pub p50_ratio: f64,
+    pub p99_ratio: f64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
