@@ -8,12 +8,13 @@ use anyhow::{bail, Context};
 use super::Report;
 use crate::serving::{FETCH_SHAPES, NEW_STREAM_SHAPES};
 
-/// The goals a complete report judges: memory (3), storm / floor (2), Vault
+/// The goals a complete report judges: memory (3), storm / floor (2), the
+/// agent's CPU per certificate in the storm of 1000 (1), Vault
 /// load (2), RSS against bao agent's (1), memory per stream of each
 /// protocol (3), cached FetchSecrets' rate and CPU over the floor's at each
 /// of its shapes (2 × 4), a new stream's rate over the floor's at each shape
 /// of each protocol (2 × 3).
-const GOALS: usize = 25;
+const GOALS: usize = 26;
 
 /// `--check`: the report parses into every field above (a missing or null
 /// figure fails), holds every measurement the run promises, and every
@@ -39,7 +40,11 @@ pub fn check(path: &Path) -> anyhow::Result<()> {
             .iter()
             .find(|s| s.key_type == key && s.identities == m)
         {
-            Some(s) if s.runs.len() == h.repetitions && s.runs.iter().all(|t| t.count == m) => {}
+            Some(s)
+                if s.runs.len() == h.repetitions
+                    && s.runs
+                        .iter()
+                        .all(|t| t.count == m && t.agent_cpu_ms_per_certificate > 0.0) => {}
             _ => missing.push(format!("storm {key} M={m} with {} run(s)", h.repetitions)),
         }
     }
