@@ -341,11 +341,7 @@ impl SecretManager {
 
     /// The identity an unexpired credential names, without contacting the CA.
     pub fn identity_of(&self, credential: &Credential) -> Result<SpiffeId, SecretError> {
-        Ok(credential
-            .claims()?
-            .current_at(self.opts.clock.unix_now())?
-            .service_account
-            .spiffe_id(&self.opts.trust_domain))
+        Ok(credential.spiffe_id_by(&self.opts.trust_domain, &self.opts.clock)?)
     }
 
     /// Whether `identity` is in the cache (or being fetched): a first fetch
