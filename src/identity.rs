@@ -52,6 +52,8 @@ struct Inner {
     jwt: Zeroizing<String>,
     claims: OnceLock<Result<Claims, IdentityError>>,
     sha256: OnceLock<[u8; 32]>,
+    /// The SPIFFE ID its claims name, with the trust domain it was made in.
+    spiffe_id: OnceLock<(String, SpiffeId)>,
 }
 
 impl Credential {
@@ -66,6 +68,7 @@ impl Credential {
                 jwt,
                 claims: OnceLock::new(),
                 sha256: OnceLock::new(),
+                spiffe_id: OnceLock::new(),
             }),
         }
     }
@@ -93,22 +96,54 @@ impl Credential {
 
     /// The claims the agent reads from the token.
     pub fn claims(&self) -> Result<Claims, IdentityError> {
+        self.parsed().clone()
+    }
+
+    fn parsed(&self) -> &Result<Claims, IdentityError> {
         self.inner
             .claims
             .get_or_init(|| parse_claims(&self.inner.jwt))
-            .clone()
     }
 
     /// The token's `exp`, if it is a readable JWT that has one.
     pub fn expires_at(&self) -> Option<i64> {
-        match self
-            .inner
-            .claims
-            .get_or_init(|| parse_claims(&self.inner.jwt))
-        {
+        match self.parsed() {
             Ok(c) => c.expires_at,
             Err(_) => None,
         }
+    }
+
+    /// Whether the token names a service account and has not expired by
+    /// `clock`: [`Credential::current_claims_by`] without copying the claims.
+    pub fn check_current(&self, clock: &Clock) -> Result<(), IdentityError> {
+        let claims = self.parsed().as_ref().map_err(Clone::clone)?;
+        match claims.expires_at {
+            Some(exp) if exp <= clock.unix_now() => Err(IdentityError::Expired { exp }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The SPIFFE ID the token's service account has in `trust_domain`,
+    /// unless the token names none or has expired by `clock`. Made once per
+    /// token and trust domain; its expiry is checked at each call.
+    pub fn spiffe_id_by(
+        &self,
+        trust_domain: &str,
+        clock: &Clock,
+    ) -> Result<SpiffeId, IdentityError> {
+        self.check_current(clock)?;
+        if let Some((td, id)) = self.inner.spiffe_id.get() {
+            if td == trust_domain {
+                return Ok(id.clone());
+            }
+        }
+        let claims = self.parsed().as_ref().map_err(Clone::clone)?;
+        let id = claims.service_account.spiffe_id(trust_domain);
+        let _ = self
+            .inner
+            .spiffe_id
+            .set((trust_domain.to_string(), id.clone()));
+        Ok(id)
     }
 }
 
@@ -335,6 +370,28 @@ mod tests {
         assert!(
             forever.current_claims_by(&Clock::system()).is_ok(),
             "no exp never expires"
+        );
+        // The same answers without copying the claims; the SPIFFE ID made
+        // once is still refused once the token has expired.
+        assert_eq!(c.check_current(&at(999)), Ok(()));
+        assert_eq!(
+            c.check_current(&at(1000)),
+            Err(IdentityError::Expired { exp: 1000 })
+        );
+        let id = c.spiffe_id_by("td", &at(999)).unwrap();
+        assert_eq!(id.0, "spiffe://td/ns/a/sa/b");
+        assert_eq!(c.spiffe_id_by("td", &at(999)), Ok(id));
+        assert_eq!(
+            c.spiffe_id_by("td", &at(1000)),
+            Err(IdentityError::Expired { exp: 1000 })
+        );
+        assert_eq!(
+            c.spiffe_id_by("other.td", &at(999)).unwrap().0,
+            "spiffe://other.td/ns/a/sa/b"
+        );
+        assert_eq!(
+            jwt("not json").spiffe_id_by("td", &at(0)),
+            Err(IdentityError::BadPayload)
         );
     }
 

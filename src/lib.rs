@@ -7,7 +7,8 @@
 //! [`trust`] bundle (`ROOTCA`, the CA's roots) and [`ca`] providers (local,
 //! Vault) → [`crypto`] (keys, CSR, checks). [`agent`] wires them from
 //! [`config`]. [`identity`] turns a workload's JWT into its SPIFFE ID;
-//! [`clock`] is the time they all read; [`memory`] gives freed memory back.
+//! [`clock`] is the time they all read; [`memory`] gives freed memory back;
+//! [`memo`] keeps what is derived from an immutable value beside it.
 //! [`status`] serves health, [`metrics`] and debug pages over HTTP. [`cli`]
 //! holds the operator subcommands (`vault-setup`, `fetch`).
 
@@ -23,6 +24,7 @@ pub mod driver;
 pub mod duration;
 pub mod endpoint;
 pub mod identity;
+pub mod memo;
 pub mod memory;
 pub mod metrics;
 pub mod output;

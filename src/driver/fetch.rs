@@ -43,7 +43,8 @@ pub(crate) struct FirstFetch {
 type Fetch = Pin<Box<dyn Future<Output = Result<Subscription, SecretError>> + Send>>;
 
 enum Attempt {
-    Due(tokio::time::Instant),
+    /// The fetch starts at once (`None`), or when its back-off ends.
+    Due(Option<tokio::time::Instant>),
     Running(Fetch),
 }
 
@@ -61,7 +62,7 @@ impl FirstFetch {
             credential,
             backoff: Backoff::new(FIRST_FETCH_RETRY.0, FIRST_FETCH_RETRY.1),
             admission,
-            attempt: Attempt::Due(tokio::time::Instant::now()),
+            attempt: Attempt::Due(None),
         })
     }
 
@@ -86,7 +87,12 @@ impl FirstFetch {
         loop {
             match &mut self.attempt {
                 Attempt::Due(at) => {
-                    tokio::time::sleep_until(*at).await;
+                    // No timer for a fetch due at once: tokio rounds a
+                    // deadline up to its next millisecond tick, so even a
+                    // deadline of now waited up to a millisecond.
+                    if let Some(at) = *at {
+                        tokio::time::sleep_until(at).await;
+                    }
                     let manager = manager.clone();
                     let credential = self.credential.clone();
                     self.attempt =
@@ -103,7 +109,7 @@ impl FirstFetch {
     /// back-off.
     pub fn retry_later(&mut self) -> Duration {
         let delay = self.backoff.next_delay();
-        self.attempt = Attempt::Due(tokio::time::Instant::now() + delay);
+        self.attempt = Attempt::Due(Some(tokio::time::Instant::now() + delay));
         metrics::retry(Retry::FirstFetch);
         delay
     }

@@ -123,7 +123,7 @@ impl CredentialSource {
                 )))
             }
         };
-        if let Err(e) = cred.current_claims_by(clock) {
+        if let Err(e) = cred.check_current(clock) {
             return Err(Status::unauthenticated(format!("invalid credential: {e}")));
         }
         Ok(cred)

@@ -30,6 +30,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use http_body::Body as _;
@@ -101,6 +102,10 @@ impl FramingError {
 /// gRPC's message prefix: a compression flag and a 4-byte length.
 const PREFIX: usize = 5;
 
+/// The room first made for what is kept of a message whose type drops a
+/// field.
+const KEPT_START: usize = 128;
+
 /// A request message as the reader reads it.
 pub trait Request: Message + Default {
     /// A top-level length-delimited field that this type does not read and
@@ -161,7 +166,7 @@ impl RequestReader {
             let mut chunk = match self.pending.take() {
                 Some(c) => c,
                 None => {
-                    match within(self.deadline, self.timeout, next_frame(&mut self.body)).await? {
+                    match self.next_frame().await? {
                         None => {
                             self.ended = true;
                             continue;
@@ -188,24 +193,47 @@ impl RequestReader {
             }
             if let Some(size) = self.msg.size() {
                 if size > self.held {
-                    // Kept aside while waiting, so that a deadline loses nothing.
-                    self.pending = Some(chunk);
-                    let budget = self.budget.clone();
-                    let permit = within(
-                        self.deadline,
-                        self.timeout,
-                        budget.acquire_many_owned((size - self.held) as u32),
-                    )
-                    .await?
-                    .map_err(|_| FramingError::ShuttingDown)?;
-                    permit.forget();
+                    let more = (size - self.held) as u32;
+                    match self.budget.try_acquire_many(more) {
+                        Ok(permit) => permit.forget(),
+                        Err(tokio::sync::TryAcquireError::Closed) => {
+                            return Err(FramingError::ShuttingDown)
+                        }
+                        Err(tokio::sync::TryAcquireError::NoPermits) => {
+                            // Kept aside while waiting, so that a deadline
+                            // loses nothing.
+                            self.pending = Some(chunk);
+                            let budget = self.budget.clone();
+                            let permit = within(
+                                self.deadline,
+                                self.timeout,
+                                budget.acquire_many_owned(more),
+                            )
+                            .await?
+                            .map_err(|_| FramingError::ShuttingDown)?;
+                            permit.forget();
+                            chunk = self.pending.take().unwrap_or_default();
+                        }
+                    }
                     self.held = size;
-                    chunk = self.pending.take().unwrap_or_default();
                 }
             }
             self.msg
                 .read(&mut chunk, M::DROPPED_FIELD, self.max_message)?;
             self.pending = (!chunk.is_empty()).then_some(chunk);
+        }
+    }
+
+    /// The body's next frame, within the message's deadline. A frame that is
+    /// already there is taken without arming a timer.
+    async fn next_frame(
+        &mut self,
+    ) -> Result<Option<Result<http_body::Frame<Bytes>, Status>>, FramingError> {
+        let body = &mut self.body;
+        let now = futures::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx)));
+        match now.await {
+            Poll::Ready(frame) => Ok(frame),
+            Poll::Pending => within(self.deadline, self.timeout, next_frame(&mut self.body)).await,
         }
     }
 
@@ -297,6 +325,11 @@ impl Partial {
                     // time, a large request left the allocator the smaller
                     // buffers it outgrew.
                     self.kept.reserve(self.remaining);
+                } else {
+                    // What is kept of a message with a dropped field is
+                    // small (names, a version, a nonce): one allocation
+                    // holds it, where growing from empty took several.
+                    self.kept.reserve(self.remaining.min(KEPT_START));
                 }
             }
             return Ok(());

@@ -47,13 +47,11 @@ impl Refusal {
 /// every trust domain's).
 const RESOURCES: [&str; 3] = ["default", "ROOTCA", "ALL"];
 
-/// SDS resource label: a name served, anything else as `other` (never a
-/// name a client chose, so the label stays bounded).
-fn resource_label(name: &str) -> &'static str {
-    RESOURCES
-        .into_iter()
-        .find(|r| *r == name)
-        .unwrap_or("other")
+/// The index in [`RESOURCES`] of a name served; `None` for anything else,
+/// counted as `other` (never a name a client chose, so the label stays
+/// bounded).
+fn resource_index(name: &str) -> Option<usize> {
+    RESOURCES.iter().position(|r| *r == name)
 }
 
 type Labels = [(&'static str, &'static str); 1];
@@ -61,6 +59,9 @@ type Labels = [(&'static str, &'static str); 1];
 /// The SDS families.
 pub(super) struct SdsMetrics {
     pushes: Family<Labels, Counter>,
+    /// The series of `pushes` for [`RESOURCES`], in order, so that a push
+    /// is counted without looking its labels up.
+    push_series: [Counter; RESOURCES.len()],
     pub(super) streams_open: Gauge,
     nacks: Counter,
     refused: Family<Labels, Counter>,
@@ -93,14 +94,13 @@ impl SdsMetrics {
             refused.clone(),
         );
         // Every series exists from the start, at zero.
-        for r in RESOURCES {
-            let _ = pushes.get_or_create(&[("resource", r)]);
-        }
+        let push_series = RESOURCES.map(|r| pushes.get_or_create(&[("resource", r)]).clone());
         for r in Refusal::ALL {
             let _ = refused.get_or_create(&[("reason", r.as_str())]);
         }
         Self {
             pushes,
+            push_series,
             streams_open,
             nacks,
             refused,
@@ -108,9 +108,14 @@ impl SdsMetrics {
     }
 
     pub fn pushed(&self, resource: &str) {
-        self.pushes
-            .get_or_create(&[("resource", resource_label(resource))])
-            .inc();
+        match resource_index(resource) {
+            Some(i) => {
+                self.push_series[i].inc();
+            }
+            None => {
+                self.pushes.get_or_create(&[("resource", "other")]).inc();
+            }
+        }
     }
 
     pub fn stream_opened(&'static self) -> StreamOpen {

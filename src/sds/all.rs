@@ -137,6 +137,7 @@ mod tests {
                 // No roots: left out.
                 (TrustDomain::parse("c.example").unwrap(), vec![]),
             ])),
+            memo: Default::default(),
         };
         let ctx = validation_context("m.local", &own);
         assert!(ctx.trusted_ca.is_none(), "the validator holds the roots");
@@ -159,7 +160,7 @@ mod tests {
         // Nothing federated: this mesh's domain alone.
         let alone = RootBundle {
             federated: Arc::default(),
-            ..own
+            ..own.clone()
         };
         assert_eq!(
             read(&validation_context("m.local", &alone))

@@ -8,10 +8,12 @@
 //! - [`delta`]: one `DeltaSecrets` stream, incremental xDS.
 //! - [`request`]: how a `DiscoveryRequest` is read (without Envoy's node).
 //! - [`resources`]: the resources served, and the checks on names;
-//!   [`all`]: the `ALL` resource, every trust domain's roots.
+//!   [`all`]: the `ALL` resource, every trust domain's roots; [`encoded`]:
+//!   each resource encoded once per version, and the responses made of them.
 
 pub mod all;
 mod delta;
+pub mod encoded;
 pub mod request;
 pub mod resources;
 pub mod service;

@@ -7,10 +7,10 @@ use envoy_types::pb::envoy::config::core::v3::{data_source::Specifier, DataSourc
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     secret, CertificateValidationContext, Secret, TlsCertificate,
 };
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 
+pub use super::encoded::SdsResponse;
 use crate::endpoint::warn::shorten;
 use crate::secrets::WorkloadSecret;
 use crate::trust::RootBundle;
@@ -174,20 +174,10 @@ pub fn encode(name: &str, snap: &Snapshot<'_>) -> Any {
 }
 
 /// A full response for `names`; its version joins the resources' versions.
-pub fn response(names: &ResourceNames, snap: &Snapshot<'_>, nonce: String) -> DiscoveryResponse {
-    let names = names.as_slice();
-    let version_info = names
-        .iter()
-        .map(|n| resource_version(n, snap))
-        .collect::<Vec<_>>()
-        .join("-");
-    DiscoveryResponse {
-        version_info,
-        resources: names.iter().map(|n| encode(n, snap)).collect(),
-        type_url: SECRET_TYPE_URL.to_string(),
-        nonce,
-        ..Default::default()
-    }
+/// Each resource is encoded once per version and shared (see
+/// [`super::encoded`]).
+pub fn response(names: &ResourceNames, snap: &Snapshot<'_>, nonce: String) -> SdsResponse {
+    SdsResponse::new(names, snap, nonce)
 }
 
 #[cfg(test)]

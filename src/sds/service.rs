@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
 };
 use tokio::sync::watch;
 use tonic::body::Body;
@@ -18,7 +18,7 @@ use tonic::{Response, Status};
 
 use super::delta::DeltaStream;
 use super::request::RequestWithoutNode;
-use super::resources::{self, names_for_log, NamesError, ResourceNames};
+use super::resources::{self, names_for_log, NamesError, ResourceNames, SdsResponse};
 use super::stream::SdsStream;
 use crate::config::SdsLimits;
 use crate::driver::fetch::identity_state;
@@ -59,7 +59,7 @@ impl SdsService {
         &self,
         admitted: Admitted,
         metadata: MetadataMap,
-    ) -> Result<Response<DiscoveryResponse>, Status> {
+    ) -> Result<Response<SdsResponse>, Status> {
         let Admitted {
             conn,
             mut reader,
@@ -207,7 +207,7 @@ impl Routes for SdsService {
         let ctx = (self, admitted);
         match method {
             Method::Stream => Box::pin(async move {
-                grpc_for::<DiscoveryResponse, DiscoveryRequest>()
+                grpc_for::<SdsResponse, DiscoveryRequest>()
                     .streaming(StreamingMethod::new(ctx, open::<SdsStream>), req)
                     .await
             }),
@@ -220,7 +220,7 @@ impl Routes for SdsService {
                 let answer = UnaryMethod::new(ctx, |(service, admitted), md| {
                     Box::pin(async move { service.fetch_secrets(admitted, md).await })
                 });
-                grpc_for::<DiscoveryResponse, DiscoveryRequest>()
+                grpc_for::<SdsResponse, DiscoveryRequest>()
                     .client_streaming(answer, req)
                     .await
             }),

@@ -18,11 +18,13 @@
 
 use std::collections::HashMap;
 
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use tonic::Status;
 
 use super::request::RequestWithoutNode;
-use super::resources::{self, names_for_log, resource_version, NamesError, ResourceNames};
+use super::resources::{
+    self, names_for_log, resource_version, NamesError, ResourceNames, SdsResponse,
+};
 use super::service::XdsStream;
 use crate::driver::run::{fail, send, Handler, Outbound, Parts, Protocol, Step};
 use crate::driver::{Driver, Surface, Want};
@@ -42,7 +44,7 @@ static SURFACE: Surface = Surface::xds(
 pub(super) struct SdsStream {
     driver: Driver,
     max_names: usize,
-    out: Outbound<DiscoveryResponse>,
+    out: Outbound<SdsResponse>,
     /// What the client is subscribed to (served or about to be).
     names: ResourceNames,
     /// Names a fetch will serve when it ends.
@@ -54,9 +56,9 @@ pub(super) struct SdsStream {
 
 impl Protocol for SdsStream {
     type Request = RequestWithoutNode;
-    type Response = DiscoveryResponse;
+    type Response = SdsResponse;
 
-    fn parts(&mut self) -> Parts<'_, DiscoveryResponse> {
+    fn parts(&mut self) -> Parts<'_, SdsResponse> {
         Parts {
             what: self.pending_names.as_ref().unwrap_or(&self.names),
             driver: &mut self.driver,
@@ -81,7 +83,7 @@ impl Protocol for SdsStream {
 impl XdsStream for SdsStream {
     const SURFACE: &'static Surface = &SURFACE;
 
-    fn new(driver: Driver, max_names: usize, out: Outbound<DiscoveryResponse>) -> Self {
+    fn new(driver: Driver, max_names: usize, out: Outbound<SdsResponse>) -> Self {
         Self {
             names: ResourceNames::default(),
             pending_names: None,

@@ -103,6 +103,7 @@ impl SecretManager {
             leaf,
             received,
             roots,
+            memo: Default::default(),
         })
     }
 

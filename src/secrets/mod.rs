@@ -37,6 +37,7 @@ pub use crate::clock::rfc3339;
 use crate::clock::Clock;
 use crate::crypto::{KeyType, LeafInfo, PrivateKey};
 use crate::identity::{Credential, IdentityError, SpiffeId};
+use crate::memo::Memo;
 use crate::metrics::Refusal;
 use crate::trust::{RootBundle, RootsInUse, TrustBundle};
 
@@ -139,6 +140,15 @@ pub struct WorkloadSecret {
     pub received: SystemTime,
     /// Keeps the roots of its chain in the trust bundle while it is in use.
     roots: RootsInUse,
+    /// Its version, and its `default` resource as SDS encodes it.
+    pub(crate) memo: SecretMemo,
+}
+
+/// What is derived from a [`WorkloadSecret`], made at its first use.
+#[derive(Debug, Default)]
+pub(crate) struct SecretMemo {
+    version: Memo<String>,
+    pub sds: Memo<Arc<crate::sds::encoded::Encoded>>,
 }
 
 impl std::fmt::Debug for WorkloadSecret {
@@ -154,7 +164,14 @@ impl std::fmt::Debug for WorkloadSecret {
 impl WorkloadSecret {
     /// A version string for the `default` resource: changes with the certificate.
     pub fn cert_version(&self) -> String {
-        self.leaf.serial_hex.replace(':', "")
+        self.version().to_string()
+    }
+
+    /// [`WorkloadSecret::cert_version`], borrowed.
+    pub fn version(&self) -> &str {
+        self.memo
+            .version
+            .get_or_init(|| self.leaf.serial_hex.replace(':', ""))
     }
 }
 
@@ -341,11 +358,7 @@ impl SecretManager {
 
     /// The identity an unexpired credential names, without contacting the CA.
     pub fn identity_of(&self, credential: &Credential) -> Result<SpiffeId, SecretError> {
-        Ok(credential
-            .claims()?
-            .current_at(self.opts.clock.unix_now())?
-            .service_account
-            .spiffe_id(&self.opts.trust_domain))
+        Ok(credential.spiffe_id_by(&self.opts.trust_domain, &self.opts.clock)?)
     }
 
     /// Whether `identity` is in the cache (or being fetched): a first fetch

@@ -59,6 +59,7 @@ pub async fn secret_for(identity: &SpiffeId) -> Arc<WorkloadSecret> {
         leaf,
         received: SystemTime::now(),
         roots: RootsInUse::detached(),
+        memo: Default::default(),
     })
 }
 

@@ -11,6 +11,8 @@ use x509_parser::prelude::*;
 
 use super::spiffe_bundle::TrustDomain;
 use crate::crypto::{der_to_pem, CryptoError};
+use crate::memo::Memo;
+use crate::sds::encoded::Encoded;
 
 /// The roots of each federated (foreign) trust domain, PEM, one block
 /// each: the last good bundle read from each domain's source.
@@ -27,6 +29,19 @@ pub struct RootBundle {
     /// [`RootBundle::version`]; served by the resources that name each
     /// trust domain (`ALL`, the Workload API's federated bundles).
     pub federated: Arc<Federated>,
+    /// What is derived from the bundle, made at its first use: a bundle is
+    /// not changed once made (each change of the roots makes a new one).
+    pub memo: BundleMemo,
+}
+
+/// What is derived from a [`RootBundle`]: its versions, and its resources
+/// as SDS encodes them (`ALL`'s for the trust domain it was first made for).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BundleMemo {
+    version: Memo<String>,
+    all_version: Memo<String>,
+    pub(crate) rootca: Memo<Arc<Encoded>>,
+    pub(crate) all: Memo<(String, Arc<Encoded>)>,
 }
 
 impl RootBundle {
@@ -37,12 +52,24 @@ impl RootBundle {
 
     /// Changes exactly when the bundle's content does.
     pub fn version(&self) -> String {
-        let d = Sha256::digest(self.pem().as_bytes());
-        d[..8].iter().map(|b| format!("{b:02x}")).collect()
+        self.memo
+            .version
+            .get_or_init(|| {
+                let d = Sha256::digest(self.pem().as_bytes());
+                d[..8].iter().map(|b| format!("{b:02x}")).collect()
+            })
+            .clone()
     }
 
     /// Changes exactly when this mesh's roots or any federated domain's do.
     pub fn all_version(&self) -> String {
+        self.memo
+            .all_version
+            .get_or_init(|| self.digest_all())
+            .clone()
+    }
+
+    fn digest_all(&self) -> String {
         let mut h = Sha256::new();
         h.update(self.pem().as_bytes());
         for (td, pems) in self.federated.iter() {

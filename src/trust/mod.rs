@@ -211,6 +211,7 @@ impl TrustBundle {
                 pems: cur.pems.clone(),
                 generation: cur.generation + 1,
                 federated,
+                memo: Default::default(),
             });
             true
         });
@@ -428,6 +429,7 @@ impl TrustBundle {
                 pems,
                 generation: cur.generation + 1,
                 federated: cur.federated.clone(),
+                memo: Default::default(),
             };
             tracing::info!(roots = bundle.pems.len(), version = %bundle.version(), "trust bundle (ROOTCA) changed; pushing it on every ROOTCA stream");
             *cur = Arc::new(bundle);

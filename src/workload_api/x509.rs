@@ -134,6 +134,7 @@ mod tests {
             pems: vec![own.clone()],
             generation: 1,
             federated: Arc::default(),
+            memo: Default::default(),
         };
         let snap = Snapshot {
             secret: &secret,

@@ -206,6 +206,68 @@ pub fn h2_open_stream_bytes() -> Vec<u8> {
     out
 }
 
+/// The raw HEADERS frame that opens `StreamSecrets` stream `id` with `jwt`
+/// in its metadata (to follow [`h2_open_stream_bytes`]' preface and
+/// SETTINGS).
+pub fn h2_headers_with_jwt(id: u32, jwt: &str) -> Vec<u8> {
+    use base64::Engine;
+    // The HEADERS frame of stream 1, from after the preface and SETTINGS,
+    // with the credential header added to its block.
+    let mut out = h2_open_stream_bytes()[24 + 9..].to_vec();
+    out[5..9].copy_from_slice(&id.to_be_bytes());
+    let name = node_agent::endpoint::credential::CREDENTIAL_HEADER;
+    let value = base64::engine::general_purpose::STANDARD_NO_PAD.encode(jwt);
+    out.push(0x00); // literal without indexing, new name
+    hpack_int(&mut out, 0, 7, name.len());
+    out.extend(name.as_bytes());
+    hpack_int(&mut out, 0, 7, value.len());
+    out.extend(value.as_bytes());
+    let len = out.len() as u32 - 9;
+    out[0..3].copy_from_slice(&len.to_be_bytes()[1..]);
+    out
+}
+
+/// An HPACK integer with an `n`-bit prefix, the prefix's other bits `flags`.
+fn hpack_int(out: &mut Vec<u8>, flags: u8, n: u8, mut v: usize) {
+    let max = (1usize << n) - 1;
+    if v < max {
+        out.push(flags | v as u8);
+        return;
+    }
+    out.push(flags | max as u8);
+    v -= max;
+    while v >= 128 {
+        out.push((v % 128) as u8 | 0x80);
+        v /= 128;
+    }
+    out.push(v as u8);
+}
+
+/// One raw HTTP/2 frame read from a connection: its type, flags, stream and
+/// payload.
+pub struct RawFrame {
+    pub kind: u8,
+    pub flags: u8,
+    pub stream: u32,
+    pub payload: Vec<u8>,
+}
+
+/// Reads the next frame of a raw HTTP/2 connection.
+pub async fn read_frame(socket: &mut tokio::net::UnixStream) -> std::io::Result<RawFrame> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 9];
+    socket.read_exact(&mut head).await?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    socket.read_exact(&mut payload).await?;
+    Ok(RawFrame {
+        kind: head[3],
+        flags: head[4],
+        stream: u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff,
+        payload,
+    })
+}
+
 /// Reads server frames from a raw HTTP/2 connection until the HEADERS of
 /// stream 1 arrive; true when they open a response (the stream was
 /// accepted), false when they end it at once (refused).

@@ -257,40 +257,11 @@ async fn connections_without_a_preface_reopened_as_fast_as_they_close() {
     .await;
 }
 
-/// An HPACK integer with an `n`-bit prefix, the prefix's other bits `flags`.
-fn hpack_int(out: &mut Vec<u8>, flags: u8, n: u8, mut v: usize) {
-    let max = (1usize << n) - 1;
-    if v < max {
-        out.push(flags | v as u8);
-        return;
-    }
-    out.push(flags | max as u8);
-    v -= max;
-    while v >= 128 {
-        out.push((v % 128) as u8 | 0x80);
-        v /= 128;
-    }
-    out.push(v as u8);
-}
-
 /// The raw frames that open stream `id` with a well-formed JWT in its
 /// metadata and send only the 5-byte gRPC prefix of a 255 KiB message:
 /// HEADERS, then DATA holding the prefix, neither ending the stream.
 fn prefix_only_stream(id: u32, jwt: &str) -> Vec<u8> {
-    use base64::Engine;
-    // The HEADERS frame of stream 1, from after the preface and SETTINGS,
-    // with the credential header added to its block.
-    let mut out = h2_open_stream_bytes()[24 + 9..].to_vec();
-    out[5..9].copy_from_slice(&id.to_be_bytes());
-    let name = node_agent::endpoint::credential::CREDENTIAL_HEADER;
-    let value = base64::engine::general_purpose::STANDARD_NO_PAD.encode(jwt);
-    out.push(0x00); // literal without indexing, new name
-    hpack_int(&mut out, 0, 7, name.len());
-    out.extend(name.as_bytes());
-    hpack_int(&mut out, 0, 7, value.len());
-    out.extend(value.as_bytes());
-    let len = out.len() as u32 - 9;
-    out[0..3].copy_from_slice(&len.to_be_bytes()[1..]);
+    let mut out = h2_headers_with_jwt(id, jwt);
     let announced: u32 = 255 * 1024;
     let mut prefix = vec![0u8];
     prefix.extend(announced.to_be_bytes());

@@ -3,7 +3,8 @@
 //! request budgets), [`token_file`] (`WORKLOAD_TOKEN_PATH`), [`socket`] (the
 //! socket's lifecycle and the settings that place it or stop the agent),
 //! [`cache`] (eviction and idle identities, a fetch waiting on Vault,
-//! metrics). The protocol's rules (ACKs, NACKs, stale nonces, names,
+//! metrics), [`flow`] (HTTP/2 flow control as a connection starts). The
+//! protocol's rules (ACKs, NACKs, stale nonces, names,
 //! half-close, renewals pushed, credentials refused) are tested in process,
 //! in `src/sds/tests/`. This file holds the helpers they share.
 
@@ -15,6 +16,7 @@ use support::agent::Agent;
 use support::sds_client::*;
 
 mod cache;
+mod flow;
 mod protocol;
 mod socket;
 mod token_file;

@@ -607,11 +607,22 @@ impl Recv {
                     let dec = old_sz - target;
                     tracing::trace!("decrementing all windows; dec={}", dec);
 
+                    let pending_window_updates = &mut self.pending_window_updates;
                     store.try_for_each(|mut stream| {
                         stream
                             .recv_flow
                             .dec_recv_window(dec)
                             .map_err(proto::Error::library_go_away)?;
+                        // node-agent patch: capacity the application released
+                        // before the peer acknowledged the smaller window did
+                        // not reach the old window's WINDOW_UPDATE threshold,
+                        // but may reach the new one. Nothing else would queue
+                        // the update (the application, waiting for data,
+                        // releases nothing more), and a peer that sent all
+                        // its new window would wait for it forever.
+                        if stream.recv_flow.unclaimed_capacity().is_some() {
+                            pending_window_updates.push(&mut stream);
+                        }
                         Ok::<_, proto::Error>(())
                     })?;
                 }
