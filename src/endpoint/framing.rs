@@ -129,6 +129,11 @@ pub struct RequestReader {
     /// When the message being read must be complete.
     deadline: Option<Instant>,
     ended: bool,
+    /// Lends the stream HTTP/2 window for the rest of a message whose whole
+    /// size was taken from the budget, beyond `own_window`, the stream's
+    /// own (see [`RequestReader::lending`]).
+    window: Option<h2::StreamWindow>,
+    own_window: usize,
 }
 
 impl RequestReader {
@@ -144,7 +149,22 @@ impl RequestReader {
             timeout,
             deadline: Some(Instant::now() + timeout),
             ended: false,
+            window: None,
+            own_window: 0,
         }
+    }
+
+    /// Lends the stream HTTP/2 window through `window` for the rest of each
+    /// message once its whole size is taken from the budget: what the
+    /// stream's own window (`own_window` bytes) does not cover. Without it a
+    /// message arrives one window at a time, a round trip each (an Envoy's
+    /// 60 KiB, four). It adds nothing to what a client can make the agent
+    /// hold: the lent bytes are the message's, already counted in the
+    /// budget, and the window is the stream's own again once they are read.
+    pub fn lending(mut self, window: Option<h2::StreamWindow>, own_window: u32) -> Self {
+        self.window = window;
+        self.own_window = own_window as usize;
+        self
     }
 
     /// The next message, `None` when the client has closed its side.
@@ -214,11 +234,26 @@ impl RequestReader {
                         }
                     }
                     self.held = size;
+                    self.lend(chunk.len());
                 }
             }
             self.msg
                 .read(&mut chunk, M::DROPPED_FIELD, self.max_message)?;
             self.pending = (!chunk.is_empty()).then_some(chunk);
+        }
+    }
+
+    /// Lends the window for the message just budgeted: its bytes not in
+    /// hand (`in_hand` bytes taken from the body and not yet read into it)
+    /// beyond the stream's own window.
+    fn lend(&mut self, in_hand: usize) {
+        let Some(window) = self.window.as_mut() else {
+            return;
+        };
+        let to_come = self.msg.remaining.saturating_sub(in_hand);
+        let lent = to_come.saturating_sub(self.own_window);
+        if lent > 0 {
+            window.lend(u32::try_from(lent).unwrap_or(u32::MAX));
         }
     }
 

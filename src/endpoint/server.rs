@@ -36,10 +36,11 @@ pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 's
 
 /// HTTP/2 flow-control windows: what a client can make the agent hold in
 /// HTTP/2 buffers before the agent reads it is at most a stream window per
-/// open stream. Requests are read as they arrive (see `framing`), so small
-/// windows cost an Envoy's 60 KiB request only a few window updates on a
-/// local socket.
-const STREAM_WINDOW: u32 = 16 * 1024;
+/// open stream, and the rest of a message the stream has taken from the
+/// request budget (`framing` lends the stream window for it once the
+/// message's size is known, so that an Envoy's 60 KiB request arrives
+/// after one window update, not one per 16 KiB).
+pub(crate) const STREAM_WINDOW: u32 = 16 * 1024;
 
 /// The connection window holds a stream window for every stream HTTP/2
 /// admits on the connection, and one more: streams waiting for the
@@ -233,8 +234,9 @@ impl Endpoint {
             Some(caps) => Some(caps.open_stream(&self.limits).map_err(Status::into_http)?),
         };
         let slot = self.limits.open_stream(&conn).map_err(Status::into_http)?;
-        let (parts, body) = req.into_parts();
-        let reader = self.limits.reader(body);
+        let (mut parts, body) = req.into_parts();
+        let window = parts.extensions.remove::<h2::StreamWindow>();
+        let reader = self.limits.reader(body, window);
         let req = http::Request::from_parts(parts, Body::empty());
         let proof = slot.proof.clone();
         Ok((
