@@ -64,14 +64,20 @@ impl Limits {
         &self.cfg
     }
 
-    /// A reader of a stream's requests, under the shared budget.
-    pub(crate) fn reader(&self, body: tonic::body::Body) -> RequestReader {
+    /// A reader of a stream's requests, under the shared budget; `window`
+    /// lends the stream HTTP/2 window for the rest of a message it budgeted.
+    pub(crate) fn reader(
+        &self,
+        body: tonic::body::Body,
+        window: Option<h2::StreamWindow>,
+    ) -> RequestReader {
         RequestReader::new(
             body,
             self.request_budget.clone(),
             self.cfg.max_request_bytes,
             self.cfg.first_request_timeout,
         )
+        .lending(window, super::server::STREAM_WINDOW)
     }
 
     /// Streams open over all connections.

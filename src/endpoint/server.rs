@@ -21,10 +21,11 @@ use tokio::sync::watch;
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
-use tonic::server::{ClientStreamingService, NamedService, StreamingService};
+use tonic::server::{NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::caps::Caps;
+use super::codec;
 use super::connection::{incoming, ConnInfo, Connection};
 use super::framing::RequestReader;
 use super::limits::{Guarded, Limits, StreamGuard};
@@ -36,10 +37,11 @@ pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 's
 
 /// HTTP/2 flow-control windows: what a client can make the agent hold in
 /// HTTP/2 buffers before the agent reads it is at most a stream window per
-/// open stream. Requests are read as they arrive (see `framing`), so small
-/// windows cost an Envoy's 60 KiB request only a few window updates on a
-/// local socket.
-const STREAM_WINDOW: u32 = 16 * 1024;
+/// open stream, and the rest of a message the stream has taken from the
+/// request budget (`framing` lends the stream window for it once the
+/// message's size is known, so that an Envoy's 60 KiB request arrives
+/// after one window update, not one per 16 KiB).
+pub(crate) const STREAM_WINDOW: u32 = 16 * 1024;
 
 /// The connection window holds a stream window for every stream HTTP/2
 /// admits on the connection, and one more: streams waiting for the
@@ -233,8 +235,9 @@ impl Endpoint {
             Some(caps) => Some(caps.open_stream(&self.limits).map_err(Status::into_http)?),
         };
         let slot = self.limits.open_stream(&conn).map_err(Status::into_http)?;
-        let (parts, body) = req.into_parts();
-        let reader = self.limits.reader(body);
+        let (mut parts, body) = req.into_parts();
+        let window = parts.extensions.remove::<h2::StreamWindow>();
+        let reader = self.limits.reader(body, window);
         let req = http::Request::from_parts(parts, Body::empty());
         let proof = slot.proof.clone();
         Ok((
@@ -286,43 +289,27 @@ where
     }
 }
 
-/// The answer of a method answered once.
-pub type Answer<Resp> = Pin<Box<dyn Future<Output = Result<Response<Resp>, Status>> + Send>>;
-
-/// A method answered once (client streaming, as `FetchSecrets`): tonic
-/// hands `answer` the request's metadata with the stream's context, and
-/// sends what it returns.
-pub struct UnaryMethod<Ctx, Req, Resp> {
-    ctx: Option<Ctx>,
-    answer: fn(Ctx, MetadataMap) -> Answer<Resp>,
-    _request: PhantomData<fn(Req)>,
-}
-
-impl<Ctx, Req, Resp> UnaryMethod<Ctx, Req, Resp> {
-    pub fn new(ctx: Ctx, answer: fn(Ctx, MetadataMap) -> Answer<Resp>) -> Self {
-        Self {
-            ctx: Some(ctx),
-            answer,
-            _request: PhantomData,
-        }
-    }
-}
-
-impl<Ctx, Req, Resp> ClientStreamingService<Req> for UnaryMethod<Ctx, Req, Resp>
+/// Serves a method answered once (client streaming, as `FetchSecrets`):
+/// `answer` gets the request's metadata (its body is read by the stream's
+/// own reader, in the context), and its message or status is sent as
+/// tonic's codec sends one ([`codec::once`]). Without tonic's server codec:
+/// it would build a decoder only to drop it, and a stream and a buffer to
+/// encode one message. A request that says its messages are compressed
+/// gets tonic's refusal (`UNIMPLEMENTED`: node-agent accepts none).
+pub async fn answer_once<M, F>(
+    req: http::Request<Body>,
+    answer: impl FnOnce(MetadataMap) -> F,
+) -> http::Response<Body>
 where
-    Ctx: Send + 'static,
-    Req: Send + 'static,
-    Resp: Send + 'static,
+    M: prost::Message,
+    F: Future<Output = Result<M, Status>>,
 {
-    type Response = Resp;
-    type Future = Answer<Resp>;
-
-    fn call(&mut self, request: Request<Streaming<Req>>) -> Self::Future {
-        match self.ctx.take() {
-            Some(ctx) => (self.answer)(ctx, request.into_parts().0),
-            None => Box::pin(futures::future::ready(Err(Status::internal(
-                "called twice",
-            )))),
-        }
+    let (parts, _) = req.into_parts();
+    if let Err(status) = codec::identity_encoding(&parts.headers) {
+        return status.into_http();
+    }
+    match answer(MetadataMap::from_headers(parts.headers)).await {
+        Ok(msg) => codec::once(&msg),
+        Err(status) => status.into_http(),
     }
 }

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
-use tonic::{Response, Status};
+use tonic::Status;
 
 use super::delta::DeltaStream;
 use super::request::RequestWithoutNode;
@@ -29,7 +29,7 @@ use crate::endpoint::connection::Admission;
 use crate::endpoint::credential::CredentialSource;
 use crate::endpoint::limits::{more, Limits};
 use crate::endpoint::server::{
-    Admitted, BoxStream, RouteFuture, Routes, StreamingMethod, UnaryMethod,
+    answer_once, Admitted, BoxStream, RouteFuture, Routes, StreamingMethod,
 };
 use crate::endpoint::warn::shorten;
 use crate::endpoint::Endpoint;
@@ -59,7 +59,7 @@ impl SdsService {
         &self,
         admitted: Admitted,
         metadata: MetadataMap,
-    ) -> Result<Response<SdsResponse>, Status> {
+    ) -> Result<SdsResponse, Status> {
         let Admitted {
             conn,
             mut reader,
@@ -130,11 +130,7 @@ impl SdsService {
             secret: &secret,
             roots: &roots,
         };
-        Ok(Response::new(resources::response(
-            &names,
-            &snap,
-            format!("fetch-{id}"),
-        )))
+        Ok(resources::response(&names, &snap, format!("fetch-{id}")))
     }
 }
 
@@ -216,14 +212,10 @@ impl Routes for SdsService {
                     .streaming(StreamingMethod::new(ctx, open::<DeltaStream>), req)
                     .await
             }),
-            Method::Fetch => Box::pin(async move {
-                let answer = UnaryMethod::new(ctx, |(service, admitted), md| {
-                    Box::pin(async move { service.fetch_secrets(admitted, md).await })
-                });
-                grpc_for::<SdsResponse, DiscoveryRequest>()
-                    .client_streaming(answer, req)
-                    .await
-            }),
+            Method::Fetch => Box::pin(answer_once(req, |metadata| async move {
+                let (service, admitted) = ctx;
+                service.fetch_secrets(admitted, metadata).await
+            })),
         }
     }
 }

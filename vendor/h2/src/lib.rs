@@ -136,7 +136,9 @@ mod share;
 pub mod fuzz_bridge;
 
 pub use crate::error::{Error, Reason};
-pub use crate::share::{FlowControl, Ping, PingPong, Pong, RecvStream, SendStream, StreamId};
+pub use crate::share::{
+    FlowControl, Ping, PingPong, Pong, RecvStream, SendStream, StreamId, StreamWindow,
+};
 
 #[cfg(feature = "unstable")]
 pub use codec::{Codec, SendError, UserError};

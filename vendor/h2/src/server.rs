@@ -436,8 +436,11 @@ where
 
         if let Some(inner) = self.connection.next_incoming() {
             tracing::trace!("received incoming");
-            let (head, _) = inner.take_request().into_parts();
+            let (mut head, _) = inner.take_request().into_parts();
             let body = RecvStream::new(FlowControl::new(inner.clone_to_opaque()));
+            // node-agent patch: a handle to lend the stream receive window.
+            head.extensions
+                .insert(crate::share::StreamWindow::new(inner.clone_to_opaque()));
 
             let request = Request::from_parts(head, body);
             let respond = SendResponse { inner };

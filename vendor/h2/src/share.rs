@@ -196,6 +196,35 @@ pub struct FlowControl {
     inner: proto::OpaqueStreamRef,
 }
 
+/// node-agent patch: lends a stream's receive window, beyond its own, for
+/// bytes the application has already set aside room for.
+///
+/// A server puts one in the extensions of every request it accepts. A
+/// receiver that has budgeted a whole message from its header can lend the
+/// peer window for the rest of it, so that the message arrives without a
+/// round trip for each window. The loan is repaid from the capacity the
+/// stream's [`FlowControl`] releases next: once the lent bytes are read, the
+/// stream's window is its own again, so what the peer can make the receiver
+/// hold unread is the stream's window plus what the receiver budgeted.
+/// Clones are handles to the same stream.
+#[derive(Debug, Clone)]
+pub struct StreamWindow {
+    inner: proto::OpaqueStreamRef,
+}
+
+impl StreamWindow {
+    pub(crate) fn new(inner: proto::OpaqueStreamRef) -> Self {
+        StreamWindow { inner }
+    }
+
+    /// Opens the stream's receive window by `capacity` bytes more than its
+    /// own (a WINDOW_UPDATE follows); nothing once the peer has ended the
+    /// stream, and never past the largest window.
+    pub fn lend(&mut self, capacity: u32) {
+        self.inner.lend_capacity(capacity);
+    }
+}
+
 /// A handle to send and receive PING frames with the peer.
 // NOT Clone on purpose
 pub struct PingPong {

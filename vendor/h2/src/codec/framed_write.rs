@@ -63,11 +63,19 @@ enum Next<B> {
 /// Initialize the connection with this amount of write buffer.
 ///
 /// node-agent patch: 1 KiB instead of 16 KiB. The buffer grows when a frame
-/// needs more (a HEADERS frame up to MAX_FRAME_SIZE), but every connection
-/// holds it for its life, and an SDS connection's frames are small (DATA
-/// payloads from 256 bytes are chained, not copied): 16 KiB was a third of
-/// what an idle Envoy connection cost the agent.
+/// needs more (a HEADERS frame up to MAX_FRAME_SIZE, a copied DATA payload
+/// up to COPY_LIMIT) and is given back once written, so an idle connection
+/// holds this: 16 KiB was a third of what an idle Envoy connection cost the
+/// agent.
 const DEFAULT_BUFFER_CAPACITY: usize = 1_024;
+
+/// node-agent patch: DATA payloads up to this are copied into the write
+/// buffer rather than chained. A chained payload is written before any
+/// frame after it can be buffered, so a gRPC response (HEADERS, DATA,
+/// trailers) took two `writev`s; copied, one. The buffer grows to hold them
+/// and shrinks back to `DEFAULT_BUFFER_CAPACITY` once written (see
+/// `unset_frame`).
+const COPY_LIMIT: usize = 8 * 1024;
 
 /// Chain payloads bigger than this when vectored I/O is enabled. The remote
 /// will never advertise a max frame size less than this (well, the spec says
@@ -203,6 +211,12 @@ where
         // Clear internal buffer
         self.buf.set_position(0);
         self.buf.get_mut().clear();
+        // node-agent patch: what a copied payload or a large header block
+        // grew the buffer to is given back once written, so that an idle
+        // connection holds `DEFAULT_BUFFER_CAPACITY`.
+        if self.buf.get_ref().capacity() > DEFAULT_BUFFER_CAPACITY {
+            *self.buf.get_mut() = BytesMut::with_capacity(DEFAULT_BUFFER_CAPACITY);
+        }
 
         // The data frame has been written, so unset it
         match self.next.take() {
@@ -240,7 +254,10 @@ where
                     return Err(PayloadTooBig);
                 }
 
-                if len >= self.chain_threshold {
+                // node-agent patch: a payload up to COPY_LIMIT is copied
+                // into the buffer like a small one, so that the frames after
+                // it (a gRPC response's trailers) go out in the same write.
+                if len >= self.chain_threshold && len > COPY_LIMIT {
                     let head = v.head();
 
                     // Encode the frame head to the buffer

@@ -479,6 +479,12 @@ impl Recv {
         // Decrement in-flight data
         stream.in_flight_recv_data -= capacity;
 
+        // node-agent patch: capacity lent to the stream is repaid first, so
+        // that the lent window is used once (see `lend_capacity`).
+        let repaid = capacity.min(stream.lent_recv_capacity);
+        stream.lent_recv_capacity -= repaid;
+        let capacity = capacity - repaid;
+
         // Assign capacity to stream
         // TODO: proper error handling
         let _res = stream.recv_flow.assign_capacity(capacity);
@@ -494,6 +500,38 @@ impl Recv {
         }
 
         Ok(())
+    }
+
+    /// node-agent patch: opens the stream's receive window by `capacity`
+    /// beyond its own, for bytes the application has already set aside room
+    /// for (the rest of a message it has budgeted), so that the peer sends
+    /// them without waiting for a WINDOW_UPDATE after each window. The loan
+    /// is repaid from the capacity the application releases next: once the
+    /// lent bytes are read, the window is the stream's own again. Nothing is
+    /// lent to a stream the peer no longer sends on, nor past the largest
+    /// window.
+    pub fn lend_capacity(
+        &mut self,
+        capacity: WindowSize,
+        stream: &mut store::Ptr,
+        task: &mut Option<Waker>,
+    ) {
+        if capacity == 0 || !stream.state.is_recv_streaming() {
+            return;
+        }
+        let room = (MAX_WINDOW_SIZE as i64 - stream.recv_flow.available().as_size() as i64)
+            .clamp(0, MAX_WINDOW_SIZE as i64) as WindowSize;
+        let capacity = capacity.min(room);
+        if capacity == 0 || stream.recv_flow.assign_capacity(capacity).is_err() {
+            return;
+        }
+        stream.lent_recv_capacity += capacity;
+        if stream.recv_flow.unclaimed_capacity().is_some() {
+            self.pending_window_updates.push(stream);
+            if let Some(task) = task.take() {
+                task.wake();
+            }
+        }
     }
 
     /// Release any unclaimed capacity for a closed stream.

@@ -85,6 +85,11 @@ pub(super) struct Stream {
 
     pub in_flight_recv_data: WindowSize,
 
+    /// node-agent patch: receive window the application lent the peer
+    /// beyond the stream's own (see `Recv::lend_capacity`), repaid from the
+    /// capacity it releases next.
+    pub lent_recv_capacity: WindowSize,
+
     /// Next node in the linked list of streams waiting to send window updates.
     pub next_window_update: Option<store::Key>,
 
@@ -184,6 +189,7 @@ impl Stream {
             is_pending_accept: false,
             recv_flow,
             in_flight_recv_data: 0,
+            lent_recv_capacity: 0,
             next_window_update: None,
             is_pending_window_update: false,
             reset_at: None,
@@ -421,6 +427,7 @@ impl fmt::Debug for Stream {
             .h2_field_if("is_pending_accept", &self.is_pending_accept)
             .field("recv_flow", &self.recv_flow)
             .field("in_flight_recv_data", &self.in_flight_recv_data)
+            .field("lent_recv_capacity", &self.lent_recv_capacity)
             .h2_field_some("next_window_update", &self.next_window_update)
             .h2_field_if("is_pending_window_update", &self.is_pending_window_update)
             .h2_field_some("reset_at", &self.reset_at)

@@ -1587,6 +1587,19 @@ impl OpaqueStreamRef {
             .release_capacity(capacity, &mut stream, &mut me.actions.task)
     }
 
+    /// node-agent patch: lends the stream receive window (see
+    /// `Recv::lend_capacity`).
+    pub fn lend_capacity(&mut self, capacity: WindowSize) {
+        let mut me = self.inner.lock().unwrap();
+        let me = &mut *me;
+
+        let mut stream = me.store.resolve(self.key);
+
+        me.actions
+            .recv
+            .lend_capacity(capacity, &mut stream, &mut me.actions.task)
+    }
+
     /// Clear the receive queue and set the status to no longer receive data frames.
     pub(crate) fn clear_recv_buffer(&mut self) {
         let mut me = self.inner.lock().unwrap();
