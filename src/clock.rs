@@ -60,10 +60,12 @@ impl Clock {
     }
 
     /// The tokio instant at which the wall clock will read `t` (now, when `t`
-    /// is past).
+    /// is past). The wall clock is read first: were the thread held between
+    /// the two readings, the instant comes late, never early.
     pub fn instant(&self, t: SystemTime) -> Instant {
+        let wall = self.now();
         let now = Instant::now();
-        match t.duration_since(self.now()) {
+        match t.duration_since(wall) {
             Ok(ahead) => now.checked_add(ahead).unwrap_or(now + FAR),
             Err(_) => now,
         }

@@ -55,9 +55,12 @@ impl Current {
     pub fn new(credential: Credential, sub: Subscription, clock: &Clock) -> Self {
         let claims = credential.claims().ok();
         let now = tokio::time::Instant::now();
+        // The instant the wall clock reads `exp`, to the nanosecond: never
+        // before it, so that a stream is not ended while its JWT is valid.
         let expires = claims.as_ref().and_then(|c| c.expires_at).map(|exp| {
-            let left = u64::try_from(exp.saturating_sub(clock.unix_now())).unwrap_or(0);
-            (exp, now + Duration::from_secs(left))
+            let at = std::time::SystemTime::UNIX_EPOCH
+                + Duration::from_secs(u64::try_from(exp).unwrap_or(0));
+            (exp, clock.instant(at).max(now))
         });
         let margin = refresh_margin(claims.as_ref());
         let next_refresh = expires.map(|(_, at)| at.checked_sub(margin).unwrap_or(at).max(now));
