@@ -114,38 +114,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-    http2_server(&SdsLimits::default())
+    // The agent's own HTTP/2 settings, for the default bounds the harness's
+    // agents keep.
+    node_agent::endpoint::server::http2_server(&SdsLimits::default())
         .add_service(Floor(Arc::new(answers)))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("serve the floor")
-}
-
-/// The agent's HTTP/2 settings (`http2_server` in src/endpoint/server.rs,
-/// which the agent's crate does not export, copied here) for its default
-/// bounds, which the harness's agents keep: keep-alive, header list size,
-/// 32 streams per connection (twice `SDS_CONNECTION_MAX_STREAMS`), 16 KiB
-/// stream windows, a connection window of a stream window per stream and
-/// one more, 16 KiB frames.
-fn http2_server(cfg: &SdsLimits) -> tonic::transport::Server {
-    const STREAM_WINDOW: u32 = 16 * 1024;
-    let h2_streams = u32::try_from(
-        cfg.connection_max_streams
-            .saturating_mul(2)
-            .max(cfg.connection_max_streams + 4),
-    )
-    .unwrap_or(u32::MAX);
-    let connection_window = STREAM_WINDOW
-        .saturating_mul(h2_streams.saturating_add(1))
-        .clamp(64 * 1024, (1 << 31) - 1);
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(cfg.keepalive_interval))
-        .http2_keepalive_timeout(Some(cfg.keepalive_timeout))
-        .http2_max_header_list_size(cfg.max_header_bytes)
-        .max_concurrent_streams(h2_streams)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(connection_window)
-        .max_frame_size(16 * 1024)
 }
 
 /// The floor's one service: a method's answer, by path.

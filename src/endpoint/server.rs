@@ -58,7 +58,7 @@ fn connection_window(h2_streams: u32) -> u32 {
 
 /// A gRPC server with the HTTP/2 settings of the agent's bounds: keep-alive,
 /// header list size, streams per connection, flow-control windows.
-pub(crate) fn http2_server(cfg: &SdsLimits) -> tonic::transport::Server {
+pub fn http2_server(cfg: &SdsLimits) -> tonic::transport::Server {
     // The protocol's own cap on streams per connection is above ours, so
     // that a stream past ours reaches the agent and gets RESOURCE_EXHAUSTED
     // naming the setting (a client at the protocol cap only queues, silently).
