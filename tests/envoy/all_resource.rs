@@ -63,9 +63,8 @@ async fn envoys_validate_peers_with_the_spiffe_validator_of_all() {
         uds_path: agent.socket.clone(),
         token_file: token(sa, sa),
     };
-    let (backend, server_port, client_port, intruder_port) =
-        (free_port(), free_port(), free_port(), free_port());
-    let _backend = start_backend(backend, "hello from the backend").await;
+    let (server_port, client_port, intruder_port) = (free_port(), free_port(), free_port());
+    let (backend, _backend) = start_backend("hello from the backend").await;
     let server = EnvoyProc::start(&with_all(server_config(
         &sds("httpbin"),
         server_port,

@@ -37,9 +37,8 @@ async fn envoys_do_mtls_on_certificates_from_one_agent_over_google_grpc() {
     let client_token = token("client-token", "default", "sleep");
     let intruder_token = token("intruder-token", "default", "intruder");
 
-    let (backend, server_port, client_port, intruder_port) =
-        (free_port(), free_port(), free_port(), free_port());
-    let _backend = start_backend(backend, "hello from the backend").await;
+    let (server_port, client_port, intruder_port) = (free_port(), free_port(), free_port());
+    let (backend, _backend) = start_backend("hello from the backend").await;
     let sds = |t: &std::path::Path| SdsSource::GoogleGrpc {
         uds_path: agent.socket.clone(),
         token_file: t.to_path_buf(),
@@ -139,8 +138,8 @@ async fn per_pod_agents_with_token_files_over_envoy_grpc() {
     let server_agent = pod("server", "httpbin", "rsa-2048");
     let client_agent = pod("client", "sleep", "ec-p384");
 
-    let (backend, server_port, client_port) = (free_port(), free_port(), free_port());
-    let _backend = start_backend(backend, "per-pod backend").await;
+    let (server_port, client_port) = (free_port(), free_port());
+    let (backend, _backend) = start_backend("per-pod backend").await;
     let server = start_server_envoy(
         SdsSource::EnvoyGrpc {
             uds_path: server_agent.socket.clone(),

@@ -258,9 +258,8 @@ async fn two_trust_domains_federate_through_their_bundle_endpoints() {
 
     // httpbin in cluster.local serves sleep of other.example: each Envoy
     // anchors the other's certificate in the other domain's roots (ALL).
-    let (backend, server_port, client_port, intruder_port) =
-        (free_port(), free_port(), free_port(), free_port());
-    let _backend = start_backend(backend, "across the domains").await;
+    let (server_port, client_port, intruder_port) = (free_port(), free_port(), free_port());
+    let (backend, _backend) = start_backend("across the domains").await;
     let server_sds = token_source(
         dir.path(),
         "server",

@@ -57,8 +57,8 @@ impl Mesh {
         agent_log: impl Fn() -> String,
     ) -> Mesh {
         let dir = tempfile::tempdir().unwrap();
-        let (backend, server_port, client_port) = (free_port(), free_port(), free_port());
-        let _backend = start_backend(backend, body).await;
+        let (server_port, client_port) = (free_port(), free_port());
+        let (backend, _backend) = start_backend(body).await;
         let server = start_server_envoy(server_sds, server_port, backend, CLIENT_ID)
             .await
             .unwrap();

@@ -200,8 +200,8 @@ async fn istiod_shaped_envoys_do_mtls_through_a_rotation_and_an_agent_restart() 
     let mut server_agent = server_pod.start_agent().await;
     let client_agent = client_pod.start_agent().await;
 
-    let (backend, server_port, client_port) = (free_port(), free_port(), free_port());
-    let _backend = start_backend(backend, "hello from httpbin").await;
+    let (server_port, client_port) = (free_port(), free_port());
+    let (backend, _backend) = start_backend("hello from httpbin").await;
     let server = EnvoyProc::start_in(
         &server_bootstrap(&httpbin, td, server_port, backend),
         server_pod.root.path(),

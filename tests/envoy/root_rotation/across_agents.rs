@@ -47,8 +47,8 @@ async fn a_root_rotation_across_two_agents_fails_no_request() {
 
     // A serves (httpbin), B is its client (sleep): mTLS across the nodes.
     let dir = tempfile::tempdir().unwrap();
-    let (backend, server_port, client_port) = (free_port(), free_port(), free_port());
-    let _backend = start_backend(backend, "ok").await;
+    let (server_port, client_port) = (free_port(), free_port());
+    let (backend, _backend) = start_backend("ok").await;
     let server = start_server_envoy(
         token_source(
             dir.path(),

@@ -69,8 +69,7 @@ async fn the_manifests_envoy_bootstrap_does_mtls_with_node_agent() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let backend = free_port();
-    let _backend = start_backend(backend, "hello from httpbin").await;
+    let (backend, _backend) = start_backend("hello from httpbin").await;
     let (server_in, client_out) = (free_port(), free_port());
     let mut envoys = Vec::new();
     for (sa, inbound, outbound) in [

@@ -5,18 +5,21 @@
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Tiny HTTP/1.1 server on `127.0.0.1:port` answering every request with
-/// `200` and `body`. Supports keep-alive (Envoy pools upstream connections).
-/// Abort the returned handle to stop accepting.
-pub async fn start_backend(port: u16, body: &'static str) -> tokio::task::JoinHandle<()> {
-    let listener = TcpListener::bind(("127.0.0.1", port))
+/// Tiny HTTP/1.1 server on a loopback port the kernel picks (so that no other
+/// process can hold it), answering every request with `200` and `body`.
+/// Supports keep-alive (Envoy pools upstream connections). Returns its port
+/// and the task; abort the task to stop accepting.
+pub async fn start_backend(body: &'static str) -> (u16, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind(("127.0.0.1", 0))
         .await
-        .unwrap_or_else(|e| panic!("backend bind 127.0.0.1:{port}: {e}"));
-    tokio::spawn(async move {
+        .unwrap_or_else(|e| panic!("backend bind 127.0.0.1:0: {e}"));
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(serve_backend_conn(stream, body));
         }
-    })
+    });
+    (port, task)
 }
 
 async fn serve_backend_conn(mut stream: TcpStream, body: &'static str) {
