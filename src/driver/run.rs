@@ -9,7 +9,8 @@
 //!   pending is not cancelling: what it asked for is still answered, then
 //!   the stream ends.
 //! - A client that resets its stream, or whose connection ends, is gone:
-//!   the response channel closes and the stream ends, dropping its fetch.
+//!   the loop is dropped with the stream's response body, which polls it
+//!   ([`StreamBody`]), and its fetch with it.
 //! - A request that cannot be read ends the stream with its status, logged
 //!   once per interval per reason.
 //!
@@ -23,15 +24,15 @@ use std::pin::Pin;
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::{Driver, Event, Surface};
 use crate::endpoint::connection::Connection;
 use crate::endpoint::credential::CredentialSource;
 use crate::endpoint::framing::{FramingError, Request, RequestReader};
-use crate::endpoint::server::{Admitted, BoxStream};
+pub use crate::endpoint::responses::Outbound;
+use crate::endpoint::responses::{self, StreamBody};
+use crate::endpoint::server::Admitted;
 use crate::endpoint::Endpoint;
 use crate::secrets::SecretManager;
 
@@ -44,11 +45,6 @@ pub enum Step {
 
 /// A handler's future, boxed (see the module documentation).
 pub type Handler<'a> = Pin<Box<dyn Future<Output = Step> + Send + 'a>>;
-
-/// Where a stream's responses go. Boxed: a channel allocates its slots 32
-/// at a time whatever its bound, and an unboxed response slot is ~150
-/// bytes, which made ~5 KiB per open stream.
-pub type Outbound<T> = mpsc::Sender<Box<Result<T, Status>>>;
 
 /// What the loop borrows of a stream at once.
 pub struct Parts<'a, T> {
@@ -86,8 +82,8 @@ pub trait Protocol: Send {
 
 /// Starts an admitted stream of `surface`: its driver, proving the
 /// credential `source` finds on the connection, and its protocol's side
-/// (`protocol`, handed the driver and where responses go) run in a task of
-/// their own; the responses, for tonic to send.
+/// (`protocol`, handed the driver and where responses go) run in the
+/// returned body as hyper polls it.
 pub(crate) fn start<P: Protocol + 'static>(
     surface: &'static Surface,
     manager: &Arc<SecretManager>,
@@ -95,7 +91,7 @@ pub(crate) fn start<P: Protocol + 'static>(
     admitted: Admitted,
     source: impl FnOnce(&Connection) -> CredentialSource,
     protocol: impl FnOnce(Driver, Outbound<P::Response>) -> P,
-) -> BoxStream<P::Response> {
+) -> StreamBody<P::Response> {
     let Admitted {
         conn,
         reader,
@@ -104,13 +100,9 @@ pub(crate) fn start<P: Protocol + 'static>(
     let id = endpoint.next_stream_id();
     tracing::debug!(stream = id, connection = conn.id, "{} opened", surface.name);
     let source = source(&conn);
-    let (tx, rx) = mpsc::channel(2);
+    let (tx, rx) = responses::channel();
     let driver = Driver::new(id, surface, manager.clone(), endpoint, conn, source, proof);
-    tokio::spawn(run(protocol(driver, tx), reader));
-    Box::pin(tokio_stream::StreamExt::map(
-        ReceiverStream::new(rx),
-        |item| *item,
-    ))
+    StreamBody::new(Box::pin(run(protocol(driver, tx), reader)), rx)
 }
 
 /// Serves a stream until the client leaves, it fails, or shutdown.
@@ -170,10 +162,6 @@ pub async fn run<P: Protocol>(mut p: P, reader: RequestReader) {
                 Event::End(Some(status)) => fail(p.parts().out, status).await,
                 Event::End(None) => Step::End,
             },
-            _ = out.closed() => {
-                tracing::debug!(stream = id, "{}: the client is gone", name);
-                Step::End
-            }
         };
         if step == Step::End {
             break;

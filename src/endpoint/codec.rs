@@ -1,9 +1,9 @@
-//! The codec of every gRPC method the agent serves (SDS, the Workload API):
-//! protobuf like tonic-prost's, except that a request that does not decode is
-//! the client's error (`INVALID_ARGUMENT`), with small starting buffers and
-//! responses capped at [`MAX_RESPONSE_BYTES`].
+//! gRPC's messages as every method the agent serves (SDS, the Workload API)
+//! reads and sends them: protobuf like tonic-prost's, except that a request
+//! that does not decode is the client's error (`INVALID_ARGUMENT`), and
+//! responses are capped at [`MAX_RESPONSE_BYTES`]. What goes on the wire is
+//! what tonic's server codec sends (its tests compare the two).
 
-use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -11,92 +11,13 @@ use http_body::Frame;
 use prost::bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
 use tonic::body::Body;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::{self, HeaderMap, HeaderValue};
 use tonic::metadata::MetadataValue;
-use tonic::server::Grpc;
 use tonic::Status;
 
 /// Largest response the agent sends: a chain, a key and a root bundle are a
 /// few KiB; this only catches a bug (or a CA answering megabytes of roots).
 pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
-
-/// tonic's server side of one method: responses encoded with the agent's
-/// codec, at most [`MAX_RESPONSE_BYTES`] each.
-pub(crate) fn grpc_for<E, D>() -> Grpc<GrpcCodec<E, D>>
-where
-    E: Message + Send + 'static,
-    D: Message + Default + Send + 'static,
-{
-    Grpc::new(GrpcCodec::<E, D>::default())
-        .apply_max_message_size_config(None, Some(MAX_RESPONSE_BYTES))
-}
-
-/// Protobuf in and out, like tonic-prost's codec, except that a message that
-/// does not decode is the client's error: `INVALID_ARGUMENT`, not `INTERNAL`.
-/// Buffers start small: most messages are a few KiB, and every open
-/// stream holds one of each.
-pub struct GrpcCodec<E, D>(PhantomData<(E, D)>);
-
-impl<E, D> Default for GrpcCodec<E, D> {
-    fn default() -> Self {
-        Self(PhantomData)
-    }
-}
-
-fn buffers() -> BufferSettings {
-    BufferSettings::new(2048, 32 * 1024)
-}
-
-impl<E, D> Codec for GrpcCodec<E, D>
-where
-    E: Message + Send + 'static,
-    D: Message + Default + Send + 'static,
-{
-    type Encode = E;
-    type Decode = D;
-    type Encoder = MessageEncoder<E>;
-    type Decoder = MessageDecoder<D>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        MessageEncoder(PhantomData)
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        MessageDecoder(PhantomData)
-    }
-}
-
-pub struct MessageEncoder<E>(PhantomData<E>);
-
-impl<E: Message> Encoder for MessageEncoder<E> {
-    type Item = E;
-    type Error = Status;
-
-    fn encode(&mut self, item: E, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        item.encode(buf)
-            .map_err(|e| Status::internal(format!("cannot encode the response: {e}")))
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        buffers()
-    }
-}
-
-pub struct MessageDecoder<D>(PhantomData<D>);
-
-impl<D: Message + Default> Decoder for MessageDecoder<D> {
-    type Item = D;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<D>, Status> {
-        decode_request(buf).map(Some)
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        buffers()
-    }
-}
 
 /// Decodes one request message; a malformed one is `INVALID_ARGUMENT`.
 pub fn decode_request<D: Message + Default>(buf: impl prost::bytes::Buf) -> Result<D, Status> {
@@ -119,28 +40,42 @@ pub fn decode_message<D: Message + Default>(buf: impl prost::bytes::Buf) -> Resu
 /// gRPC's message prefix: a compression flag and a 4-byte length.
 const PREFIX: usize = 5;
 
-/// The response of a method answered once, as tonic's server codec sends
-/// it: `content-type: application/grpc`, then the message, then
-/// `grpc-status: 0` in the trailers. A message past [`MAX_RESPONSE_BYTES`]
-/// is not sent: the trailers say `OUT_OF_RANGE`, in tonic's words.
-pub fn once<M: Message>(msg: &M) -> http::Response<Body> {
+/// One response message as gRPC frames it: a prefix (not compressed, the
+/// length), then the message. A message past [`MAX_RESPONSE_BYTES`] is not
+/// framed: its status is `OUT_OF_RANGE`, in tonic's words.
+pub fn frame<M: Message>(msg: &M) -> Result<Bytes, Status> {
     let len = msg.encoded_len();
-    let (data, status) = if len > MAX_RESPONSE_BYTES {
-        let status = Status::out_of_range(format!(
+    if len > MAX_RESPONSE_BYTES {
+        return Err(Status::out_of_range(format!(
             "Error, encoded message length too large: found {len} bytes, the limit is: \
              {MAX_RESPONSE_BYTES} bytes"
-        ));
-        (None, status)
-    } else {
-        let mut buf = BytesMut::with_capacity(PREFIX + len);
-        buf.put_u8(0);
-        buf.put_u32(len as u32);
-        msg.encode_raw(&mut buf);
-        (Some(buf.freeze()), Status::ok(""))
+        )));
+    }
+    let mut buf = BytesMut::with_capacity(PREFIX + len);
+    buf.put_u8(0);
+    buf.put_u32(len as u32);
+    msg.encode_raw(&mut buf);
+    Ok(buf.freeze())
+}
+
+/// The response of a method answered once, as tonic's server codec sends
+/// it: `content-type: application/grpc`, then the message, then
+/// `grpc-status: 0` in the trailers (or the status [`frame`] refused it
+/// with, and no message).
+pub fn once<M: Message>(msg: &M) -> http::Response<Body> {
+    let (data, status) = match frame(msg) {
+        Ok(data) => (Some(data), Status::ok("")),
+        Err(status) => (None, status),
     };
     let mut trailers = HeaderMap::new();
     let trailers = status.add_header(&mut trailers).ok().map(|()| trailers);
-    let mut resp = http::Response::new(Body::new(Once { data, trailers }));
+    grpc_response(Body::new(Once { data, trailers }))
+}
+
+/// A gRPC response carrying `body`, with the headers tonic's server codec
+/// sends.
+pub fn grpc_response(body: Body) -> http::Response<Body> {
+    let mut resp = http::Response::new(body);
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),

@@ -29,8 +29,10 @@
 //!   buffer; a failure is a typed [`framing::FramingError`].
 //! - [`codec`]: protobuf in and out, a malformed request `INVALID_ARGUMENT`.
 //! - [`credential`]: where a request's JWT comes from.
+//! - [`responses`]: a stream's responses as the HTTP/2 body, its loop
+//!   polled in place (no task of its own).
 //! - [`server`]: the HTTP/2 settings, the accept loop, a stream's admission
-//!   ([`server::Endpoint::admit`]) and tonic's method traits.
+//!   ([`server::Endpoint::admit`]) and a method's response.
 
 pub mod caps;
 pub mod codec;
@@ -41,10 +43,11 @@ pub mod limits;
 pub mod logins;
 pub mod peer;
 pub mod peers;
+pub mod responses;
 pub mod server;
 pub mod socket;
 pub mod unproven;
 pub mod warn;
 
 pub use credential::{CREDENTIAL_HEADER, CREDENTIAL_HEADER_1_1};
-pub use server::{serve, BoxStream, Endpoint};
+pub use server::{serve, Endpoint};

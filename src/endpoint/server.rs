@@ -1,7 +1,7 @@
 //! The HTTP/2 server every socket of the agent runs, and the glue between
 //! tonic and a protocol: the accept loop under the bounds, a stream's
-//! admission before its request is read, and tonic's method traits over the
-//! agent's own request reader.
+//! admission before its request is read, and a method's response (answered
+//! once, or a stream's [`StreamBody`]) over the agent's own request reader.
 //!
 //! Routes are written by each protocol rather than taken from generated
 //! servers for two reasons: a stream's place under the stream caps must be
@@ -11,29 +11,25 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use futures::Stream;
 use tokio::sync::watch;
 use tonic::body::Body;
 use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
-use tonic::server::{NamedService, StreamingService};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::server::NamedService;
+use tonic::Status;
 
 use super::caps::Caps;
 use super::codec;
 use super::connection::{incoming, ConnInfo, Connection};
 use super::framing::RequestReader;
 use super::limits::{Guarded, Limits, StreamGuard};
+use super::responses::StreamBody;
 use super::unproven::Proof;
 use crate::config::SdsLimits;
-
-/// A stream of responses, as tonic sends them.
-pub type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 /// HTTP/2 flow-control windows: what a client can make the agent hold in
 /// HTTP/2 buffers before the agent reads it is at most a stream window per
@@ -252,41 +248,20 @@ impl Endpoint {
     }
 }
 
-/// A streaming method: tonic hands `open` the request's metadata (its body
-/// is empty) with the stream's context, and sends the responses it returns;
-/// the stream reads its requests from its own reader, in the context.
-pub struct StreamingMethod<Ctx, Req, Resp> {
-    ctx: Option<Ctx>,
-    open: fn(Ctx, MetadataMap) -> BoxStream<Resp>,
-    _request: PhantomData<fn(Req)>,
-}
-
-impl<Ctx, Req, Resp> StreamingMethod<Ctx, Req, Resp> {
-    pub fn new(ctx: Ctx, open: fn(Ctx, MetadataMap) -> BoxStream<Resp>) -> Self {
-        Self {
-            ctx: Some(ctx),
-            open,
-            _request: PhantomData,
-        }
+/// Serves a streaming method: `open` gets the request's metadata (its body
+/// is read by the stream's own reader) and returns the body that runs the
+/// stream and frames its responses ([`StreamBody`]). A request that says
+/// its messages are compressed gets tonic's refusal (`UNIMPLEMENTED`:
+/// node-agent accepts none).
+pub fn answer_stream<T: prost::Message + Send + 'static>(
+    req: http::Request<Body>,
+    open: impl FnOnce(MetadataMap) -> StreamBody<T>,
+) -> http::Response<Body> {
+    let (parts, _) = req.into_parts();
+    if let Err(status) = codec::identity_encoding(&parts.headers) {
+        return status.into_http();
     }
-}
-
-impl<Ctx, Req, Resp> StreamingService<Req> for StreamingMethod<Ctx, Req, Resp>
-where
-    Ctx: Send + 'static,
-    Req: Send + 'static,
-    Resp: Send + 'static,
-{
-    type Response = Resp;
-    type ResponseStream = BoxStream<Resp>;
-    type Future = futures::future::Ready<Result<Response<Self::ResponseStream>, Status>>;
-
-    fn call(&mut self, request: Request<Streaming<Req>>) -> Self::Future {
-        futures::future::ready(match self.ctx.take() {
-            Some(ctx) => Ok(Response::new((self.open)(ctx, request.into_parts().0))),
-            None => Err(Status::internal("called twice")),
-        })
-    }
+    codec::grpc_response(Body::new(open(MetadataMap::from_headers(parts.headers))))
 }
 
 /// Serves a method answered once (client streaming, as `FetchSecrets`):

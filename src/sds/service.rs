@@ -7,9 +7,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
-};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use tokio::sync::watch;
 use tonic::body::Body;
 use tonic::codegen::http;
@@ -24,13 +22,11 @@ use crate::config::SdsLimits;
 use crate::driver::fetch::identity_state;
 use crate::driver::run::{start, Outbound, Protocol};
 use crate::driver::{failed_to_sign, status_for, Driver, Surface};
-use crate::endpoint::codec::grpc_for;
 use crate::endpoint::connection::Admission;
 use crate::endpoint::credential::CredentialSource;
 use crate::endpoint::limits::{more, Limits};
-use crate::endpoint::server::{
-    answer_once, Admitted, BoxStream, RouteFuture, Routes, StreamingMethod,
-};
+use crate::endpoint::responses::StreamBody;
+use crate::endpoint::server::{answer_once, answer_stream, Admitted, RouteFuture, Routes};
 use crate::endpoint::warn::shorten;
 use crate::endpoint::Endpoint;
 use crate::metrics::{self, Refusal};
@@ -149,7 +145,7 @@ pub(super) trait XdsStream: Protocol + Sized + 'static {
 fn open<P: XdsStream>(
     (service, admitted): (Arc<SdsService>, Admitted),
     metadata: MetadataMap,
-) -> BoxStream<P::Response> {
+) -> StreamBody<P::Response> {
     let max_names = service.limits().config().max_resource_names;
     start(
         P::SURFACE,
@@ -202,16 +198,12 @@ impl Routes for SdsService {
     ) -> RouteFuture {
         let ctx = (self, admitted);
         match method {
-            Method::Stream => Box::pin(async move {
-                grpc_for::<SdsResponse, DiscoveryRequest>()
-                    .streaming(StreamingMethod::new(ctx, open::<SdsStream>), req)
-                    .await
-            }),
-            Method::Delta => Box::pin(async move {
-                grpc_for::<DeltaDiscoveryResponse, DeltaDiscoveryRequest>()
-                    .streaming(StreamingMethod::new(ctx, open::<DeltaStream>), req)
-                    .await
-            }),
+            Method::Stream => Box::pin(std::future::ready(answer_stream(req, |metadata| {
+                open::<SdsStream>(ctx, metadata)
+            }))),
+            Method::Delta => Box::pin(std::future::ready(answer_stream(req, |metadata| {
+                open::<DeltaStream>(ctx, metadata)
+            }))),
             Method::Fetch => Box::pin(answer_once(req, |metadata| async move {
                 let (service, admitted) = ctx;
                 service.fetch_secrets(admitted, metadata).await

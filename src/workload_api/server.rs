@@ -13,9 +13,8 @@ use tonic::Status;
 
 use super::pb::{X509BundlesRequest, X509BundlesResponse, X509svidRequest, X509svidResponse};
 use super::stream::{self, Kind};
-use crate::endpoint::codec::grpc_for;
 use crate::endpoint::limits::more;
-use crate::endpoint::server::{Admitted, RouteFuture, Routes, StreamingMethod};
+use crate::endpoint::server::{answer_stream, Admitted, RouteFuture, Routes};
 use crate::endpoint::warn::shorten;
 use crate::endpoint::Endpoint;
 use crate::secrets::SecretManager;
@@ -117,18 +116,12 @@ impl Routes for WorkloadApiService {
     ) -> RouteFuture {
         let ctx = (self, admitted, token_path, kind);
         match kind {
-            Kind::Svid => Box::pin(async move {
-                let open = stream::open::<X509svidRequest, X509svidResponse>;
-                grpc_for::<X509svidResponse, X509svidRequest>()
-                    .streaming(StreamingMethod::new(ctx, open), req)
-                    .await
-            }),
-            Kind::Bundles => Box::pin(async move {
-                let open = stream::open::<X509BundlesRequest, X509BundlesResponse>;
-                grpc_for::<X509BundlesResponse, X509BundlesRequest>()
-                    .streaming(StreamingMethod::new(ctx, open), req)
-                    .await
-            }),
+            Kind::Svid => Box::pin(std::future::ready(answer_stream(req, |metadata| {
+                stream::open::<X509svidRequest, X509svidResponse>(ctx, metadata)
+            }))),
+            Kind::Bundles => Box::pin(std::future::ready(answer_stream(req, |metadata| {
+                stream::open::<X509BundlesRequest, X509BundlesResponse>(ctx, metadata)
+            }))),
         }
     }
 }

@@ -18,7 +18,8 @@ use crate::driver::run::{fail, send, start, Handler, Outbound, Parts, Protocol, 
 use crate::driver::{Driver, Surface, Want};
 use crate::endpoint::credential::CredentialSource;
 use crate::endpoint::framing::Request;
-use crate::endpoint::server::{Admitted, BoxStream};
+use crate::endpoint::responses::StreamBody;
+use crate::endpoint::server::Admitted;
 use crate::secrets::SecretError;
 
 /// Which X.509 method a stream serves.
@@ -92,7 +93,7 @@ impl Kind {
 }
 
 /// A message one of the X.509 methods sends.
-pub(super) trait X509Message: Send + 'static {
+pub(super) trait X509Message: prost::Message + Send + 'static {
     fn build(snap: &Snapshot<'_>) -> Result<Self, Status>
     where
         Self: Sized;
@@ -119,7 +120,7 @@ impl X509Message for X509BundlesResponse {
 pub(super) fn open<Req, Resp>(
     (service, admitted, token_path, kind): (Arc<WorkloadApiService>, Admitted, PathBuf, Kind),
     _metadata: MetadataMap,
-) -> BoxStream<Resp>
+) -> StreamBody<Resp>
 where
     Req: Request + Send + 'static,
     Resp: X509Message,
