@@ -189,6 +189,14 @@ impl fmt::Debug for Credential {
     }
 }
 
+impl Credential {
+    /// Whether `other` is a clone of this credential (not only the same JWT).
+    #[cfg(test)]
+    pub(crate) fn shares(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
 impl PartialEq for Credential {
     fn eq(&self, other: &Self) -> bool {
         std::sync::Arc::ptr_eq(&self.inner, &other.inner) || self.expose() == other.expose()

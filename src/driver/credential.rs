@@ -177,10 +177,10 @@ pub(crate) fn token_file_update(
 /// The status a stream ends with when its JWT expired at `exp`.
 pub(crate) fn expired_status(exp: i64, source: &CredentialSource) -> Status {
     match source {
-        CredentialSource::TokenFile(path) => Status::unauthenticated(format!(
+        CredentialSource::TokenFile(file) => Status::unauthenticated(format!(
             "the JWT at WORKLOAD_TOKEN_PATH {} expired at {exp} (Unix time) and was not replaced; \
              check the pod's projected service-account token volume",
-            path.display()
+            file.path().display()
         )),
         _ => Status::unauthenticated(format!(
             "the JWT this stream was opened with expired at {exp} (Unix time): open a new stream \

@@ -423,7 +423,7 @@ async fn progress(
     manager: &Arc<SecretManager>,
 ) -> Result<Subscription, SecretError> {
     match pending {
-        Some(fetch) => fetch.result(manager).await,
+        Some(fetch) => Box::pin(fetch.result(manager)).await,
         None => std::future::pending().await,
     }
 }

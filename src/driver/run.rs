@@ -195,7 +195,7 @@ async fn next_message<M: Request>(
     inbound: &mut Option<RequestReader>,
 ) -> Result<Option<M>, FramingError> {
     match inbound {
-        Some(reader) => reader.message().await,
+        Some(reader) => Box::pin(reader.message()).await,
         None => std::future::pending().await,
     }
 }

@@ -4,10 +4,11 @@
 //! lookup, whatever the CA said about it before.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tonic::metadata::{Binary, MetadataMap, MetadataValue};
 use tonic::Status;
+use zeroize::Zeroizing;
 
 use crate::clock::Clock;
 use crate::identity::Credential;
@@ -23,7 +24,7 @@ pub(crate) enum CredentialSource {
     /// Sent by Envoy in the stream's metadata.
     Header(Credential),
     /// Read from `WORKLOAD_TOKEN_PATH`, fresh on each use (kubelet rotates it).
-    TokenFile(PathBuf),
+    TokenFile(TokenFile),
     /// Nothing: the request is refused.
     Missing,
 }
@@ -43,18 +44,62 @@ impl LastCredential {
     }
 }
 
+/// `WORKLOAD_TOKEN_PATH`, shared by every stream served from it, with the
+/// credential read from the token it held last. Every stream of a pod reads
+/// the same token: each read that finds the same bytes shares that one
+/// credential (its claims read once) instead of holding its own.
+#[derive(Clone, Debug)]
+pub struct TokenFile(Arc<TokenFileInner>);
+
+#[derive(Debug)]
+struct TokenFileInner {
+    path: PathBuf,
+    last: Mutex<Option<(Zeroizing<String>, Credential)>>,
+}
+
+impl TokenFile {
+    pub(crate) fn new(path: PathBuf) -> Self {
+        Self(Arc::new(TokenFileInner {
+            path,
+            last: Mutex::new(None),
+        }))
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.0.path
+    }
+
+    /// The credential in the file now: the one read last when its bytes are
+    /// the same, else a new one (then remembered).
+    fn read(&self) -> std::io::Result<Option<Credential>> {
+        let token = Zeroizing::new(std::fs::read_to_string(&self.0.path)?);
+        if token.trim().is_empty() {
+            return Ok(None);
+        }
+        let mut last = self.0.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((raw, cred)) = &*last {
+            if *raw == token {
+                return Ok(Some(cred.clone()));
+            }
+        }
+        let cred = Credential::new(token.as_str());
+        *last = Some((token, cred.clone()));
+        Ok(Some(cred))
+    }
+}
+
 impl CredentialSource {
     /// [`Self::from_metadata_on`] with nothing remembered.
     #[cfg(test)]
-    pub(crate) fn from_metadata(md: &MetadataMap, token_path: Option<&Path>) -> Self {
-        Self::from_metadata_on(md, token_path, None)
+    pub(crate) fn from_metadata(md: &MetadataMap, token_file: Option<&TokenFile>) -> Self {
+        Self::from_metadata_on(md, token_file, None)
     }
 
     /// [`Self::from_metadata`], reusing the credential `last` remembers when
     /// the request's header is the same (see [`LastCredential`]).
     pub(crate) fn from_metadata_on(
         md: &MetadataMap,
-        token_path: Option<&Path>,
+        token_file: Option<&TokenFile>,
         last: Option<&LastCredential>,
     ) -> Self {
         for key in [CREDENTIAL_HEADER, CREDENTIAL_HEADER_1_1] {
@@ -85,8 +130,8 @@ impl CredentialSource {
                 return Self::Header(Credential::new(&v[7..]));
             }
         }
-        match token_path {
-            Some(p) => Self::TokenFile(p.to_path_buf()),
+        match token_file {
+            Some(f) => Self::TokenFile(f.clone()),
             None => Self::Missing,
         }
     }
@@ -101,18 +146,18 @@ impl CredentialSource {
     pub(crate) fn get(&self, clock: &Clock) -> Result<Credential, Status> {
         let cred = match self {
             Self::Header(c) => c.clone(),
-            Self::TokenFile(p) => match std::fs::read_to_string(p) {
-                Ok(s) if !s.trim().is_empty() => Credential::new(s),
-                Ok(_) => {
+            Self::TokenFile(f) => match f.read() {
+                Ok(Some(cred)) => cred,
+                Ok(None) => {
                     return Err(Status::unauthenticated(format!(
                         "no credential: the request carries none and WORKLOAD_TOKEN_PATH {} is empty",
-                        p.display()
+                        f.path().display()
                     )))
                 }
                 Err(e) => {
                     return Err(Status::unauthenticated(format!(
                         "no credential: the request carries none and WORKLOAD_TOKEN_PATH {} cannot be read: {e}",
-                        p.display()
+                        f.path().display()
                     )))
                 }
             },
@@ -151,6 +196,29 @@ mod tests {
             tonic::metadata::MetadataValue::from_bytes(value.as_bytes()),
         );
         md
+    }
+
+    #[test]
+    fn streams_of_one_token_file_share_one_credential_until_the_file_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let first = jwt(r#"{"sub":"system:serviceaccount:a:b","exp":4000000000}"#);
+        std::fs::write(&path, &first).unwrap();
+        let file = TokenFile::new(path.clone());
+        let clock = Clock::system();
+        let get = || {
+            CredentialSource::from_metadata(&MetadataMap::new(), Some(&file))
+                .get(&clock)
+                .unwrap()
+        };
+        let (a, b) = (get(), get());
+        assert!(a.shares(&b), "two streams, one credential");
+        let second = jwt(r#"{"sub":"system:serviceaccount:a:c","exp":4000000000}"#);
+        std::fs::write(&path, &second).unwrap();
+        let c = get();
+        assert_eq!(c.expose(), second, "the file's new token");
+        assert!(!c.shares(&a));
+        assert!(c.shares(&get()));
     }
 
     #[test]

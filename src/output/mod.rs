@@ -33,7 +33,7 @@ use crate::backoff::Backoff;
 use crate::driver::credential::{
     expired_status, next_event, token_file_update, CredentialDue, Current, IdentityEvent,
 };
-use crate::endpoint::credential::CredentialSource;
+use crate::endpoint::credential::{CredentialSource, TokenFile};
 use crate::sds::all::trust_domains;
 use crate::secrets::{rfc3339, SecretManager, Subscription};
 
@@ -99,7 +99,8 @@ async fn serve(
     backoff: &mut Backoff,
 ) -> String {
     let clock = manager.clock();
-    let credential = match CredentialSource::TokenFile(token_path.to_path_buf()).get(&clock) {
+    let source = CredentialSource::TokenFile(TokenFile::new(token_path.to_path_buf()));
+    let credential = match source.get(&clock) {
         Ok(c) => c,
         Err(status) => return status.message().to_string(),
     };
@@ -109,7 +110,6 @@ async fn serve(
         Ok(s) => s,
         Err(e) => return format!("cannot get the certificate: {e}"),
     };
-    let source = CredentialSource::TokenFile(token_path.to_path_buf());
     let mut current = Some(Current::new(credential, sub, &clock));
     let mut written: Option<(String, String)> = None;
     loop {

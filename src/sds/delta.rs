@@ -26,7 +26,7 @@
 //! (credential, fetch under the login budgets, changes, expiry)
 //! is the stream's [`Driver`]; refusals are logged once per interval.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::OnceLock;
 
@@ -37,6 +37,7 @@ use super::request::DeltaRequestWithoutNode;
 use super::resources::{
     self, distinct, encode, names_for_log, resource_version, Snapshot, SECRET_TYPE_URL, SERVED,
 };
+use super::sent::Sent;
 use super::service::XdsStream;
 use crate::driver::run::{fail, send, Handler, Outbound, Parts, Protocol, Step};
 use crate::driver::{Driver, Surface, Want};
@@ -95,7 +96,7 @@ pub(super) struct DeltaStream {
     subscribed: Subscribed,
     /// The version last sent for each subscribed name; a name without one is
     /// sent with the next response.
-    sent: HashMap<&'static str, String>,
+    sent: Sent<&'static str>,
     nonce_counter: u64,
     /// Recent responses: nonce and the (name, version) pairs they carried.
     unacked: VecDeque<(String, Vec<(&'static str, String)>)>,
@@ -131,7 +132,7 @@ impl XdsStream for DeltaStream {
             max_names,
             out,
             subscribed: Subscribed::default(),
-            sent: HashMap::new(),
+            sent: Sent::default(),
             unacked: VecDeque::new(),
             nonce_counter: 0,
         }

@@ -10,12 +10,14 @@
 //! - [`resources`]: the resources served, and the checks on names;
 //!   [`all`]: the `ALL` resource, every trust domain's roots; [`encoded`]:
 //!   each resource encoded once per version, and the responses made of them.
+//! - [`sent`]: the version a stream last sent of each resource.
 
 pub mod all;
 mod delta;
 pub mod encoded;
 pub mod request;
 pub mod resources;
+pub mod sent;
 pub mod service;
 mod stream;
 #[cfg(test)]

@@ -23,7 +23,7 @@ use crate::driver::fetch::identity_state;
 use crate::driver::run::{start, Outbound, Protocol};
 use crate::driver::{failed_to_sign, status_for, Driver, Surface};
 use crate::endpoint::connection::Admission;
-use crate::endpoint::credential::CredentialSource;
+use crate::endpoint::credential::{CredentialSource, TokenFile};
 use crate::endpoint::limits::{more, Limits};
 use crate::endpoint::responses::StreamBody;
 use crate::endpoint::server::{answer_once, answer_stream, Admitted, RouteFuture, Routes};
@@ -41,7 +41,8 @@ const DELTA_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/Del
 /// What the routes share.
 pub struct SdsService {
     pub(crate) manager: Arc<SecretManager>,
-    pub(crate) token_path: Option<PathBuf>,
+    /// `WORKLOAD_TOKEN_PATH`, for requests that carry no credential.
+    pub(crate) token_file: Option<TokenFile>,
     pub(crate) endpoint: Arc<Endpoint>,
 }
 
@@ -64,7 +65,7 @@ impl SdsService {
         let id = self.endpoint.next_stream_id();
         let credential = CredentialSource::from_metadata_on(
             &metadata,
-            self.token_path.as_deref(),
+            self.token_file.as_ref(),
             Some(&conn.last_credential),
         );
         let req = match reader
@@ -155,7 +156,7 @@ fn open<P: XdsStream>(
         |conn| {
             CredentialSource::from_metadata_on(
                 &metadata,
-                service.token_path.as_deref(),
+                service.token_file.as_ref(),
                 Some(&conn.last_credential),
             )
         },
@@ -255,7 +256,7 @@ pub async fn serve_within(
     let endpoint = Endpoint::new(limits, None, shutdown);
     let service = Arc::new(SdsService {
         manager,
-        token_path,
+        token_file: token_path.map(TokenFile::new),
         endpoint: endpoint.clone(),
     });
     crate::endpoint::serve(listener, service, &endpoint).await

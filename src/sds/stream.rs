@@ -16,8 +16,6 @@
 //! stream's [`Driver`]; the stream keeps reading requests while a fetch
 //! waits on the CA.
 
-use std::collections::HashMap;
-
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use tonic::Status;
 
@@ -25,6 +23,7 @@ use super::request::RequestWithoutNode;
 use super::resources::{
     self, names_for_log, resource_version, NamesError, ResourceNames, SdsResponse,
 };
+use super::sent::Sent;
 use super::service::XdsStream;
 use crate::driver::run::{fail, send, Handler, Outbound, Parts, Protocol, Step};
 use crate::driver::{Driver, Surface, Want};
@@ -50,7 +49,7 @@ pub(super) struct SdsStream {
     /// Names a fetch will serve when it ends.
     pending_names: Option<ResourceNames>,
     last_nonce: Option<String>,
-    sent_versions: HashMap<String, String>,
+    sent_versions: Sent<String>,
     nonce_counter: u64,
 }
 
@@ -88,7 +87,7 @@ impl XdsStream for SdsStream {
             names: ResourceNames::default(),
             pending_names: None,
             last_nonce: None,
-            sent_versions: HashMap::new(),
+            sent_versions: Sent::default(),
             nonce_counter: 0,
             driver,
             max_names,
@@ -196,12 +195,12 @@ impl SdsStream {
         };
         let (secret, roots) = (&served.secret, &served.roots);
         let snap = resources::Snapshot { secret, roots };
-        let versions: HashMap<String, String> = self
-            .names
-            .as_slice()
-            .iter()
-            .map(|n| (n.clone(), resource_version(n, &snap)))
-            .collect();
+        let versions = Sent::from_pairs(
+            self.names
+                .as_slice()
+                .iter()
+                .map(|n| (n.clone(), resource_version(n, &snap))),
+        );
         if !always && versions == self.sent_versions {
             return Step::Continue;
         }

@@ -101,7 +101,7 @@ mod props {
                 );
                 Arc::new(SdsService {
                     manager,
-                    token_path: None,
+                    token_file: None,
                     endpoint: Endpoint::new(Limits::new(SdsLimits::default()), None, rx),
                 })
             });

@@ -36,6 +36,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::endpoint::caps::Caps;
+use crate::endpoint::credential::TokenFile;
 use crate::endpoint::limits::Limits;
 use crate::endpoint::socket::SocketError;
 use crate::endpoint::Endpoint;
@@ -91,7 +92,7 @@ pub fn start(
     let endpoint = Endpoint::new(limits.clone(), Some(caps), shutdown.clone());
     let service = Arc::new(WorkloadApiService {
         manager: manager.clone(),
-        token_path: config.workload_token_path.clone(),
+        token_file: config.workload_token_path.clone().map(TokenFile::new),
         endpoint: endpoint.clone(),
     });
     Ok(Some(tokio::spawn(async move {

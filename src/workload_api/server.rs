@@ -4,7 +4,6 @@
 //! its request is read, and the agent's own request reader), then the two
 //! X.509 streams.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use tonic::body::Body;
@@ -13,6 +12,7 @@ use tonic::Status;
 
 use super::pb::{X509BundlesRequest, X509BundlesResponse, X509svidRequest, X509svidResponse};
 use super::stream::{self, Kind};
+use crate::endpoint::credential::TokenFile;
 use crate::endpoint::limits::more;
 use crate::endpoint::server::{answer_stream, Admitted, RouteFuture, Routes};
 use crate::endpoint::warn::shorten;
@@ -45,7 +45,8 @@ const JWT_METHODS: [&str; 3] = [
 /// What the routes share.
 pub struct WorkloadApiService {
     pub(super) manager: Arc<SecretManager>,
-    pub(super) token_path: Option<PathBuf>,
+    /// `WORKLOAD_TOKEN_PATH`: the one workload served.
+    pub(super) token_file: Option<TokenFile>,
     pub(super) endpoint: Arc<Endpoint>,
 }
 
@@ -68,7 +69,7 @@ impl WorkloadApiService {
 impl Routes for WorkloadApiService {
     const NAME: &'static str = SERVICE_NAME;
     /// Which X.509 method, and the token file it serves from.
-    type Method = (Kind, PathBuf);
+    type Method = (Kind, TokenFile);
 
     fn endpoint(&self) -> &Endpoint {
         &self.endpoint
@@ -76,7 +77,7 @@ impl Routes for WorkloadApiService {
 
     /// The checks every call passes before it costs anything: a method of
     /// the X.509 side, the security header, one-workload mode.
-    fn method(&self, req: &http::Request<Body>) -> Result<(Kind, PathBuf), http::Response<Body>> {
+    fn method(&self, req: &http::Request<Body>) -> Result<(Kind, TokenFile), http::Response<Body>> {
         let path = req.uri().path();
         let kind = match path {
             FETCH_X509_SVID => Some(Kind::Svid),
@@ -98,23 +99,23 @@ impl Routes for WorkloadApiService {
         let Some(kind) = kind else {
             return Err(Status::unimplemented(JWT_UNSUPPORTED).into_http());
         };
-        let Some(token_path) = self.token_path.clone() else {
+        let Some(token_file) = self.token_file.clone() else {
             return Err(self.refuse(
                 "Workload API: no WORKLOAD_TOKEN_PATH",
                 path,
                 Status::permission_denied(NO_ONE_WORKLOAD),
             ));
         };
-        Ok((kind, token_path))
+        Ok((kind, token_file))
     }
 
     fn call(
         self: Arc<Self>,
-        (kind, token_path): (Kind, PathBuf),
+        (kind, token_file): (Kind, TokenFile),
         admitted: Admitted,
         req: http::Request<Body>,
     ) -> RouteFuture {
-        let ctx = (self, admitted, token_path, kind);
+        let ctx = (self, admitted, token_file, kind);
         match kind {
             Kind::Svid => Box::pin(std::future::ready(answer_stream(req, |metadata| {
                 stream::open::<X509svidRequest, X509svidResponse>(ctx, metadata)

@@ -5,7 +5,6 @@
 //! changes.
 
 use std::marker::PhantomData;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use tonic::metadata::MetadataMap;
@@ -17,6 +16,7 @@ use super::x509::{self, Snapshot};
 use crate::driver::run::{fail, send, start, Handler, Outbound, Parts, Protocol, Step};
 use crate::driver::{Driver, Surface, Want};
 use crate::endpoint::credential::CredentialSource;
+use crate::endpoint::credential::TokenFile;
 use crate::endpoint::framing::Request;
 use crate::endpoint::responses::StreamBody;
 use crate::endpoint::server::Admitted;
@@ -118,7 +118,7 @@ impl X509Message for X509BundlesResponse {
 /// Opens a stream of `kind` (called by the router once the stream has its
 /// place under the caps).
 pub(super) fn open<Req, Resp>(
-    (service, admitted, token_path, kind): (Arc<WorkloadApiService>, Admitted, PathBuf, Kind),
+    (service, admitted, token_file, kind): (Arc<WorkloadApiService>, Admitted, TokenFile, Kind),
     _metadata: MetadataMap,
 ) -> StreamBody<Resp>
 where
@@ -130,7 +130,7 @@ where
         &service.manager,
         &service.endpoint,
         admitted,
-        |_| CredentialSource::TokenFile(token_path),
+        |_| CredentialSource::TokenFile(token_file),
         |driver, out| ApiStream::<Req, Resp> {
             kind,
             driver,

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use spiffe::{TrustDomain as SpiffeTd, WorkloadApiClient};
 use tokio::sync::watch;
+
+use crate::endpoint::credential::TokenFile;
 use tokio_stream::StreamExt;
 
 use super::WorkloadApiService;
@@ -47,7 +49,7 @@ async fn spiffe_client_sees_a_federated_trust_domain_arrive() {
     let endpoint = Endpoint::new(Limits::new(SdsLimits::default()), None, shutdown);
     let service = Arc::new(WorkloadApiService {
         manager,
-        token_path: Some(token),
+        token_file: Some(TokenFile::new(token)),
         endpoint: endpoint.clone(),
     });
     tokio::spawn(async move { crate::endpoint::serve(listener, service, &endpoint).await });
