@@ -177,16 +177,15 @@ pub async fn run<P: Protocol>(mut p: P, reader: RequestReader) {
 
 /// Ends a stream with `status`.
 pub async fn fail<T>(out: &Outbound<T>, status: Status) -> Step {
-    let _ = out.send(Box::new(Err(status))).await;
+    out.send(Box::new(Err(status))).await;
     Step::End
 }
 
-/// Sends `msg`; `End` when the client is gone.
+/// Sends `msg`. (A client that is gone drops the stream's loop with its
+/// response body: nothing is sent to no one.)
 pub async fn send<T>(out: &Outbound<T>, msg: T) -> Step {
-    match out.send(Box::new(Ok(msg))).await {
-        Ok(()) => Step::Continue,
-        Err(_) => Step::End,
-    }
+    out.send(Box::new(Ok(msg))).await;
+    Step::Continue
 }
 
 /// The next request, while the stream still reads them; pending forever

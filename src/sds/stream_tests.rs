@@ -59,7 +59,7 @@ mod props {
     use std::sync::Arc;
     use std::sync::OnceLock;
     use std::time::Duration;
-    use tokio::sync::{mpsc, watch};
+    use tokio::sync::watch;
 
     fn jwt() -> Credential {
         use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -158,7 +158,7 @@ mod props {
             let (rt, service, _shutdown) = world();
             rt.block_on(async {
                 let conn = Arc::new(Connection::new(1, service.limits().config()));
-                let (tx, mut rx) = mpsc::channel(64);
+                let (tx, rx) = crate::endpoint::responses::with_room(64);
                 let driver = Driver::new(
                     1,
                     &SURFACE,
@@ -192,7 +192,7 @@ mod props {
                     prop_assert!(!s.driver.waiting());
                 }
                 drop(s);
-                while let Some(item) = rx.recv().await {
+                while let Some(item) = rx.take() {
                     if let Err(status) = *item {
                         prop_assert!(
                             matches!(status.code(), tonic::Code::InvalidArgument),
