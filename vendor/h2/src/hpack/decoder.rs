@@ -158,7 +158,12 @@ impl Decoder {
             max_size_update: None,
             last_max_update: size,
             table: Table::new(size),
-            buffer: BytesMut::with_capacity(4096),
+            // node-agent patch: no buffer until a Huffman-coded string comes,
+            // then each is decoded into room of its own size. The decoded
+            // strings (header values, and the dynamic table's entries) share
+            // the buffer's allocation, so a 4 KiB buffer was held for a
+            // connection's life by the first few headers it decoded.
+            buffer: BytesMut::new(),
         }
     }
 
