@@ -29,7 +29,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::{watch, Notify};
@@ -43,12 +43,14 @@ use crate::metrics::{self, TrustRefresh};
 pub mod bundle;
 mod extra;
 pub mod federation;
+mod in_use;
 mod refresh;
 pub mod spiffe_bundle;
 
 pub use bundle::{Federated, RootBundle, RootCert};
 use extra::ExtraRoots;
 pub use extra::ExtraRootsError;
+pub use in_use::RootsInUse;
 
 /// The current bundle; streams serving `ROOTCA` watch it.
 pub type RootsWatch = watch::Receiver<Arc<RootBundle>>;
@@ -453,48 +455,6 @@ impl TrustBundle {
             .filter(|t| *t > now)
             .min()
             .map(|t| self.opts.clock.instant(t))
-    }
-}
-
-/// Keeps the roots of one certificate in the bundle while the certificate
-/// is in use; dropping it starts their removal clock.
-pub struct RootsInUse {
-    trust: Weak<TrustBundle>,
-    ids: Vec<[u8; 32]>,
-}
-
-impl RootsInUse {
-    /// A handle that holds nothing, for tests that build secrets by hand.
-    #[cfg(test)]
-    pub(crate) fn detached() -> Self {
-        Self {
-            trust: Weak::new(),
-            ids: Vec::new(),
-        }
-    }
-}
-
-impl std::fmt::Debug for RootsInUse {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "RootsInUse({} roots)", self.ids.len())
-    }
-}
-
-impl Drop for RootsInUse {
-    fn drop(&mut self) {
-        let Some(trust) = self.trust.upgrade() else {
-            return;
-        };
-        let mut st = trust.lock();
-        for id in &self.ids {
-            if let Some(k) = st.roots.get_mut(id) {
-                k.in_use = k.in_use.saturating_sub(1);
-            }
-        }
-        trust.recompute(&mut st);
-        drop(st);
-        // Re-arm the task's timer for the removal that may now come.
-        trust.wake.notify_one();
     }
 }
 
