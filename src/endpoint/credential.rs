@@ -29,39 +29,66 @@ pub(crate) enum CredentialSource {
     Missing,
 }
 
-/// The last credential header a connection sent, as sent, and the
-/// credential read from it. An Envoy sends the same JWT in every request of
-/// a connection; decoding its base64 and reading its claims again were a
-/// tenth of a cached `FetchSecrets`. A request whose header is byte for byte
-/// the remembered one gets the remembered credential, whose claims are
-/// already read; its expiry is still checked at each use.
-#[derive(Default)]
-pub(crate) struct LastCredential(Mutex<Option<(MetadataValue<Binary>, Credential)>>);
+/// The last raw credential read from one place (a connection's header, a
+/// token file) and the credential read from it. The same bytes come again
+/// and again (an Envoy sends the same JWT in every request of a connection;
+/// every stream of a pod reads the same token file), and decoding the
+/// base64 and reading the claims again were a tenth of a cached
+/// `FetchSecrets`: bytes that are the remembered ones get the remembered
+/// credential, whose claims are already read and whose clones share one
+/// copy. Its expiry is still checked at each use.
+pub(crate) struct Remembered<R>(Mutex<Option<(R, Credential)>>);
 
-impl LastCredential {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(MetadataValue<Binary>, Credential)>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+impl<R> Default for Remembered<R> {
+    fn default() -> Self {
+        Self(Mutex::new(None))
     }
 }
 
+impl<R> Remembered<R> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(R, Credential)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The remembered credential, if `same` says the bytes read now are the
+    /// remembered ones.
+    fn get(&self, same: impl FnOnce(&R) -> bool) -> Option<Credential> {
+        match &*self.lock() {
+            Some((raw, cred)) if same(raw) => Some(cred.clone()),
+            _ => None,
+        }
+    }
+
+    fn remember(&self, raw: R, cred: &Credential) {
+        *self.lock() = Some((raw, cred.clone()));
+    }
+}
+
+/// The last credential header a connection sent, as sent, and the
+/// credential read from it.
+pub(crate) type LastCredential = Remembered<MetadataValue<Binary>>;
+
 /// `WORKLOAD_TOKEN_PATH`, shared by every stream served from it, with the
-/// credential read from the token it held last. Every stream of a pod reads
-/// the same token: each read that finds the same bytes shares that one
-/// credential (its claims read once) instead of holding its own.
+/// token it held last and the credential read from it.
 #[derive(Clone, Debug)]
 pub struct TokenFile(Arc<TokenFileInner>);
 
-#[derive(Debug)]
 struct TokenFileInner {
     path: PathBuf,
-    last: Mutex<Option<(Zeroizing<String>, Credential)>>,
+    last: Remembered<Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for TokenFileInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenFile({})", self.path.display())
+    }
 }
 
 impl TokenFile {
     pub(crate) fn new(path: PathBuf) -> Self {
         Self(Arc::new(TokenFileInner {
             path,
-            last: Mutex::new(None),
+            last: Remembered::default(),
         }))
     }
 
@@ -76,14 +103,11 @@ impl TokenFile {
         if token.trim().is_empty() {
             return Ok(None);
         }
-        let mut last = self.0.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((raw, cred)) = &*last {
-            if *raw == token {
-                return Ok(Some(cred.clone()));
-            }
+        if let Some(cred) = self.0.last.get(|raw| *raw == token) {
+            return Ok(Some(cred));
         }
         let cred = Credential::new(token.as_str());
-        *last = Some((token, cred.clone()));
+        self.0.last.remember(token, &cred);
         Ok(Some(cred))
     }
 }
@@ -104,19 +128,17 @@ impl CredentialSource {
     ) -> Self {
         for key in [CREDENTIAL_HEADER, CREDENTIAL_HEADER_1_1] {
             if let Some(v) = md.get_bin(key) {
-                if let Some(last) = last {
-                    if let Some((raw, cred)) = &*last.lock() {
-                        if raw.as_encoded_bytes() == v.as_encoded_bytes() {
-                            return Self::Header(cred.clone());
-                        }
-                    }
+                if let Some(cred) =
+                    last.and_then(|l| l.get(|raw| raw.as_encoded_bytes() == v.as_encoded_bytes()))
+                {
+                    return Self::Header(cred);
                 }
                 if let Ok(bytes) = v.to_bytes() {
                     if let Ok(s) = std::str::from_utf8(&bytes) {
                         if !s.trim().is_empty() {
                             let cred = Credential::new(s);
                             if let Some(last) = last {
-                                *last.lock() = Some((v.clone(), cred.clone()));
+                                last.remember(v.clone(), &cred);
                             }
                             return Self::Header(cred);
                         }
